@@ -1,0 +1,28 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="vlm",
+    version="0.1.0",
+    description="Build, train and run LLaVA-style vision-language models with PyTorch.",
+    packages=find_packages(include=["vlm", "vlm.*"]),
+    python_requires=">=3.10",
+    # torch is pinned: an unpinned requirement pulls the CUDA build (several GB) on a CPU machine.
+    install_requires=[
+        "torch==2.13.0",
+        "transformers>=5.0,<6",
+        "peft>=0.17",
+        "accelerate>=1.0",
+        "safetensors>=0.4",
+        "tokenizers>=0.21",
+        "einops>=0.8",
+        "pillow>=10",
+        "tqdm>=4.66",
+        "pyyaml>=6",
+        "matplotlib>=3.8",
+    ],
+    extras_require={
+        "gpu": ["flash-attn>=2.5", "bitsandbytes>=0.43", "deepspeed>=0.15"],
+        "dev": ["pytest>=8"],
+    },
+    entry_points={"console_scripts": ["vlm=vlm.cli:main"]},
+)

@@ -1,0 +1,1 @@
+"""vlm: build, train and run LLaVA-style vision-language models."""

@@ -1,0 +1,46 @@
+"""The `vlm` console command: one subcommand per job, each implemented by `main(argv)` in its own module.
+
+Subcommand modules are imported only when used, so `vlm --help` stays fast and a missing optional
+dependency of one subcommand never breaks another.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+# subcommand -> (module, one-line help)
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "data": ("vlm.data.cli", "check, convert, filter or synthesise datasets"),
+    "demo": ("vlm.demo", "train the tiny demo VLM on the synthetic shapes set and evaluate it"),
+    "train": ("vlm.train.cli", "train a VLM (same flags as train.py)"),
+    "chat": ("vlm.chat", "multi-turn chat about an image in the terminal"),
+    "generate": ("vlm.batch", "answer a JSONL file of image questions in batches"),
+    "merge-lora": ("vlm.lora", "merge a LoRA run into its base model"),
+    "export": ("vlm.convert", "export a model folder to another format (llava-hf)"),
+    "eval": ("vlm.evaluate", "exact-match evaluation on a LLaVA JSON set"),
+}
+
+
+def _usage() -> str:
+    lines = ["usage: vlm <command> [args...]", "", "commands:"]
+    lines += [f"  {name:<11} {help_}" for name, (_, help_) in SUBCOMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in SUBCOMMANDS:
+        print(f"vlm: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(SUBCOMMANDS[name][0])
+    result = module.main(rest)
+    return int(result or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,31 @@
+"""Why a sample is rejected: one exception type and the closed set of reasons (DESIGN.md, Validation report)."""
+
+from __future__ import annotations
+
+REASONS: tuple[str, ...] = (
+    "bad_schema",
+    "bad_roles",
+    "empty_turn",
+    "missing_image",
+    "unreadable_image",
+    "unsafe_path",
+    "placeholder_mismatch",
+    "too_long",
+    "no_supervised_tokens",
+)
+
+
+class SampleError(ValueError):
+    """A sample that cannot be used, with a machine-readable `reason` and a human `detail`."""
+
+    def __init__(self, reason: str, detail: str, *, index: int | None = None, sample_id: str | None = None):
+        if reason not in REASONS:
+            raise AssertionError(f"unknown drop reason {reason!r}; expected one of {REASONS}")
+        self.reason = reason
+        self.detail = detail
+        self.index = index
+        self.sample_id = sample_id
+        where = ""
+        if sample_id is not None or index is not None:
+            where = f"sample {sample_id!r} (index {index}): "
+        super().__init__(f"{where}{reason}: {detail}")

@@ -1,0 +1,254 @@
+"""Turn a canonical sample into token ids and labels: roles checked, `<image>` expanded, replies supervised.
+
+Design choices:
+- The template renders the conversation into pieces already marked supervised or not
+  (`templates.py`); each piece is tokenised on its own and every `<image>` in it becomes exactly
+  `num_image_tokens` image-token ids. The label mask is therefore exact by construction: there is no
+  re-tokenising of prefixes and hoping the lengths agree (the "tokenization mismatch" that silently
+  zeroed LLaVA samples).
+- Labels are the input ids on the supervised pieces (reply + end-of-turn) and -100 elsewhere, unshifted:
+  the loss shifts.
+- Placeholders follow LLaVA: a sample with one image and no `<image>` gets `<image>\\n` prepended to its
+  first user turn (reported as `image_prepended`); any other disagreement between placeholders and
+  images is a `placeholder_mismatch` naming both counts.
+- A too-long sample is never cut through an image run or inside a turn: `truncate="turns"` keeps the
+  longest prefix of whole user+assistant pairs that fits (and reports how many images it kept),
+  otherwise the sample is rejected as `too_long`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import SampleError
+from .templates import Groups, Template, get_template
+from .tokenizer import IMAGE_TOKEN, get_image_token_id
+
+IGNORE_INDEX = -100
+TRUNCATE_MODES = ("none", "turns")
+ROLES = ("system", "user", "assistant")
+
+
+@dataclass
+class EncodedSample:
+    """Token ids and labels of one sample (same length); `num_images` images are referenced, in order."""
+
+    input_ids: list[int]
+    labels: list[int]
+    num_images: int
+    image_prepended: bool
+
+
+def encode_sample(
+    sample: dict,
+    tokenizer: Any,
+    template: str | Template,
+    *,
+    num_image_tokens: int,
+    max_length: int | None = None,
+    truncate: str = "none",
+) -> EncodedSample:
+    """Tokenise a canonical sample `{"id", "images", "messages"}` for training.
+
+    Args:
+        sample: canonical sample; `images` may be absent for text-only samples.
+        tokenizer: a Hugging Face tokenizer that has `<image>` (see `tokenizer.ensure_image_token`).
+        template: a `Template` or a registry name / LLaVA `--version` alias.
+        num_image_tokens: ids each `<image>` expands to (the projector's output length).
+        max_length: longest allowed sequence (image tokens included); None for no limit.
+        truncate: "none" rejects longer samples; "turns" keeps the longest prefix of whole
+            user+assistant pairs that fits.
+
+    Returns:
+        `EncodedSample` with `input_ids` (T,), `labels` (T,), and the number of images kept.
+
+    Raises:
+        SampleError: `bad_schema`, `bad_roles`, `empty_turn`, `placeholder_mismatch`, `too_long` or
+            `no_supervised_tokens`, naming the sample and the values involved.
+        ValueError: bad arguments (unknown template or truncate mode, template/tokenizer mismatch).
+    """
+    if truncate not in TRUNCATE_MODES:
+        raise ValueError(f"truncate={truncate!r}; expected one of {TRUNCATE_MODES}")
+    _check_num_image_tokens(num_image_tokens)
+    template = _bind(template, tokenizer)
+    sample_id = sample.get("id") if isinstance(sample, dict) else None
+    if not isinstance(sample, dict) or not isinstance(sample.get("messages"), list):
+        raise SampleError("bad_schema", "a sample must be a dict with a 'messages' list", sample_id=sample_id)
+    images = sample.get("images") or []
+    if not isinstance(images, list):
+        raise SampleError("bad_schema", f"'images' must be a list of paths, got {type(images).__name__}", sample_id=sample_id)
+    messages = _check_messages(sample["messages"], sample_id, for_generation=False)
+    messages, prepended = _place_images(messages, len(images), sample_id)
+    groups = template.render(messages, tokenizer)
+    _check_rendered_images(groups, len(images), sample_id)
+    encoded = [_tokenize_group(group, tokenizer, num_image_tokens) for group in groups]
+    lengths = [len(ids) for ids, _, _ in encoded]
+    total = sum(lengths)
+    kept = len(encoded)
+    if max_length is not None and total > max_length:
+        image_tokens = len(images) * num_image_tokens
+        if truncate == "none":
+            raise SampleError(
+                "too_long",
+                f"{total} tokens ({image_tokens} of them image tokens) > max_length {max_length}; raise "
+                "--model_max_length or use truncate='turns' to keep the first turns",
+                sample_id=sample_id,
+            )
+        kept = 0
+        while kept < len(lengths) and sum(lengths[: kept + 1]) <= max_length:
+            kept += 1
+        if kept < 2:  # group 0 is the preamble; at least one user+assistant pair must fit
+            first = sum(lengths[:2])
+            raise SampleError(
+                "too_long",
+                f"even the first user+assistant turn needs {first} tokens > max_length {max_length} "
+                f"(whole sample {total} tokens, {image_tokens} image tokens); raise --model_max_length",
+                sample_id=sample_id,
+            )
+    input_ids = [i for ids, _, _ in encoded[:kept] for i in ids]
+    labels = [label for _, group_labels, _ in encoded[:kept] for label in group_labels]
+    if all(label == IGNORE_INDEX for label in labels):
+        raise SampleError("no_supervised_tokens", "no assistant reply tokens to learn from", sample_id=sample_id)
+    num_images = sum(n for _, _, n in encoded[:kept])
+    return EncodedSample(input_ids=input_ids, labels=labels, num_images=num_images, image_prepended=prepended)
+
+
+def encode_prompt(
+    messages: list[dict],
+    tokenizer: Any,
+    template: str | Template,
+    *,
+    num_image_tokens: int,
+    num_images: int | None = None,
+) -> list[int]:
+    """Token ids of a generation prompt: the conversation so far (ending with a user turn) + assistant header.
+
+    Args:
+        messages: optional system message, then alternating user/assistant messages ending with user.
+        num_images: how many images come with the prompt; None means one per `<image>` in the text.
+            With `num_images=1` and no `<image>`, one is prepended to the first user turn (as in training).
+
+    Returns:
+        input_ids (T,), tokenised exactly as `encode_sample` tokenises the same turns.
+    """
+    _check_num_image_tokens(num_image_tokens)
+    template = _bind(template, tokenizer)
+    messages = _check_messages(messages, None, for_generation=True)
+    if num_images is None:
+        num_images = sum(m["content"].count(IMAGE_TOKEN) for m in messages)
+    messages, _ = _place_images(messages, num_images, None)
+    groups = template.render(messages, tokenizer, add_generation_prompt=True)
+    _check_rendered_images(groups, num_images, None)
+    return [i for group in groups for i in _tokenize_group(group, tokenizer, num_image_tokens)[0]]
+
+
+def _bind(template: str | Template, tokenizer: Any) -> Template:
+    if isinstance(template, str):
+        return get_template(template, tokenizer)
+    if isinstance(template, Template):
+        return template.bind(tokenizer)
+    raise TypeError(f"template must be a name or a Template, got {type(template).__name__}")
+
+
+def _check_num_image_tokens(num_image_tokens: int) -> None:
+    if not isinstance(num_image_tokens, int) or num_image_tokens < 1:
+        raise ValueError(f"num_image_tokens must be a positive int, got {num_image_tokens!r}")
+
+
+def _check_messages(messages: Any, sample_id: str | None, *, for_generation: bool) -> list[dict]:
+    """Validate roles and contents; return `{"role", "content"}` copies."""
+    if not isinstance(messages, list) or not messages:
+        raise SampleError("bad_schema", "'messages' must be a non-empty list", sample_id=sample_id)
+    checked = []
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or not isinstance(message.get("content"), str):
+            raise SampleError("bad_schema", f"message {i} must be a dict with a string 'content'", sample_id=sample_id)
+        role = message.get("role")
+        if role not in ROLES:
+            raise SampleError("bad_roles", f"message {i} has role {role!r}; expected one of {ROLES}", sample_id=sample_id)
+        if not message["content"].strip():
+            raise SampleError("empty_turn", f"message {i} ({role}) is empty", sample_id=sample_id)
+        checked.append({"role": role, "content": message["content"]})
+    turns = checked[1:] if checked[0]["role"] == "system" else checked
+    for i, message in enumerate(turns):
+        expected = "user" if i % 2 == 0 else "assistant"
+        if message["role"] != expected:
+            roles = [m["role"] for m in checked]
+            raise SampleError(
+                "bad_roles",
+                f"roles {roles}: expected an optional leading system message, then user/assistant alternating "
+                f"starting with user; turn {i + len(checked) - len(turns)} is {message['role']!r}",
+                sample_id=sample_id,
+            )
+    if for_generation:
+        if not turns or turns[-1]["role"] != "user":
+            raise SampleError("bad_roles", "a generation prompt must end with a user message", sample_id=sample_id)
+    elif not any(m["role"] == "assistant" for m in turns):
+        raise SampleError("no_supervised_tokens", "the conversation has no assistant turn", sample_id=sample_id)
+    elif turns[-1]["role"] != "assistant":
+        raise SampleError(
+            "bad_roles", "the conversation ends with an unanswered user message; drop it or add the reply",
+            sample_id=sample_id,
+        )
+    return checked
+
+
+def _place_images(messages: list[dict], num_images: int, sample_id: str | None) -> tuple[list[dict], bool]:
+    """Check placeholders against images; prepend `<image>\\n` to the first user turn for 1 image and 0 placeholders."""
+    for i, message in enumerate(messages):
+        if message["role"] != "user" and IMAGE_TOKEN in message["content"]:
+            raise SampleError(
+                "placeholder_mismatch",
+                f"{IMAGE_TOKEN} in message {i} ({message['role']}); images may only be placed in user messages",
+                sample_id=sample_id,
+            )
+    placeholders = sum(m["content"].count(IMAGE_TOKEN) for m in messages)
+    if placeholders == num_images:
+        return messages, False
+    if placeholders == 0 and num_images == 1:
+        first_user = next(i for i, m in enumerate(messages) if m["role"] == "user")
+        messages = list(messages)
+        messages[first_user] = {"role": "user", "content": f"{IMAGE_TOKEN}\n{messages[first_user]['content']}"}
+        return messages, True
+    raise SampleError(
+        "placeholder_mismatch",
+        f"{placeholders} {IMAGE_TOKEN} placeholder(s) in the text but {num_images} image(s); "
+        f"put one {IMAGE_TOKEN} per image in the user messages",
+        sample_id=sample_id,
+    )
+
+
+def _check_rendered_images(groups: Groups, num_images: int, sample_id: str | None) -> None:
+    rendered = sum(piece.text.count(IMAGE_TOKEN) for group in groups for piece in group)
+    if rendered != num_images:
+        raise SampleError(
+            "placeholder_mismatch",
+            f"the chat template rendered {rendered} {IMAGE_TOKEN} placeholder(s) for {num_images} image(s)",
+            sample_id=sample_id,
+        )
+
+
+def _tokenize_group(group: list, tokenizer: Any, num_image_tokens: int) -> tuple[list[int], list[int], int]:
+    """(input_ids, labels, number of images) of one group of pieces; `<image>` -> a run of image ids."""
+    parts: list[tuple[str | None, bool]] = []  # in order; None text marks an image run
+    images = 0
+    for piece in group:
+        chunks = piece.text.split(IMAGE_TOKEN)
+        assert not (piece.supervised and len(chunks) > 1), "an image placeholder in a supervised piece"
+        for k, chunk in enumerate(chunks):
+            if k > 0:
+                parts.append((None, False))
+                images += 1
+            if chunk:
+                parts.append((chunk, piece.supervised))
+    texts = [text for text, _ in parts if text is not None]
+    tokenized = iter(tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else [])
+    image_run = [get_image_token_id(tokenizer)] * num_image_tokens if images else []
+    input_ids: list[int] = []
+    labels: list[int] = []
+    for text, supervised in parts:
+        ids = image_run if text is None else list(next(tokenized))
+        input_ids += ids
+        labels += ids if supervised else [IGNORE_INDEX] * len(ids)
+    return input_ids, labels, images

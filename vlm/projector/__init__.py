@@ -1,0 +1,3 @@
+from vlm.projector.builder import build_projector
+
+__all__ = ["build_projector"]

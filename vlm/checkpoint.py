@@ -1,0 +1,145 @@
+"""Model-folder I/O: safetensors only, sharded when large, strict on load.
+
+Layout (DESIGN.md, Model folder): `config.json`, and `model.safetensors` or shards
+`model-00001-of-0000N.safetensors` with `model.safetensors.index.json` (the same index format as
+`transformers`). Tensors that alias another (tied embeddings) are written once; on load a missing key
+is accepted only when it is tied to a key that was loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections import defaultdict
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+WEIGHTS_NAME = "model.safetensors"
+WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)\s*$", re.IGNORECASE)
+_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_size(size: int | str) -> int:
+    """'5GB' -> 5_000_000_000; ints pass through."""
+    if isinstance(size, int):
+        return size
+    match = _SIZE.match(size)
+    if match is None:
+        raise ValueError(f"max_shard_size={size!r}: expected a number of bytes or a size like '5GB', '500MiB'")
+    return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+
+
+def _dedupe_aliases(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Keep the first name of tensors sharing storage (tied weights), contiguous and detached."""
+    seen: set[tuple[int, int, tuple[int, ...]]] = set()
+    out: dict[str, torch.Tensor] = {}
+    for name, tensor in state_dict.items():
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
+        if key in seen:
+            continue
+        seen.add(key)
+        out[name] = tensor.detach().contiguous()
+    return out
+
+
+def save_state_dict(state_dict: dict[str, torch.Tensor], folder: str | os.PathLike,
+                    max_shard_size: int | str = "5GB") -> list[str]:
+    """Write tensors as one safetensors file, or shards plus an index; returns the file names."""
+    os.makedirs(folder, exist_ok=True)
+    tensors = _dedupe_aliases(state_dict)
+    limit = parse_size(max_shard_size)
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, tensor in tensors.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > limit:
+            shards.append({})
+            size = 0
+        shards[-1][name] = tensor
+        size += nbytes
+    # Remove files of an earlier save so a folder never mixes two layouts.
+    for old in os.listdir(folder):
+        if old == WEIGHTS_INDEX_NAME or re.fullmatch(r"model(-\d{5}-of-\d{5})?\.safetensors", old):
+            os.remove(os.path.join(folder, old))
+    metadata = {"format": "pt"}
+    if len(shards) == 1:
+        save_file(shards[0], os.path.join(folder, WEIGHTS_NAME), metadata=metadata)
+        return [WEIGHTS_NAME]
+    names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    weight_map = {}
+    for shard_name, shard in zip(names, shards):
+        save_file(shard, os.path.join(folder, shard_name), metadata=metadata)
+        weight_map.update({k: shard_name for k in shard})
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    with open(os.path.join(folder, WEIGHTS_INDEX_NAME), "w", encoding="utf-8") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2, sort_keys=True)
+    return names
+
+
+def load_state_dict(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Read `model.safetensors` or the shards named by `model.safetensors.index.json`."""
+    single = os.path.join(folder, WEIGHTS_NAME)
+    index = os.path.join(folder, WEIGHTS_INDEX_NAME)
+    if os.path.isfile(single):
+        return load_file(single)
+    if os.path.isfile(index):
+        with open(index, encoding="utf-8") as f:
+            weight_map = json.load(f)["weight_map"]
+        state: dict[str, torch.Tensor] = {}
+        for shard in sorted(set(weight_map.values())):
+            path = os.path.join(folder, shard)
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"shard {shard!r} listed in {index} is missing")
+            state.update(load_file(path))
+        return state
+    raise FileNotFoundError(
+        f"no weights in {str(folder)!r}: expected {WEIGHTS_NAME} or {WEIGHTS_INDEX_NAME} (vlm saves safetensors only)"
+    )
+
+
+def _alias_groups(module: nn.Module) -> dict[str, set[str]]:
+    """name -> every name of the same tensor (tied parameters share one object)."""
+    by_id: dict[int, set[str]] = defaultdict(set)
+    tensors = list(module.named_parameters(remove_duplicate=False)) + list(module.named_buffers(remove_duplicate=False))
+    for name, tensor in tensors:
+        by_id[id(tensor)].add(name)
+    return {name: group for group in by_id.values() for name in group}
+
+
+def load_state_dict_strict(module: nn.Module, state_dict: dict[str, torch.Tensor], *, source: str = "checkpoint") -> None:
+    """Copy every tensor into `module`; raise ValueError listing missing, unexpected and mis-shaped keys."""
+    expected = module.state_dict()
+    aliases = _alias_groups(module)
+    missing = [k for k in expected if k not in state_dict and not (aliases.get(k, {k}) & state_dict.keys())]
+    unexpected = [k for k in state_dict if k not in expected]
+    mismatched = [
+        f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(expected[k].shape)}"
+        for k in state_dict if k in expected and state_dict[k].shape != expected[k].shape
+    ]
+    if missing or unexpected or mismatched:
+        def show(items: list[str]) -> str:
+            return ", ".join(items[:20]) + (f" ... (+{len(items) - 20} more)" if len(items) > 20 else "")
+        raise ValueError(
+            f"{source} does not match the model: {len(missing)} missing key(s) [{show(missing)}], "
+            f"{len(unexpected)} unexpected key(s) [{show(unexpected)}], "
+            f"{len(mismatched)} shape mismatch(es) [{show(mismatched)}]"
+        )
+    module.load_state_dict(state_dict, strict=False)
+
+
+def save_model(model: nn.Module, folder: str | os.PathLike, *, state_dict: dict[str, torch.Tensor] | None = None,
+               max_shard_size: int | str = "5GB") -> None:
+    """Write `config.json` (refreshed from the live sub-models) and the weights of a VLM."""
+    config = model.vlm_config
+    # The live configs are the truth (e.g. vocab_size after resizing embeddings for <image>).
+    config.llm.hf_config = model.config.to_dict()
+    config.vision.hf_config = model.vision_tower.model.config.to_dict()
+    config.vision.frozen = model.vision_tower.frozen
+    config.save(folder)
+    save_state_dict(model.state_dict() if state_dict is None else state_dict, folder, max_shard_size)

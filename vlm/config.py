@@ -1,0 +1,159 @@
+"""Configuration of a VLM: one dataclass per component, nested in `VLMConfig`, saved as `config.json`.
+
+Design choices:
+- Each component keeps both where it came from (`name_or_path`: a hub id or a folder) and the full
+  `transformers` config it was built with (`hf_config`, a plain dict). A saved model folder is then
+  rebuilt from `config.json` alone, offline, whatever the original source was.
+- Derived values (`num_image_tokens`, projector dimensions) are filled in by the model builder from the
+  real sub-models and validated in one place (`VLMConfig.validate`), with errors naming the field.
+- The nested dataclasses serialise to plain JSON with `to_dict`/`from_dict`; unknown keys are an
+  error, so a typo in a hand-written config does not pass silently.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+CONFIG_NAME = "config.json"
+SELECT_FEATURES = ("patch", "cls_patch")
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
+DTYPES = ("float32", "bfloat16", "float16")
+_PROJECTOR_TYPE = re.compile(r"^(linear|identity|mlp(\d+)x_gelu)$")
+
+
+def _from_dict(cls: type, data: dict[str, Any], where: str) -> Any:
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ValueError(f"unknown key(s) {unknown} in {where}; valid keys: {sorted(names)}")
+    return cls(**data)
+
+
+@dataclass
+class VisionConfig:
+    """The vision tower: a CLIP or SigLIP vision model from `transformers`.
+
+    `select_layer` indexes the tower's `hidden_states` (LLaVA's `mm_vision_select_layer`; -2 is the
+    penultimate layer's output). `select_feature="patch"` drops the CLS token where the tower has one
+    (CLIP) and keeps every token where it has none (SigLIP); `"cls_patch"` keeps them all.
+    """
+
+    name_or_path: str | None = None
+    hf_config: dict[str, Any] | None = None
+    select_layer: int = -2
+    select_feature: str = "patch"
+    frozen: bool = True
+
+    def validate(self) -> None:
+        if self.name_or_path is None and self.hf_config is None:
+            raise ValueError("vision: set `name_or_path` (hub id or folder) or `hf_config` (a vision config dict)")
+        if self.select_feature not in SELECT_FEATURES:
+            raise ValueError(f"vision.select_feature={self.select_feature!r}; expected one of {SELECT_FEATURES}")
+
+
+@dataclass
+class ProjectorConfig:
+    """The projector from vision features to the LLM's embedding space (LLaVA's `mm_projector_type`).
+
+    `linear`, `identity`, or `mlp{N}x_gelu` (N linear layers with GELU between them; `mlp2x_gelu` is
+    LLaVA-1.5's). `input_dim`/`output_dim` are filled in from the vision tower and the LLM.
+    """
+
+    type: str = "mlp2x_gelu"
+    input_dim: int | None = None
+    output_dim: int | None = None
+
+    def validate(self) -> None:
+        match = _PROJECTOR_TYPE.match(self.type)
+        if match is None:
+            raise ValueError(
+                f"projector.type={self.type!r} is not supported; expected 'linear', 'identity' or 'mlp<N>x_gelu'"
+            )
+        if match.group(2) is not None and int(match.group(2)) < 1:
+            raise ValueError(f"projector.type={self.type!r}: an MLP needs at least one layer")
+        if self.type == "identity" and None not in (self.input_dim, self.output_dim):
+            if self.input_dim != self.output_dim:
+                raise ValueError(
+                    f"projector.type='identity' needs equal dimensions, got vision {self.input_dim} "
+                    f"and LLM {self.output_dim}; use 'linear' or 'mlp2x_gelu'"
+                )
+
+
+@dataclass
+class LLMConfig:
+    """The decoder LLM; its class is chosen from `hf_config["model_type"]` (see `vlm.llm.registry`)."""
+
+    name_or_path: str | None = None
+    hf_config: dict[str, Any] | None = None
+
+    def validate(self) -> None:
+        if self.name_or_path is None and self.hf_config is None:
+            raise ValueError("llm: set `name_or_path` (hub id or folder) or `hf_config` (a decoder config dict)")
+
+
+@dataclass
+class VLMConfig:
+    """The whole model: components, the image token and run-time settings."""
+
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    projector: ProjectorConfig = field(default_factory=ProjectorConfig)
+    llm: LLMConfig = field(default_factory=LLMConfig)
+    image_token_id: int | None = None
+    num_image_tokens: int | None = None
+    attn_implementation: str = "sdpa"
+    dtype: str = "float32"
+    format_version: int = 1
+
+    def validate(self) -> None:
+        self.vision.validate()
+        self.projector.validate()
+        self.llm.validate()
+        if self.attn_implementation not in ATTN_IMPLEMENTATIONS:
+            raise ValueError(
+                f"attn_implementation={self.attn_implementation!r}; expected one of {ATTN_IMPLEMENTATIONS}"
+            )
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype={self.dtype!r}; expected one of {DTYPES}")
+        if self.image_token_id is not None and self.image_token_id < 0:
+            raise ValueError(f"image_token_id={self.image_token_id} must be a non-negative token id")
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "VLMConfig":
+        data = dict(data)
+        parts = {
+            "vision": _from_dict(VisionConfig, data.pop("vision", {}), "config 'vision'"),
+            "projector": _from_dict(ProjectorConfig, data.pop("projector", {}), "config 'projector'"),
+            "llm": _from_dict(LLMConfig, data.pop("llm", {}), "config 'llm'"),
+        }
+        return _from_dict(cls, {**data, **parts}, "config")
+
+    def save(self, folder: str | os.PathLike) -> None:
+        os.makedirs(folder, exist_ok=True)
+        with open(os.path.join(folder, CONFIG_NAME), "w", encoding="utf-8") as f:
+            json.dump(self.to_dict(), f, indent=2, sort_keys=True)
+            f.write("\n")
+
+    @classmethod
+    def load(cls, folder: str | os.PathLike) -> "VLMConfig":
+        path = os.path.join(folder, CONFIG_NAME)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"no {CONFIG_NAME} in model folder {str(folder)!r}")
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+        if "vision" not in data or "llm" not in data:
+            raise ValueError(
+                f"{path} is not a vlm model config (no 'vision'/'llm' sections); for LLaVA or llava-hf "
+                "folders use vlm.load_pretrained_model, which converts them"
+            )
+        return cls.from_dict(data)

@@ -1,0 +1,52 @@
+"""Checkpoint key maps between vlm and other layouts, as declarative tables (one place, tested both ways).
+
+Each table is an ordered list of (pattern, replacement) regular expressions applied to the first rule
+that matches a key; a key that matches no rule is an error, so nothing is dropped silently.
+
+vlm layout: `vision_tower.model.*` (a transformers CLIP/SigLIP vision model), `mm_projector.{0,2,...}.*`
+(nn.Sequential as original LLaVA), `model.*` and `lm_head.*` (the transformers causal LM).
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+Rules = list[tuple[str, str]]
+
+# transformers' LlavaForConditionalGeneration, in-memory layout (what `state_dict()` returns in 5.x).
+# Only `mlp2x_gelu` (linear_1, GELU, linear_2) is expressible there.
+VLM_TO_LLAVA_HF: Rules = [
+    (r"^vision_tower\.model\.(.*)$", r"model.vision_tower.\1"),
+    (r"^mm_projector\.0\.(.*)$", r"model.multi_modal_projector.linear_1.\1"),
+    (r"^mm_projector\.2\.(.*)$", r"model.multi_modal_projector.linear_2.\1"),
+    (r"^model\.(.*)$", r"model.language_model.\1"),
+    (r"^lm_head\.(.*)$", r"lm_head.\1"),
+]
+
+LLAVA_HF_TO_VLM: Rules = [
+    # the on-disk layout written by save_pretrained (older names) and the in-memory one
+    (r"^(?:model\.)?vision_tower\.(?:vision_model\.)?(.*)$", r"vision_tower.model.\1"),
+    (r"^(?:model\.)?multi_modal_projector\.linear_1\.(.*)$", r"mm_projector.0.\1"),
+    (r"^(?:model\.)?multi_modal_projector\.linear_2\.(.*)$", r"mm_projector.2.\1"),
+    (r"^(?:model\.language_model\.|language_model\.model\.)(.*)$", r"model.\1"),
+    (r"^(?:language_model\.)?lm_head\.(.*)$", r"lm_head.\1"),
+]
+
+
+def rename_keys(state_dict: dict[str, torch.Tensor], rules: Rules, *, what: str = "checkpoint") -> dict[str, torch.Tensor]:
+    """Apply the first matching rule to every key; raise ValueError listing keys no rule matches."""
+    out: dict[str, torch.Tensor] = {}
+    unmatched: list[str] = []
+    compiled = [(re.compile(p), r) for p, r in rules]
+    for key, tensor in state_dict.items():
+        for pattern, replacement in compiled:
+            if pattern.match(key):
+                out[pattern.sub(replacement, key)] = tensor
+                break
+        else:
+            unmatched.append(key)
+    if unmatched:
+        raise ValueError(f"{len(unmatched)} key(s) of the {what} have no mapping: {unmatched[:20]}")
+    return out

@@ -1,0 +1,109 @@
+"""The part every VLM language-model subclass shares: vision modules, image encoding and the splice.
+
+`VLMMixin` is mixed in front of a `transformers` causal-LM class (`class X(VLMMixin,
+Qwen2ForCausalLM)`), as original LLaVA subclasses `LlamaForCausalLM`. Its forward embeds the ids,
+replaces the image placeholder embeddings with projected image features, and hands `inputs_embeds`
+to the parent's forward, which does everything else (attention, cache, loss) unchanged.
+
+Generation needs nothing extra: `transformers`' `prepare_inputs_for_generation` forwards
+`pixel_values` at prefill only, so images are encoded once per `generate` call, never per step.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from vlm.llm.splice import image_token_mask, scatter_image_features
+
+
+class VLMMixin:
+    """Adds `vision_tower`, `mm_projector` and `vlm_config` to a causal LM and splices images in forward."""
+
+    def __init__(self, config, *args: Any, **kwargs: Any):
+        super().__init__(config, *args, **kwargs)
+        # Attached by `vlm.model.build_model`; absent while `transformers` loads the LLM's own weights.
+        self.vision_tower: nn.Module | None = None
+        self.mm_projector: nn.Module | None = None
+        self.vlm_config = None
+
+    def attach_vision(self, vision_tower: nn.Module, mm_projector: nn.Module, vlm_config) -> None:
+        self.vision_tower = vision_tower
+        self.mm_projector = mm_projector
+        self.vlm_config = vlm_config
+
+    @property
+    def image_token_id(self) -> int:
+        return self.vlm_config.image_token_id
+
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(N, 3, H, W) pixels -> (N, P, D_llm) projected features."""
+        if self.vision_tower is None:
+            raise ValueError("this model has no vision tower attached; build it with vlm.build_model")
+        features = self.vision_tower(pixel_values)  # (N, P, D_vision)
+        return self.mm_projector(features.to(self._projector_dtype()))  # (N, P, D_llm)
+
+    def _projector_dtype(self) -> torch.dtype:
+        for p in self.mm_projector.parameters():
+            return p.dtype
+        return self.get_input_embeddings().weight.dtype
+
+    def embed_multimodal(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None,
+                         *, prefill: bool = True) -> torch.Tensor:
+        """(B, T) ids and (N, 3, H, W) pixels -> (B, T, D) input embeddings with images spliced in."""
+        inputs_embeds = self.get_input_embeddings()(input_ids)  # (B, T, D)
+        if pixel_values is not None:
+            features = self.encode_images(pixel_values)
+            return scatter_image_features(inputs_embeds, image_token_mask(input_ids, self.image_token_id), features)
+        if prefill and self.vlm_config is not None:
+            mask = image_token_mask(input_ids, self.image_token_id)
+            if mask.any():
+                # No pixels but placeholders: the same counted error as any other mismatch.
+                empty = inputs_embeds.new_zeros((0, self.vlm_config.num_image_tokens, inputs_embeds.shape[-1]))
+                scatter_image_features(inputs_embeds, mask, empty)
+        return inputs_embeds
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values=None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs: Any,
+    ):
+        """Causal-LM forward with images: input_ids (B, T), pixel_values (N, 3, H, W) -> logits (B, T, V).
+
+        `labels` (B, T) are unshifted, -100 where not supervised; the parent's loss shifts them and
+        honours `num_items_in_batch` (loss normalised over a whole gradient-accumulation window).
+        """
+        if inputs_embeds is None:
+            if input_ids is None:
+                raise ValueError("pass input_ids (or inputs_embeds)")
+            prefill = past_key_values is None or past_key_values.get_seq_length() == 0
+            inputs_embeds = self.embed_multimodal(input_ids, pixel_values, prefill=prefill)
+        elif pixel_values is not None:
+            raise ValueError("pass pixel_values with input_ids, not with inputs_embeds (the splice needs the ids)")
+        return super().forward(
+            input_ids=None,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            labels=labels,
+            use_cache=use_cache,
+            logits_to_keep=logits_to_keep,
+            **kwargs,
+        )
+
+    def save_pretrained(self, save_directory, state_dict: dict | None = None, **kwargs: Any) -> None:
+        """Write the vlm model folder (`config.json` + safetensors); `transformers.Trainer` calls this too."""
+        from vlm.checkpoint import save_model
+
+        save_model(self, save_directory, state_dict=state_dict, max_shard_size=kwargs.get("max_shard_size", "5GB"))

@@ -1,0 +1,139 @@
+"""Composing a VLM: vision tower + projector + LLM subclass, and loading/saving model folders.
+
+    model = vlm.build_model(VLMConfig(vision=VisionConfig("openai/clip-vit-large-patch14-336"),
+                                      llm=LLMConfig("Qwen/Qwen2.5-0.5B-Instruct")), tokenizer=tok)
+    model.save_pretrained("out"); model = vlm.from_pretrained("out")
+
+The LLM class comes from the decoder config's `model_type` (`vlm.llm.LLM_CLASSES`); the tower from
+the vision config's `model_type` (`vlm.visual.tower.VISION_TOWERS`). The vision tower and projector
+are cast to the LLM's dtype.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from typing import Any
+
+import torch
+from transformers import AutoConfig, PretrainedConfig
+from transformers.initialization import no_init_weights
+
+from vlm.checkpoint import load_state_dict, load_state_dict_strict
+from vlm.config import VLMConfig
+from vlm.llm.models import llm_class_for
+from vlm.projector import build_projector
+from vlm.visual.tower import VisionTower
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+          "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype={dtype!r}; expected one of {sorted(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def dtype_name(dtype: str | torch.dtype) -> str:
+    """'bf16' / torch.bfloat16 -> 'bfloat16' (the spelling config.json uses)."""
+    return str(resolve_dtype(dtype)).removeprefix("torch.")
+
+
+def check_attn_implementation(name: str) -> str:
+    """Validate the attention backend; flash-attn is an optional GPU extra."""
+    if name == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+        raise ImportError(
+            "attn_implementation='flash_attention_2' needs the flash-attn package, which is not installed; "
+            "install the GPU extra with `pip install 'vlm[gpu]'` (CUDA only) or use 'sdpa'"
+        )
+    if name not in ("sdpa", "eager", "flash_attention_2"):
+        raise ValueError(f"attn_implementation={name!r}; expected 'sdpa', 'eager' or 'flash_attention_2'")
+    return name
+
+
+def text_config_from_dict(data: dict[str, Any]) -> PretrainedConfig:
+    data = dict(data)
+    model_type = data.pop("model_type", None)
+    if model_type is None:
+        raise ValueError("llm.hf_config has no 'model_type'; it must be a transformers decoder config dict")
+    return AutoConfig.for_model(model_type, **data)
+
+
+def _build_llm(config: VLMConfig, *, load_weights: bool, dtype: torch.dtype | None, attn: str):
+    if config.llm.hf_config is not None and not (load_weights and config.llm.name_or_path):
+        hf_config = text_config_from_dict(config.llm.hf_config)
+        hf_config._attn_implementation = attn
+        model = llm_class_for(hf_config.model_type)(hf_config)
+        return model.to(dtype) if dtype is not None else model
+    model_type = AutoConfig.from_pretrained(config.llm.name_or_path).model_type
+    return llm_class_for(model_type).from_pretrained(config.llm.name_or_path, dtype=dtype, attn_implementation=attn)
+
+
+def build_model(config: VLMConfig, *, tokenizer=None, load_weights: bool = True,
+                dtype: str | torch.dtype | None = None, attn_implementation: str | None = None):
+    """Build a VLM from its config: pretrained components where `name_or_path` is set, random weights otherwise.
+
+    Args:
+        config: the model config; derived fields (projector dims, `num_image_tokens`, the sub-models'
+            `hf_config`, `image_token_id` from the tokenizer) are filled in here.
+        tokenizer: when given, `<image>` is added to it if missing and the LLM's embeddings are resized.
+        load_weights: False builds the architecture only (weights come from a saved folder).
+        dtype: overrides `config.dtype` ("float32", "bfloat16", "float16").
+        attn_implementation: overrides `config.attn_implementation`.
+    """
+    if dtype is not None:
+        config.dtype = dtype_name(dtype)
+    if attn_implementation is not None:
+        config.attn_implementation = attn_implementation
+    config.validate()
+    attn = check_attn_implementation(config.attn_implementation)
+    torch_dtype = resolve_dtype(config.dtype)
+
+    llm = _build_llm(config, load_weights=load_weights, dtype=torch_dtype, attn=attn)
+    if tokenizer is not None:
+        from vlm.data.tokenizer import ensure_image_token
+
+        config.image_token_id = ensure_image_token(tokenizer)
+        if len(tokenizer) > llm.get_input_embeddings().num_embeddings:
+            llm.resize_token_embeddings(len(tokenizer))
+    if config.image_token_id is None:
+        raise ValueError("image_token_id is not set: pass the tokenizer to build_model or set config.image_token_id")
+    vocab = llm.get_input_embeddings().num_embeddings
+    if not 0 <= config.image_token_id < vocab:
+        raise ValueError(f"image_token_id={config.image_token_id} is outside the LLM's vocabulary of {vocab} embeddings")
+
+    tower = VisionTower.from_config(config.vision, attn_implementation=attn, dtype=torch_dtype,
+                                    load_weights=load_weights)
+    config.projector.input_dim = tower.hidden_size
+    config.projector.output_dim = llm.config.hidden_size
+    projector = build_projector(config.projector)
+    if torch_dtype is not None:
+        projector = projector.to(torch_dtype)
+    config.num_image_tokens = tower.num_image_tokens
+    config.vision.hf_config = tower.model.config.to_dict()
+    config.llm.hf_config = llm.config.to_dict()
+    llm.attach_vision(tower, projector, config)
+    return llm
+
+
+def from_pretrained(folder: str | os.PathLike, *, dtype: str | torch.dtype | None = None,
+                    device: str | torch.device | None = None, attn_implementation: str | None = None):
+    """Load a vlm model folder (`config.json` + safetensors) written by `save_pretrained`; strict on keys."""
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"model folder {str(folder)!r} does not exist")
+    config = VLMConfig.load(folder)
+    saved_dtype = config.dtype
+    with no_init_weights():
+        model = build_model(config, load_weights=False, dtype=saved_dtype, attn_implementation=attn_implementation)
+    model.tie_weights()  # no_init_weights also skips tying; tied keys are saved once
+    load_state_dict_strict(model, load_state_dict(folder), source=f"weights in {str(folder)!r}")
+    if dtype is not None:
+        model = model.to(resolve_dtype(dtype))
+        config.dtype = dtype_name(dtype)
+    if device is not None:
+        model = model.to(device)
+    model.eval()
+    return model

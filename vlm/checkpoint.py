@@ -143,3 +143,13 @@ def save_model(model: nn.Module, folder: str | os.PathLike, *, state_dict: dict[
     config.vision.frozen = model.vision_tower.frozen
     config.save(folder)
     save_state_dict(model.state_dict() if state_dict is None else state_dict, folder, max_shard_size)
+
+
+def save_model_folder(folder: str | os.PathLike, model: nn.Module, *, tokenizer=None, image_processor=None,
+                      max_shard_size: int | str = "5GB") -> None:
+    """The whole model folder of DESIGN.md: config, weights, tokenizer files and image-processor config."""
+    save_model(model, folder, max_shard_size=max_shard_size)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+    if image_processor is not None:
+        image_processor.save_pretrained(folder)

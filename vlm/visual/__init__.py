@@ -1,0 +1,1 @@
+from vlm.visual.processor import ImageLoadError, ImageProcessor, ImageProcessorConfig, load_image

@@ -1,0 +1,555 @@
+"""Images in, `pixel_values` out: loading an image file safely and turning it into a normalised tensor.
+
+Two jobs, kept apart:
+
+* `load_image(source)` reads a file (path, bytes or file object) into an RGB `PIL.Image`: EXIF
+  orientation applied, transparency composited on white, any other mode (CMYK, L, 1, 16-bit, float,
+  YCbCr ...) converted to 8-bit RGB, the first frame of an animation or multi-page file. The whole
+  file is decoded here, so a truncated or corrupt file fails at load time with `ImageLoadError`
+  naming the file, not later inside a training step. Pillow's decompression-bomb limit stays on and
+  is an argument; it is set only around the decode and restored afterwards.
+* `ImageProcessor(config)(images)` turns RGB images into a float32 tensor (N, 3, H, W) with one of
+  three geometries (`ImageProcessorConfig.aspect_ratio`):
+    - `pad`:    pad to a square in the mean colour, content centred, then resize (LLaVA-1.5's
+                `expand2square`; the fill is round(mean / rescale_factor), i.e. round(mean * 255),
+                so the border normalises to ~0; LLaVA truncates with int() instead, a difference of
+                at most one grey level);
+    - `resize`: resize straight to image_size x image_size (transformers' SiglipImageProcessor);
+    - `crop`:   resize the shortest edge to image_size, then centre-crop (CLIPImageProcessor).
+
+Numerics follow transformers' PIL-backend processors (`CLIPImageProcessorPil`, `SiglipImageProcessorPil`,
+which `CLIPImageProcessor` falls back to when torchvision is absent): resize the 8-bit image with
+PIL, crop, rescale in float64 then cast to float32, normalise in float32. The outputs are
+bit-identical to theirs (tests/test_processor.py). The torchvision backend resizes differently
+(antialiased tensor interpolation), so it is not the reference.
+
+`save_pretrained` writes a `preprocessor_config.json` that transformers' CLIPImageProcessor (crop, pad)
+or SiglipImageProcessor (resize) loads with the same geometry, plus our key `image_aspect_ratio`;
+`from_pretrained` reads ours and theirs. Mean/std defaults come from the vision config's
+`model_type` (CLIP or SigLIP), never from a model name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+import os
+import re
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+PIL_DEFAULT_MAX_IMAGE_PIXELS = 89_478_485  # Pillow's own default for Image.MAX_IMAGE_PIXELS
+PREPROCESSOR_CONFIG_NAME = "preprocessor_config.json"
+
+# Published normalisation constants (equal to transformers.image_utils' OPENAI_CLIP_* and IMAGENET_STANDARD_*).
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+SIGLIP_MEAN = (0.5, 0.5, 0.5)
+SIGLIP_STD = (0.5, 0.5, 0.5)
+
+ASPECT_RATIOS = ("pad", "resize", "crop")
+RESAMPLE: dict[str, Image.Resampling] = {
+    "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "lanczos": Image.Resampling.LANCZOS,
+    "box": Image.Resampling.BOX,
+    "hamming": Image.Resampling.HAMMING,
+}
+_RESAMPLE_NAME_BY_CODE = {int(code): name for name, code in RESAMPLE.items()}
+
+# Defaults of the transformers processor classes we read, for keys their JSON may leave out.
+_CLIP_DEFAULTS: dict[str, Any] = {
+    "image_mean": OPENAI_CLIP_MEAN, "image_std": OPENAI_CLIP_STD, "resample": 3,
+    "size": {"shortest_edge": 224}, "do_center_crop": True, "crop_size": {"height": 224, "width": 224},
+}
+_PROCESSOR_DEFAULTS: dict[str, dict[str, Any]] = {
+    "CLIPImageProcessor": _CLIP_DEFAULTS,
+    "LlavaImageProcessor": _CLIP_DEFAULTS,  # CLIP's processor plus `do_pad` (expand to square)
+    "SiglipImageProcessor": {
+        "image_mean": SIGLIP_MEAN, "image_std": SIGLIP_STD, "resample": 3,
+        "size": {"height": 224, "width": 224}, "do_center_crop": False,
+    },
+}
+# vision config model_type -> the processor class its checkpoints ship with
+_PROCESSOR_BY_MODEL_TYPE = {
+    "clip": "CLIPImageProcessor",
+    "clip_vision_model": "CLIPImageProcessor",
+    "siglip": "SiglipImageProcessor",
+    "siglip_vision_model": "SiglipImageProcessor",
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading
+
+
+class ImageLoadError(ValueError):
+    """An image file that exists but cannot be decoded (corrupt, truncated, not an image)."""
+
+    def __init__(self, source: str, reason: str):
+        self.source = source
+        self.reason = reason
+        super().__init__(f"cannot read image {source!r}: {reason}")
+
+
+_PIXEL_LIMIT_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _pixel_limit(max_image_pixels: int | None) -> Iterator[None]:
+    """Set Pillow's process-wide `Image.MAX_IMAGE_PIXELS` for the duration of one decode.
+
+    Unchanged when it already has the requested value (no lock, decodes stay parallel); otherwise
+    the lock keeps two threads from restoring each other's value and leaving it changed. A thread
+    decoding with the default at that same moment may see the other limit (data-loader workers are
+    processes, so this only concerns threaded callers that pass different limits).
+    """
+    if Image.MAX_IMAGE_PIXELS == max_image_pixels:
+        yield
+        return
+    with _PIXEL_LIMIT_LOCK:
+        previous = Image.MAX_IMAGE_PIXELS
+        Image.MAX_IMAGE_PIXELS = max_image_pixels
+        try:
+            yield
+        finally:
+            Image.MAX_IMAGE_PIXELS = previous
+
+
+def _too_large(name: str, pixels: int | None, limit: int | None) -> ValueError:
+    count = f"{pixels} pixels" if pixels is not None else "too many pixels"
+    return ValueError(
+        f"image {name!r} has {count}, more than the limit max_image_pixels={limit} (Pillow's "
+        "decompression-bomb guard); if you trust the file, raise the limit with "
+        "load_image(..., max_image_pixels=<larger>) or disable it with max_image_pixels=None"
+    )
+
+
+def _describe_source(source: Any) -> tuple[str, str | IO[bytes]]:
+    """(name used in messages, what to hand to `Image.open`)."""
+    if isinstance(source, (str, os.PathLike)):
+        return os.fspath(source), os.fspath(source)
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return f"<{len(source)} bytes>", io.BytesIO(bytes(source))
+    if hasattr(source, "read"):
+        return str(getattr(source, "name", "<file object>")), source
+    raise TypeError(f"load_image expects a path, bytes or a binary file object, got {type(source).__name__}")
+
+
+def load_image(
+    source: str | os.PathLike | bytes | IO[bytes],
+    *,
+    max_image_pixels: int | None = PIL_DEFAULT_MAX_IMAGE_PIXELS,
+) -> Image.Image:
+    """Decode an image file completely into an 8-bit RGB `PIL.Image` (see `to_rgb` for the modes).
+
+    Args:
+        source: a path, the file's bytes, or a binary file object.
+        max_image_pixels: refuse images with more pixels than this (width * height); None disables
+            the check. Applied through Pillow's `Image.MAX_IMAGE_PIXELS`, restored afterwards.
+
+    Raises:
+        FileNotFoundError: the path does not exist.
+        ValueError: the image has more than `max_image_pixels` pixels.
+        ImageLoadError (a ValueError): the file cannot be decoded; names the file and Pillow's reason.
+    """
+    if max_image_pixels is not None and (isinstance(max_image_pixels, bool) or max_image_pixels <= 0):
+        raise ValueError(f"max_image_pixels must be a positive int or None, got {max_image_pixels!r}")
+    name, opened = _describe_source(source)
+    with _pixel_limit(max_image_pixels), _pillow_errors(name, max_image_pixels):
+        image = Image.open(opened)  # reads the header only
+    with image:
+        # Pillow only warns between its limit and twice the limit: here the limit is strict.
+        if max_image_pixels is not None and image.width * image.height > max_image_pixels:
+            raise _too_large(name, image.width * image.height, max_image_pixels)
+        with _pixel_limit(max_image_pixels), _pillow_errors(name, max_image_pixels):
+            image.load()  # decode now, so a truncated file fails here; animations stay on frame 0
+        with _pillow_errors(name, max_image_pixels):  # a broken EXIF block, an unconvertible mode
+            return to_rgb(ImageOps.exif_transpose(image))
+
+
+@contextlib.contextmanager
+def _pillow_errors(name: str, max_image_pixels: int | None) -> Iterator[None]:
+    """Translate Pillow's exceptions into ours, each naming the file."""
+    try:
+        yield
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        found = re.search(r"\((\d+) pixels\)", str(exc))
+        raise _too_large(name, int(found.group(1)) if found else None, max_image_pixels) from None
+    except FileNotFoundError:
+        raise FileNotFoundError(f"image file not found: {name!r}") from None
+    except Exception as exc:  # Pillow reports bad files as OSError, SyntaxError, ValueError, EOFError ...
+        raise ImageLoadError(name, f"{type(exc).__name__}: {exc}") from exc
+
+
+_ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
+_HIGH_DEPTH_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
+
+
+def _to_8bit(image: Image.Image) -> Image.Image:
+    """16-bit, 32-bit integer or float single-channel image -> "L" (or "LA" with its transparency key).
+
+    I;16: full 16-bit range mapped to 0..255. I (32-bit int): the same when all values fit in
+    0..65535 (16-bit PNG/TIFF data), otherwise its min..max stretched to 0..255. F: values in
+    0..1 scaled by 255, otherwise min..max stretched. Pillow's own convert("L") clips instead,
+    turning most 16-bit images white.
+    """
+    values = np.nan_to_num(np.asarray(image).astype(np.float64))  # (H, W)
+    low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
+    if image.mode.startswith("I;16") or (image.mode == "I" and low >= 0 and high <= 65535):
+        scaled = values * (255 / 65535)
+    elif image.mode == "F" and low >= 0 and high <= 1:
+        scaled = values * 255
+    else:
+        scaled = (values - low) * (255 / (high - low)) if high > low else np.zeros_like(values)
+    gray = Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8), mode="L")
+    key = image.info.get("transparency")
+    if isinstance(key, (int, float)):
+        alpha = np.where(np.asarray(image) == key, 0, 255).astype(np.uint8)
+        return Image.merge("LA", (gray, Image.fromarray(alpha, mode="L")))
+    return gray
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any Pillow mode -> 8-bit RGB; transparent pixels are composited on white (as transformers does).
+
+    Transparency means an alpha band (RGBA, LA, PA and the premultiplied RGBa, La) or a
+    `transparency` entry in `image.info` (P, L, RGB, 16-bit). Other modes (CMYK, YCbCr, 1, L, P ...)
+    use Pillow's conversion; ICC profiles are not applied.
+    """
+    if image.mode in _HIGH_DEPTH_MODES:
+        image = _to_8bit(image)
+    if image.mode == "La":  # premultiplied; Pillow converts it to RGBA only through LA
+        image = image.convert("LA")
+    if image.mode in _ALPHA_MODES or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return image.convert("RGB")  # a copy even when already RGB
+
+
+# ----------------------------------------------------------------------------------------------
+# Configuration
+
+
+def _three_floats(name: str, value: Any) -> tuple[float, float, float]:
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or len(value) != 3:
+        raise ValueError(f"ImageProcessorConfig.{name} must be 3 numbers (one per RGB channel), got {value!r}")
+    try:
+        numbers = tuple(float(v) for v in value)
+    except (TypeError, ValueError):
+        raise ValueError(f"ImageProcessorConfig.{name} must be 3 numbers, got {value!r}") from None
+    if not all(math.isfinite(v) for v in numbers):
+        raise ValueError(f"ImageProcessorConfig.{name} must be finite, got {value!r}")
+    return numbers  # type: ignore[return-value]
+
+
+@dataclass
+class ImageProcessorConfig:
+    """How images become `pixel_values`: square output of `image_size`, normalised per channel.
+
+    `aspect_ratio`: "pad" (expand to a square in the mean colour, then resize), "resize" (stretch to
+    the square) or "crop" (shortest edge to image_size, then centre-crop). `resample`: a PIL filter
+    name (`RESAMPLE`). Pixels are computed as (value * rescale_factor - mean) / std.
+    """
+
+    image_size: int
+    image_mean: tuple[float, float, float]
+    image_std: tuple[float, float, float]
+    aspect_ratio: str = "pad"
+    resample: str = "bicubic"
+    rescale_factor: float = 1 / 255
+
+    def __post_init__(self) -> None:
+        if isinstance(self.image_size, bool) or not isinstance(self.image_size, int) or self.image_size <= 0:
+            raise ValueError(f"ImageProcessorConfig.image_size must be a positive int, got {self.image_size!r}")
+        self.image_mean = _three_floats("image_mean", self.image_mean)
+        self.image_std = _three_floats("image_std", self.image_std)
+        if min(self.image_std) <= 0:
+            raise ValueError(f"ImageProcessorConfig.image_std must be > 0 per channel, got {self.image_std}")
+        if self.aspect_ratio not in ASPECT_RATIOS:
+            raise ValueError(
+                f"ImageProcessorConfig.aspect_ratio must be one of {ASPECT_RATIOS}, got {self.aspect_ratio!r}"
+            )
+        if self.resample not in RESAMPLE:
+            raise ValueError(f"ImageProcessorConfig.resample must be one of {tuple(RESAMPLE)}, got {self.resample!r}")
+        factor = self.rescale_factor
+        if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not 0 < factor < math.inf:
+            raise ValueError(f"ImageProcessorConfig.rescale_factor must be a positive number, got {factor!r}")
+        self.rescale_factor = float(factor)
+        if self.aspect_ratio == "pad" and not all(0 <= m / factor <= 255 for m in self.image_mean):
+            raise ValueError(
+                f"ImageProcessorConfig.image_mean {self.image_mean} / rescale_factor {factor} is not a colour in "
+                "0..255, so it cannot fill the padding of aspect_ratio='pad'; use 'resize' or 'crop'"
+            )
+
+    @property
+    def pad_color(self) -> tuple[int, int, int]:
+        """The 8-bit fill for aspect_ratio='pad': the colour that normalises to ~0."""
+        return tuple(int(round(m / self.rescale_factor)) for m in self.image_mean)  # type: ignore[return-value]
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict, for embedding in a model config."""
+        values = asdict(self)
+        values["image_mean"] = list(self.image_mean)
+        values["image_std"] = list(self.image_std)
+        return values
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> ImageProcessorConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown ImageProcessorConfig keys {unknown}; expected some of {sorted(known)}")
+        missing = [name for name in ("image_size", "image_mean", "image_std") if name not in values]
+        if missing:
+            raise ValueError(f"ImageProcessorConfig needs {missing}; got keys {sorted(values)}")
+        return cls(**values)
+
+
+# ----------------------------------------------------------------------------------------------
+# The processor
+
+
+class ImageProcessor:
+    """RGB `PIL.Image`s -> float32 `pixel_values` (N, 3, image_size, image_size)."""
+
+    def __init__(self, config: ImageProcessorConfig):
+        if not isinstance(config, ImageProcessorConfig):
+            raise TypeError(f"ImageProcessor expects an ImageProcessorConfig, got {type(config).__name__}")
+        self.config = config
+
+    def __repr__(self) -> str:
+        return f"ImageProcessor({self.config})"
+
+    def __call__(self, images: Image.Image | Sequence[Image.Image]) -> torch.Tensor:
+        """One image or a list of images -> (N, 3, H, W) float32; a single image gives N=1."""
+        batch = [images] if isinstance(images, Image.Image) else list(images)
+        if not batch:
+            raise ValueError("ImageProcessor got an empty list of images")
+        for index, image in enumerate(batch):
+            if not isinstance(image, Image.Image):
+                raise TypeError(
+                    f"image {index} is a {type(image).__name__}, expected a PIL.Image (read files with load_image)"
+                )
+        return torch.stack([self.preprocess(image) for image in batch])
+
+    def preprocess(self, image: Image.Image) -> torch.Tensor:
+        """One image -> (3, H, W) float32. Non-RGB modes are converted with `to_rgb`."""
+        if not isinstance(image, Image.Image):
+            raise TypeError(f"preprocess expects a PIL.Image, got {type(image).__name__}")
+        cfg = self.config
+        size = cfg.image_size
+        resample = RESAMPLE[cfg.resample]
+        image = image if image.mode == "RGB" else to_rgb(image)
+        if cfg.aspect_ratio == "pad":
+            image = self._expand_to_square(image).resize((size, size), resample=resample)
+        elif cfg.aspect_ratio == "resize":
+            image = image.resize((size, size), resample=resample)
+        else:  # crop
+            image = self._resize_shortest_edge(image, size, resample)
+            left, top = (image.width - size) // 2, (image.height - size) // 2
+            image = image.crop((left, top, left + size, top + size))
+        pixels = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)  # (3, H, W) uint8
+        # As transformers: rescale in float64, cast to float32, then normalise in float32.
+        pixels = (pixels.to(torch.float64) * cfg.rescale_factor).to(torch.float32)
+        mean = torch.tensor(cfg.image_mean, dtype=torch.float32).view(3, 1, 1)
+        std = torch.tensor(cfg.image_std, dtype=torch.float32).view(3, 1, 1)
+        return (pixels - mean) / std
+
+    def _expand_to_square(self, image: Image.Image) -> Image.Image:
+        """Pad the short side with the mean colour; content centred (offset rounded down)."""
+        width, height = image.size
+        if width == height:
+            return image
+        side = max(width, height)
+        square = Image.new("RGB", (side, side), self.config.pad_color)
+        square.paste(image, ((side - width) // 2, (side - height) // 2))
+        return square
+
+    @staticmethod
+    def _resize_shortest_edge(image: Image.Image, size: int, resample: Image.Resampling) -> Image.Image:
+        # The long edge is truncated, not rounded: size * long / short, as transformers'
+        # get_resize_output_image_size (int()) -- 41x30 to 32 gives 43x32, not 44x32.
+        width, height = image.size
+        if width <= height:
+            return image.resize((size, size * height // width), resample=resample)
+        return image.resize((size * width // height, size), resample=resample)
+
+    # -- construction and serialisation ------------------------------------------------------
+
+    @classmethod
+    def from_vision_config(cls, hf_vision_config: Any, aspect_ratio: str = "pad") -> ImageProcessor:
+        """Defaults for a CLIP or SigLIP vision tower, chosen by the config's `model_type`.
+
+        Accepts the vision config (`CLIPVisionConfig`, `SiglipVisionConfig`), the full two-tower
+        config (`CLIPConfig`, `SiglipConfig`, whose `vision_config` is used), or a dict of either.
+        """
+        model_type = _field(hf_vision_config, "model_type")
+        processor_type = _PROCESSOR_BY_MODEL_TYPE.get(model_type)
+        if processor_type is None:
+            raise ValueError(
+                f"no image processor defaults for vision config model_type {model_type!r}; supported: "
+                f"{sorted(_PROCESSOR_BY_MODEL_TYPE)}. Build ImageProcessor(ImageProcessorConfig(...)) explicitly."
+            )
+        vision = _field(hf_vision_config, "vision_config") if model_type in ("clip", "siglip") else hf_vision_config
+        image_size = _field(vision, "image_size")
+        defaults = _PROCESSOR_DEFAULTS[processor_type]
+        return cls(ImageProcessorConfig(
+            image_size=image_size,
+            image_mean=defaults["image_mean"],
+            image_std=defaults["image_std"],
+            aspect_ratio=aspect_ratio,
+            resample=_RESAMPLE_NAME_BY_CODE[defaults["resample"]],
+        ))
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.config.to_dict()
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> ImageProcessor:
+        return cls(ImageProcessorConfig.from_dict(values))
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        """The `preprocessor_config.json` content: transformers' format plus `image_aspect_ratio`.
+
+        crop and pad are written as CLIPImageProcessor (shortest edge then centre-crop; for pad the
+        caller's image is already square, so the crop is a no-op), resize as SiglipImageProcessor.
+        """
+        cfg = self.config
+        common = {
+            "do_resize": True,
+            "resample": int(RESAMPLE[cfg.resample]),
+            "do_rescale": True,
+            "rescale_factor": cfg.rescale_factor,
+            "do_normalize": True,
+            "image_mean": list(cfg.image_mean),
+            "image_std": list(cfg.image_std),
+            "do_convert_rgb": True,
+            "image_aspect_ratio": cfg.aspect_ratio,
+        }
+        if cfg.aspect_ratio == "resize":
+            return {"image_processor_type": "SiglipImageProcessor", **common,
+                    "size": {"height": cfg.image_size, "width": cfg.image_size}, "do_center_crop": False}
+        return {"image_processor_type": "CLIPImageProcessor", **common,
+                "size": {"shortest_edge": cfg.image_size}, "do_center_crop": True,
+                "crop_size": {"height": cfg.image_size, "width": cfg.image_size}}
+
+    def save_pretrained(self, folder: str | os.PathLike) -> Path:
+        """Write `<folder>/preprocessor_config.json`; returns its path."""
+        path = Path(folder) / PREPROCESSOR_CONFIG_NAME
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_hf_dict(), indent=2, sort_keys=True) + "\n")
+        return path
+
+    @classmethod
+    def from_pretrained(cls, folder_or_hub_id: str | os.PathLike) -> ImageProcessor:
+        """Read `preprocessor_config.json` from a folder or a Hub model id (via the Hub cache)."""
+        folder = Path(folder_or_hub_id)
+        if folder.is_dir():
+            path = folder / PREPROCESSOR_CONFIG_NAME
+            if not path.is_file():
+                raise FileNotFoundError(f"no {PREPROCESSOR_CONFIG_NAME} in folder '{folder}'")
+        else:
+            from huggingface_hub import hf_hub_download
+
+            try:
+                path = Path(hf_hub_download(str(folder_or_hub_id), PREPROCESSOR_CONFIG_NAME))
+            except Exception as exc:
+                raise FileNotFoundError(
+                    f"'{folder_or_hub_id}' is neither a folder nor a Hub model id whose "
+                    f"{PREPROCESSOR_CONFIG_NAME} could be fetched ({type(exc).__name__}: {exc})"
+                ) from exc
+        try:
+            values = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"cannot read '{path}': {exc}") from exc
+        if not isinstance(values, dict):
+            raise ValueError(f"'{path}' must hold a JSON object, got {type(values).__name__}")
+        return cls(config_from_hf_dict(values, source=str(path)))
+
+
+def _field(config: Any, key: str) -> Any:
+    """`config.key` for a transformers config, `config[key]` for its dict form; None when absent."""
+    return config.get(key) if isinstance(config, dict) else getattr(config, key, None)
+
+
+def _square_side(size: Any, what: str, source: str) -> int:
+    """A {"height": n, "width": n} (or int) size -> n; anything non-square is refused."""
+    if isinstance(size, int):
+        return size
+    if isinstance(size, dict) and set(size) == {"height", "width"} and size["height"] == size["width"]:
+        return size["height"]
+    raise ValueError(f"{source}: {what} {size!r} is not a square; ImageProcessorConfig makes square images only")
+
+
+def config_from_hf_dict(values: dict[str, Any], source: str = "preprocessor_config.json") -> ImageProcessorConfig:
+    """Interpret a transformers image-processor dict (CLIP, SigLIP, LLaVA, or ours) as our config.
+
+    Keys a class's JSON leaves out take that class's defaults. Geometries we cannot reproduce exactly
+    (non-square output, shortest edge larger than the crop, no resize) raise ValueError.
+    """
+    kind = values.get("image_processor_type") or values.get("feature_extractor_type") or ""
+    kind = kind.replace("FeatureExtractor", "ImageProcessor").removesuffix("Fast").removesuffix("Pil")
+    defaults = _PROCESSOR_DEFAULTS.get(kind, {})
+
+    def get(key: str) -> Any:
+        if key in values:
+            return values[key]
+        if key in defaults:
+            return defaults[key]
+        raise ValueError(f"{source}: no '{key}' and no default known for image_processor_type {kind!r}")
+
+    if values.get("do_resize", True) is not True:
+        raise ValueError(f"{source}: do_resize={values['do_resize']!r} is not supported; images are always resized")
+    size = get("size")
+    if isinstance(size, (list, tuple)) and len(size) == 2:
+        size = {"height": size[0], "width": size[1]}
+    if isinstance(size, int):  # both CLIP and SigLIP read a bare int as the shortest edge
+        size = {"shortest_edge": size}
+    center_crop = bool(values.get("do_center_crop", defaults.get("do_center_crop", False)))
+    if isinstance(size, dict) and set(size) == {"shortest_edge"}:
+        if not center_crop:
+            raise ValueError(f"{source}: size {size} without do_center_crop gives non-square images; not supported")
+        image_size = _square_side(get("crop_size"), "crop_size", source)
+        if image_size != size["shortest_edge"]:
+            raise ValueError(
+                f"{source}: resizing the shortest edge to {size['shortest_edge']} then cropping {image_size} "
+                "is not supported; the two must be equal"
+            )
+        aspect_ratio = "crop"
+    else:
+        image_size = _square_side(size, "size", source)
+        if center_crop and _square_side(get("crop_size"), "crop_size", source) != image_size:
+            raise ValueError(f"{source}: crop_size {values.get('crop_size')} differs from size {size}; not supported")
+        aspect_ratio = "resize"
+    if values.get("do_pad"):
+        if kind != "LlavaImageProcessor":
+            raise ValueError(f"{source}: do_pad=True of {kind or 'an unknown processor'} is not supported")
+        aspect_ratio = "pad"
+    aspect_ratio = values.get("image_aspect_ratio", aspect_ratio)
+
+    resample = get("resample")
+    if isinstance(resample, int) and not isinstance(resample, bool):
+        if resample not in _RESAMPLE_NAME_BY_CODE:
+            raise ValueError(f"{source}: unknown PIL resample code {resample}; known: {_RESAMPLE_NAME_BY_CODE}")
+        resample = _RESAMPLE_NAME_BY_CODE[resample]
+    normalize = values.get("do_normalize", True)
+    return ImageProcessorConfig(
+        image_size=image_size,
+        image_mean=get("image_mean") if normalize else (0.0, 0.0, 0.0),
+        image_std=get("image_std") if normalize else (1.0, 1.0, 1.0),
+        aspect_ratio=aspect_ratio,
+        resample=resample,
+        rescale_factor=values.get("rescale_factor", 1 / 255) if values.get("do_rescale", True) else 1.0,
+    )

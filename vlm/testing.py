@@ -44,3 +44,32 @@ def tiny_vlm_config(vision: str = "siglip", llm: str = "qwen2", *, projector: st
         llm=LLMConfig(hf_config=tiny_llm_config(llm, vocab_size=vocab_size).to_dict()),
         image_token_id=image_token_id,
     )
+
+
+def save_tiny_components(folder, texts: list[str] | None = None, *, llm: str = "qwen2", vision: str = "siglip",
+                         image_size: int = 32, seed: int = 0) -> tuple[str, str]:
+    """Write a tiny LLM folder (weights + tokenizer) and a tiny vision folder (weights + image processor).
+
+    They stand in for hub checkpoints (`--model_name_or_path`, `--vision_tower`) in tests. Returns
+    (llm_folder, vision_folder).
+    """
+    import os
+
+    import torch
+    from transformers import AutoModelForCausalLM, CLIPVisionModel, SiglipVisionModel
+
+    from vlm.data.tokenizer import build_tokenizer
+    from vlm.visual.processor import ImageProcessor
+
+    texts = texts or ["What color is the circle? red green blue yellow square triangle circle yes no 1 2 3"]
+    tokenizer = build_tokenizer(texts, vocab_size=300)
+    torch.manual_seed(seed)
+    llm_folder, vision_folder = os.path.join(folder, "llm"), os.path.join(folder, "vision")
+    llm_model = AutoModelForCausalLM.from_config(tiny_llm_config(llm, vocab_size=len(tokenizer)))
+    llm_model.save_pretrained(llm_folder)
+    tokenizer.save_pretrained(llm_folder)
+    vision_config = tiny_vision_config(vision, image_size=image_size)
+    vision_model = (CLIPVisionModel if vision == "clip" else SiglipVisionModel)(vision_config)
+    vision_model.save_pretrained(vision_folder)
+    ImageProcessor.from_vision_config(vision_config, aspect_ratio="resize").save_pretrained(vision_folder)
+    return llm_folder, vision_folder

@@ -65,6 +65,22 @@ class VLMMixin:
                 scatter_image_features(inputs_embeds, mask, empty)
         return inputs_embeds
 
+    def _zero_vision_contribution(self, inputs_embeds: torch.Tensor) -> torch.Tensor | float:
+        """0 x (trainable vision path), so a text-only batch still gives every trainable parameter a gradient.
+
+        Under DDP a rank whose batch has no image would otherwise leave the projector without a
+        gradient and the gradient all-reduce waiting for it. Adding an exact zero changes no value.
+        """
+        if self.mm_projector is None or not any(p.requires_grad for p in self.mm_projector.parameters()):
+            return 0.0
+        if not self.vision_tower.frozen:
+            size = self.vision_tower.image_size
+            dummy = self.encode_images(inputs_embeds.new_zeros(1, 3, size, size))
+        else:
+            dummy = self.mm_projector(inputs_embeds.new_zeros(1, 1, self.vision_tower.hidden_size,
+                                                               dtype=self._projector_dtype()))
+        return 0.0 * dummy.sum()
+
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -88,6 +104,8 @@ class VLMMixin:
                 raise ValueError("pass input_ids (or inputs_embeds)")
             prefill = past_key_values is None or past_key_values.get_seq_length() == 0
             inputs_embeds = self.embed_multimodal(input_ids, pixel_values, prefill=prefill)
+            if pixel_values is None and self.training and torch.is_grad_enabled():
+                inputs_embeds = inputs_embeds + self._zero_vision_contribution(inputs_embeds)
         elif pixel_values is not None:
             raise ValueError("pass pixel_values with input_ids, not with inputs_embeds (the splice needs the ids)")
         return super().forward(

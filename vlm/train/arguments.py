@@ -1,0 +1,166 @@
+"""Training flags: LLaVA's names, `transformers.TrainingArguments`' names, and Basic-VLM's, parsed as users type them.
+
+Three dataclasses (model, data, training) are parsed by `transformers.HfArgumentParser`, so booleans
+accept `True`/`False` strings correctly and every `TrainingArguments` flag works unchanged. Aliases
+(`--lora_rank` for `--lora_r`, `--feature_proj_lr` for `--mm_projector_lr`, ...) are declared on the
+fields; `--config FILE` (YAML or JSON) supplies defaults that flags on the command line override.
+Flags that need a package this machine lacks (`--deepspeed`, `--report_to wandb`, `--bits 4`) fail
+here, before any model is built, naming what to install.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from dataclasses import dataclass, field
+
+import torch
+import transformers
+from transformers import HfArgumentParser
+
+
+def _alias(*names: str, help: str) -> dict:
+    return {"aliases": list(names), "help": help}
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str | None = field(default=None, metadata=_alias(
+        "--base_language_model",
+        help="the decoder LLM (hub id or folder), or a vlm / LLaVA model folder to continue from"))
+    vision_tower: str | None = field(default=None, metadata=_alias(
+        "--base_value_model", help="CLIP or SigLIP vision model (hub id or folder)"))
+    mm_projector_type: str = field(default="mlp2x_gelu", metadata={"help": "linear | mlp<N>x_gelu | identity"})
+    mm_vision_select_layer: int = field(default=-2, metadata={"help": "hidden_states index of the vision tower"})
+    mm_vision_select_feature: str = field(default="patch", metadata={"help": "patch | cls_patch"})
+    pretrain_mm_mlp_adapter: str | None = field(default=None, metadata={
+        "help": "projector weights from a stage-1 run (mm_projector.safetensors or its folder)"})
+    tune_mm_mlp_adapter: bool = field(default=False, metadata={
+        "help": "stage 1 (pretrain): train only the projector"})
+    unfreeze_vision_tower: bool = field(default=False, metadata={"help": "train the vision tower too"})
+    freeze_backbone: bool = field(default=False, metadata={"help": "keep the LLM frozen in stage 2"})
+    mm_use_im_start_end: bool = field(default=False, metadata={"help": "LLaVA flag; only False is supported"})
+    mm_use_im_patch_token: bool = field(default=False, metadata={"help": "LLaVA flag; only False is supported"})
+    attn_implementation: str = field(default="sdpa", metadata={"help": "sdpa | eager | flash_attention_2"})
+    model_weights: str | None = field(default=None, metadata={
+        "help": "Basic-VLM: a vlm model folder whose weights initialise the run"})
+    trust_remote_code: bool = field(default=False, metadata={"help": "passed to transformers loaders"})
+
+
+@dataclass
+class DataArguments:
+    data_path: str | None = field(default=None, metadata={
+        "help": "data file(s), comma-separated, or a YAML mix file"})
+    image_folder: str | None = field(default=None, metadata={"help": "image folder(s), comma-separated"})
+    data_format: str = field(default="auto", metadata={"help": "reader: auto | llava | xtuner | coco | ..."})
+    image_map: str | None = field(default=None, metadata={"help": "Basic-VLM image_map.json"})
+    captions_file: str | None = field(default=None, metadata={"help": "Basic-VLM captions.json"})
+    version: str = field(default="v1", metadata={"help": "chat template: plain | v1 | chatml | llama3 | tokenizer"})
+    image_aspect_ratio: str = field(default="pad", metadata={"help": "pad | resize | crop"})
+    lazy_preprocess: bool = field(default=True, metadata={"help": "LLaVA flag; data is always lazy here"})
+    is_multimodal: bool = field(default=True, metadata={"help": "LLaVA flag (accepted, unused)"})
+    truncate: str = field(default="none", metadata={"help": "too-long samples: none (drop) | turns"})
+    max_drop_ratio: float = field(default=0.01, metadata={"help": "stop when more samples than this would be dropped"})
+    check_images: str = field(default="exists", metadata={"help": "validation: full | exists | none"})
+
+
+@dataclass
+class VLMTrainingArguments(transformers.TrainingArguments):
+    model_max_length: int = field(default=2048, metadata={"help": "longest tokenised sample"})
+    mm_projector_lr: float | None = field(default=None, metadata=_alias(
+        "--feature_proj_lr", help="projector learning rate (default: --learning_rate)"))
+    mm_vision_tower_lr: float | None = field(default=None, metadata={"help": "vision tower learning rate"})
+    group_by_modality_length: bool = field(default=False, metadata={
+        "help": "image and text-only samples in separate batches, similar lengths together"})
+    lora_enable: bool = field(default=False, metadata={"help": "train the LLM with LoRA"})
+    lora_r: int = field(default=64, metadata=_alias("--lora_rank", help="LoRA rank"))
+    lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha"})
+    lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout"})
+    lora_weight_path: str = field(default="", metadata={"help": "LLaVA flag (accepted, unused)"})
+    lora_bias: str = field(default="none", metadata={"help": "LLaVA flag; only 'none' is supported"})
+    target_modules: str | None = field(default=None, metadata={
+        "help": "LoRA targets: regex ('c_attn|w1|w2') or comma list; default every linear layer of the LLM"})
+    bits: int = field(default=16, metadata={"help": "4 or 8: QLoRA with bitsandbytes (GPU only)"})
+    double_quant: bool = field(default=True, metadata={"help": "QLoRA double quantisation"})
+    quant_type: str = field(default="nf4", metadata={"help": "QLoRA quantisation type: nf4 | fp4"})
+    freeze_mm_mlp_adapter: bool = field(default=False, metadata={"help": "keep the projector frozen"})
+    evaluation_strategy: str | None = field(default=None, metadata={"help": "old name of --eval_strategy"})
+    warmup_ratio: float | None = field(default=None, metadata={
+        "help": "old name: warmup as a fraction of the steps (transformers 5 takes a float --warmup_steps)"})
+    cache_dir: str | None = field(default=None, metadata={"help": "hub cache folder"})
+    optim: str = field(default="adamw_torch", metadata={"help": "optimizer (TrainingArguments' names)"})
+    remove_unused_columns: bool = field(default=False, metadata={"help": "must stay False for VLM batches"})
+    ddp_find_unused_parameters: bool | None = field(default=False, metadata={
+        "help": "frozen parts never require grad, and text-only batches touch the projector, so False is safe"})
+
+    def __post_init__(self):
+        if self.evaluation_strategy is not None:
+            self.eval_strategy = self.evaluation_strategy
+        if self.warmup_ratio is not None:
+            if not 0 <= self.warmup_ratio < 1:
+                raise ValueError(f"--warmup_ratio {self.warmup_ratio}: expected a fraction in [0, 1)")
+            self.warmup_steps = self.warmup_ratio
+        self._check_optional_packages()
+        if self.tf32 and not torch.cuda.is_available():
+            print("note: --tf32 needs a CUDA GPU; ignored on this machine", flush=True)
+            self.tf32 = None
+        if (self.bf16 or self.fp16) and not torch.cuda.is_available():
+            self.use_cpu = True
+        super().__post_init__()
+
+    def _check_optional_packages(self) -> None:
+        if self.deepspeed and importlib.util.find_spec("deepspeed") is None:
+            raise ImportError(f"--deepspeed {self.deepspeed} needs DeepSpeed: install the GPU extra "
+                              "`pip install 'vlm[gpu]'` (or `pip install deepspeed`), or drop the flag")
+        reports = self.report_to if isinstance(self.report_to, list) else [self.report_to]
+        for name in reports:
+            if name in (None, "none", "all"):
+                continue
+            module = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}.get(name, name)
+            if importlib.util.find_spec(module) is None:
+                raise ImportError(f"--report_to {name} needs the {module!r} package: `pip install {module}`, "
+                                  "or use --report_to none")
+        if self.bits in (4, 8):
+            if importlib.util.find_spec("bitsandbytes") is None:
+                raise ImportError(f"--bits {self.bits} (QLoRA) needs bitsandbytes: `pip install 'vlm[gpu]'`")
+            if not torch.cuda.is_available():
+                raise ValueError(f"--bits {self.bits} (QLoRA) needs a CUDA GPU; on CPU use --bits 16 with "
+                                 "--lora_enable True")
+        elif self.bits != 16:
+            raise ValueError(f"--bits {self.bits}: expected 4, 8 or 16")
+
+
+def parse_args(argv: list[str]) -> tuple[ModelArguments, DataArguments, VLMTrainingArguments]:
+    """Parse flags (and `--config FILE`, whose values flags override)."""
+    parser = HfArgumentParser((ModelArguments, DataArguments, VLMTrainingArguments))
+    argv = list(argv)
+    if "--config" in argv:
+        i = argv.index("--config")
+        if i + 1 >= len(argv):
+            raise ValueError("--config needs a file path")
+        path = argv[i + 1]
+        del argv[i:i + 2]
+        parser.set_defaults(**_read_config_file(path))
+    model_args, data_args, training_args, rest = parser.parse_args_into_dataclasses(
+        args=argv, return_remaining_strings=True)
+    if rest:
+        raise ValueError(f"unknown flag(s): {' '.join(rest)} (see `python train.py --help`)")
+    if model_args.mm_use_im_start_end or model_args.mm_use_im_patch_token:
+        raise ValueError("--mm_use_im_start_end/--mm_use_im_patch_token True is not supported (LLaVA-1.5 uses False)")
+    return model_args, data_args, training_args
+
+
+def _read_config_file(path: str) -> dict:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--config file {path!r} not found")
+    with open(path, encoding="utf-8") as f:
+        if path.endswith((".yaml", ".yml")):
+            import yaml
+
+            data = yaml.safe_load(f) or {}
+        else:
+            data = json.load(f)
+    if not isinstance(data, dict):
+        raise ValueError(f"--config {path!r} must hold a mapping of flag names to values")
+    return data

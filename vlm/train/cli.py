@@ -1,0 +1,115 @@
+"""`python train.py [--config FILE] [--flag value ...]`: parse, build, validate data, train, save.
+
+With no arguments it runs the embedded demo (`vlm.demo`). Under `torchrun` every process runs this;
+`transformers.Trainer` (through accelerate) sets up the process group from the environment.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+
+from vlm.data.mix import Source, parse_sources
+
+
+def build_sources(data_args) -> list[Source]:
+    """`--data_path/--image_folder/--data_format`, or Basic-VLM's `--captions_file` + `--image_map`."""
+    if data_args.captions_file:
+        return [Source(path=data_args.captions_file, image_folder=data_args.image_folder, format="basic_vlm",
+                       options={"image_map": data_args.image_map} if data_args.image_map else {})]
+    if not data_args.data_path:
+        raise ValueError("no training data: pass --data_path (and --image_folder), or --captions_file/--image_map")
+    return parse_sources(data_args.data_path, data_args.image_folder, data_format=data_args.data_format)
+
+
+def build_train_dataset(data_args, training_args, tokenizer, image_processor, num_image_tokens: int,
+                        template: str):
+    """Validate every sample as training will use it, write the report, stop when too much is dropped."""
+    from vlm.data.check import check_dataset, enforce_max_drop_ratio
+    from vlm.data.dataset import SupervisedDataset
+    from vlm.data.mix import MixedRecords
+
+    records = MixedRecords(build_sources(data_args), seed=training_args.seed)
+    kept, report = check_dataset(records, tokenizer=tokenizer, template=template, num_image_tokens=num_image_tokens,
+                                 max_length=training_args.model_max_length, truncate=data_args.truncate,
+                                 check_images=data_args.check_images, seed=training_args.seed)
+    report_path = os.path.join(training_args.output_dir, "data_report.json")
+    if training_args.process_index == 0:
+        os.makedirs(training_args.output_dir, exist_ok=True)
+        with open(report_path, "w", encoding="utf-8") as f:
+            json.dump(report, f, indent=2, ensure_ascii=False)
+        dropped = ", ".join(f"{k}={v}" for k, v in report["dropped"].items()) or "none"
+        print(f"data: {report['total']} samples, kept {report['kept']}, dropped: {dropped} "
+              f"(report: {report_path})", flush=True)
+    enforce_max_drop_ratio(report, data_args.max_drop_ratio, report_path=report_path)
+    return SupervisedDataset(records, tokenizer, template, image_processor, num_image_tokens=num_image_tokens,
+                             max_length=training_args.model_max_length, truncate=data_args.truncate, indices=kept)
+
+
+def template_for(data_args, model_args) -> str:
+    return "plain" if model_args.tune_mm_mlp_adapter and data_args.version == "v1" else data_args.version
+
+
+def train(model_args, data_args, training_args) -> str:
+    """Run one training job; returns the output folder."""
+    from vlm.data.collate import DataCollator
+    from vlm.train.callbacks import MetricsCallback, ProgressBarCallback
+    from vlm.train.model_setup import build_for_training, count_parameters
+    from vlm.train.trainer import STAGING_DIR, VLMTrainer, find_resume_checkpoint, unwrap
+
+    model, tokenizer, image_processor = build_for_training(model_args, data_args, training_args)
+    vlm_model = unwrap(model)
+    template = template_for(data_args, model_args)
+    dataset = build_train_dataset(data_args, training_args, tokenizer, image_processor,
+                                  vlm_model.vlm_config.num_image_tokens, template)
+    trainable, total = count_parameters(model)
+    if training_args.process_index == 0:
+        print(f"model: {total / 1e6:.2f}M parameters, {trainable / 1e6:.2f}M trainable; template {template!r}",
+              flush=True)
+    if training_args.gradient_checkpointing and training_args.gradient_checkpointing_kwargs is None:
+        # Non-reentrant checkpointing works with frozen embeddings (LoRA, stage 1) without input hacks.
+        training_args.gradient_checkpointing_kwargs = {"use_reentrant": False}
+
+    trainer = VLMTrainer(
+        model=model, args=training_args, train_dataset=dataset, processing_class=tokenizer,
+        data_collator=DataCollator(pad_token_id=tokenizer.pad_token_id),
+        image_processor=image_processor, lora=training_args.lora_enable,
+        save_projector=model_args.tune_mm_mlp_adapter,
+        callbacks=[MetricsCallback()],
+    )
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    trainer.remove_callback(ProgressCallback)
+    trainer.remove_callback(PrinterCallback)
+    trainer.add_callback(ProgressBarCallback())
+
+    resume = training_args.resume_from_checkpoint
+    if resume is None:
+        resume = find_resume_checkpoint(training_args.output_dir)
+        if resume is not None and training_args.process_index == 0:
+            print(f"resuming from {resume} (found in --output_dir)", flush=True)
+    staging = os.path.join(training_args.output_dir, STAGING_DIR)
+    if training_args.process_index == 0 and os.path.isdir(staging):
+        shutil.rmtree(staging)  # what a killed run left half-written
+    trainer.train(resume_from_checkpoint=resume)
+    trainer.save_model(training_args.output_dir)
+    return training_args.output_dir
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv:
+        from vlm.demo import main as demo_main
+
+        return demo_main([])
+    from vlm.train.arguments import parse_args
+
+    model_args, data_args, training_args = parse_args(argv)
+    train(model_args, data_args, training_args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

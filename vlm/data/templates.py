@@ -130,7 +130,7 @@ class Template:
             return self.bind(tokenizer).end_of_turn  # type: ignore[return-value]
         probe = [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]
         supervised = [p.text for group in _render_chat_template(probe, tokenizer, False) for p in group if p.supervised]
-        return supervised[0][len("y"):]
+        return supervised[0][len("y"):].strip()
 
 
 TEMPLATES: dict[str, Template] = {

@@ -1,0 +1,213 @@
+"""Validate a dataset the way training will use it, and write the validation report (DESIGN.md contract).
+
+    kept, report = check_dataset(parse_sources("data.json", "images"), tokenizer=tok, template="vicuna_v1",
+                                 num_image_tokens=576, max_length=2048)
+    enforce_max_drop_ratio(report, 0.01, report_path="report.json")
+
+Report: `{"total", "kept", "dropped": {reason: count}, "problems": [{"index", "id", "reason", "detail"}],
+"notes": {...}}`. `dropped` lists the reasons that occurred, in `REASONS` order; `problems` has one
+entry per dropped sample (its first failing check). `notes` is ours, not part of the contract:
+`image_prepended` (samples with one image and no `<image>`, fixed as LLaVA does, not dropped), the
+sources with their detected formats, the settings, and the checks that were skipped.
+
+Design choices:
+- Checks run in order, cheapest first, and stop at the first failure: the reader's verdict
+  (`bad_schema`...), `sample.validate_sample` (`bad_schema`, `bad_roles`, `empty_turn`), image paths
+  (`unsafe_path`, `missing_image`; `unreadable_image` with `check_images="full"`), then
+  `conversation.encode_sample` with the training template and tokenizer (`placeholder_mismatch`,
+  `too_long`, `no_supervised_tokens`) — the same function training calls, so check and training
+  cannot disagree.
+- Indices are positions in the mixed dataset (what `SupervisedDataset` indexes); the repeats of one
+  record are checked once.
+- Without a tokenizer the token checks still run on a stand-in tokenizer trained on the data's own
+  text (`build_tokenizer`), which decides placeholders and supervision exactly, but token counts
+  would be meaningless, so `too_long` is skipped and `notes.skipped` says so. Pass the model's
+  tokenizer to check lengths.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import Counter
+from typing import Any, Iterable, Sequence
+
+from vlm.data.conversation import encode_sample
+from vlm.data.errors import REASONS, SampleError
+from vlm.data.mix import MixedRecords, Source
+from vlm.data.paths import CHECK_MODES, ImageFolder
+from vlm.data.sample import validate_sample
+from vlm.data.tokenizer import build_tokenizer
+from vlm.visual.processor import PIL_DEFAULT_MAX_IMAGE_PIXELS
+
+_STAND_IN_SAMPLES = 2000  # samples whose text trains the stand-in tokenizer
+_TOP_PROBLEMS = 5  # problems quoted in the max-drop-ratio error
+
+
+class _SampleList(Sequence):
+    """Plain samples (or SampleErrors) under one image folder, with `MixedRecords`' interface."""
+
+    def __init__(self, samples: Iterable[dict | SampleError], image_folder: str | None):
+        self._items = list(samples)
+        self._folder = ImageFolder(image_folder)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __getitem__(self, index: int) -> tuple[dict | SampleError, ImageFolder, str]:
+        return self._items[index], self._folder, ""
+
+    def record_of(self, index: int) -> int:
+        return index
+
+    def describe(self) -> list[dict[str, Any]]:
+        return [{"path": None, "image_folder": self._folder.root, "format": "samples", "records": len(self)}]
+
+
+def as_records(
+    data: MixedRecords | Source | Sequence[Source] | Iterable[dict | SampleError],
+    *,
+    image_folder: str | None = None,
+    seed: int = 0,
+) -> MixedRecords | _SampleList:
+    """Anything `check_dataset` accepts -> an indexed sequence of (sample | SampleError, folder, where)."""
+    if isinstance(data, MixedRecords):
+        return data
+    if isinstance(data, Source):
+        data = [data]
+    if isinstance(data, (list, tuple)) and data and all(isinstance(s, Source) for s in data):
+        if image_folder is not None:
+            raise ValueError("image_folder= is for plain samples; each Source carries its own image_folder")
+        return MixedRecords(data, seed=seed)
+    return _SampleList(data, image_folder)
+
+
+def check_dataset(
+    data: MixedRecords | Source | Sequence[Source] | Iterable[dict | SampleError],
+    *,
+    image_folder: str | None = None,
+    tokenizer: Any = None,
+    template: Any = "vicuna_v1",
+    num_image_tokens: int = 576,
+    max_length: int | None = None,
+    truncate: str = "none",
+    check_images: str | bool = "full",
+    max_image_pixels: int | None = PIL_DEFAULT_MAX_IMAGE_PIXELS,
+    seed: int = 0,
+) -> tuple[list[int], dict]:
+    """Run every check on every sample; return (indices of kept samples, report).
+
+    Args:
+        data: a `MixedRecords`, `Source`(s) (mixed with `seed`), or canonical samples / SampleErrors.
+        image_folder: the folder of plain samples' images (Sources carry their own).
+        tokenizer: the training tokenizer; None uses a stand-in and skips `too_long` (module docstring).
+        template: chat template name or `Template`, as in training.
+        num_image_tokens: tokens each image expands to.
+        max_length: longest sequence (`--model_max_length`); None: no length check.
+        truncate: "none" or "turns", as in training.
+        check_images: "full" (decode), "exists", "none" (path strings only); True = "full", False = "none".
+        max_image_pixels: pixel limit for decoding (`load_image`).
+
+    Returns:
+        (kept indices into the data, report dict as in the module docstring).
+    """
+    mode = ("full" if check_images else "none") if isinstance(check_images, bool) else check_images
+    if mode not in CHECK_MODES:
+        raise ValueError(f"check_images={check_images!r}; expected one of {CHECK_MODES}")
+    records = as_records(data, image_folder=image_folder, seed=seed)
+    skipped = []
+    if tokenizer is None:
+        tokenizer = stand_in_tokenizer(records)
+        if max_length is not None:
+            skipped.append("too_long: no tokenizer given, lengths not checked (pass --tokenizer)")
+        max_length = None
+    if mode != "full":
+        skipped.append(f"unreadable_image: images not decoded (check_images={mode})")
+    if mode == "none":
+        skipped.append("missing_image: files not looked up (check_images=none)")
+
+    def check_one(item: dict | SampleError, folder: ImageFolder, where: str) -> tuple[dict | None, bool]:
+        """(problem without its index, or None; whether `<image>` was prepended)."""
+        try:
+            if isinstance(item, SampleError):
+                raise item
+            validate_sample(item)
+            for image in item["images"]:
+                folder.check(image, mode, max_image_pixels=max_image_pixels)
+            encoded = encode_sample(
+                item, tokenizer, template, num_image_tokens=num_image_tokens, max_length=max_length, truncate=truncate
+            )
+        except SampleError as e:
+            sample_id = item.get("id") if isinstance(item, dict) and isinstance(item.get("id"), str) else e.sample_id
+            from_reader = e is item  # a reader's error already names its file and record
+            detail = f"{e.detail} ({where})" if where and not from_reader else e.detail
+            return {"id": sample_id, "reason": e.reason, "detail": detail}, False
+        return None, encoded.image_prepended
+
+    kept: list[int] = []
+    problems: list[dict] = []
+    prepended = 0
+    results: dict[int, tuple[dict | None, bool]] = {}  # stored record -> its result (repeats share it)
+    for index in range(len(records)):
+        record = records.record_of(index)
+        if record not in results:
+            results[record] = check_one(*records[index])
+        problem, was_prepended = results[record]
+        if problem is None:
+            kept.append(index)
+            prepended += was_prepended
+        else:
+            problems.append({"index": index, **problem})
+    counts = Counter(p["reason"] for p in problems)
+    report = {
+        "total": len(records),
+        "kept": len(kept),
+        "dropped": {reason: counts[reason] for reason in REASONS if counts[reason]},
+        "problems": problems,
+        "notes": {
+            "image_prepended": prepended,
+            "sources": records.describe(),
+            "settings": {
+                "template": getattr(template, "name", template),
+                "num_image_tokens": num_image_tokens,
+                "max_length": max_length,
+                "truncate": truncate,
+                "check_images": mode,
+            },
+            "skipped": skipped,
+        },
+    }
+    return kept, report
+
+
+def stand_in_tokenizer(records: Sequence) -> Any:
+    """A small BPE tokenizer trained on the text of the first samples (placeholder/supervision checks only)."""
+    texts = []
+    for index in range(min(len(records), _STAND_IN_SAMPLES)):
+        item = records[index][0]
+        if isinstance(item, dict) and isinstance(item.get("messages"), list):
+            texts += [m["content"] for m in item["messages"] if isinstance(m, dict) and isinstance(m.get("content"), str)]
+    return build_tokenizer(texts, vocab_size=512)
+
+
+def enforce_max_drop_ratio(report: dict, max_drop_ratio: float = 0.01, *, report_path: str | None = None) -> None:
+    """Raise ValueError when more than `max_drop_ratio` of the samples would be dropped (or there are none).
+
+    The message gives the counts by reason, the first problems and where the full report is.
+    """
+    if not 0 <= max_drop_ratio <= 1:
+        raise ValueError(f"max_drop_ratio must be in [0, 1], got {max_drop_ratio}")
+    total, dropped = report["total"], report["total"] - report["kept"]
+    where = f"; full report: {report_path}" if report_path else ""
+    if total == 0:
+        raise ValueError(f"the dataset has no samples{where}")
+    if dropped / total <= max_drop_ratio:
+        return
+    by_reason = ", ".join(f"{reason}={count}" for reason, count in report["dropped"].items())
+    top = "; ".join(
+        f"[{p['index']}] {p['id']!r} {p['reason']}: {p['detail']}" for p in itertools.islice(report["problems"], _TOP_PROBLEMS)
+    )
+    raise ValueError(
+        f"{dropped} of {total} samples ({dropped / total:.1%}) would be dropped, more than --max_drop_ratio "
+        f"{max_drop_ratio}: {by_reason}. First problems: {top}{where}. Fix the data (see `vlm data check`) "
+        "or raise --max_drop_ratio to train on the rest."
+    )

@@ -1,0 +1,144 @@
+"""`SupervisedDataset`: records indexed once at start, tokenised and images decoded on access.
+
+    dataset = SupervisedDataset("llava_v1_5_mix665k.json", tokenizer, "vicuna_v1", processor,
+                                image_folder="data", num_image_tokens=576, max_length=2048)
+    dataset[0]  # {"input_ids": (T,), "labels": (T,), "pixel_values": (n, 3, H, W) or None}
+
+Design choices:
+- Indexing reads every source once (streamed) into `vlm.data.mix.MixedRecords`: one compact JSON
+  bytes object per canonical sample, not nested dicts, so LLaVA's 665K records fit in well under
+  2 GB (bench/bench_index.py measures it). Nothing is tokenised or decoded at start.
+- `lengths` is a cheap estimate made at index time without a tokenizer: stored bytes / 4 (about
+  one token per 4 bytes of English or per Chinese character, and per-message JSON overhead standing
+  in for the template's) plus `num_image_tokens` per image. `has_image` marks samples with images.
+  Both feed the modality-length sampler; neither is used for truncation.
+- On access the sample goes through the same functions as `vlm data check`
+  (`validate_sample`, `ImageFolder.open`, `encode_sample`); a failure raises the `SampleError`
+  with the dataset index, the sample id and the file. Training validates up front with
+  `check.py` and passes the kept indices (`indices=`), so this is the last line of defence.
+- No open file handles are held and everything pickles, so DataLoader workers (fork or spawn) work.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import torch
+from torch.utils.data import Dataset
+
+from vlm.data.conversation import encode_sample
+from vlm.data.errors import SampleError
+from vlm.data.mix import MixedRecords, Source, parse_sources
+from vlm.data.sample import validate_sample, with_context
+from vlm.data.templates import Template, get_template
+from vlm.visual.processor import PIL_DEFAULT_MAX_IMAGE_PIXELS
+
+BYTES_PER_TOKEN = 4  # for the `lengths` estimate
+
+
+class SupervisedDataset(Dataset):
+    """Lazily encoded training samples from one or more sources.
+
+    Args:
+        sources: a `MixedRecords`, `Source`(s), or `--data_path` values (comma-separated paths, a
+            list of paths, or a YAML mix file) read with `image_folder` and `data_format`.
+        tokenizer: Hugging Face tokenizer with `<image>`.
+        template: chat template name (LLaVA `--version` aliases too) or `Template`.
+        image_processor: callable, list of PIL RGB images -> FloatTensor (n, 3, H, W); may be None
+            only when no sample has images.
+        num_image_tokens: tokens each image expands to.
+        max_length: longest sequence; None for no limit.
+        truncate: "none" (too long -> SampleError) or "turns" (keep the first whole turns).
+        image_folder, data_format, data_weights: used when `sources` are paths (see `mix.parse_sources`).
+        seed: mixing seed (repeat fractions, `max_samples`).
+        indices: positions of the mixed records to expose (e.g. the kept indices from `check_dataset`).
+        max_image_pixels: decoding limit passed to `load_image`.
+
+    Attributes:
+        records: the indexed `MixedRecords`.
+        lengths: estimated tokens per exposed sample.
+        has_image: whether each exposed sample has at least one image.
+    """
+
+    def __init__(
+        self,
+        sources: MixedRecords | Source | Sequence[Source] | str | Sequence[str],
+        tokenizer: Any,
+        template: str | Template,
+        image_processor: Callable[[list], torch.Tensor] | None = None,
+        *,
+        num_image_tokens: int,
+        max_length: int | None = None,
+        truncate: str = "none",
+        image_folder: str | Sequence[str] | None = None,
+        data_format: str | Sequence[str] = "auto",
+        data_weights: str | Sequence[float] | None = None,
+        seed: int = 0,
+        indices: Sequence[int] | None = None,
+        max_image_pixels: int | None = PIL_DEFAULT_MAX_IMAGE_PIXELS,
+    ):
+        if isinstance(sources, MixedRecords):
+            self.records = sources
+        else:
+            if isinstance(sources, Source):
+                sources = [sources]
+            if not (isinstance(sources, (list, tuple)) and sources and all(isinstance(s, Source) for s in sources)):
+                sources = parse_sources(sources, image_folder, data_format=data_format, weights=data_weights)
+            self.records = MixedRecords(sources, seed=seed)
+        self.tokenizer = tokenizer
+        self.template = get_template(template, tokenizer) if isinstance(template, str) else template.bind(tokenizer)
+        self.image_processor = image_processor
+        self.num_image_tokens = num_image_tokens
+        self.max_length = max_length
+        self.truncate = truncate
+        self.max_image_pixels = max_image_pixels
+        self._positions = list(range(len(self.records))) if indices is None else list(indices)
+        bad = [p for p in self._positions if not 0 <= p < len(self.records)]
+        if bad:
+            raise ValueError(f"indices {bad[:5]} out of range for {len(self.records)} records")
+        self.has_image = [self.records.num_images(p) > 0 for p in self._positions]
+        self.lengths = [
+            self.records.stored_size(p) // BYTES_PER_TOKEN + self.records.num_images(p) * num_image_tokens
+            for p in self._positions
+        ]
+
+    def __len__(self) -> int:
+        return len(self._positions)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor | None]:
+        """`{"input_ids": LongTensor (T,), "labels": LongTensor (T,), "pixel_values": FloatTensor (n, 3, H, W) | None}`."""
+        item, folder, where = self.records[self._positions[index]]
+        sample_id = item.get("id") if isinstance(item, dict) else item.sample_id
+        try:
+            if isinstance(item, SampleError):
+                raise item
+            validate_sample(item)
+            encoded = encode_sample(
+                item,
+                self.tokenizer,
+                self.template,
+                num_image_tokens=self.num_image_tokens,
+                max_length=self.max_length,
+                truncate=self.truncate,
+            )
+            images = item["images"][: encoded.num_images]  # truncate="turns" may keep only the first images
+            pixel_values = self._pixels(images, folder) if images else None
+        except SampleError as e:
+            where = "" if e is item else where  # a reader's error already names its file and record
+            raise with_context(e, index=index, sample_id=sample_id, where=where) from None
+        return {
+            "input_ids": torch.tensor(encoded.input_ids, dtype=torch.long),
+            "labels": torch.tensor(encoded.labels, dtype=torch.long),
+            "pixel_values": pixel_values,
+        }
+
+    def _pixels(self, images: list[str], folder) -> torch.Tensor:
+        if self.image_processor is None:
+            raise ValueError("a sample has images but the dataset was built without image_processor=")
+        pixel_values = self.image_processor([folder.open(p, max_image_pixels=self.max_image_pixels) for p in images])
+        if pixel_values.ndim != 4 or pixel_values.shape[0] != len(images):
+            raise ValueError(
+                f"image_processor returned shape {tuple(pixel_values.shape)} for {len(images)} image(s); "
+                "expected (n, 3, H, W)"
+            )
+        return pixel_values

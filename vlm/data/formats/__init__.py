@@ -1,0 +1,89 @@
+"""Readers: one module per source format, each turning raw records into canonical samples.
+
+    read_source("llava_v1_5_mix665k.json")                       # format detected
+    read_source("captions.json", format="ai_challenger", caption_mode="sample", seed=1)
+
+Every reader module has `NAME`, `detect(src, **options) -> bool` and
+`read(src, **options) -> Iterator[sample | SampleError]` (one item per raw record, or several for
+caption files with several captions per image). Detection looks at the file's container (JSON
+array / object / lines, CSV) and its first record; it never guesses: when no format or more than one
+format matches, `ValueError` names the file and the formats tried, and `format=` (`--data_format`)
+chooses explicitly. Reader options (`prompt`, `caption_mode`, ...) are checked against the chosen
+reader's signature, so a misspelt or misplaced option is an error, not a silent default.
+"""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+from typing import Any, Iterator
+
+from vlm.data.errors import SampleError
+from vlm.data.formats import ai_challenger, basic_vlm, coco, llava, qa_table, xtuner
+from vlm.data.formats.source import SourceFile, open_source
+
+READERS = {m.NAME: m for m in (llava, xtuner, coco, ai_challenger, qa_table, basic_vlm)}
+FORMATS: tuple[str, ...] = tuple(READERS)
+
+
+def detect_format(src: SourceFile | str | Path, **options: Any) -> str:
+    """The one format whose `detect` accepts the file; ValueError when none or several do."""
+    if not isinstance(src, SourceFile):
+        src = open_source(src)
+    matches = [name for name, reader in READERS.items() if reader.detect(src, **options)]
+    if len(matches) == 1:
+        return matches[0]
+    first = src.first if src.kind != "object" else {k: "..." for k in list(src.first)[:8]}
+    found = "no format matches" if not matches else f"several formats match ({', '.join(matches)})"
+    raise ValueError(
+        f"cannot detect the format of {str(src.path)!r}: {found}; tried {', '.join(FORMATS)} on its "
+        f"{src.kind} content (first record: {first!r:.200}). Pass format= / --data_format with one of {FORMATS}"
+    )
+
+
+def reader_options(format: str) -> tuple[str, ...]:
+    """The options reader `format` accepts."""
+    params = inspect.signature(READERS[format].read).parameters
+    return tuple(name for name, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY)
+
+
+def read_source(path: str | Path, format: str = "auto", **options: Any) -> Iterator[dict | SampleError]:
+    """Canonical samples (or SampleErrors for unreadable records) from one data file.
+
+    Args:
+        path: the data file.
+        format: "auto" (detect) or one of `FORMATS`.
+        **options: reader options (see each reader's `read`); detection sees them too (e.g. `image_map`).
+
+    Raises:
+        ValueError: unknown/undetectable format, an option the reader does not take, or a file that
+            cannot be parsed at all.
+    """
+    src = open_source(path)
+    return read_opened(src, resolve_format(src, format, options), options)
+
+
+def resolve_format(src: SourceFile | str | Path, format: str, options: dict[str, Any]) -> str:
+    """`format`, or the detected one when "auto"; ValueError for unknown names or options."""
+    if format == "auto":
+        format = detect_format(src, **options)
+    if format not in READERS:
+        raise ValueError(f"unknown data format {format!r}; expected 'auto' or one of {FORMATS}")
+    unknown = sorted(set(options) - set(reader_options(format)))
+    if unknown:
+        raise ValueError(
+            f"format {format!r} takes no option(s) {unknown}; its options are {list(reader_options(format))}"
+        )
+    return format
+
+
+def read_opened(src: SourceFile, format: str, options: dict[str, Any]) -> Iterator[dict | SampleError]:
+    """Read an opened file with a resolved format (see `resolve_format`)."""
+    reader = READERS[format]
+    try:
+        yield from reader.read(src, **options)
+    except ValueError as e:
+        raise ValueError(f"{src.path} read as {format!r}: {e}") from e
+
+
+__all__ = ["FORMATS", "READERS", "detect_format", "read_opened", "read_source", "reader_options", "resolve_format"]

@@ -1,0 +1,164 @@
+"""The Basic-VLM pair of files: an image map and a captions file (`--image_map`, `--captions_file`).
+
+Two layouts are read:
+- Basic-VLM's own (`dataprocess/process_image.py`): `image_map.json` =
+  `{"<name>": {"image_file": "<file>", "ID": n, "path": "<folder>"}}` and `captions.json` =
+  `{"<n>": {"q": "<question with <|extra_0|> where the image goes>", "a": caption | [captions]}}`;
+  one entry of the image map is one record. `<|extra_0|>` becomes `<image>`; a question without it
+  gets `<image>\\n` in front; an empty question becomes `prompt`. The map's `path` is not used:
+  images are found under the source's image folder like every other format's.
+- a simple one: image map `{"<image id>": "<file>"}` and captions
+  `[{"image_id": ..., "caption" | "captions": str | [str]}]`; the question is `prompt`.
+
+Either file may be given as the data path; the other comes from the `image_map` / `captions_file`
+option or lies beside it as `image_map.json` / `captions.json`. Several captions per image follow
+`caption_mode` as for AI Challenger. A record whose image id is not in the map is `bad_schema`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Iterator
+
+from vlm.data.errors import SampleError
+from vlm.data.formats.common import (
+    IMAGE,
+    bad,
+    caption_list,
+    caption_samples,
+    check_caption_mode,
+    prompt_text,
+    record_id,
+)
+from vlm.data.formats.source import SourceFile, open_source
+
+NAME = "basic_vlm"
+DEFAULT_PROMPT = "请描述这张图片。"
+IMAGE_MAP_FILE = "image_map.json"
+CAPTIONS_FILE = "captions.json"
+_PLACEHOLDER = "<|extra_0|>"
+
+
+def _first_value(src: SourceFile) -> Any:
+    return next(iter(src.first.values()), None) if src.kind == "object" and isinstance(src.first, dict) else None
+
+
+def _is_image_map(src: SourceFile) -> bool:
+    value = _first_value(src)
+    return isinstance(value, str) or (isinstance(value, dict) and "image_file" in value)
+
+
+def _is_qa_captions(src: SourceFile) -> bool:
+    value = _first_value(src)
+    return isinstance(value, dict) and "a" in value
+
+
+def _is_caption_list(src: SourceFile) -> bool:
+    first = src.first
+    return src.kind in ("array", "lines") and isinstance(first, dict) and "image_id" in first and (
+        "caption" in first or "captions" in first
+    )
+
+
+def image_map_path(src: SourceFile, image_map: str | None) -> Path | None:
+    """The image map for captions file `src`: the option, else `image_map.json` beside it, else None."""
+    if image_map:
+        return Path(image_map)
+    beside = src.path.with_name(IMAGE_MAP_FILE)
+    return beside if beside.is_file() and beside != src.path else None
+
+
+def detect(src: SourceFile, *, image_map: str | None = None, captions_file: str | None = None, **options: Any) -> bool:
+    if _is_qa_captions(src):
+        return True
+    if _is_image_map(src):
+        return bool(captions_file) or src.path.with_name(CAPTIONS_FILE).is_file()
+    return _is_caption_list(src) and image_map_path(src, image_map) is not None
+
+
+def read(
+    src: SourceFile,
+    *,
+    image_map: str | None = None,
+    captions_file: str | None = None,
+    prompt: str = DEFAULT_PROMPT,
+    caption_mode: str = "each",
+    seed: int = 0,
+    system: str | None = None,
+) -> Iterator[dict | SampleError]:
+    check_caption_mode(caption_mode)
+    if _is_image_map(src):
+        captions_path = Path(captions_file) if captions_file else src.path.with_name(CAPTIONS_FILE)
+        map_src, captions_src = src, open_source(captions_path)
+    else:
+        found = image_map_path(src, image_map)
+        if found is None:
+            raise ValueError(
+                f"{src.path}: a Basic-VLM captions file needs its image map; pass image_map= "
+                f"(--image_map) or put {IMAGE_MAP_FILE} beside it"
+            )
+        map_src, captions_src = open_source(found), src
+    if map_src.kind != "object":
+        raise ValueError(f"{map_src.path}: a Basic-VLM image map must be a JSON object of image id -> file")
+    options = dict(caption_mode=caption_mode, seed=seed, system=system)
+    if _is_qa_captions(captions_src):
+        yield from _read_qa(map_src, captions_src, prompt=prompt, **options)
+    else:
+        yield from _read_list(map_src, captions_src, prompt=prompt, **options)
+
+
+def _read_qa(map_src: SourceFile, captions_src: SourceFile, *, prompt: str, **options: Any) -> Iterator[dict | SampleError]:
+    """Basic-VLM's layout: one record per image-map entry, its caption entry looked up by `ID`."""
+    captions: dict = captions_src.data
+    for index, (name, entry) in enumerate(map_src.data.items()):
+        if not isinstance(entry, dict) or not isinstance(entry.get("image_file"), str):
+            yield bad(f"image map entry {name!r} has no 'image_file'", map_src.path, index)
+            continue
+        sample_id = record_id(entry.get("ID"), map_src.path, index)
+        qa = captions.get(str(entry.get("ID")))
+        if not isinstance(qa, dict):
+            yield bad(f"ID {entry.get('ID')!r} has no entry in {captions_src.path.name}", map_src.path, index, sample_id)
+            continue
+        question = qa.get("q") or ""
+        try:
+            answers = caption_list(qa.get("a"))
+            if not isinstance(question, str):
+                raise TypeError(f"'q' must be a string, got {question!r:.80}")
+        except TypeError as e:
+            yield bad(str(e), map_src.path, index, sample_id)
+            continue
+        question = question.replace(_PLACEHOLDER, IMAGE)
+        if not question:
+            user = prompt_text(prompt)
+        else:
+            user = question if IMAGE in question else f"{IMAGE}\n{question}"
+        yield from caption_samples(sample_id, entry["image_file"], answers, user=user, **options)
+
+
+def _read_list(map_src: SourceFile, captions_src: SourceFile, *, prompt: str, **options: Any) -> Iterator[dict | SampleError]:
+    """The simple layout: one record per captions entry, its image looked up in the map by `image_id`."""
+    files: dict = map_src.data
+    if captions_src.kind == "object":
+        raise ValueError(
+            f"{captions_src.path}: expected Basic-VLM captions ({{id: {{q, a}}}}) or a list of {{image_id, caption}}"
+        )
+    for index, record in enumerate(captions_src.records()):
+        if isinstance(record, SampleError):
+            yield record
+            continue
+        if not isinstance(record, dict):
+            yield bad(f"expected an object, got {type(record).__name__}", captions_src.path, index)
+            continue
+        sample_id = record_id(record.get("image_id"), captions_src.path, index)
+        file = files.get(str(record.get("image_id")))
+        if isinstance(file, dict):
+            file = file.get("image_file")
+        if not isinstance(file, str):
+            yield bad(f"image_id {record.get('image_id')!r} is not in {map_src.path.name}", captions_src.path, index, sample_id)
+            continue
+        try:
+            captions = caption_list(record.get("caption", record.get("captions")))
+        except TypeError as e:
+            yield bad(str(e), captions_src.path, index, sample_id)
+            continue
+        yield from caption_samples(sample_id, file, captions, user=prompt_text(prompt), **options)

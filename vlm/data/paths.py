@@ -1,0 +1,97 @@
+"""Safe image paths: a sample's image is a relative path that must stay inside its image folder.
+
+Design choices:
+- A path is `unsafe_path` when it is absolute, when `..` takes it out of the folder, or when a
+  symlink (the file or a directory on the way) resolves outside the folder's real location. The
+  first two are decided from the string alone, so even `--check_images none` refuses them; the
+  symlink test needs the file system. A symlinked image folder itself is fine: the comparison is
+  against its resolved location.
+- `missing_image`: the path does not exist (or is not a file). `unreadable_image`: it exists but
+  `vlm.visual.processor.load_image` cannot decode it completely (corrupt, truncated, not an image,
+  over the pixel limit). Only `mode="full"` decodes; `"exists"` stops at the file system.
+- Errors are `SampleError`s without a sample position; the caller adds it (`sample.with_context`).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from vlm.data.errors import SampleError
+from vlm.visual.processor import PIL_DEFAULT_MAX_IMAGE_PIXELS, load_image
+
+CHECK_MODES = ("full", "exists", "none")
+
+
+class ImageFolder:
+    """The folder a source's image paths are relative to (None: the source must be text-only)."""
+
+    def __init__(self, root: str | os.PathLike | None):
+        self.root = None if root is None else os.path.abspath(os.fspath(root))
+        self._real = None if root is None else os.path.realpath(self.root)
+
+    def __repr__(self) -> str:
+        return f"ImageFolder({self.root!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, ImageFolder) and other.root == self.root
+
+    def __hash__(self) -> int:
+        return hash(self.root)
+
+    def lexical(self, image: str) -> str:
+        """The joined path, checked from the string alone (absolute, `..` escape)."""
+        if os.path.isabs(image) or image.startswith(("/", "\\")):
+            raise SampleError("unsafe_path", f"image path {image!r} is absolute; paths must be relative to --image_folder")
+        if self.root is None:
+            raise SampleError("missing_image", f"image {image!r} but no --image_folder was given for this source")
+        joined = os.path.normpath(os.path.join(self.root, image))
+        if not _inside(joined, self.root):
+            raise SampleError("unsafe_path", f"image path {image!r} leaves --image_folder {self.root!r} through '..'")
+        return joined
+
+    def resolve(self, image: str) -> Path:
+        """The image file inside the folder; SampleError `unsafe_path` or `missing_image` otherwise."""
+        joined = self.lexical(image)
+        real = os.path.realpath(joined)
+        if not _inside(real, self._real):
+            raise SampleError(
+                "unsafe_path", f"image {image!r} is a symlink (or under one) to {real!r}, outside --image_folder {self.root!r}"
+            )
+        if not os.path.isfile(real):
+            what = "is not a file" if os.path.exists(real) else "not found"
+            raise SampleError("missing_image", f"image {image!r} {what} under --image_folder {self.root!r}")
+        return Path(joined)
+
+    def check(self, image: str, mode: str = "full", *, max_image_pixels: int | None = PIL_DEFAULT_MAX_IMAGE_PIXELS) -> None:
+        """Raise the SampleError that `image` deserves under check `mode` ("full", "exists", "none")."""
+        if mode not in CHECK_MODES:
+            raise ValueError(f"image check mode {mode!r}; expected one of {CHECK_MODES}")
+        if mode == "none":
+            self.lexical(image)
+            return
+        path = self.resolve(image)
+        if mode == "full":
+            load(path, image, max_image_pixels=max_image_pixels).close()
+
+    def open(self, image: str, *, max_image_pixels: int | None = PIL_DEFAULT_MAX_IMAGE_PIXELS):
+        """The decoded RGB image (a PIL image); SampleError for unsafe, missing or unreadable files."""
+        return load(self.resolve(image), image, max_image_pixels=max_image_pixels)
+
+
+def load(path: Path, name: str, *, max_image_pixels: int | None):
+    try:
+        return load_image(path, max_image_pixels=max_image_pixels)
+    except FileNotFoundError:
+        raise SampleError("missing_image", f"image {name!r} disappeared: {path}") from None
+    except ValueError as e:  # ImageLoadError, or over the pixel limit
+        raise SampleError("unreadable_image", str(e)) from None
+
+
+def _inside(path: str, root: str) -> bool:
+    return path != root and os.path.commonpath([path, root]) == root
+
+
+def resolve_image_path(image: str, image_folder: str | os.PathLike | None) -> Path:
+    """`image` inside `image_folder`; raises SampleError `unsafe_path` / `missing_image`."""
+    return ImageFolder(image_folder).resolve(image)

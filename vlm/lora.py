@@ -1,0 +1,382 @@
+"""LoRA for VLMs: wrap the LLM's linear layers with PEFT adapters, save/load a LoRA run, merge it.
+
+Design choices:
+- Only the LLM's `nn.Linear` layers get adapters (never `lm_head`, the vision tower or the projector), so
+  the adapter's keys are exactly those of the plain `transformers` LLM: the adapter folder loads with
+  `PeftModel.from_pretrained(Qwen2ForCausalLM.from_pretrained(base), run)` as well as into a VLM.
+- Targets are resolved to concrete module names first (default: every LLM linear; a list: exact name
+  suffixes; a string with regex characters: names it matches at a dotted-name boundary, as Basic-VLM's
+  `"c_attn|w1|w2"`). PEFT is then handed one compact, anchored regex of those names, so what it wraps
+  is what we resolved, and a pattern that matches nothing is an error listing the candidates.
+- The projector and the trainable part of the vision tower stay fully trainable beside the adapters
+  (PEFT freezes everything; we restore their `requires_grad` after wrapping). They are saved in full
+  in `non_lora_trainables.safetensors`, as original LLaVA does.
+
+LoRA run folder layout (written by `save_lora_run`):
+
+    adapter_config.json               PEFT's; base_model_name_or_path = the base LLM (`llm.name_or_path`)
+    adapter_model.safetensors         PEFT's LoRA weights (keys `base_model.model.model.layers...lora_A.weight`)
+    non_lora_trainables.safetensors   full tensors in vlm key layout: `vision_tower.*`, `mm_projector.*`,
+                                      every other trainable non-LoRA parameter, and the input/output
+                                      embeddings when the vocabulary differs from the base LLM's
+    config.json                       the VLMConfig of the full model (vocabulary after resizing)
+    tokenizer files, preprocessor_config.json
+
+`load_lora_run(run, model_base)` rebuilds the architecture from `config.json`, loads the base weights
+(a vlm model folder, or an LLM folder / hub id — by default `llm.name_or_path`), overlays the non-LoRA
+trainables, checks that the base matches the run (dimensions and vocabulary) and attaches the adapter.
+`merge_lora` folds the adapters into the weights (W + alpha/r * B @ A) and gives back a plain VLM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import re
+import sys
+from collections import defaultdict
+from typing import Any, Sequence
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+NON_LORA_NAME = "non_lora_trainables.safetensors"
+ADAPTER_CONFIG_NAME = "adapter_config.json"
+ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
+_NOT_LLM = ("vision_tower.", "mm_projector.")
+_REGEX_CHARS = set("|()[]{}*+?^$\\")
+# LLM config fields that must agree between a run and the base its adapter is loaded onto.
+_BASE_FIELDS = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                "intermediate_size")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Wrapping
+
+
+def llm_linear_names(model: nn.Module) -> list[str]:
+    """Names of the LLM's `nn.Linear` modules (no lm_head, vision tower or projector), in model order."""
+    output = model.get_output_embeddings()
+    return [name for name, module in model.named_modules()
+            if isinstance(module, nn.Linear) and not name.startswith(_NOT_LLM) and module is not output]
+
+
+def resolve_target_modules(model: nn.Module, target_modules: str | Sequence[str] | None = None) -> list[str]:
+    """The LLM linear module names selected by `target_modules` (see the module docstring); ValueError if none."""
+    candidates = llm_linear_names(model)
+    if target_modules is None:
+        chosen = candidates
+    elif isinstance(target_modules, str) and _REGEX_CHARS & set(target_modules):
+        try:
+            pattern = re.compile(rf"(?:^|\.)(?:{target_modules})$")
+        except re.error as exc:
+            raise ValueError(f"target_modules={target_modules!r} is not a valid regular expression: {exc}") from None
+        chosen = [name for name in candidates if pattern.search(name)]
+    else:
+        suffixes = [target_modules] if isinstance(target_modules, str) else list(target_modules)
+        chosen = [name for name in candidates if any(name == s or name.endswith("." + s) for s in suffixes)]
+    if not chosen:
+        kinds = sorted({name.rsplit(".", 1)[-1] for name in candidates})
+        raise ValueError(
+            f"target_modules={target_modules!r} matches none of the LLM's linear layers; their names end in "
+            f"{kinds} (e.g. {candidates[0] if candidates else 'none'}); use e.g. 'q_proj|v_proj' or omit it "
+            "to adapt every linear layer"
+        )
+    return chosen
+
+
+def _compact_regex(chosen: list[str], candidates: list[str]) -> str:
+    """One anchored regex matching exactly `chosen` among `candidates`; layer indices folded to \\d+ when all are chosen."""
+    def shape(name: str) -> str:
+        return re.sub(r"\.\d+(?=\.|$)", ".#", name)
+
+    all_by_shape: dict[str, set[str]] = defaultdict(set)
+    for name in candidates:
+        all_by_shape[shape(name)].add(name)
+    chosen_by_shape: dict[str, set[str]] = defaultdict(set)
+    for name in chosen:
+        chosen_by_shape[shape(name)].add(name)
+    parts = []
+    for pattern_shape, names in chosen_by_shape.items():
+        if names == all_by_shape[pattern_shape]:
+            parts.append(re.escape(pattern_shape).replace("\\#", r"\d+").replace("#", r"\d+"))
+        else:
+            parts.extend(re.escape(name) for name in sorted(names))
+    return "^(?:" + "|".join(parts) + ")$"
+
+
+def apply_lora(model: nn.Module, *, r: int, alpha: int, dropout: float = 0.05,
+               target_modules: str | list[str] | None = None):
+    """Wrap the LLM's linear layers of a VLM with LoRA adapters; returns a `peft.PeftModel`.
+
+    Args:
+        model: a VLM from `vlm.build_model` / `vlm.from_pretrained`.
+        r: LoRA rank; alpha: scaling numerator (scale = alpha / r); dropout: on the adapter input.
+        target_modules: None (every LLM linear), a list of exact name suffixes (`["q_proj", "v_proj"]`),
+            or a regex string matched at a name boundary (`"q_proj|v_proj"`, `"c_attn|w1|w2"`).
+
+    The projector and the trainable parameters of the vision tower remain trainable. Works with
+    activation checkpointing (input embeddings are made to require grad) and `transformers.Trainer`.
+    """
+    from peft import LoraConfig, get_peft_model
+
+    if getattr(model, "vlm_config", None) is None:
+        raise TypeError(f"apply_lora expects a VLM built by vlm.build_model, got {type(model).__name__}")
+    if r < 1:
+        raise ValueError(f"lora r={r} must be a positive rank")
+    chosen = resolve_target_modules(model, target_modules)
+    keep_trainable = {name for name, p in model.named_parameters() if name.startswith(_NOT_LLM) and p.requires_grad}
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, bias="none", task_type="CAUSAL_LM",
+                        target_modules=_compact_regex(chosen, llm_linear_names(model)))
+    peft_model = get_peft_model(model, config)
+    for name, p in model.named_parameters():
+        if name in keep_trainable:
+            p.requires_grad_(True)
+    model.enable_input_require_grads()  # gradients reach the adapters through checkpointed layers
+    return peft_model
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Saving
+
+
+def _plain_name(name: str) -> str:
+    """PEFT-wrapped parameter name -> the vlm key (`q_proj.base_layer.bias` -> `q_proj.bias`)."""
+    return name.replace(".base_layer.", ".")
+
+
+def _base_vocab_size(name_or_path: str | None) -> int | None:
+    """The base LLM's vocabulary size, or None when the base is unknown or cannot be read offline."""
+    if not name_or_path:
+        return None
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(name_or_path).get_text_config().vocab_size
+    except (OSError, ValueError):
+        return None
+
+
+def non_lora_state(model) -> dict[str, torch.Tensor]:
+    """The tensors `non_lora_trainables.safetensors` holds (see the module docstring), vlm key layout."""
+    vlm_model = model.get_base_model()
+    state: dict[str, torch.Tensor] = {}
+    for name, p in vlm_model.named_parameters():
+        if "lora_" in name:
+            continue
+        if name.startswith(_NOT_LLM) or p.requires_grad:
+            state[_plain_name(name)] = p
+    embeddings = vlm_model.get_input_embeddings().weight
+    base_vocab = _base_vocab_size(vlm_model.vlm_config.llm.name_or_path)
+    if base_vocab != embeddings.shape[0]:
+        state["model.embed_tokens.weight"] = embeddings
+        output = vlm_model.get_output_embeddings()
+        if output is not None and output.weight is not embeddings:
+            state["lm_head.weight"] = output.weight
+    # Tied tensors are stored once; loading ties them again.
+    unique: dict[int, str] = {}
+    out = {}
+    for key, tensor in state.items():
+        if id(tensor) not in unique:
+            unique[id(tensor)] = key
+            out[key] = tensor.detach().contiguous().cpu()
+    return out
+
+
+def save_lora_run(model, folder: str | os.PathLike, *, tokenizer=None, image_processor=None) -> None:
+    """Write a LoRA run folder: PEFT adapter, non-LoRA trainables, config.json, tokenizer and processor files."""
+    from peft import PeftModel
+
+    if not isinstance(model, PeftModel):
+        raise TypeError(f"save_lora_run expects the PeftModel returned by apply_lora, got {type(model).__name__}")
+    vlm_model = model.get_base_model()
+    config = vlm_model.vlm_config
+    os.makedirs(folder, exist_ok=True)
+    for adapter_config in model.peft_config.values():
+        adapter_config.base_model_name_or_path = config.llm.name_or_path
+    # Embeddings are handled by non_lora_trainables; "auto" would look the base up on the Hub.
+    model.save_pretrained(str(folder), save_embedding_layers=False)
+    save_file(non_lora_state(model), os.path.join(folder, NON_LORA_NAME), metadata={"format": "pt"})
+    config = copy.deepcopy(config)
+    config.llm.hf_config = vlm_model.config.to_dict()
+    config.vision.hf_config = vlm_model.vision_tower.model.config.to_dict()
+    config.vision.frozen = vlm_model.vision_tower.frozen
+    config.save(folder)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+    if image_processor is not None:
+        image_processor.save_pretrained(folder)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Loading and merging
+
+
+def is_lora_run(folder: str | os.PathLike) -> bool:
+    return os.path.isfile(os.path.join(folder, ADAPTER_CONFIG_NAME))
+
+
+def _check_base_matches(run_llm: dict[str, Any], base_llm: dict[str, Any], run: str, base: str) -> None:
+    for key in _BASE_FIELDS:
+        if key in run_llm and key in base_llm and run_llm[key] != base_llm[key]:
+            raise ValueError(
+                f"the LoRA run {run!r} does not fit the model base {base!r}: the run's LLM has {key}="
+                f"{run_llm[key]!r}, the base's has {key}={base_llm[key]!r}; pass the base the run was trained "
+                "from with --model-base"
+            )
+    if base_llm.get("vocab_size", 0) > run_llm.get("vocab_size", 0):
+        raise ValueError(
+            f"the LoRA run {run!r} does not fit the model base {base!r}: the base has a vocabulary of "
+            f"{base_llm['vocab_size']} tokens, more than the run's {run_llm['vocab_size']}; pass the base the run "
+            "was trained from with --model-base"
+        )
+
+
+def _base_state(config, model_base: str | None, run: str, dtype: torch.dtype | None) -> tuple[dict, str]:
+    """Weights of the base (vlm key layout) and the name it was loaded from."""
+    from vlm.checkpoint import load_state_dict
+    from vlm.config import CONFIG_NAME, VLMConfig
+
+    base = model_base or config.llm.name_or_path
+    if not base:
+        raise ValueError(
+            f"the LoRA run {run!r} records no base LLM (llm.name_or_path is empty); pass --model-base "
+            "(a vlm model folder, an LLM folder or a hub id)"
+        )
+    if os.path.isfile(os.path.join(base, CONFIG_NAME)) and _is_vlm_config(os.path.join(base, CONFIG_NAME)):
+        base_config = VLMConfig.load(base)
+        _check_base_matches(config.llm.hf_config, base_config.llm.hf_config, run, base)
+        return load_state_dict(base), base
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        base_hf = AutoConfig.from_pretrained(base).get_text_config()
+    except OSError as exc:
+        raise FileNotFoundError(f"cannot read the model base {base!r} of LoRA run {run!r}: {exc}") from None
+    _check_base_matches(config.llm.hf_config, base_hf.to_dict(), run, base)
+    llm = AutoModelForCausalLM.from_pretrained(base, dtype=dtype)
+    return llm.state_dict(), base
+
+
+def _is_vlm_config(path: str) -> bool:
+    import json
+
+    with open(path, encoding="utf-8") as f:
+        data = json.load(f)
+    return isinstance(data, dict) and "vision" in data and "llm" in data
+
+
+def load_lora_run(folder: str | os.PathLike, model_base: str | None = None, *,
+                  dtype: str | torch.dtype | None = None, device: str | torch.device | None = None):
+    """Rebuild a LoRA run as a `PeftModel` (adapters unmerged), in eval mode.
+
+    Args:
+        folder: the run folder written by `save_lora_run`.
+        model_base: a vlm model folder, an LLM folder or hub id; None uses the run's `llm.name_or_path`.
+        dtype: overrides the run's dtype; device: where to put the model.
+
+    Raises:
+        FileNotFoundError: run files missing, base unreadable.
+        ValueError: the base does not match the run (dimensions, vocabulary), or weights do not fit.
+    """
+    from peft import PeftModel
+    from peft.utils import get_peft_model_state_dict
+    from transformers.initialization import no_init_weights
+
+    from vlm.checkpoint import load_state_dict_strict
+    from vlm.config import VLMConfig
+    from vlm.model import build_model, dtype_name, resolve_dtype
+
+    folder = str(folder)
+    for name in (ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, NON_LORA_NAME, "config.json"):
+        if not os.path.isfile(os.path.join(folder, name)):
+            raise FileNotFoundError(f"LoRA run folder {folder!r} has no {name}; it must be written by vlm.lora.save_lora_run")
+    config = VLMConfig.load(folder)
+    if dtype is not None:
+        config.dtype = dtype_name(dtype)
+    torch_dtype = resolve_dtype(config.dtype)
+    state, base = _base_state(config, model_base, folder, torch_dtype)
+    non_lora = load_file(os.path.join(folder, NON_LORA_NAME))
+
+    with no_init_weights():
+        model = build_model(config, load_weights=False)
+    model.tie_weights()
+    expected = model.state_dict()
+    for key in ("model.embed_tokens.weight", "lm_head.weight"):
+        if key in state and key in expected and state[key].shape[0] < expected[key].shape[0]:
+            if key not in non_lora and not (key == "lm_head.weight" and model.config.tie_word_embeddings):
+                raise ValueError(
+                    f"the LoRA run {folder!r} has a vocabulary of {expected[key].shape[0]} but its base {base!r} "
+                    f"has {state[key].shape[0]}, and {NON_LORA_NAME} lacks {key}; the run is incomplete"
+                )
+            state.pop(key)
+    state.update(non_lora)
+    load_state_dict_strict(model, state, source=f"base {base!r} + {NON_LORA_NAME} of {folder!r}")
+    model.vlm_config.llm.name_or_path = config.llm.name_or_path
+
+    peft_model = PeftModel.from_pretrained(model, folder)
+    saved = load_file(os.path.join(folder, ADAPTER_WEIGHTS_NAME))
+    loaded = get_peft_model_state_dict(peft_model, save_embedding_layers=False)
+    if saved.keys() != loaded.keys():
+        raise ValueError(
+            f"the adapter of {folder!r} does not fit the model: keys only in the file "
+            f"{sorted(saved.keys() - loaded.keys())[:10]}, only in the model {sorted(loaded.keys() - saved.keys())[:10]}"
+        )
+    if device is not None:
+        peft_model = peft_model.to(device)
+    return peft_model.eval()
+
+
+def merge_lora(model):
+    """Fold the adapters of a `PeftModel` into its weights (W + alpha/r * B @ A); returns the plain VLM."""
+    merged = model.merge_and_unload()
+    for p in merged.parameters():
+        p.requires_grad_(False)
+    return merged.eval()
+
+
+def merge_lora_run(folder: str | os.PathLike, output: str | os.PathLike, model_base: str | None = None, *,
+                   dtype: str | torch.dtype | None = None):
+    """Load a LoRA run, merge it and write a vlm model folder (weights, config, tokenizer, processor) to `output`."""
+    from vlm.checkpoint import save_model_folder
+
+    merged = merge_lora(load_lora_run(folder, model_base, dtype=dtype))
+    tokenizer, processor = _run_tokenizer(folder), _run_processor(folder)
+    save_model_folder(output, merged, tokenizer=tokenizer, image_processor=processor)
+    return merged
+
+
+def _run_tokenizer(folder: str | os.PathLike):
+    from transformers import AutoTokenizer
+
+    has_files = any(os.path.isfile(os.path.join(folder, n)) for n in ("tokenizer.json", "tokenizer_config.json"))
+    return AutoTokenizer.from_pretrained(str(folder)) if has_files else None
+
+
+def _run_processor(folder: str | os.PathLike):
+    from vlm.visual.processor import PREPROCESSOR_CONFIG_NAME, ImageProcessor
+
+    path = os.path.join(folder, PREPROCESSOR_CONFIG_NAME)
+    return ImageProcessor.from_pretrained(folder) if os.path.isfile(path) else None
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`vlm merge-lora --model-path RUN --model-base BASE --output OUT`."""
+    parser = argparse.ArgumentParser(prog="vlm merge-lora", description="Merge a LoRA run into its base model.")
+    parser.add_argument("--model-path", "--model_path", dest="model_path", required=True, help="LoRA run folder")
+    parser.add_argument("--model-base", "--model_base", dest="model_base", default=None,
+                        help="vlm model folder, LLM folder or hub id (default: the run's llm.name_or_path)")
+    parser.add_argument("--output", "--save-model-path", "--save_model_path", dest="output", required=True,
+                        help="folder to write the merged vlm model to")
+    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                        help="dtype of the merged weights (default: the run's)")
+    args = parser.parse_args(argv)
+    try:
+        merge_lora_run(args.model_path, args.output, args.model_base, dtype=args.dtype)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"vlm merge-lora: {exc}", file=sys.stderr)
+        return 1
+    print(f"merged model written to {args.output}", file=sys.stderr)
+    return 0

@@ -60,3 +60,59 @@ def conversation_samples() -> dict[str, dict]:
             ],
         },
     }
+
+
+# --- data readers/checks fixtures (tests/test_formats.py, test_check.py, test_dataset.py, test_data_cli.py)
+
+
+@pytest.fixture
+def data_image_folder(tmp_path):
+    """An image folder: `ok.png`, `sub/ok2.png` (8x8 RGB), `corrupt.png` (not an image), `truncated.png` (cut short)."""
+    import io
+
+    from PIL import Image
+
+    folder = tmp_path / "images"
+    (folder / "sub").mkdir(parents=True)
+    Image.new("RGB", (8, 8), "red").save(folder / "ok.png")
+    Image.new("RGB", (12, 6), "blue").save(folder / "sub" / "ok2.png")
+    (folder / "corrupt.png").write_bytes(b"this is not a png at all")
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 64), "green").save(buffer, format="PNG")
+    (folder / "truncated.png").write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+    return folder
+
+
+@pytest.fixture
+def write_data(tmp_path):
+    """`write_data(name, records)`: write JSON (or JSON Lines for *.jsonl, raw text for str) under tmp_path; return the path."""
+    import json
+
+    def write(name: str, records):
+        path = tmp_path / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if isinstance(records, str):
+            path.write_text(records, encoding="utf-8")
+        elif name.endswith(".jsonl"):
+            path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+        else:
+            path.write_text(json.dumps(records, ensure_ascii=False, indent=2), encoding="utf-8")
+        return path
+
+    return write
+
+
+def llava_record(record_id: str, question: str = "<image>\nWhat color is the circle?", answer: str = "red", image="ok.png", **extra) -> dict:
+    """A LLaVA-format record (`image=None` for text-only)."""
+    record = {"id": record_id}
+    if image is not None:
+        record["image"] = image
+    record["conversations"] = [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]
+    record.update(extra)
+    return record
+
+
+@pytest.fixture
+def make_llava_record():
+    """`make_llava_record(id, question=..., answer=..., image="ok.png", **extra)` -> a LLaVA record."""
+    return llava_record

@@ -8,9 +8,9 @@ Design choices:
 - A sample's subset is found from its *first* image path (leading `./` ignored): the first listed
   prefix the path starts with (plain string prefix: `LR` also matches `LR_xx/...`; write `LR/` to
   mean the folder only). With `--field F` the subset is the record's field F instead (kept through
-  the sample's `meta`, e.g. a `source` column). A sample without images or without the field has
-  subset None: `--keep-*` drops it, `--drop-*` keeps it. Prefix and field filters combine (both
-  must keep a sample).
+  the sample's `meta`, e.g. a `source` column). A sample without images or without the field is in
+  no listed subset: `--keep-*` drops it, `--drop-*` keeps it. Prefix and field filters combine (both
+  must keep a sample). In the report, a path matching no prefix is named by its top-level folder.
 - For kept samples every image is looked up under `--image_folder` (no decoding: that is
   `vlm data check --check_images full`); missing or unsafe ones are counted per subset, and each
   subset's top-level folders are checked for existence, so a wrong layout (`NWPU/` missing, images
@@ -45,17 +45,28 @@ class SubsetRule:
     keep: bool
     field: str | None = None  # None: image-path prefixes
 
-    def subset(self, sample: dict) -> str | None:
+    def classify(self, sample: dict) -> tuple[str | None, bool]:
+        """(subset name for the report, whether the sample is in one of `values`).
+
+        An image path matching no prefix is named by its top-level folder (so dropped subsets show
+        up by name in the report), or None when it has none.
+        """
         if self.field is not None:
             value = (sample.get("meta") or {}).get(self.field)
-            return None if value is None else str(value)
+            name = None if value is None else str(value)
+            return name, name in self.values
         if not sample["images"]:
-            return None
+            return None, False
         path = sample["images"][0].removeprefix("./")
-        return next((prefix for prefix in self.values if path.startswith(prefix)), None)
+        matched = next((prefix for prefix in self.values if path.startswith(prefix)), None)
+        if matched is not None:
+            return matched, True
+        return (path.split("/", 1)[0] if "/" in path else None), False
 
-    def admits(self, subset: str | None) -> bool:
-        return (subset in self.values) == self.keep
+    def admits(self, sample: dict) -> tuple[str | None, bool]:
+        """(subset name, whether this rule keeps the sample)."""
+        name, listed = self.classify(sample)
+        return name, listed == self.keep
 
 
 def make_rule(keep: Sequence[str] | None, drop: Sequence[str] | None, field: str | None = None) -> SubsetRule | None:
@@ -78,9 +89,8 @@ def filter_samples(
     The subset named is that of the first rule (prefixes before field when both are given).
     """
     for sample in log.passing(samples):
-        subsets = [rule.subset(sample) for rule in rules]
-        kept = all(rule.admits(s) for rule, s in zip(rules, subsets))
-        yield sample, (subsets[0] if subsets else None), kept
+        verdicts = [rule.admits(sample) for rule in rules]
+        yield sample, (verdicts[0][0] if verdicts else None), all(kept for _, kept in verdicts)
 
 
 class LayoutCheck:

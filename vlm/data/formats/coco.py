@@ -39,5 +39,5 @@ def read(src: SourceFile, *, prompt: str = "", system: str | None = None) -> Ite
         else:
             image, captions = files[ann["image_id"]], [ann["caption"]]
             yield from caption_samples(
-                sample_id, image, captions, user=prompt_text(prompt), caption_mode="sample", seed=0, system=system
+                sample_id, image, captions, user=prompt_text(prompt), caption_mode="each", seed=0, system=system
             )

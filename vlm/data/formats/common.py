@@ -72,11 +72,13 @@ def caption_samples(
 ) -> list[dict]:
     """Image-caption pairs: [system], user `user` -> assistant caption.
 
-    `caption_mode="each"` gives one sample per caption (ids `<base_id>:<k>`); `"sample"` picks one
-    caption per image with an RNG seeded by (`seed`, `base_id`), so the choice does not depend on
-    file order.
+    `caption_mode="each"` gives one sample per caption (ids `<base_id>:<k>`, or `base_id` for a single
+    caption); `"sample"` picks one caption per image with an RNG seeded by (`seed`, `base_id`), so the
+    choice does not depend on file order.
     """
-    if caption_mode == "sample":
+    if len(captions) == 1:
+        pairs = [(base_id, captions[0])]
+    elif caption_mode == "sample":
         chosen = random.Random(f"{seed}:{base_id}").randrange(len(captions))
         pairs = [(base_id, captions[chosen])]
     else:

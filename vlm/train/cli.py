@@ -53,17 +53,29 @@ def template_for(data_args, model_args) -> str:
 
 
 def train(model_args, data_args, training_args) -> str:
-    """Run one training job; returns the output folder."""
+    """Run one training job from flags; returns the output folder."""
+    from transformers import set_seed
+
+    from vlm.train.model_setup import build_for_training
+
+    set_seed(training_args.seed)  # new modules (the projector) start the same in every process and every run
+    model, tokenizer, image_processor = build_for_training(model_args, data_args, training_args)
+    fit(model, tokenizer, image_processor, data_args, training_args, template=template_for(data_args, model_args),
+        save_projector=model_args.tune_mm_mlp_adapter)
+    return training_args.output_dir
+
+
+def fit(model, tokenizer, image_processor, data_args, training_args, *, template: str, save_projector: bool = False):
+    """Validate the data, train `model` (trainable flags already set), save it; returns the trainer."""
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
     from vlm.data.collate import DataCollator
     from vlm.train.callbacks import MetricsCallback, ProgressBarCallback
-    from vlm.train.model_setup import build_for_training, count_parameters
+    from vlm.train.model_setup import count_parameters
     from vlm.train.trainer import STAGING_DIR, VLMTrainer, find_resume_checkpoint, unwrap
 
-    model, tokenizer, image_processor = build_for_training(model_args, data_args, training_args)
-    vlm_model = unwrap(model)
-    template = template_for(data_args, model_args)
     dataset = build_train_dataset(data_args, training_args, tokenizer, image_processor,
-                                  vlm_model.vlm_config.num_image_tokens, template)
+                                  unwrap(model).vlm_config.num_image_tokens, template)
     trainable, total = count_parameters(model)
     if training_args.process_index == 0:
         print(f"model: {total / 1e6:.2f}M parameters, {trainable / 1e6:.2f}M trainable; template {template!r}",
@@ -75,12 +87,9 @@ def train(model_args, data_args, training_args) -> str:
     trainer = VLMTrainer(
         model=model, args=training_args, train_dataset=dataset, processing_class=tokenizer,
         data_collator=DataCollator(pad_token_id=tokenizer.pad_token_id),
-        image_processor=image_processor, lora=training_args.lora_enable,
-        save_projector=model_args.tune_mm_mlp_adapter,
+        image_processor=image_processor, lora=training_args.lora_enable, save_projector=save_projector,
         callbacks=[MetricsCallback()],
     )
-    from transformers.trainer_callback import PrinterCallback, ProgressCallback
-
     trainer.remove_callback(ProgressCallback)
     trainer.remove_callback(PrinterCallback)
     trainer.add_callback(ProgressBarCallback())
@@ -95,7 +104,7 @@ def train(model_args, data_args, training_args) -> str:
         shutil.rmtree(staging)  # what a killed run left half-written
     trainer.train(resume_from_checkpoint=resume)
     trainer.save_model(training_args.output_dir)
-    return training_args.output_dir
+    return trainer
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -153,9 +153,7 @@ class VLMTrainer(Trainer):
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         model = self.model if model is None else model
         if self.lora:
-            from vlm.lora import load_lora_weights
-
-            load_lora_weights(self.accelerator.unwrap_model(model), resume_from_checkpoint)
+            load_lora_checkpoint(self.accelerator.unwrap_model(model), resume_from_checkpoint)
         else:
             load_state_dict_strict(unwrap(model), load_state_dict(resume_from_checkpoint),
                                    source=f"checkpoint {resume_from_checkpoint!r}")
@@ -178,6 +176,25 @@ class VLMTrainer(Trainer):
                 logs["tokens_per_s"] = round(tokens / (now - last), 1)
             self._last_log_time, self._tokens_since_log = now, 0
         super().log(logs, start_time)
+
+
+def load_lora_checkpoint(peft_model, folder: str) -> None:
+    """Restore a LoRA checkpoint into the live PEFT model: adapter weights and the non-LoRA trainables."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    from vlm.lora import ADAPTER_WEIGHTS_NAME, NON_LORA_NAME
+
+    result = set_peft_model_state_dict(peft_model, load_file(os.path.join(folder, ADAPTER_WEIGHTS_NAME)))
+    if getattr(result, "unexpected_keys", None):
+        raise ValueError(f"adapter in {folder!r} has keys the model lacks: {result.unexpected_keys[:10]}")
+    base = peft_model.get_base_model()
+    state = load_file(os.path.join(folder, NON_LORA_NAME))
+    own = base.state_dict()
+    bad = [k for k, v in state.items() if k not in own or own[k].shape != v.shape]
+    if bad:
+        raise ValueError(f"{NON_LORA_NAME} in {folder!r} does not match the model: {bad[:10]}")
+    base.load_state_dict(state, strict=False)
 
 
 def find_resume_checkpoint(output_dir: str) -> str | None:

@@ -1,0 +1,135 @@
+"""Exact-match evaluation of a VLM on LLaVA-style question/answer samples, with a blind baseline.
+
+The blind baseline runs the same model on the same questions with the images shuffled across samples
+(a derangement: no sample keeps its own image). A model that reads the picture scores far above it;
+one that learned only answer priors from the question text scores the same.
+
+    vlm eval --model runs/demo/model --data_path data/eval.json --image_folder data/images --template chatml
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+from collections import defaultdict
+from typing import Any
+
+import torch
+
+from vlm.data.conversation import encode_prompt
+from vlm.data.paths import ImageFolder
+
+
+def normalise(text: str) -> str:
+    return text.strip().strip(".").strip().lower()
+
+
+@torch.no_grad()
+def greedy_answers(model, tokenizer, image_processor, questions: list[list[dict]], images: list[list],
+                   *, template: str, max_new_tokens: int = 8, batch_size: int = 64) -> list[str]:
+    """Greedy answers for conversations (messages up to the last user turn) with their PIL images."""
+    num_image_tokens = model.vlm_config.num_image_tokens
+    pad_id = tokenizer.pad_token_id
+    eos_ids = {tokenizer.eos_token_id, *tokenizer.convert_tokens_to_ids(
+        [t for t in ("<|im_end|>", "</s>", "<|eot_id|>") if t in tokenizer.get_vocab()])}
+    answers: list[str] = []
+    device = next(model.parameters()).device
+    for start in range(0, len(questions), batch_size):
+        prompts = [encode_prompt(q, tokenizer, template, num_image_tokens=num_image_tokens)
+                   for q in questions[start:start + batch_size]]
+        width = max(len(p) for p in prompts)
+        input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+        attention_mask = torch.zeros_like(input_ids)
+        for row, prompt in enumerate(prompts):  # left padding: every prompt ends where generation starts
+            input_ids[row, width - len(prompt):] = torch.tensor(prompt)
+            attention_mask[row, width - len(prompt):] = 1
+        batch_images = [im for sample in images[start:start + batch_size] for im in sample]
+        pixel_values = image_processor(batch_images).to(device) if batch_images else None
+        out = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                             pixel_values=pixel_values, max_new_tokens=max_new_tokens, do_sample=False,
+                             eos_token_id=sorted(i for i in eos_ids if i is not None), pad_token_id=pad_id)
+        answers += tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
+    return answers
+
+
+def derangement(n: int, seed: int) -> list[int]:
+    """A permutation of range(n) with no fixed point (n >= 2)."""
+    rng = random.Random(seed)
+    order = list(range(n))
+    rng.shuffle(order)
+    return order[1:] + order[:1]  # a cyclic shift of a random order fixes no element
+
+
+def evaluate_exact_match(model, tokenizer, image_processor, records: list[dict], image_folder: str, *,
+                         template: str, batch_size: int = 64, seed: int = 0) -> dict[str, Any]:
+    """`{"accuracy", "blind_accuracy", "n", "per_question_type": {type: {"accuracy", "blind_accuracy", "n"}}}`.
+
+    `records` are LLaVA JSON records with one image, one question and one answer (`question_type` optional).
+    """
+    folder = ImageFolder(image_folder)
+    questions, images, targets, types = [], [], [], []
+    for record in records:
+        turns = record["conversations"]
+        questions.append([{"role": "user", "content": turns[0]["value"]}])
+        images.append([folder.open(record["image"])])
+        targets.append(normalise(turns[1]["value"]))
+        types.append(record.get("question_type", "all"))
+    model.eval()
+    predicted = greedy_answers(model, tokenizer, image_processor, questions, images, template=template,
+                               batch_size=batch_size)
+    shuffled = [images[j] for j in derangement(len(images), seed)]
+    blind = greedy_answers(model, tokenizer, image_processor, questions, shuffled, template=template,
+                           batch_size=batch_size)
+    per_type: dict[str, dict[str, float]] = defaultdict(lambda: {"correct": 0, "blind_correct": 0, "n": 0})
+    for target, answer, blind_answer, kind in zip(targets, predicted, blind, types):
+        per_type[kind]["n"] += 1
+        per_type[kind]["correct"] += normalise(answer) == target
+        per_type[kind]["blind_correct"] += normalise(blind_answer) == target
+    n = len(targets)
+    return {
+        "accuracy": sum(v["correct"] for v in per_type.values()) / n,
+        "blind_accuracy": sum(v["blind_correct"] for v in per_type.values()) / n,
+        "n": n,
+        "per_question_type": {
+            kind: {"accuracy": v["correct"] / v["n"], "blind_accuracy": v["blind_correct"] / v["n"], "n": v["n"]}
+            for kind, v in sorted(per_type.items())
+        },
+        "examples": [{"question": q[0]["content"], "target": t, "answer": normalise(a)}
+                     for q, t, a in list(zip(questions, targets, predicted))[:10]],
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="vlm eval", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", required=True, help="vlm model folder")
+    parser.add_argument("--data_path", required=True, help="LLaVA JSON with one question and answer per record")
+    parser.add_argument("--image_folder", required=True)
+    parser.add_argument("--template", default="chatml", help="chat template the model was trained with")
+    parser.add_argument("--batch_size", type=int, default=64)
+    parser.add_argument("--output", help="write the result JSON here")
+    args = parser.parse_args(argv)
+    from transformers import AutoTokenizer
+
+    import vlm
+    from vlm.visual.processor import ImageProcessor
+
+    model = vlm.from_pretrained(args.model)
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    processor = ImageProcessor.from_pretrained(args.model)
+    with open(args.data_path, encoding="utf-8") as f:
+        records = json.load(f)
+    result = evaluate_exact_match(model, tokenizer, processor, records, args.image_folder, template=args.template,
+                                  batch_size=args.batch_size)
+    text = json.dumps(result, indent=2)
+    if args.output:
+        with open(args.output, "w", encoding="utf-8") as f:
+            f.write(text + "\n")
+    print(text)
+    print(f"accuracy={result['accuracy']:.4f} blind_accuracy={result['blind_accuracy']:.4f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

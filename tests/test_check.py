@@ -75,6 +75,14 @@ def test_every_reason_is_reported_with_the_contract_report(every_reason, tiny_to
     assert report["notes"]["skipped"] == []
 
 
+def test_parallel_check_gives_the_serial_report(every_reason, tiny_tokenizer):
+    path, folder, _ = every_reason
+    source = Source(str(path), str(folder), repeat=2)
+    serial = check_dataset(source, tokenizer=tiny_tokenizer, num_workers=1, **CHECK)
+    assert check_dataset(source, tokenizer=tiny_tokenizer, num_workers=2, **CHECK) == serial
+    assert serial[1]["total"] == 34 and len(serial[1]["problems"]) == 26
+
+
 def test_check_images_modes(every_reason, tiny_tokenizer):
     path, folder, _ = every_reason
     source = Source(str(path), str(folder))

@@ -82,6 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     tokens.add_argument("--truncate", choices=("none", "turns"), default="none", help="too long: drop (none) or keep first turns")
     check.add_argument("--check_images", choices=CHECK_MODES, default="full", help="decode images (full), look them up, or neither")
     check.add_argument("--max_drop_ratio", type=float, default=0.01, help="fail when more than this fraction is dropped")
+    check.add_argument("--num_workers", type=int, default=None, help="checking processes (default: one per CPU, up to 8)")
 
     convert = sub.add_parser("convert", help="write any supported input as LLaVA JSON")
     convert.add_argument("--input", required=True, help="data file")
@@ -136,6 +137,7 @@ def _check(args: argparse.Namespace) -> int:
     _, report = check_dataset(
         sources, tokenizer=tokenizer, template=args.template, num_image_tokens=args.num_image_tokens,
         max_length=args.model_max_length, truncate=args.truncate, check_images=args.check_images, seed=args.seed,
+        num_workers=args.num_workers,
     )
     _write_json(args.report, report)
     dropped = ", ".join(f"{r}={n}" for r, n in report["dropped"].items()) or "none"

@@ -3,9 +3,36 @@
     import vlm
     model = vlm.build_model(vlm.VLMConfig(vision=vlm.VisionConfig("openai/clip-vit-large-patch14-336"),
                                           llm=vlm.LLMConfig("Qwen/Qwen2.5-0.5B-Instruct")), tokenizer=tok)
+    tokenizer, model, image_processor, context_len = vlm.load_pretrained_model("runs/stage2")
+
+Names are imported on first use, so `import vlm` (and the `vlm` command) does not load torch and
+transformers until something needs them.
 """
 
-from vlm.config import LLMConfig, ProjectorConfig, VisionConfig, VLMConfig
-from vlm.model import build_model, from_pretrained
+from __future__ import annotations
 
-__all__ = ["VLMConfig", "VisionConfig", "ProjectorConfig", "LLMConfig", "build_model", "from_pretrained"]
+import importlib
+
+_EXPORTS = {
+    "VLMConfig": "vlm.config",
+    "VisionConfig": "vlm.config",
+    "ProjectorConfig": "vlm.config",
+    "LLMConfig": "vlm.config",
+    "build_model": "vlm.model",
+    "from_pretrained": "vlm.model",
+    "load_pretrained_model": "vlm.builder",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'vlm' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(list(globals()) + __all__)

@@ -35,6 +35,35 @@ LLAVA_HF_TO_VLM: Rules = [
 ]
 
 
+# Original LLaVA-1.5 (`LlavaLlamaForCausalLM` and its Mistral/Qwen variants): the LLM's own keys, with the
+# projector and (when saved) the CLIP/SigLIP tower inside `model.`.
+LLAVA_ORIGINAL_TO_VLM: Rules = [
+    (r"^model\.vision_tower\.vision_tower\.(?:vision_model\.)?(.*)$", r"vision_tower.model.\1"),
+    (r"^model\.mm_projector\.(.*)$", r"mm_projector.\1"),
+    (r"^model\.(.*)$", r"model.\1"),
+    (r"^lm_head\.(.*)$", r"lm_head.\1"),
+]
+
+VLM_TO_LLAVA_ORIGINAL: Rules = [
+    (r"^vision_tower\.model\.(.*)$", r"model.vision_tower.vision_tower.vision_model.\1"),
+    (r"^mm_projector\.(.*)$", r"model.mm_projector.\1"),
+    (r"^model\.(.*)$", r"model.\1"),
+    (r"^lm_head\.(.*)$", r"lm_head.\1"),
+]
+
+# Buffers older transformers versions saved in LLaVA-1.5 checkpoints; recomputed at load, never weights.
+LLAVA_ORIGINAL_IGNORED: list[str] = [
+    r"\.rotary_emb\.inv_freq$",
+    r"^model\.vision_tower\.vision_tower\.(?:vision_model\.)?embeddings\.position_ids$",
+]
+
+
+def drop_keys(state_dict: dict[str, torch.Tensor], patterns: list[str]) -> dict[str, torch.Tensor]:
+    """`state_dict` without the keys any of `patterns` finds (re.search)."""
+    compiled = [re.compile(p) for p in patterns]
+    return {k: v for k, v in state_dict.items() if not any(p.search(k) for p in compiled)}
+
+
 def rename_keys(state_dict: dict[str, torch.Tensor], rules: Rules, *, what: str = "checkpoint") -> dict[str, torch.Tensor]:
     """Apply the first matching rule to every key; raise ValueError listing keys no rule matches."""
     out: dict[str, torch.Tensor] = {}

@@ -1,0 +1,186 @@
+"""Generation: KV-cache consistency, batched == one-at-a-time, streaming, stopping, templates, errors."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+
+from inference_helpers import save_tiny_folder, write_image
+from vlm.generate import (
+    GenerationSettings,
+    Generator,
+    StreamToFile,
+    default_template,
+    generate_ids,
+    left_pad,
+    load_generator,
+    load_pixels,
+    pad_id,
+    stop_token_ids,
+)
+
+
+@pytest.fixture(scope="module")
+def generator(tmp_path_factory) -> Generator:
+    folder = save_tiny_folder(tmp_path_factory.mktemp("model"), "clip", "qwen2", template="chatml", seed=1)
+    return load_generator(str(folder), settings=GenerationSettings(max_new_tokens=12))
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> list[str]:
+    root = tmp_path_factory.mktemp("images")
+    return [str(write_image(root / "red.png", (220, 40, 40), (40, 32))),
+            str(write_image(root / "blue.png", (40, 80, 220), (30, 50))),
+            str(write_image(root / "green.png", (40, 170, 60), (64, 64)))]
+
+
+def greedy_without_cache(model, ids: list[int], pixels, steps: int) -> list[int]:
+    """Reference decoding: the whole sequence recomputed at every step, no cache, argmax."""
+    seq = list(ids)
+    with torch.no_grad():
+        for _ in range(steps):
+            logits = model(input_ids=torch.tensor([seq]), pixel_values=pixels, use_cache=False).logits
+            seq.append(int(logits[0, -1].argmax()))
+    return seq[len(ids):]
+
+
+def test_kv_cache_gives_the_same_tokens_as_full_recomputation(generator, images):
+    ids = generator.prompt([{"role": "user", "content": "What color is the circle?"}], 1)
+    pixels = load_pixels(images[:1], generator.image_processor)
+    settings = GenerationSettings(max_new_tokens=12)
+    kwargs = dict(stop_ids=[], pad_token_id=0, settings=settings)  # no stop: all 12 tokens compared
+    cached = generate_ids(generator.model, [ids], pixels, use_cache=True, **kwargs)[0]
+    uncached = generate_ids(generator.model, [ids], pixels, use_cache=False, **kwargs)[0]
+    reference = greedy_without_cache(generator.model, ids, pixels, 12)
+    assert len(cached) == 12
+    assert cached == uncached == reference
+    assert len(set(cached)) > 2  # a real sequence, not one token repeated
+
+
+def test_batched_greedy_answers_equal_one_at_a_time(generator, images):
+    questions = ["What color is the circle?", "How many shapes are there in this picture? Count them.",
+                 "Is there a blue square?", "yes or no", "What shape is the red object?"]
+    pictures = [images[0], images[1], None, images[2], images[0]]
+    single_ids, batched_ids = [], []
+    stops, pad = stop_token_ids(generator.tokenizer, generator.template), pad_id(generator.tokenizer)
+    prompts = [generator.prompt([{"role": "user", "content": q}], int(p is not None)) for q, p in zip(questions, pictures)]
+    assert len({len(p) for p in prompts}) > 2  # really different lengths: left padding is exercised
+    for prompt, picture in zip(prompts, pictures):
+        pixels = load_pixels([picture] if picture else [], generator.image_processor)
+        single_ids += generate_ids(generator.model, [prompt], pixels, stop_ids=stops, pad_token_id=pad,
+                                   settings=generator.settings)
+    pixels = load_pixels([p for p in pictures if p], generator.image_processor)
+    batched_ids = generate_ids(generator.model, prompts, pixels, stop_ids=stops, pad_token_id=pad,
+                               settings=generator.settings)
+    assert batched_ids == single_ids
+    single = [generator.answer(q, p) for q, p in zip(questions, pictures)]
+    assert generator.answer_batch(questions, pictures, batch_size=2) == single
+    assert generator.answer_batch(questions, pictures, batch_size=8) == single
+
+
+def test_left_padding():
+    ids, mask = left_pad([[5, 6, 7], [8]], pad_token_id=0)
+    assert ids.tolist() == [[5, 6, 7], [0, 0, 8]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+
+
+def test_streaming_writes_the_answer_as_it_comes(generator, images):
+    stream = io.StringIO()
+    chunks = []
+    original = StreamToFile.on_finalized_text
+
+    def record(self, text, stream_end=False):
+        chunks.append(text)
+        original(self, text, stream_end)
+
+    StreamToFile.on_finalized_text = record
+    try:
+        answer = generator.answer("What color is the circle?", images[0], stream=stream)
+    finally:
+        StreamToFile.on_finalized_text = original
+    assert answer and stream.getvalue().strip() == answer
+    assert len([c for c in chunks if c]) > 1  # several pieces, not one write at the end
+
+
+def test_generation_stops_at_the_end_of_turn_token(generator):
+    class Scripted:
+        """Stands in for the model: returns the prompt followed by a fixed continuation."""
+
+        def get_input_embeddings(self):
+            return torch.nn.Embedding(1, 1)
+
+        def generate(self, input_ids, **kwargs):
+            tail = torch.tensor([[40, 41, end, 42, 43]] * input_ids.shape[0])
+            return torch.cat([input_ids, tail], dim=1)
+
+    end = generator.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    stops = stop_token_ids(generator.tokenizer, "chatml")
+    assert stops == [end, generator.tokenizer.eos_token_id]
+    out = generate_ids(Scripted(), [[1, 2, 3], [4]], None, stop_ids=stops, pad_token_id=0, settings=GenerationSettings())
+    assert out == [[40, 41], [40, 41]]
+
+
+def test_sampling_is_reproducible_with_a_seed(generator, images):
+    sampler = Generator(**{**generator.__dict__, "settings": GenerationSettings(temperature=1.5, top_p=0.9,
+                                                                                 max_new_tokens=12)})
+    torch.manual_seed(3)
+    first = sampler.answer("What color is the circle?", images[0])
+    torch.manual_seed(3)
+    assert sampler.answer("What color is the circle?", images[0]) == first
+    answers = set()
+    for seed in range(4):
+        torch.manual_seed(seed)
+        answers.add(sampler.answer("What color is the circle?", images[0]))
+    assert len(answers) > 1
+
+
+def test_multi_turn_prompt_keeps_history(generator, images):
+    turn = [{"role": "user", "content": "<image>\nWhat color is the circle?"}]
+    two = turn + [{"role": "assistant", "content": "red"}, {"role": "user", "content": "And the shape?"}]
+    first, second = generator.prompt(turn, 1), generator.prompt(two, 1)
+    text = generator.tokenizer.decode(second)
+    assert "red<|im_end|>" in text and text.endswith("And the shape?<|im_end|>\n<|im_start|>assistant\n")
+    assert second[: len(first)] == first
+
+
+def test_prompt_longer_than_the_context_is_an_error(generator, images):
+    short = Generator(**{**generator.__dict__, "context_len": 30})
+    with pytest.raises(ValueError, match=r"the prompt is \d+ tokens \(16 of them image tokens\).*context of 30 tokens"):
+        short.answer("What color is the circle?", images[0])
+
+
+def test_unreadable_image_is_named(generator, tmp_path):
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    with pytest.raises(ValueError, match=r"cannot read image '.*broken.png'"):
+        generator.answer("What color?", str(bad))
+    with pytest.raises(FileNotFoundError, match="missing.png"):
+        generator.answer("What color?", str(tmp_path / "missing.png"))
+
+
+def test_default_template(tmp_path, generator):
+    assert default_template(generator_folder := save_tiny_folder(tmp_path / "m", template="llama3"), generator.tokenizer) == "llama3"
+    (generator_folder / "vlm_generation.json").unlink()
+    assert default_template(generator_folder, generator.tokenizer) == "tokenizer"  # its own chat_template
+    generator.tokenizer.chat_template, saved = None, generator.tokenizer.chat_template
+    try:
+        with pytest.raises(ValueError, match="records no chat template.*--conv-mode"):
+            default_template(generator_folder, generator.tokenizer)
+    finally:
+        generator.tokenizer.chat_template = saved
+
+
+def test_settings_are_checked():
+    with pytest.raises(ValueError, match="temperature=-1"):
+        GenerationSettings(temperature=-1)
+    with pytest.raises(ValueError, match="top_p=0"):
+        GenerationSettings(top_p=0)
+    with pytest.raises(ValueError, match="max_new_tokens=0"):
+        GenerationSettings(max_new_tokens=0)
+
+
+def test_template_that_does_not_fit_the_tokenizer(tmp_path):
+    folder = save_tiny_folder(tmp_path / "m")
+    with pytest.raises(ValueError, match="unknown chat template 'vicuna2'"):
+        load_generator(str(folder), conv_mode="vicuna2")

@@ -1,0 +1,242 @@
+"""`load_pretrained_model`: any supported model folder in, `(tokenizer, model, image_processor, context_len)` out.
+
+As LLaVA's `llava.model.builder.load_pretrained_model`, but the kind of folder is read from its files,
+never guessed from its name:
+
+| folder                                   | recognised by                                        |
+| ---------------------------------------- | ---------------------------------------------------- |
+| vlm LoRA run (needs the base)            | `adapter_config.json` (see `vlm.lora`)                |
+| vlm model folder                         | `config.json` with `vision` and `llm` sections       |
+| original LLaVA-1.5 (`LlavaLlamaForCausalLM`) | `config.json` with `mm_vision_tower`             |
+| llava-hf (`LlavaForConditionalGeneration`)   | `config.json` with `model_type: llava` and sub-configs |
+
+LoRA runs are merged after loading (inference needs no adapter). 8-/4-bit loading quantises the LLM's
+linear layers with bitsandbytes on a CUDA device (the vision tower, projector and lm_head stay in 16/32
+bits, as LLaVA); asking for it without CUDA is an error, not a silent full-precision load.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+import torch
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+DEFAULT_CONTEXT = 2048
+
+
+def folder_kind(folder: str) -> str:
+    """'lora', 'vlm', 'llava' or 'llava-hf'; FileNotFoundError/ValueError naming what is missing or unknown."""
+    from vlm.convert.llava_hf import is_llava_hf_config
+    from vlm.convert.llava_original import is_llava_original_config
+    from vlm.lora import is_lora_run
+
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"model path {folder!r} is not a folder (and not a hub id that could be downloaded)")
+    if is_lora_run(folder):
+        return "lora"
+    path = os.path.join(folder, "config.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"model folder {folder!r} has no config.json; expected a vlm model folder, a vlm LoRA run "
+            "(adapter_config.json), an original LLaVA-1.5 folder or a llava-hf folder"
+        )
+    with open(path, encoding="utf-8") as f:
+        data = json.load(f)
+    if "vision" in data and "llm" in data:
+        return "vlm"
+    if is_llava_original_config(data):
+        return "llava"
+    if is_llava_hf_config(data):
+        return "llava-hf"
+    raise ValueError(
+        f"{path} describes none of the supported models (model_type={data.get('model_type')!r}, architectures="
+        f"{data.get('architectures')}): no vision/llm sections (vlm), no mm_vision_tower (LLaVA-1.5), no "
+        "vision_config/text_config with model_type 'llava' (llava-hf)"
+    )
+
+
+# kind -> groups of files, each group satisfied by any one of its names
+_REQUIRED_FILES: dict[str, list[tuple[str, ...]]] = {
+    "vlm": [("model.safetensors", "model.safetensors.index.json"), TOKENIZER_FILES],
+    "lora": [("adapter_model.safetensors",), ("non_lora_trainables.safetensors",), ("config.json",), TOKENIZER_FILES],
+    "llava": [("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json"),
+              TOKENIZER_FILES],
+    "llava-hf": [("model.safetensors", "model.safetensors.index.json"), TOKENIZER_FILES],
+}
+
+
+def check_folder_files(folder: str, kind: str) -> None:
+    """FileNotFoundError listing every file group a `kind` folder lacks."""
+    missing = [" or ".join(group) for group in _REQUIRED_FILES[kind]
+               if not any(os.path.isfile(os.path.join(folder, name)) for name in group)]
+    if missing:
+        raise FileNotFoundError(
+            f"{kind} model folder {folder!r} is incomplete; missing: {'; '.join(missing)}. A vlm folder is written by "
+            "vlm.checkpoint.save_model_folder(folder, model, tokenizer=..., image_processor=...)"
+        )
+
+
+def resolve_model_path(model_path: str | os.PathLike) -> str:
+    """A local folder as is; otherwise a Hub id downloaded into the Hub cache."""
+    path = str(model_path)
+    if os.path.isdir(path) or os.path.exists(path):
+        return path
+    if path.count("/") != 1 or path.startswith((".", "/")):
+        raise FileNotFoundError(f"model folder {path!r} does not exist")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(path)
+    except Exception as exc:  # offline, unknown repo, no access: all mean "cannot get it"
+        raise FileNotFoundError(
+            f"model path {path!r} is not a local folder and could not be downloaded from the Hub "
+            f"({type(exc).__name__}: {exc})"
+        ) from None
+
+
+def load_tokenizer(folder: str):
+    from transformers import AutoTokenizer
+
+    if not any(os.path.isfile(os.path.join(folder, name)) for name in TOKENIZER_FILES):
+        raise FileNotFoundError(
+            f"model folder {folder!r} has no tokenizer files ({', '.join(TOKENIZER_FILES)}); save the model with "
+            "vlm.checkpoint.save_model_folder(folder, model, tokenizer=...)"
+        )
+    return AutoTokenizer.from_pretrained(folder)
+
+
+def load_image_processor(folder: str, model, *, aspect_ratio: str | None = None, fallback: str | None = None):
+    """The folder's `preprocessor_config.json`, else `fallback`'s (the tower's folder), else the tower type's defaults."""
+    from vlm.visual.processor import PREPROCESSOR_CONFIG_NAME, ImageProcessor
+
+    processor = None
+    if os.path.isfile(os.path.join(folder, PREPROCESSOR_CONFIG_NAME)):
+        processor = ImageProcessor.from_pretrained(folder)
+    elif fallback:
+        try:
+            processor = ImageProcessor.from_pretrained(fallback)
+        except FileNotFoundError:
+            processor = None
+    if processor is None:
+        processor = ImageProcessor.from_vision_config(model.vlm_config.vision.hf_config, aspect_ratio=aspect_ratio or "pad")
+    if aspect_ratio is not None and processor.config.aspect_ratio != aspect_ratio:
+        processor = ImageProcessor(dataclasses.replace(processor.config, aspect_ratio=aspect_ratio))
+    return processor
+
+
+def context_length(model, tokenizer) -> int:
+    """The longest sequence the model takes: its position limit, capped by the tokenizer's model_max_length."""
+    limit = getattr(model.config, "max_position_embeddings", None) or DEFAULT_CONTEXT
+    tok_limit = getattr(tokenizer, "model_max_length", None)
+    if isinstance(tok_limit, int) and 0 < tok_limit < 10**7:
+        limit = min(limit, tok_limit)
+    return int(limit)
+
+
+def _check_quantization(load_8bit: bool, load_4bit: bool, device: str) -> int | None:
+    if not (load_8bit or load_4bit):
+        return None
+    if load_8bit and load_4bit:
+        raise ValueError("pass either --load-8bit or --load-4bit, not both")
+    flag = "--load-8bit" if load_8bit else "--load-4bit"
+    if not torch.cuda.is_available() or not str(device).startswith("cuda"):
+        raise ValueError(
+            f"{flag} needs a CUDA GPU (bitsandbytes quantised kernels); this run has device={device!r} and "
+            f"CUDA available={torch.cuda.is_available()}. Drop {flag} to run in full precision on the CPU."
+        )
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise ImportError(f"{flag} needs bitsandbytes: pip install 'vlm[gpu]'") from None
+    return 8 if load_8bit else 4
+
+
+def quantize_llm(model, bits: int, compute_dtype: torch.dtype = torch.float16) -> None:
+    """Replace the LLM's linear layers (not lm_head, tower, projector) with bitsandbytes layers; quantised on .cuda()."""
+    import bitsandbytes as bnb
+
+    from vlm.lora import llm_linear_names
+
+    for name in llm_linear_names(model):
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        old = getattr(parent, child)
+        weight = old.weight.data.to(compute_dtype)
+        if bits == 8:
+            new = bnb.nn.Linear8bitLt(old.in_features, old.out_features, bias=old.bias is not None,
+                                      has_fp16_weights=False, threshold=6.0)
+            new.weight = bnb.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=False)
+        else:
+            new = bnb.nn.Linear4bit(old.in_features, old.out_features, bias=old.bias is not None,
+                                    compute_dtype=compute_dtype, quant_type="nf4")
+            new.weight = bnb.nn.Params4bit(weight, requires_grad=False, quant_type="nf4")
+        if old.bias is not None:
+            new.bias = torch.nn.Parameter(old.bias.data.to(compute_dtype), requires_grad=False)
+        setattr(parent, child, new)
+
+
+def load_pretrained_model(model_path: str | os.PathLike, model_base: str | None = None, load_8bit: bool = False,
+                          load_4bit: bool = False, device: str | torch.device = "cpu",
+                          dtype: str | torch.dtype | None = None, **kwargs: Any):
+    """Load any supported model folder for inference.
+
+    Args:
+        model_path: a vlm model folder, a vlm LoRA run, an original LLaVA-1.5 folder, a llava-hf folder, or
+            a Hub id of one.
+        model_base: for a LoRA run, its base (vlm folder, LLM folder or hub id; default: the run's
+            `llm.name_or_path`). Refused for the other kinds, which carry all their weights.
+        load_8bit / load_4bit: quantise the LLM's linear layers (CUDA only).
+        device: where to put the model ("cpu", "cuda", "cuda:1", ...).
+        dtype: "float32" / "bfloat16" / "float16"; default: the folder's (float16 when quantising).
+        kwargs: `vision_tower=` overrides LLaVA's `mm_vision_tower` (a local copy of the tower).
+
+    Returns:
+        (tokenizer, model in eval mode, ImageProcessor, context_len).
+    """
+    from vlm.data.tokenizer import get_image_token_id
+
+    bits = _check_quantization(load_8bit, load_4bit, str(device))
+    if bits is not None and dtype is None:
+        dtype = torch.float16
+    folder = resolve_model_path(model_path)
+    kind = folder_kind(folder)
+    if model_base is not None and kind != "lora":
+        raise ValueError(
+            f"--model-base is only used with LoRA runs, but {folder!r} is a full {kind} model folder; drop --model-base"
+        )
+    check_folder_files(folder, kind)
+    tokenizer = load_tokenizer(folder)
+    aspect_ratio, fallback = None, None
+    if kind == "lora":
+        from vlm.lora import load_lora_run, merge_lora
+
+        model = merge_lora(load_lora_run(folder, model_base, dtype=dtype))
+    elif kind == "vlm":
+        from vlm.model import from_pretrained
+
+        model = from_pretrained(folder, dtype=dtype)
+    elif kind == "llava":
+        from vlm.convert.llava_original import image_aspect_ratio, load_llava_original
+
+        with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
+            data = json.load(f)
+        model = load_llava_original(folder, tokenizer, dtype=dtype, vision_tower=kwargs.get("vision_tower"))
+        aspect_ratio, fallback = image_aspect_ratio(data), model.vlm_config.vision.name_or_path
+    else:
+        from vlm.convert.llava_hf import load_llava_hf
+
+        model = load_llava_hf(folder, dtype=dtype)
+    if get_image_token_id(tokenizer) != model.vlm_config.image_token_id:
+        raise ValueError(
+            f"the tokenizer in {folder!r} has <image> = {get_image_token_id(tokenizer)} but the model's image_token_id "
+            f"is {model.vlm_config.image_token_id}; the folder mixes files of different models"
+        )
+    image_processor = load_image_processor(folder, model, aspect_ratio=aspect_ratio, fallback=fallback)
+    if bits is not None:
+        quantize_llm(model, bits, compute_dtype=model.dtype)
+    model = model.to(device).eval()
+    return tokenizer, model, image_processor, context_length(model, tokenizer)

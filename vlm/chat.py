@@ -1,0 +1,117 @@
+"""`vlm chat --model PATH --image IMG`: a multi-turn conversation about images in the terminal.
+
+Each line typed is a user turn; the answer is streamed to stdout, prompts and notes go to stderr (so
+`vlm chat ... < questions.txt > answers.txt` works). The whole history is sent every turn.
+Commands: `/image PATH` attaches an image to the next question, `/reset` forgets the history (the
+current image is attached again to the next question), `/exit` (or end of input) quits, `/help`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import IO, Any
+
+from vlm.data.tokenizer import IMAGE_TOKEN
+
+HELP = "commands: /image PATH (attach an image to the next question), /reset (forget the history), /exit"
+
+
+class ChatSession:
+    """Conversation state: the messages so far, their images, and an image waiting for the next question."""
+
+    def __init__(self, generator, image: Any = None):
+        self.generator = generator
+        self.messages: list[dict] = []
+        self.images: list[Any] = []
+        self.current_image = None
+        self.pending_image = None
+        if image is not None:
+            self.set_image(image)
+
+    def set_image(self, source: Any) -> None:
+        """Load an image (path or PIL) now, so a bad file is reported at once; it goes with the next question."""
+        from PIL import Image
+
+        from vlm.visual.processor import load_image
+
+        image = source if isinstance(source, Image.Image) else load_image(source)
+        self.current_image = self.pending_image = image
+
+    def reset(self) -> None:
+        self.messages, self.images = [], []
+        self.pending_image = self.current_image
+
+    def ask(self, text: str, *, stream: IO[str] | None = None) -> str:
+        """Answer `text` in the context of the history; on error the history is left unchanged."""
+        images = list(self.images)
+        content = text
+        if self.pending_image is not None:
+            content = f"{IMAGE_TOKEN}\n{text}"
+            images.append(self.pending_image)
+        messages = self.messages + [{"role": "user", "content": content}]
+        answer = self.generator.reply(messages, images, stream=stream)
+        self.messages = messages + [{"role": "assistant", "content": answer}]
+        self.images = images
+        self.pending_image = None
+        return answer
+
+
+def run(session: ChatSession, lines: IO[str], out: IO[str], err: IO[str], *, stream: bool) -> int:
+    """The read-answer loop over `lines` (stdin); returns the exit code."""
+    from vlm.generate import USER_ERRORS
+
+    interactive = hasattr(lines, "isatty") and lines.isatty()
+    while True:
+        if interactive:
+            err.write("USER: ")
+            err.flush()
+        line = lines.readline()
+        if not line:
+            return 0
+        text = line.strip()
+        if not text:
+            continue
+        command, _, rest = text.partition(" ")
+        if command in ("/exit", "/quit"):
+            return 0
+        if command == "/help":
+            err.write(HELP + "\n")
+        elif command == "/reset":
+            session.reset()
+            err.write("history cleared\n")
+        elif command == "/image":
+            try:
+                session.set_image(rest.strip())
+                err.write(f"image {rest.strip()!r} will go with your next question\n")
+            except USER_ERRORS as exc:
+                err.write(f"error: {exc}\n")
+        elif text.startswith("/"):
+            err.write(f"unknown command {command!r}; {HELP}\n")
+        else:
+            try:
+                answer = session.ask(text, stream=out if stream else None)
+            except USER_ERRORS as exc:
+                err.write(f"error: {exc}\n")
+                continue
+            if not stream:
+                out.write(answer + "\n")
+                out.flush()
+
+
+def main(argv: list[str] | None = None) -> int:
+    from vlm.generate import USER_ERRORS, add_decoding_arguments, add_model_arguments, generator_from_args
+
+    parser = argparse.ArgumentParser(prog="vlm chat", description=__doc__.split("\n\n")[0], epilog=HELP)
+    add_model_arguments(parser)
+    parser.add_argument("--image", "--image-file", "--image_file", "--image_path", dest="image", default=None,
+                        help="image to talk about (more with /image PATH)")
+    add_decoding_arguments(parser, max_new_tokens=512)
+    args = parser.parse_args(argv)
+    try:
+        session = ChatSession(generator_from_args(args), args.image)
+    except USER_ERRORS as exc:
+        print(f"vlm chat: error: {exc}", file=sys.stderr)
+        return 1
+    print(f"chatting with {args.model} (template {session.generator.template!r}); {HELP}", file=sys.stderr)
+    return run(session, sys.stdin, sys.stdout, sys.stderr, stream=sys.stdout.isatty())

@@ -1,0 +1,151 @@
+"""Original LLaVA-1.5 folders (haotian-liu/LLaVA's `LlavaLlamaForCausalLM` and its variants) into vlm.
+
+Such a folder is the LLM's `config.json` plus LLaVA's keys (`mm_vision_tower`, `mm_projector_type`,
+`mm_vision_select_layer`, `mm_vision_select_feature`, `mm_hidden_size`, `image_aspect_ratio`, ...), the
+LLM weights with the projector under `model.mm_projector.{0,2}.*` and sometimes the tower under
+`model.vision_tower.vision_tower.*`, and the tokenizer.
+
+Design choices:
+- The vision tower is loaded from `mm_vision_tower` (a hub id or a folder) as LLaVA does; tower weights
+  found in the checkpoint replace it (they are the trained ones when the tower was unfrozen). A
+  checkpoint holding only part of a tower is an error.
+- LLaVA marks images with the out-of-vocabulary id -200 (IMAGE_TOKEN_INDEX) and expands it inside the
+  model. vlm uses an in-vocabulary `<image>` token repeated `num_image_tokens` times, so `<image>` is
+  added to the tokenizer and one embedding row is appended (its value is never used: image features
+  replace it). Logits at every text position equal LLaVA's.
+- LLaVA options vlm does not implement (`mm_use_im_start_end`, `anyres` aspect ratio, `spatial_unpad`
+  patch merging) are refused by name instead of being loaded into a model that would answer differently.
+- Weights may be safetensors or LLaVA-1.5's `pytorch_model*.bin`, read with `torch.load(weights_only=True)`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import torch
+
+from vlm.convert.keymap import LLAVA_ORIGINAL_IGNORED, LLAVA_ORIGINAL_TO_VLM, drop_keys, rename_keys
+
+# LLaVA's model_type -> the decoder's transformers model_type.
+LLAVA_MODEL_TYPES: dict[str, str] = {
+    "llava": "llama",
+    "llava_llama": "llama",
+    "llava_mistral": "mistral",
+    "llava_qwen": "qwen2",
+    "llava_qwen2": "qwen2",
+}
+# Keys of LLaVA's config that are not the decoder's.
+_LLAVA_KEYS = ("mm_", "image_aspect_ratio", "image_grid_pinpoints", "tune_mm", "freeze_mm", "unfreeze_mm",
+               "use_mm_proj", "tokenizer_padding_side", "tokenizer_model_max_length")
+_TORCH_INDEX = "pytorch_model.bin.index.json"
+
+
+def is_llava_original_config(data: dict[str, Any]) -> bool:
+    return "mm_vision_tower" in data or "mm_vision_tower" in data.get("text_config", {})
+
+
+def _refuse_unsupported(data: dict[str, Any], where: str) -> None:
+    if data.get("mm_use_im_start_end"):
+        raise ValueError(f"{where}: mm_use_im_start_end=true (image start/end tokens) is not supported by vlm")
+    if data.get("image_aspect_ratio") == "anyres" or str(data.get("mm_patch_merge_type", "flat")) != "flat":
+        raise ValueError(
+            f"{where}: LLaVA-NeXT options (image_aspect_ratio={data.get('image_aspect_ratio')!r}, mm_patch_merge_type="
+            f"{data.get('mm_patch_merge_type')!r}) are not supported; vlm loads LLaVA-1.5 models (flat, pad/square)"
+        )
+
+
+def vlm_config_from_llava_original(data: dict[str, Any], where: str = "config.json", *, vision_tower: str | None = None):
+    """The VLMConfig of an original LLaVA config dict (the tower by name; `vision_tower` overrides it)."""
+    from vlm.config import LLMConfig, ProjectorConfig, VisionConfig, VLMConfig
+
+    _refuse_unsupported(data, where)
+    llm = {k: v for k, v in data.items() if not k.startswith(_LLAVA_KEYS)}
+    model_type = LLAVA_MODEL_TYPES.get(llm.get("model_type"), llm.get("model_type"))
+    llm["model_type"] = model_type
+    for key in ("architectures", "_name_or_path", "transformers_version"):
+        llm.pop(key, None)
+    return VLMConfig(
+        vision=VisionConfig(name_or_path=vision_tower or data["mm_vision_tower"],
+                            select_layer=int(data.get("mm_vision_select_layer", -2)),
+                            select_feature=data.get("mm_vision_select_feature", "patch")),
+        projector=ProjectorConfig(type=data.get("mm_projector_type", "linear")),
+        llm=LLMConfig(hf_config=llm),
+    )
+
+
+def read_checkpoint(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """All tensors of a folder: safetensors (single or sharded) or `pytorch_model*.bin` (weights only)."""
+    from vlm.checkpoint import WEIGHTS_INDEX_NAME, WEIGHTS_NAME, load_state_dict
+
+    folder = str(folder)
+    if os.path.isfile(os.path.join(folder, WEIGHTS_NAME)) or os.path.isfile(os.path.join(folder, WEIGHTS_INDEX_NAME)):
+        return load_state_dict(folder)
+    files = ["pytorch_model.bin"]
+    if os.path.isfile(os.path.join(folder, _TORCH_INDEX)):
+        with open(os.path.join(folder, _TORCH_INDEX), encoding="utf-8") as f:
+            files = sorted(set(json.load(f)["weight_map"].values()))
+    state: dict[str, torch.Tensor] = {}
+    for name in files:
+        path = os.path.join(folder, name)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(
+                f"no weights in LLaVA folder {folder!r}: expected model.safetensors(.index.json) or "
+                f"pytorch_model.bin(.index.json); {name} is missing"
+            )
+        state.update(torch.load(path, map_location="cpu", weights_only=True))
+    return state
+
+
+def load_llava_original(folder: str | os.PathLike, tokenizer, *, dtype=None, vision_tower: str | None = None):
+    """An original LLaVA-1.5 folder as a vlm model; `<image>` is added to `tokenizer` (see module docstring).
+
+    Args:
+        folder: the LLaVA folder (config.json with mm_* keys, weights, tokenizer).
+        tokenizer: its tokenizer; `<image>` is added to it when missing.
+        vision_tower: load the tower from here instead of `mm_vision_tower` (e.g. a local copy).
+    """
+    from transformers.initialization import no_init_weights
+
+    from vlm.checkpoint import load_state_dict_strict
+    from vlm.data.tokenizer import ensure_image_token
+    from vlm.model import build_model
+
+    where = os.path.join(str(folder), "config.json")
+    with open(where, encoding="utf-8") as f:
+        data = json.load(f)
+    config = vlm_config_from_llava_original(data, where, vision_tower=vision_tower)
+    config.image_token_id = ensure_image_token(tokenizer)
+    config.llm.hf_config["vocab_size"] = max(config.llm.hf_config["vocab_size"], len(tokenizer))
+    state = drop_keys(read_checkpoint(folder), LLAVA_ORIGINAL_IGNORED)
+    state = rename_keys(state, LLAVA_ORIGINAL_TO_VLM, what=f"LLaVA checkpoint {str(folder)!r}")
+    with no_init_weights():  # the tower loads its pretrained weights; the LLM and projector come from `state`
+        model = build_model(config, dtype=dtype or _dtype(data))
+    model.tie_weights()
+    expected = model.state_dict()
+    tower_keys = {k for k in expected if k.startswith("vision_tower.")}
+    saved_tower = {k for k in state if k.startswith("vision_tower.")}
+    if saved_tower and saved_tower != tower_keys:
+        raise ValueError(
+            f"LLaVA checkpoint {str(folder)!r} holds {len(saved_tower)} of the vision tower's {len(tower_keys)} "
+            f"tensors; expected all or none (missing e.g. {sorted(tower_keys - saved_tower)[:3]})"
+        )
+    if not saved_tower:
+        state.update({k: expected[k] for k in tower_keys})
+    for key in ("model.embed_tokens.weight", "lm_head.weight"):  # rows appended for <image>: the mean row
+        if key in state and key in expected and state[key].shape[0] < expected[key].shape[0]:
+            old = state[key]
+            state[key] = torch.cat([old, old.mean(0, keepdim=True).expand(expected[key].shape[0] - old.shape[0], -1)])
+    load_state_dict_strict(model, state, source=f"LLaVA weights in {str(folder)!r}")
+    return model.eval()
+
+
+def _dtype(data: dict[str, Any]) -> str:
+    name = str(data.get("torch_dtype") or data.get("dtype") or "float32")
+    return name if name in ("float32", "bfloat16", "float16") else "float32"
+
+
+def image_aspect_ratio(data: dict[str, Any]) -> str | None:
+    """LLaVA's `image_aspect_ratio` as our processor's: 'pad' stays, anything else keeps the tower's default."""
+    return "pad" if data.get("image_aspect_ratio") == "pad" else None

@@ -128,6 +128,7 @@ def test_enforce_max_drop_ratio(every_reason, tiny_tokenizer):
     assert "13 of 17 samples (76.5%)" in message and "--max_drop_ratio 0.01" in message
     assert "unsafe_path=4" in message and "bad_schema=1" in message
     assert "[4] 'bad_schema'" in message and "out/report.json" in message
+    assert "is --image_folder the folder" in message and "raise --model_max_length" in message
     enforce_max_drop_ratio(report, 0.8)  # under the ratio: no error
     with pytest.raises(ValueError, match="no samples"):
         enforce_max_drop_ratio({"total": 0, "kept": 0, "dropped": {}, "problems": []})

@@ -63,6 +63,19 @@ def test_check_mix_of_two_sources_with_weights(tmp_path, write_data, data_image_
     assert [s["in_mix"] for s in report["notes"]["sources"]] == [2, 3]
 
 
+def test_synth_then_check_with_decoded_images(tmp_path, capsys):
+    out = tmp_path / "shapes"
+    assert main(["synth", "--out", str(out), "--n_train", "6", "--n_eval", "2"]) == 0
+    report_path = tmp_path / "r.json"
+    assert main(["check", "--data_path", str(out / "train.json"), "--image_folder", str(out / "images"),
+                 "--report", str(report_path), "--template", "chatml", "--num_image_tokens", "16"]) == 0
+    report = load(report_path)
+    assert report["total"] == report["kept"] > 0 and report["notes"]["settings"]["check_images"] == "full"
+    assert main(["check", "--data_path", str(out / "train.json"), "--image_folder", str(out),
+                 "--report", str(report_path)]) == 1
+    assert "is --image_folder the folder" in capsys.readouterr().err
+
+
 def test_check_bad_arguments_exit_2(write_data, make_llava_record, capsys):
     data = write_data("d.json", [make_llava_record("a")])
     assert main(["check", "--data_path", f"{data},{data}", "--image_folder", "a,b,c"]) == 2

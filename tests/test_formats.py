@@ -242,6 +242,9 @@ def test_json_array_streams_across_chunk_boundaries(tmp_path):
     path.write_text(" \n[ " + " ,\n".join(json.dumps(v, ensure_ascii=False) for v in values) + " ]\n", encoding="utf-8")
     for chunk in (1, 3, 7, 64, 1 << 20):
         assert list(iter_json_array(path, chunk_chars=chunk)) == values
+    lines_in_json = tmp_path / "lines.json"  # JSON Lines under a .json name
+    lines_in_json.write_text('{"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}]}\n' * 3)
+    assert detect_format(lines_in_json) == "llava" and len(samples_of(lines_in_json)) == 3
     broken = tmp_path / "broken.json"
     broken.write_text('[{"a": 1}, {"b": ]', encoding="utf-8")
     it = iter_json_array(broken, chunk_chars=4)

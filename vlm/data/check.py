@@ -46,7 +46,12 @@ from vlm.visual.processor import PIL_DEFAULT_MAX_IMAGE_PIXELS
 
 _STAND_IN_SAMPLES = 2000  # samples whose text trains the stand-in tokenizer
 _TOP_PROBLEMS = 5  # problems quoted in the max-drop-ratio error
-_PARALLEL_FROM = 2000  # samples above which num_workers=None checks in parallel
+_PARALLEL_FROM = 2000
+_HINTS = {  # the usual cause of a reason, quoted when it makes training stop
+    "missing_image": "missing_image: is --image_folder the folder the image paths are relative to?",
+    "too_long": "too_long: raise --model_max_length, or truncate='turns' to keep the first turns.",
+    "placeholder_mismatch": "placeholder_mismatch: one <image> per image, in user turns only.",
+}  # samples above which num_workers=None checks in parallel
 
 
 class _SampleList(Sequence):
@@ -66,7 +71,8 @@ class _SampleList(Sequence):
         return index
 
     def describe(self) -> list[dict[str, Any]]:
-        return [{"path": None, "image_folder": self._folder.root, "format": "samples", "records": len(self)}]
+        return [{"path": None, "image_folder": self._folder.root, "format": "samples", "records": len(self),
+                 "in_mix": len(self)}]
 
 
 def as_records(
@@ -257,8 +263,9 @@ def enforce_max_drop_ratio(report: dict, max_drop_ratio: float = 0.01, *, report
     top = "; ".join(
         f"[{p['index']}] {p['id']!r} {p['reason']}: {p['detail']}" for p in itertools.islice(report["problems"], _TOP_PROBLEMS)
     )
+    hints = "".join(f" {_HINTS[r]}" for r in report["dropped"] if r in _HINTS)
     raise ValueError(
         f"{dropped} of {total} samples ({dropped / total:.1%}) would be dropped, more than --max_drop_ratio "
-        f"{max_drop_ratio}: {by_reason}. First problems: {top}{where}. Fix the data (see `vlm data check`) "
+        f"{max_drop_ratio}: {by_reason}. First problems: {top}{where}.{hints} Fix the data (see `vlm data check`) "
         "or raise --max_drop_ratio to train on the rest."
     )

@@ -10,13 +10,15 @@ Design choices:
 - JSON Lines and CSV are read line by line; an unparsable JSON line becomes a `bad_schema`
   SampleError for that line (reported, not skipped), while a broken JSON array is a `ValueError`
   for the whole file, since nothing after the break can be trusted.
-- A `.json` file that holds several top-level objects is read as JSON Lines.
+- A `.json` file that holds several top-level objects is read as JSON Lines (found after parsing
+  only the first object, so a large JSON Lines file is not loaded to find out).
 """
 
 from __future__ import annotations
 
 import codecs
 import csv
+import itertools
 import json
 import re
 from dataclasses import dataclass, field
@@ -69,12 +71,8 @@ def open_source(path: str | Path) -> SourceFile:
     if start == "[":
         return SourceFile(path, "array", first=next(iter_json_array(path), None))
     if start == "{":
-        try:
-            with open(path, encoding="utf-8-sig") as f:
-                data = json.load(f)
-        except json.JSONDecodeError as e:
-            if e.msg != "Extra data":
-                raise ValueError(f"{path}: not valid JSON ({e})") from e
+        kind, data = _object_or_lines(path)
+        if kind == "lines":
             return SourceFile(path, "lines", first=next(iter_json_lines(path), None))
         return SourceFile(path, "object", first=data, data=data)
     what = "empty" if start == "" else f"starts with {start!r}"
@@ -92,54 +90,80 @@ def _first_char(path: Path) -> str:
                 return stripped[0]
 
 
-def iter_json_array(path: str | Path, chunk_chars: int = _CHUNK_CHARS) -> Iterator[Any]:
-    """Yield the elements of the JSON array in `path` one at a time (constant memory per element)."""
-    decoder = json.JSONDecoder()
-    with open(path, "rb") as f:
-        text = codecs.getincrementaldecoder("utf-8-sig")()
-        buf, pos, eof, count = "", 0, False, 0
+class _JsonStream:
+    """A file's text read in chunks, with a cursor; values are decoded in place (no copies of the buffer)."""
 
-        def more() -> bool:
-            nonlocal buf, pos, eof
-            if eof:
-                return False
-            raw = f.read(chunk_chars)
-            eof = not raw
-            buf = buf[pos:] + text.decode(raw, final=eof)
-            pos = 0
-            return True
+    def __init__(self, f, chunk_chars: int):
+        self._file, self._chunk = f, chunk_chars
+        self._text = codecs.getincrementaldecoder("utf-8-sig")()
+        self._decoder = json.JSONDecoder()
+        self.buf, self.pos, self.eof = "", 0, False
 
-        def skip_space() -> str:
-            nonlocal pos
-            while True:
-                pos = _SPACE.match(buf, pos).end()
-                if pos < len(buf) or not more():
-                    return buf[pos] if pos < len(buf) else ""
+    def more(self) -> bool:
+        """Append the next chunk (dropping what lies before the cursor); False at end of file."""
+        if self.eof:
+            return False
+        raw = self._file.read(self._chunk)
+        self.eof = not raw
+        self.buf = self.buf[self.pos :] + self._text.decode(raw, final=self.eof)
+        self.pos = 0
+        return True
 
-        if skip_space() != "[":
-            raise ValueError(f"{path}: not a JSON array")
-        pos += 1
-        if skip_space() == "]":
-            return
+    def peek(self) -> str:
+        """The next non-space character ("" at end of file), cursor moved onto it."""
+        while True:
+            self.pos = _SPACE.match(self.buf, self.pos).end()
+            if self.pos < len(self.buf) or not self.more():
+                return self.buf[self.pos] if self.pos < len(self.buf) else ""
+
+    def value(self) -> Any:
+        """Decode the JSON value at the cursor, reading on as needed; JSONDecodeError when it is broken."""
         while True:
             try:
-                value, end = decoder.raw_decode(buf, pos)
-            except json.JSONDecodeError as e:
-                if more():
+                value, end = self._decoder.raw_decode(self.buf, self.pos)
+            except json.JSONDecodeError:
+                if self.more():
                     continue
-                raise ValueError(f"{path}: broken JSON in element {count} ({e.msg})") from e
-            if end == len(buf) and more():  # a number may continue in the next chunk
+                raise
+            if end == len(self.buf) and self.more():  # a number may continue in the next chunk
                 continue
-            pos = end
-            count += 1
-            yield value
-            sep = skip_space()
+            self.pos = end
+            return value
+
+
+def iter_json_array(path: str | Path, chunk_chars: int = _CHUNK_CHARS) -> Iterator[Any]:
+    """Yield the elements of the JSON array in `path` one at a time (constant memory per element)."""
+    with open(path, "rb") as f:
+        stream = _JsonStream(f, chunk_chars)
+        if stream.peek() != "[":
+            raise ValueError(f"{path}: not a JSON array")
+        stream.pos += 1
+        if stream.peek() == "]":
+            return
+        for count in itertools.count():
+            try:
+                yield stream.value()
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}: broken JSON in element {count} ({e.msg})") from e
+            sep = stream.peek()
             if sep == "]":
                 return
             if sep != ",":
-                raise ValueError(f"{path}: expected ',' or ']' after element {count - 1}, found {sep or 'end of file'!r}")
-            pos += 1
-            skip_space()
+                raise ValueError(f"{path}: expected ',' or ']' after element {count}, found {sep or 'end of file'!r}")
+            stream.pos += 1
+            stream.peek()
+
+
+def _object_or_lines(path: Path) -> tuple[str, Any]:
+    """("object", the value) for a file holding one JSON object, ("lines", None) when more values follow it."""
+    with open(path, "rb") as f:
+        stream = _JsonStream(f, _CHUNK_CHARS)
+        stream.peek()
+        try:
+            value = stream.value()
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from e
+        return ("lines", None) if stream.peek() else ("object", value)
 
 
 def iter_json_lines(path: str | Path) -> Iterator[Any]:

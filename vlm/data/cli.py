@@ -63,7 +63,8 @@ def _add_data_arguments(parser: argparse.ArgumentParser, *, mixing: bool) -> Non
     data.add_argument("--image_folder", default=None, help="image folder (comma-separated: one per data file)")
     data.add_argument("--data_format", default="auto", help=f"auto or one of {', '.join(FORMATS)}")
     if mixing:
-        data.add_argument("--data_weights", default=None, help="comma-separated repeat factors, one per data file")
+        data.add_argument("--data_weights", default=None,
+                          help="comma-separated repeat factors, one per data file (2 = twice, 0.5 = a random half)")
     _add_reader_options(parser)
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import Any, Iterator
 
 from vlm.data.errors import SampleError
+from vlm.data.formats.basic_vlm import image_map_path
 from vlm.data.formats.common import bad, caption_list, caption_samples, check_caption_mode, prompt_text
 from vlm.data.formats.source import SourceFile
 
@@ -23,8 +24,6 @@ DEFAULT_PROMPT = "请描述这张图片。"
 
 
 def detect(src: SourceFile, **options: Any) -> bool:
-    from vlm.data.formats.basic_vlm import image_map_path
-
     first = src.first
     return (
         src.kind in ("array", "lines")

@@ -46,6 +46,7 @@ from vlm.data.formats.source import open_source
 from vlm.data.paths import ImageFolder
 
 MIX_SUFFIXES = (".yaml", ".yml")
+_COMPACT_JSON = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))  # stateless; built once
 _SOURCE_KEYS = ("path", "image_folder", "format", "weight", "repeat", "max_samples")
 
 
@@ -249,7 +250,7 @@ class MixedRecords(Sequence):
         else:
             if not keep_meta and "meta" in item:
                 item = {k: v for k, v in item.items() if k != "meta"}
-            self._blobs.append(json.dumps(item, ensure_ascii=False, separators=(",", ":")).encode())
+            self._blobs.append(_COMPACT_JSON.encode(item).encode())
             images = item.get("images")
             self._num_images.append(min(len(images), 65535) if isinstance(images, list) else 0)
         self._record_source.append(source)

@@ -75,6 +75,12 @@ def append_turn(turn: Any, messages: list[dict]) -> str | None:
 
 def turn_message(turn: Any) -> dict | str:
     """`{"from", "value"}` or `{"role", "content"}` -> canonical message, or a string saying what is wrong."""
+    try:  # fast path, the usual LLaVA turn (this runs ~5 times per record when indexing 665K records)
+        content = turn["value"]
+        if type(content) is str:
+            return {"role": ROLES[turn["from"]], "content": content}
+    except (KeyError, TypeError):
+        pass
     if not isinstance(turn, dict):
         return f"expected an object, got {type(turn).__name__}"
     role = turn.get("from", turn.get("role"))

@@ -255,3 +255,18 @@ def test_export_refuses_what_llava_hf_cannot_express(tmp_path, capsys, projector
     assert export_main(["--model", str(source), str(tmp_path / "hf2")]) == 1
     assert "only has the mlp2x_gelu projector" in capsys.readouterr().err
     assert not (tmp_path / "hf" / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("vision", ["clip", "siglip"])
+def test_exported_pad_processor_differs_by_at_most_one_grey_level(tmp_path, vision):
+    """LlavaImageProcessor fills the padding with int(mean*255), we round (as the processor docs say)."""
+    source = save_tiny_folder(tmp_path / "ours", vision, "qwen2")
+    export(source, tmp_path / "hf")
+    theirs = AutoProcessor.from_pretrained(tmp_path / "hf").image_processor
+    generator = load_generator(str(source))
+    image = Image.open(write_image(tmp_path / "wide.png", size=(50, 30))).convert("RGB")
+    ours = generator.image_processor([image])
+    diff = (theirs(image, return_tensors="pt")["pixel_values"] - ours).abs()
+    one_level = 1 / 255 / min(generator.image_processor.config.image_std)
+    assert diff.max().item() <= one_level + 1e-6
+    assert diff[..., 12:20, :].max().item() <= 1e-6  # the picture itself (centre rows) is identical

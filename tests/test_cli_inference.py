@@ -1,0 +1,213 @@
+"""Command lines: test.py / test.sh (flags, aliases, demo default, errors), vlm chat, vlm generate."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import runpy
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+from inference_helpers import save_tiny_folder, write_image
+from vlm.batch import main as batch_main
+from vlm.chat import ChatSession, run
+from vlm.generate import GenerationSettings, load_generator
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    return save_tiny_folder(tmp_path_factory.mktemp("model"), "clip", "qwen2", template="chatml", seed=1)
+
+
+@pytest.fixture(scope="module")
+def generator(model_dir):
+    return load_generator(str(model_dir), settings=GenerationSettings(max_new_tokens=8))
+
+
+@pytest.fixture(scope="module")
+def image(tmp_path_factory) -> str:
+    return str(write_image(tmp_path_factory.mktemp("img") / "red.png"))
+
+
+@pytest.fixture(scope="module")
+def test_script():
+    """test.py's functions, loaded under another name (`test` is also a standard-library package)."""
+    return runpy.run_path(str(ROOT / "test.py"), run_name="vlm_test_script")
+
+
+def run_script(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    return subprocess.run(list(args), capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+
+
+# -- test.py / test.sh ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("flags", [
+    ["--model", "{m}", "--image", "{i}", "--prompt", "What color is the circle?"],
+    ["--model-path", "{m}", "--image-file", "{i}", "--query", "What color is the circle?", "--temperature", "0",
+     "--max-new-tokens", "8", "--conv-mode", "chatml"],
+    ["--model_weights", "{m}", "--image_path", "{i}", "--prompt", "What color is the circle?",
+     "--base_value_model", "openai/clip-vit-large-patch14"],
+])
+def test_test_py_prints_only_the_answer(test_script, capsys, generator, model_dir, image, flags):
+    argv = [f.format(m=model_dir, i=image) for f in flags] + ["--max_new_tokens", "8"]
+    assert test_script["main"](argv) == 0
+    out = capsys.readouterr()
+    expected = generator.answer("What color is the circle?", image)
+    assert expected and out.out == expected + "\n"
+
+
+def test_test_py_streams_to_a_terminal(test_script, capsys, monkeypatch, generator, model_dir, image):
+    """Through StreamToFile (pieces as they come: tests/test_generate.py), not printed a second time."""
+    from vlm.generate import StreamToFile
+
+    streamed = []
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
+    monkeypatch.setattr(StreamToFile, "on_finalized_text",
+                        lambda self, text, stream_end=False: streamed.append(text) or self.file.write(text))
+    argv = ["--model", str(model_dir), "--image", image, "--prompt", "What color is the circle?", "--max_new_tokens", "8"]
+    assert test_script["main"](argv) == 0
+    expected = generator.answer("What color is the circle?", image)
+    assert "".join(streamed).strip() == expected
+    assert capsys.readouterr().out.strip() == expected
+
+
+def test_test_sh_runs_in_a_fresh_process(model_dir, image, generator):
+    done = run_script("bash", "test.sh", "--model", str(model_dir), "--image", image, "--prompt",
+                      "What color is the circle?", "--max-new-tokens", "8")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == generator.answer("What color is the circle?", image) + "\n"
+
+
+def test_no_arguments_uses_the_demo_model_and_example_image(test_script, capsys, monkeypatch, model_dir):
+    """Wiring only (decoding is tested above): the demo folder, the bundled image and its question."""
+    from vlm.generate import Generator
+
+    demo = types.ModuleType("vlm.demo")
+    demo.ensure_demo_model = lambda: model_dir
+    monkeypatch.setitem(sys.modules, "vlm.demo", demo)
+    calls = []
+
+    def fake_answer(self, question, image=None, *, stream=None):
+        calls.append((self.model.vlm_config.num_image_tokens, question, image))
+        return "ANSWER"
+
+    monkeypatch.setattr(Generator, "answer", fake_answer)
+    assert test_script["main"]([]) == 0
+    out = capsys.readouterr()
+    example = json.loads((ROOT / "examples" / "shapes.json").read_text())
+    assert calls == [(16, example["question"], str(ROOT / "examples" / example["image"]))]
+    assert out.out == "ANSWER\n"
+    assert f"using the demo model {model_dir}" in out.err and "shapes.png" in out.err
+
+
+@pytest.mark.parametrize("flag", ["--load-4bit", "--load-8bit"])
+def test_quantised_loading_on_cpu_is_a_clear_error(test_script, capsys, model_dir, image, flag):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    assert test_script["main"](["--model", str(model_dir), "--image", image, "--prompt", "hi", flag]) == 1
+    out = capsys.readouterr()
+    assert out.out == "" and f"{flag} needs a CUDA GPU" in out.err
+
+
+def test_unreadable_image_and_missing_model(test_script, capsys, model_dir, tmp_path):
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"not a jpeg")
+    assert test_script["main"](["--model", str(model_dir), "--image", str(bad), "--prompt", "hi"]) == 1
+    assert "cannot read image" in capsys.readouterr().err
+    assert test_script["main"](["--model", str(tmp_path / "none"), "--image", str(bad), "--prompt", "hi"]) == 1
+    assert "does not exist" in capsys.readouterr().err
+
+
+# -- vlm chat ---------------------------------------------------------------------------------------
+
+
+def test_chat_keeps_history_resets_and_switches_images(generator, image, tmp_path):
+    blue = str(write_image(tmp_path / "blue.png", (40, 80, 220), (30, 50)))
+    lines = io.StringIO(f"What color is the circle?\nAnd the shape?\n/reset\nWhat color?\n/image {tmp_path}/none.png\n"
+                        f"/image {blue}\nWhich one?\n/bogus\n/exit\nnever asked\n")
+    out, err = io.StringIO(), io.StringIO()
+    assert run(ChatSession(generator, image), lines, out, err, stream=False) == 0
+    answers = out.getvalue().splitlines()
+    first = generator.reply([{"role": "user", "content": "<image>\nWhat color is the circle?"}], [image])
+    history = [{"role": "user", "content": "<image>\nWhat color is the circle?"}, {"role": "assistant", "content": first},
+               {"role": "user", "content": "And the shape?"}]
+    second = generator.reply(history, [image])
+    after_reset = generator.reply([{"role": "user", "content": "<image>\nWhat color?"}], [image])
+    two_images = [{"role": "user", "content": "<image>\nWhat color?"}, {"role": "assistant", "content": after_reset},
+                  {"role": "user", "content": "<image>\nWhich one?"}]
+    fourth = generator.reply(two_images, [image, blue])
+    assert answers == [first, second, after_reset, fourth]
+    assert "history cleared" in err.getvalue()
+    assert "image file not found" in err.getvalue() and "none.png" in err.getvalue()
+    assert "unknown command '/bogus'" in err.getvalue()
+
+
+def test_chat_command_reads_stdin(monkeypatch, capsys, model_dir, image, generator):
+    from vlm.chat import main as chat_main
+
+    monkeypatch.setattr(sys, "stdin", io.StringIO("What color is the circle?\n/exit\n"))
+    assert chat_main(["--model", str(model_dir), "--image", image, "--max_new_tokens", "8"]) == 0
+    out = capsys.readouterr()
+    assert out.out == generator.answer("What color is the circle?", image) + "\n"
+    assert "template 'chatml'" in out.err and "/reset" in out.err
+
+
+def test_chat_context_overflow_leaves_history_unchanged(generator, image):
+    from vlm.generate import Generator
+
+    short = Generator(**{**generator.__dict__, "context_len": 60})
+    session = ChatSession(short, image)
+    lines = io.StringIO("What color is the circle?\n" + "word " * 80 + "\n")
+    out, err = io.StringIO(), io.StringIO()
+    run(session, lines, out, err, stream=False)
+    assert len(out.getvalue().splitlines()) == 1
+    assert "context of 60 tokens" in err.getvalue() and len(session.messages) == 2
+
+
+# -- vlm generate -----------------------------------------------------------------------------------
+
+
+def test_vlm_generate_answers_a_jsonl_file_in_batches(model_dir, generator, tmp_path):
+    (tmp_path / "img").mkdir()
+    red = write_image(tmp_path / "img" / "red.png")
+    blue = write_image(tmp_path / "img" / "blue.png", (40, 80, 220), (30, 50))
+    records = [{"id": "a", "image": "red.png", "question": "What color is the circle?", "extra": 1},
+               {"id": "b", "image": "blue.png", "question": "How many shapes are there?"},
+               {"id": "c", "question": "Is there a blue square?"},
+               {"id": "d", "image": str(blue), "question": "What shape is the blue object in the picture?"},
+               {"id": "e", "image": "red.png", "question": "yes?"}]
+    questions = tmp_path / "q.jsonl"
+    questions.write_text("".join(json.dumps(r) + "\n" for r in records))
+    answers_file = tmp_path / "out" / "a.jsonl"
+    argv = ["--model", str(model_dir), "--input", str(questions), "--output", str(answers_file), "--image_folder",
+            str(tmp_path / "img"), "--batch_size", "2", "--max_new_tokens", "8", "--no-progress"]
+    assert batch_main(argv) == 0
+    written = [json.loads(line) for line in answers_file.read_text().splitlines()]
+    assert [w["id"] for w in written] == ["a", "b", "c", "d", "e"] and written[0]["extra"] == 1
+    paths = {"red.png": str(red), "blue.png": str(blue), str(blue): str(blue)}
+    expected = [generator.answer(r["question"], paths.get(r.get("image"))) for r in records]
+    assert [w["answer"] for w in written] == expected
+    assert len(set(expected)) > 1
+
+
+def test_vlm_generate_names_the_bad_line(model_dir, tmp_path, capsys):
+    questions = tmp_path / "q.jsonl"
+    questions.write_text('{"id": "a", "question": "hi"}\n{"id": "b", "image": "gone.png", "question": "hi"}\n')
+    argv = ["--model", str(model_dir), "--input", str(questions), "--output", str(tmp_path / "a.jsonl")]
+    assert batch_main(argv) == 1
+    assert "q.jsonl line 2 (id 'b'): image 'gone.png' not found" in capsys.readouterr().err
+    questions.write_text('{"id": "a", "prompt": "hi"}\n')
+    assert batch_main(argv) == 1
+    assert "line 1: expected an object with a 'question' string" in capsys.readouterr().err
+    assert not (tmp_path / "a.jsonl").exists()

@@ -103,6 +103,12 @@ def test_target_modules_regex_and_suffixes(base_llm, tokenizer, targets, expecte
     assert not any("vision_tower" in n and "lora_" in n for n, _ in model.named_parameters())
 
 
+def test_target_modules_can_pick_single_layers(base_llm, tokenizer):
+    model = apply_lora(make_vlm(base_llm, tokenizer), r=2, alpha=4, target_modules=r"layers\.1\.self_attn\.q_proj")
+    wrapped = [n for n, _ in model.named_parameters() if "lora_A" in n]
+    assert wrapped == ["base_model.model.model.layers.1.self_attn.q_proj.lora_A.default.weight"]
+
+
 def test_target_modules_that_match_nothing_list_the_names(base_llm, tokenizer):
     with pytest.raises(ValueError, match=r"'c_attn\|w1\|w2' matches none.*'q_proj'.*'up_proj'"):
         apply_lora(make_vlm(base_llm, tokenizer), r=2, alpha=4, target_modules="c_attn|w1|w2")

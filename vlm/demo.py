@@ -38,12 +38,15 @@ class DemoConfig:
     vision_layers: int = 2
     llm_hidden: int = 128
     llm_layers: int = 2
+    questions_per_image: int = 4
+    multi_turn: bool = True
+    select_layer: int = -1
     max_steps: int = 2400
-    batch_size: int = 32
-    learning_rate: float = 2e-3
-    projector_lr: float = 2e-3
+    batch_size: int = 16
+    learning_rate: float = 1e-3
+    projector_lr: float = 1e-3
     vision_lr: float = 1e-3
-    train_vision: bool = True
+    train_vision: bool = False
     seed: int = 0
     threads: int | None = None
 
@@ -61,12 +64,24 @@ def build_demo_model(config: DemoConfig, tokenizer):
     llm = tiny_llm_config("qwen2", vocab_size=len(tokenizer), hidden_size=config.llm_hidden,
                           num_layers=config.llm_layers)
     model_config = vlm.VLMConfig(
-        vision=vlm.VisionConfig(hf_config=vision.to_dict(), select_layer=-1, select_feature="patch",
+        vision=vlm.VisionConfig(hf_config=vision.to_dict(), select_layer=config.select_layer, select_feature="patch",
                                 frozen=not config.train_vision),
         projector=vlm.ProjectorConfig(type="mlp2x_gelu"),
         llm=vlm.LLMConfig(hf_config=llm.to_dict()),
     )
     return vlm.build_model(model_config, tokenizer=tokenizer)
+
+
+def merge_questions_per_image(records: list[dict]) -> list[dict]:
+    """Single-question LLaVA records -> one multi-turn record per image (`<image>` in the first turn only)."""
+    by_image: dict[str, dict] = {}
+    for record in records:
+        question, answer = record["conversations"]
+        merged = by_image.setdefault(record["image"], {"id": record["image"], "image": record["image"],
+                                                       "conversations": []})
+        text = question["value"] if not merged["conversations"] else question["value"].replace("<image>\n", "")
+        merged["conversations"] += [{"from": "human", "value": text}, answer]
+    return list(by_image.values())
 
 
 def run_demo(config: DemoConfig) -> dict:
@@ -89,9 +104,16 @@ def run_demo(config: DemoConfig) -> dict:
         os.remove(metrics)  # a fresh curve for a fresh run
     data_dir = os.path.join(config.run_dir, "data")
     info = generate_shapes_dataset(data_dir, n_train=config.n_train, n_eval=config.n_eval,
-                                   image_size=config.image_size, seed=config.seed)
+                                   image_size=config.image_size, seed=config.seed,
+                                   questions_per_image=config.questions_per_image)
     with open(info["train"], encoding="utf-8") as f:
         train_records = json.load(f)
+    # One multi-turn conversation per training image: the image is encoded once for all its questions.
+    if config.multi_turn:
+        train_records = merge_questions_per_image(train_records)
+    info["train"] = os.path.join(data_dir, "train_conversations.json")
+    with open(info["train"], "w", encoding="utf-8") as f:
+        json.dump(train_records, f)
     texts = [turn["value"].replace("<image>", "") for r in train_records for turn in r["conversations"]]
     tokenizer = build_tokenizer(texts, vocab_size=512, model_max_length=256)
     model = build_demo_model(config, tokenizer)
@@ -114,8 +136,10 @@ def run_demo(config: DemoConfig) -> dict:
     fit(model, tokenizer, image_processor, data_args, training_args, template=TEMPLATE)
     model_dir = os.path.join(config.run_dir, "model")
     from vlm.checkpoint import save_model_folder
+    from vlm.generate import save_generation_defaults
 
     save_model_folder(model_dir, model, tokenizer=tokenizer, image_processor=image_processor)
+    save_generation_defaults(model_dir, template=TEMPLATE)
     _cleanup_run_root(config.run_dir)
 
     with open(info["eval"], encoding="utf-8") as f:

@@ -18,8 +18,8 @@ from typing import Any
 
 import torch
 
-from vlm.data.conversation import encode_prompt
 from vlm.data.paths import ImageFolder
+from vlm.generate import GenerationSettings, build_prompt, decode, generate_ids, pad_id, stop_token_ids
 
 
 def normalise(text: str) -> str:
@@ -30,27 +30,19 @@ def normalise(text: str) -> str:
 def greedy_answers(model, tokenizer, image_processor, questions: list[list[dict]], images: list[list],
                    *, template: str, max_new_tokens: int = 8, batch_size: int = 64) -> list[str]:
     """Greedy answers for conversations (messages up to the last user turn) with their PIL images."""
+    settings = GenerationSettings(temperature=0.0, max_new_tokens=max_new_tokens)
+    stops = stop_token_ids(tokenizer, template)
     num_image_tokens = model.vlm_config.num_image_tokens
-    pad_id = tokenizer.pad_token_id
-    eos_ids = {tokenizer.eos_token_id, *tokenizer.convert_tokens_to_ids(
-        [t for t in ("<|im_end|>", "</s>", "<|eot_id|>") if t in tokenizer.get_vocab()])}
     answers: list[str] = []
-    device = next(model.parameters()).device
     for start in range(0, len(questions), batch_size):
-        prompts = [encode_prompt(q, tokenizer, template, num_image_tokens=num_image_tokens)
-                   for q in questions[start:start + batch_size]]
-        width = max(len(p) for p in prompts)
-        input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-        attention_mask = torch.zeros_like(input_ids)
-        for row, prompt in enumerate(prompts):  # left padding: every prompt ends where generation starts
-            input_ids[row, width - len(prompt):] = torch.tensor(prompt)
-            attention_mask[row, width - len(prompt):] = 1
-        batch_images = [im for sample in images[start:start + batch_size] for im in sample]
-        pixel_values = image_processor(batch_images).to(device) if batch_images else None
-        out = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                             pixel_values=pixel_values, max_new_tokens=max_new_tokens, do_sample=False,
-                             eos_token_id=sorted(i for i in eos_ids if i is not None), pad_token_id=pad_id)
-        answers += tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
+        batch_images = images[start:start + batch_size]
+        prompts = [build_prompt(q, tokenizer, template, num_image_tokens=num_image_tokens, num_images=len(ims))
+                   for q, ims in zip(questions[start:start + batch_size], batch_images)]
+        flat = [im for sample in batch_images for im in sample]
+        pixel_values = image_processor(flat) if flat else None
+        new_ids = generate_ids(model, prompts, pixel_values, stop_ids=stops, pad_token_id=pad_id(tokenizer),
+                               settings=settings)
+        answers += [decode(tokenizer, ids) for ids in new_ids]
     return answers
 
 

@@ -34,7 +34,9 @@ def build_train_dataset(data_args, training_args, tokenizer, image_processor, nu
     records = MixedRecords(build_sources(data_args), seed=training_args.seed)
     kept, report = check_dataset(records, tokenizer=tokenizer, template=template, num_image_tokens=num_image_tokens,
                                  max_length=training_args.model_max_length, truncate=data_args.truncate,
-                                 check_images=data_args.check_images, seed=training_args.seed)
+                                 check_images=data_args.check_images, seed=training_args.seed,
+                                 # every rank checks (each needs the kept indices): share the CPUs
+                                 num_workers=max(1, (os.cpu_count() or 1) // training_args.world_size))
     report_path = os.path.join(training_args.output_dir, "data_report.json")
     if training_args.process_index == 0:
         os.makedirs(training_args.output_dir, exist_ok=True)
@@ -87,7 +89,8 @@ def fit(model, tokenizer, image_processor, data_args, training_args, *, template
     trainer = VLMTrainer(
         model=model, args=training_args, train_dataset=dataset, processing_class=tokenizer,
         data_collator=DataCollator(pad_token_id=tokenizer.pad_token_id),
-        image_processor=image_processor, lora=training_args.lora_enable, save_projector=save_projector,
+        image_processor=image_processor, template=template, lora=training_args.lora_enable,
+        save_projector=save_projector,
         callbacks=[MetricsCallback()],
     )
     trainer.remove_callback(ProgressCallback)

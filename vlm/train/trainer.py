@@ -73,9 +73,11 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 
 class VLMTrainer(Trainer):
-    def __init__(self, *args, image_processor=None, lora: bool = False, save_projector: bool = False, **kwargs):
+    def __init__(self, *args, image_processor=None, template: str | None = None, lora: bool = False,
+                 save_projector: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
         self.image_processor = image_processor
+        self.template = template
         self.lora = lora
         self.save_projector = save_projector
         self._staging = False
@@ -119,6 +121,10 @@ class VLMTrainer(Trainer):
         else:
             save_model_folder(output_dir, unwrap(self.model), tokenizer=tokenizer,
                               image_processor=self.image_processor)
+        if self.template is not None:  # what test.py / chat prompt the model with
+            from vlm.generate import save_generation_defaults
+
+            save_generation_defaults(output_dir, template=self.template)
         if self.save_projector:  # stage 1: what --pretrain_mm_mlp_adapter loads
             projector = unwrap(self.model).mm_projector.state_dict()
             save_file({f"mm_projector.{k}": v.detach().contiguous() for k, v in projector.items()},

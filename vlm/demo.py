@@ -10,6 +10,16 @@
 4. evaluate held-out exact match, and a blind baseline: the same model with the images shuffled across
    the held-out samples; a model that reads the picture scores far above it.
 
+Design choices (measured on 2 CPU cores; figures in the Training issue's note):
+- Each picture is a 3x3 grid of 16-px cells with at most one centred shape per cell, and the tower's
+  16-px patches are the cells: a shape is one image token, 9 tokens per image, so a step is cheap.
+- The tower stays frozen at random init; the projector reads its patch embeddings (`select_layer=0`),
+  from which shape and colour are linearly decodable (a linear probe scores 100%). A trainable tower
+  and later random layers both learned slower.
+- What the decoder must learn is to find the token a question names (colour -> shape, shape ->
+  colour, colour+shape -> yes/no); that binding is the slow part: held-out accuracy sits near 0.7 for
+  3000 steps, then climbs (0.95 at 6000). Hence many steps of a small batch, on fresh images.
+
 Outputs (DESIGN.md, Demo outputs) in the run folder: `model/` (a vlm model folder), `metrics.jsonl`,
 `loss.png`, `eval.json`, `data/`; the last printed line is `accuracy=<a> blind_accuracy=<b>`.
 """
@@ -30,18 +40,19 @@ TEMPLATE = "chatml"
 @dataclass
 class DemoConfig:
     run_dir: str = DEFAULT_RUN_DIR
-    n_train: int = 6000
+    n_train: int = 40000
     n_eval: int = 300
     image_size: int = 48
-    patch_size: int = 8
+    grid: int | None = 3
+    patch_size: int = 16
     vision_hidden: int = 128
-    vision_layers: int = 2
+    vision_layers: int = 1
     llm_hidden: int = 128
     llm_layers: int = 2
-    questions_per_image: int = 4
-    multi_turn: bool = True
-    select_layer: int = -1
-    max_steps: int = 2400
+    questions_per_image: int = 2
+    multi_turn: bool = False
+    select_layer: int = 0
+    max_steps: int = 8000
     batch_size: int = 16
     learning_rate: float = 1e-3
     projector_lr: float = 1e-3
@@ -79,7 +90,7 @@ def merge_questions_per_image(records: list[dict]) -> list[dict]:
         question, answer = record["conversations"]
         merged = by_image.setdefault(record["image"], {"id": record["image"], "image": record["image"],
                                                        "conversations": []})
-        text = question["value"] if not merged["conversations"] else question["value"].replace("<image>\n", "")
+        text = question["value"] if not merged["conversations"] else question["value"].replace("<image>", "").strip()
         merged["conversations"] += [{"from": "human", "value": text}, answer]
     return list(by_image.values())
 
@@ -105,7 +116,7 @@ def run_demo(config: DemoConfig) -> dict:
     data_dir = os.path.join(config.run_dir, "data")
     info = generate_shapes_dataset(data_dir, n_train=config.n_train, n_eval=config.n_eval,
                                    image_size=config.image_size, seed=config.seed,
-                                   questions_per_image=config.questions_per_image)
+                                   questions_per_image=config.questions_per_image, grid=config.grid)
     with open(info["train"], encoding="utf-8") as f:
         train_records = json.load(f)
     # One multi-turn conversation per training image: the image is encoded once for all its questions.

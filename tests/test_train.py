@@ -245,3 +245,33 @@ def test_sigkill_and_resume_is_bitwise_equal(workspace, tmp_path):
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
+
+
+@pytest.mark.parametrize("kind", ["vlm", "llava-hf"])
+def test_training_starts_from_a_saved_model(workspace, tmp_path, kind):
+    """Starting points beyond a fresh composition: a vlm model folder, a llava-hf folder."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from inference_helpers import tiny_model
+
+    import vlm
+    from vlm.checkpoint import save_model_folder
+    from vlm.convert.llava_hf import export_llava_hf
+
+    model, tokenizer, processor = tiny_model("siglip", "qwen2")
+    start = tmp_path / "start"
+    if kind == "vlm":
+        save_model_folder(start, model, tokenizer=tokenizer, image_processor=processor)
+    else:
+        export_llava_hf(model, start, tokenizer=tokenizer, image_processor=processor, template="chatml")
+    out = tmp_path / "out"
+    assert train_main(["--model_name_or_path", str(start), "--data_path", workspace["data"], "--image_folder",
+                       workspace["images"], "--output_dir", str(out), "--version", "chatml", "--max_steps", "2",
+                       "--per_device_train_batch_size", "2", "--learning_rate", "1e-2", "--report_to", "none",
+                       "--use_cpu", "True", "--save_strategy", "no", "--dataloader_num_workers", "0"]) == 0
+    trained = vlm.from_pretrained(out)
+    before = model.state_dict()
+    after = trained.state_dict()
+    assert before.keys() == after.keys()
+    assert not torch.equal(before["mm_projector.0.weight"], after["mm_projector.0.weight"])  # it trained
+    assert torch.equal(before["vision_tower.model.embeddings.patch_embedding.weight"],
+                       after["vision_tower.model.embeddings.patch_embedding.weight"])  # frozen tower kept

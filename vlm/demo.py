@@ -181,7 +181,7 @@ def ensure_demo_model(run_dir: str = DEFAULT_RUN_DIR) -> str:
     """The demo model folder, training the demo first (and saying so on stderr) when it is missing."""
     model_dir = os.path.join(run_dir, "model")
     if not os.path.isfile(os.path.join(model_dir, "config.json")):
-        print(f"no demo model in {model_dir}: training it first (about 10 minutes on 2 CPU cores)",
+        print(f"no demo model in {model_dir}: training it first (about 6 minutes on 2 CPU cores)",
               file=sys.stderr, flush=True)
         run_demo(DemoConfig(run_dir=run_dir))
     return model_dir

@@ -2,7 +2,8 @@
 
 Starting points (`--model_name_or_path`):
 - a vlm model folder (a stage-1 output or any saved vlm model): loaded whole;
-- an original LLaVA or llava-hf folder: converted by `vlm.builder.load_pretrained_model`;
+- an original LLaVA or llava-hf folder, or a vlm LoRA run (merged): loaded by
+  `vlm.builder.load_pretrained_model`;
 - otherwise a decoder LLM (hub id or folder), composed with `--vision_tower` and a new projector.
 `--pretrain_mm_mlp_adapter` then loads stage-1 projector weights; `--model_weights` (Basic-VLM) loads
 a whole vlm folder's weights into the composed model.
@@ -13,7 +14,6 @@ the LLM (full weights, or LoRA with `--lora_enable`), the vision tower with `--u
 
 from __future__ import annotations
 
-import json
 import os
 
 import torch
@@ -25,20 +25,16 @@ from vlm.model import build_model, from_pretrained, resolve_dtype
 from vlm.visual.processor import ImageProcessor
 
 
-def _folder_kind(path: str | None) -> str:
-    """'vlm', 'llava', 'llava-hf' or 'llm' (a plain decoder, or a hub id)."""
-    config_path = os.path.join(path or "", "config.json")
-    if not path or not os.path.isfile(config_path):
+def _start_kind(path: str | None) -> str:
+    """`vlm.builder.folder_kind` of a model folder, or 'llm' for a plain decoder (folder or hub id)."""
+    from vlm.builder import folder_kind
+
+    if not path or not os.path.isdir(path):
         return "llm"
-    with open(config_path, encoding="utf-8") as f:
-        config = json.load(f)
-    if "vision" in config and "llm" in config:
-        return "vlm"
-    if config.get("model_type") == "llava" or "LlavaForConditionalGeneration" in config.get("architectures", []):
-        return "llava-hf"
-    if "mm_vision_tower" in config or "mm_projector_type" in config:
-        return "llava"
-    return "llm"
+    try:
+        return folder_kind(path)
+    except (ValueError, FileNotFoundError):  # a decoder LLM's own folder is none of the VLM kinds
+        return "llm"
 
 
 def _run_dtype(training_args) -> torch.dtype:
@@ -70,13 +66,13 @@ def build_for_training(model_args, data_args, training_args):
     from transformers import AutoTokenizer
 
     dtype = _run_dtype(training_args)
-    kind = _folder_kind(model_args.model_name_or_path)
+    kind = _start_kind(model_args.model_name_or_path)
     if kind == "vlm":
         model = from_pretrained(model_args.model_name_or_path, dtype=dtype,
                                 attn_implementation=model_args.attn_implementation)
         tokenizer = AutoTokenizer.from_pretrained(model_args.model_name_or_path)
         image_processor = ImageProcessor.from_pretrained(model_args.model_name_or_path)
-    elif kind in ("llava", "llava-hf"):
+    elif kind in ("llava", "llava-hf", "lora"):
         from vlm.builder import load_pretrained_model
 
         tokenizer, model, image_processor, _ = load_pretrained_model(model_args.model_name_or_path, dtype=dtype)

@@ -275,3 +275,24 @@ def test_training_starts_from_a_saved_model(workspace, tmp_path, kind):
     assert not torch.equal(before["mm_projector.0.weight"], after["mm_projector.0.weight"])  # it trained
     assert torch.equal(before["vision_tower.model.embeddings.patch_embedding.weight"],
                        after["vision_tower.model.embeddings.patch_embedding.weight"])  # frozen tower kept
+
+
+def test_basic_vlm_command_runs(workspace, tmp_path):
+    """Basic-VLM's train.sh flag set, with its image_map + captions pair, trains a LoRA run."""
+    records = json.loads(Path(workspace["data"]).read_text())
+    images = sorted({r["image"] for r in records if "image" in r})[:6]
+    (tmp_path / "image_map.json").write_text(json.dumps({str(i): name for i, name in enumerate(images)}))
+    (tmp_path / "captions.json").write_text(json.dumps(
+        [{"image_id": str(i), "caption": f"a picture of shapes number {i}"} for i in range(len(images))]))
+    out = tmp_path / "run"
+    assert train_main([
+        "--base_language_model", workspace["llm"], "--base_value_model", workspace["vision"],
+        "--image_map", str(tmp_path / "image_map.json"), "--captions_file", str(tmp_path / "captions.json"),
+        "--image_folder", workspace["images"], "--lora_enable", "True", "--lora_rank", "8", "--lora_alpha", "16",
+        "--lora_dropout", "0.10", "--feature_proj_lr", "1e-4", "--target_modules", "q_proj|v_proj",
+        "--version", "chatml", "--output_dir", str(out), "--max_steps", "2", "--per_device_train_batch_size", "2",
+        "--report_to", "none", "--use_cpu", "True", "--save_strategy", "no", "--dataloader_num_workers", "0"]) == 0
+    adapter = json.loads((out / "adapter_config.json").read_text())
+    assert adapter["r"] == 8 and adapter["lora_dropout"] == 0.10
+    report = json.loads((out / "data_report.json").read_text())
+    assert report["total"] == len(images) and report["kept"] == len(images)

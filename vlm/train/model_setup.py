@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 
 from vlm.checkpoint import load_state_dict, load_state_dict_strict
 from vlm.config import LLMConfig, ProjectorConfig, VisionConfig, VLMConfig
-from vlm.model import build_model, from_pretrained, resolve_dtype
+from vlm.model import build_model, from_pretrained
 from vlm.visual.processor import ImageProcessor
 
 
@@ -143,7 +143,3 @@ def count_parameters(model) -> tuple[int, int]:
         total += p.numel()
         trainable += p.numel() if p.requires_grad else 0
     return trainable, total
-
-
-__all__ = ["build_for_training", "configure_trainable", "load_projector_weights", "count_parameters",
-           "resolve_dtype"]

@@ -220,7 +220,9 @@ def test_torchrun_two_processes_equal_single_process(workspace, tmp_path):
 
 
 def test_sigkill_and_resume_is_bitwise_equal(workspace, tmp_path):
-    flags = ("--max_steps", "8", "--per_device_train_batch_size", "2", "--learning_rate", "5e-3",
+    # 30 steps (2.5 epochs, so the resume also crosses epoch boundaries); killed right after step 4's
+    # checkpoint, with ~26 steps left, so the kill always lands mid-run.
+    flags = ("--max_steps", "30", "--per_device_train_batch_size", "2", "--learning_rate", "5e-3",
              "--save_strategy", "steps", "--save_steps", "2", "--save_total_limit", "1")
     reference = _run([sys.executable, "train.py", *base_flags(workspace, tmp_path / "ref", *flags)])
     assert reference.returncode == 0, reference.stderr[-3000:]

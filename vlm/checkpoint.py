@@ -146,9 +146,12 @@ def save_model(model: nn.Module, folder: str | os.PathLike, *, state_dict: dict[
 
 
 def save_model_folder(folder: str | os.PathLike, model: nn.Module, *, tokenizer=None, image_processor=None,
-                      max_shard_size: int | str = "5GB") -> None:
-    """The whole model folder of DESIGN.md: config, weights, tokenizer files and image-processor config."""
-    save_model(model, folder, max_shard_size=max_shard_size)
+                      state_dict: dict[str, torch.Tensor] | None = None, max_shard_size: int | str = "5GB") -> None:
+    """The whole model folder of DESIGN.md: config, weights, tokenizer files and image-processor config.
+
+    `state_dict` overrides the model's own (e.g. the consolidated one DeepSpeed ZeRO-3 hands to `_save`).
+    """
+    save_model(model, folder, state_dict=state_dict, max_shard_size=max_shard_size)
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
     if image_processor is not None:

@@ -120,7 +120,7 @@ class VLMTrainer(Trainer):
                           image_processor=self.image_processor)
         else:
             save_model_folder(output_dir, unwrap(self.model), tokenizer=tokenizer,
-                              image_processor=self.image_processor)
+                              image_processor=self.image_processor, state_dict=state_dict)
         if self.template is not None:  # what test.py / chat prompt the model with
             from vlm.generate import save_generation_defaults
 

@@ -43,8 +43,11 @@ def test_supervised_tokens_are_exactly_the_replies(tiny_tokenizer, conversation_
     assert len(encoded.input_ids) == len(encoded.labels)
     supervised = [t for t, label in zip(encoded.input_ids, encoded.labels) if label != IGNORE_INDEX]
     assert all(label in (IGNORE_INDEX, t) for t, label in zip(encoded.input_ids, encoded.labels))
-    end_of_turn = get_template(template_name).end_of_turn_token(tiny_tokenizer)
-    expected = "".join(m["content"] + end_of_turn for m in sample["messages"] if m["role"] == "assistant")
+    template = get_template(template_name)
+    end_of_turn = template.end_of_turn_token(tiny_tokenizer)
+    # vicuna's replies start with the space after "ASSISTANT:" (LLaVA supervises it with the reply)
+    expected = "".join(template.reply_prefix + m["content"] + end_of_turn
+                       for m in sample["messages"] if m["role"] == "assistant")
     assert tiny_tokenizer.decode(supervised) == expected
     # the end-of-turn closing each reply is one supervised token
     eot_id = tiny_tokenizer.convert_tokens_to_ids(end_of_turn)
@@ -181,7 +184,8 @@ def test_truncate_turns_keeps_whole_pairs_and_whole_images(tiny_tokenizer, conve
         assert kept.num_images == 1
         assert [n for _, n in _image_runs(kept.input_ids, image_id)] == [N_IMG]
         supervised = tiny_tokenizer.decode([t for t, label in zip(kept.input_ids, kept.labels) if label != IGNORE_INDEX])
-        assert supervised == "2" + get_template(template_name).end_of_turn_token(tiny_tokenizer)
+        template = get_template(template_name)
+        assert supervised == template.reply_prefix + "2" + template.end_of_turn_token(tiny_tokenizer)
     # the kept pair may lack the first pair's trailing separator (tokenizer template); one less never fits
     shortest = min(len(kept.input_ids), len(first.input_ids))
     with pytest.raises(SampleError) as info:
@@ -226,3 +230,40 @@ def test_bad_arguments_raise_value_error(tiny_tokenizer, conversation_samples):
         encode_sample(sample, tiny_tokenizer, "chatml", num_image_tokens=0)
     with pytest.raises(ValueError, match="valid names"):
         encode_sample(sample, tiny_tokenizer, "alpaca", num_image_tokens=2)
+
+
+def _metaspace_tokenizer():
+    """A sentencepiece-style tokenizer (LLaMA/Vicuna family): '▁' marks spaces, a prefix space is added."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    core = Tokenizer(models.BPE(unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    core.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
+    corpus = ["A chat between a curious human and an artificial intelligence assistant.",
+              "USER: What color is the circle? ASSISTANT: red. How many shapes are there? 2 3 yes no"] * 20
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>", "<image>"])
+    core.train_from_iterator(corpus, trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                   pad_token="</s>", extra_special_tokens={"image_token": "<image>"})
+
+
+@pytest.mark.parametrize("tokenizer_kind,template_name",
+                         [("byte_level", "vicuna_v1"), ("byte_level", "chatml"), ("metaspace", "vicuna_v1")])
+def test_ids_equal_whole_string_tokenisation(tiny_tokenizer, tokenizer_kind, template_name):
+    """Training ids are what tokenising the rendered text in one go gives (as LLaVA does), not a
+    piece-by-piece tokenisation with extra boundaries; the labels still select exactly the replies."""
+    tokenizer = tiny_tokenizer if tokenizer_kind == "byte_level" else _metaspace_tokenizer()
+    sample = {"id": "t", "images": [], "messages": [
+        {"role": "user", "content": "What color is the circle?"}, {"role": "assistant", "content": "red"},
+        {"role": "user", "content": "How many shapes are there?"}, {"role": "assistant", "content": "2"}]}
+    template = get_template(template_name, tokenizer)
+    encoded = encode_sample(sample, tokenizer, template, num_image_tokens=N_IMG)
+    groups = template.render(sample["messages"], tokenizer)
+    expected = [i for group in groups
+                for i in tokenizer("".join(p.text for p in group), add_special_tokens=False)["input_ids"]]
+    assert encoded.input_ids == expected
+    supervised = [t for t, label in zip(encoded.input_ids, encoded.labels) if label != IGNORE_INDEX]
+    text = "".join(tokenizer.convert_ids_to_tokens(supervised)).replace("▁", " ").replace("Ġ", " ")
+    eot = template.end_of_turn_token(tokenizer)
+    assert text == f"{template.reply_prefix}red{eot}{template.reply_prefix}2{eot}"

@@ -241,7 +241,7 @@ def test_export_chat_template_renders_vicuna_like_ours(tmp_path):
                 {"role": "assistant", "content": "red"},
                 {"role": "user", "content": "Shape?"}]
     text = processor.apply_chat_template(messages, add_generation_prompt=True)
-    assert text == "<s>Be brief. USER: <image>\nColor? ASSISTANT: red</s>USER: Shape? ASSISTANT: "
+    assert text == "<s>Be brief. USER: <image>\nColor? ASSISTANT: red</s>USER: Shape? ASSISTANT:"
     generation = json.loads((tmp_path / "hf" / "generation_config.json").read_text())
     tokenizer = processor.tokenizer
     assert generation["eos_token_id"] == [tokenizer.convert_tokens_to_ids("</s>"), tokenizer.eos_token_id]

@@ -56,9 +56,11 @@ def test_vicuna_v1_is_llava_conv_vicuna_v1(tiny_tokenizer):
     assert _text("vicuna_v1", tiny_tokenizer, CONVERSATION) == (
         f"<s>{VICUNA_SYSTEM} USER: <image>\nWhat is it? ASSISTANT: a circle</s>USER: Colour? ASSISTANT: red</s>"
     )
-    assert _supervised("vicuna_v1", tiny_tokenizer, CONVERSATION) == ["a circle</s>", "red</s>"]
+    # the space after "ASSISTANT:" is supervised with the reply, and the generation prompt ends at the colon,
+    # exactly where LLaVA-1.5's prompt ends
+    assert _supervised("vicuna_v1", tiny_tokenizer, CONVERSATION) == [" a circle</s>", " red</s>"]
     prompt = _text("vicuna_v1", tiny_tokenizer, [{"role": "system", "content": "S"}, *CONVERSATION[:3]], add_generation_prompt=True)
-    assert prompt == "<s>S USER: <image>\nWhat is it? ASSISTANT: a circle</s>USER: Colour? ASSISTANT: "
+    assert prompt == "<s>S USER: <image>\nWhat is it? ASSISTANT: a circle</s>USER: Colour? ASSISTANT:"
 
 
 def test_chatml_is_qwen_format(tiny_tokenizer):

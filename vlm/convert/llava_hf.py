@@ -184,7 +184,7 @@ def chat_template_jinja(template, tokenizer) -> str:
         + "{%- if message['role'] == 'user' -%}"
         f"{{{{- {lit(user_prefix)} -}}}}" + user_text + f"{{{{- {lit(user_suffix + template.assistant_header)} -}}}}"
         "{%- else -%}"
-        f"{{{{- text + {lit(template.end_of_turn + template.turn_separator)} -}}}}"
+        f"{{{{- {lit(template.reply_prefix)} + text + {lit(template.end_of_turn + template.turn_separator)} -}}}}"
         "{%- endif -%}{%- endfor -%}"
     )
 

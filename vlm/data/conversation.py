@@ -230,25 +230,58 @@ def _check_rendered_images(groups: Groups, num_images: int, sample_id: str | Non
 
 
 def _tokenize_group(group: list, tokenizer: Any, num_image_tokens: int) -> tuple[list[int], list[int], int]:
-    """(input_ids, labels, number of images) of one group of pieces; `<image>` -> a run of image ids."""
-    parts: list[tuple[str | None, bool]] = []  # in order; None text marks an image run
+    """(input_ids, labels, number of images) of one group of pieces; `<image>` -> a run of image ids.
+
+    The text between image runs is tokenised as one string, the way the model sees it at inference,
+    and each token is labelled from the character offsets of the pieces it covers (supervised when it
+    overlaps a supervised piece). Tokenising piece by piece instead would put token boundaries where
+    whole-string tokenisation has none (sentencepiece adds a prefix space to every piece).
+    """
+    runs: list[list[tuple[str, bool]] | None] = [[]]  # text runs between image runs (None)
     images = 0
     for piece in group:
         chunks = piece.text.split(IMAGE_TOKEN)
         assert not (piece.supervised and len(chunks) > 1), "an image placeholder in a supervised piece"
         for k, chunk in enumerate(chunks):
             if k > 0:
-                parts.append((None, False))
+                runs += [None, []]
                 images += 1
             if chunk:
-                parts.append((chunk, piece.supervised))
-    texts = [text for text, _ in parts if text is not None]
-    tokenized = iter(tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else [])
+                runs[-1].append((chunk, piece.supervised))
     image_run = [get_image_token_id(tokenizer)] * num_image_tokens if images else []
     input_ids: list[int] = []
     labels: list[int] = []
-    for text, supervised in parts:
-        ids = image_run if text is None else list(next(tokenized))
-        input_ids += ids
-        labels += ids if supervised else [IGNORE_INDEX] * len(ids)
+    for run in runs:
+        if run is None:
+            input_ids += image_run
+            labels += [IGNORE_INDEX] * len(image_run)
+        elif run:
+            ids, run_labels = _tokenize_run(run, tokenizer)
+            input_ids += ids
+            labels += run_labels
     return input_ids, labels, images
+
+
+def _tokenize_run(segments: list[tuple[str, bool]], tokenizer: Any) -> tuple[list[int], list[int]]:
+    """Token ids and labels of consecutive text segments `(text, supervised)`."""
+    if not getattr(tokenizer, "is_fast", False):  # no offsets: piece by piece
+        ids_per_piece = tokenizer([t for t, _ in segments], add_special_tokens=False)["input_ids"]
+        ids = [i for piece in ids_per_piece for i in piece]
+        labels = [i if sup else IGNORE_INDEX for piece, (_, sup) in zip(ids_per_piece, segments) for i in piece]
+        return ids, labels
+    text = "".join(t for t, _ in segments)
+    supervised_spans, position = [], 0
+    for segment, supervised in segments:
+        if supervised:
+            supervised_spans.append((position, position + len(segment)))
+        position += len(segment)
+    encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids = list(encoding["input_ids"])
+    labels = []
+    for token, (start, end) in zip(ids, encoding["offset_mapping"]):
+        if start == end:  # zero-width (e.g. a prefix space marker): label by position
+            supervised = any(a <= start < b for a, b in supervised_spans)
+        else:
+            supervised = any(start < b and end > a for a, b in supervised_spans)
+        labels.append(token if supervised else IGNORE_INDEX)
+    return ids, labels

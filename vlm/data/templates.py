@@ -58,6 +58,8 @@ class Template:
         default_system: system message used when the conversation has none (None: no system block).
         user_format: how a user message renders.
         assistant_header: opens an assistant reply; also the generation prompt.
+        reply_prefix: text that starts every reply, supervised with it (vicuna's space after
+            "ASSISTANT:", so the generation prompt ends at the colon, as LLaVA's does).
         end_of_turn: closes each reply; supervised with it.
         turn_separator: text after `end_of_turn` (unsupervised).
         user_text: False drops user text except the `<image>` placeholders (LLaVA's `plain`).
@@ -71,6 +73,7 @@ class Template:
     default_system: str | None = None
     user_format: str = "{content}"
     assistant_header: str = ""
+    reply_prefix: str = ""
     end_of_turn: str | None = None
     turn_separator: str = ""
     user_text: bool = True
@@ -121,7 +124,8 @@ class Template:
                     content = IMAGE_TOKEN * content.count(IMAGE_TOKEN)
                 groups.append([Piece(self.user_format.format(content=content) + self.assistant_header, False)])
             else:
-                groups[-1] += [Piece(message["content"] + self.end_of_turn, True), Piece(self.turn_separator, False)]
+                reply = self.reply_prefix + message["content"] + self.end_of_turn
+                groups[-1] += [Piece(reply, True), Piece(self.turn_separator, False)]
         return groups
 
     def end_of_turn_token(self, tokenizer: Any) -> str:
@@ -141,7 +145,8 @@ TEMPLATES: dict[str, Template] = {
         system_format="{content} ",
         default_system=VICUNA_SYSTEM,
         user_format="USER: {content} ",
-        assistant_header="ASSISTANT: ",
+        assistant_header="ASSISTANT:",
+        reply_prefix=" ",
         end_of_turn="</s>",
         markers=("<s>",),
     ),

@@ -119,12 +119,11 @@ def run_demo(config: DemoConfig) -> dict:
                                    questions_per_image=config.questions_per_image, grid=config.grid)
     with open(info["train"], encoding="utf-8") as f:
         train_records = json.load(f)
-    # One multi-turn conversation per training image: the image is encoded once for all its questions.
-    if config.multi_turn:
+    if config.multi_turn:  # one conversation per training image: the image is encoded once for all its questions
         train_records = merge_questions_per_image(train_records)
-    info["train"] = os.path.join(data_dir, "train_conversations.json")
-    with open(info["train"], "w", encoding="utf-8") as f:
-        json.dump(train_records, f)
+        info["train"] = os.path.join(data_dir, "train_conversations.json")
+        with open(info["train"], "w", encoding="utf-8") as f:
+            json.dump(train_records, f)
     texts = [turn["value"].replace("<image>", "") for r in train_records for turn in r["conversations"]]
     tokenizer = build_tokenizer(texts, vocab_size=512, model_max_length=256)
     model = build_demo_model(config, tokenizer)
@@ -144,14 +143,9 @@ def run_demo(config: DemoConfig) -> dict:
         logging_steps=20, save_strategy="no", report_to="none", seed=config.seed, use_cpu=True,
         dataloader_num_workers=0, model_max_length=256, disable_tqdm=False,
     )
-    fit(model, tokenizer, image_processor, data_args, training_args, template=TEMPLATE)
     model_dir = os.path.join(config.run_dir, "model")
-    from vlm.checkpoint import save_model_folder
-    from vlm.generate import save_generation_defaults
-
-    save_model_folder(model_dir, model, tokenizer=tokenizer, image_processor=image_processor)
-    save_generation_defaults(model_dir, template=TEMPLATE)
-    _cleanup_run_root(config.run_dir)
+    # The trainer writes the model folder (weights, tokenizer, image processor, template) into model/.
+    fit(model, tokenizer, image_processor, data_args, training_args, template=TEMPLATE, final_dir=model_dir)
 
     with open(info["eval"], encoding="utf-8") as f:
         eval_records = json.load(f)
@@ -166,15 +160,6 @@ def run_demo(config: DemoConfig) -> dict:
     print(f"demo finished in {result['wall_time_s']:.0f}s; model in {model_dir}", flush=True)
     print(f"accuracy={result['accuracy']:.4f} blind_accuracy={result['blind_accuracy']:.4f}", flush=True)
     return result
-
-
-def _cleanup_run_root(run_dir: str) -> None:
-    """The trainer also saves the final model at the run root; the demo keeps only `model/`."""
-    keep = {"model", "data", "metrics.jsonl", "loss.png", "eval.json", "data_report.json"}
-    for name in os.listdir(run_dir):
-        path = os.path.join(run_dir, name)
-        if name not in keep and os.path.isfile(path):
-            os.remove(path)
 
 
 def ensure_demo_model(run_dir: str = DEFAULT_RUN_DIR) -> str:

@@ -67,8 +67,10 @@ def train(model_args, data_args, training_args) -> str:
     return training_args.output_dir
 
 
-def fit(model, tokenizer, image_processor, data_args, training_args, *, template: str, save_projector: bool = False):
-    """Validate the data, train `model` (trainable flags already set), save it; returns the trainer."""
+def fit(model, tokenizer, image_processor, data_args, training_args, *, template: str, save_projector: bool = False,
+        final_dir: str | None = None):
+    """Validate the data, train `model` (trainable flags already set), save it to `final_dir` (default: the
+    output folder); returns the trainer."""
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     from vlm.data.collate import DataCollator
@@ -106,7 +108,7 @@ def fit(model, tokenizer, image_processor, data_args, training_args, *, template
     if training_args.process_index == 0 and os.path.isdir(staging):
         shutil.rmtree(staging)  # what a killed run left half-written
     trainer.train(resume_from_checkpoint=resume)
-    trainer.save_model(training_args.output_dir)
+    trainer.save_model(final_dir or training_args.output_dir)
     return trainer
 
 

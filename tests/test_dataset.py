@@ -25,9 +25,9 @@ class CountingProcessor:
         self.inner = ImageProcessor(ImageProcessorConfig(image_size=16, image_mean=(0.5,) * 3, image_std=(0.5,) * 3))
         self.calls = 0
 
-    def __call__(self, images):
+    def __call__(self, images, **kwargs):
         self.calls += 1
-        return self.inner(images)
+        return self.inner(images, **kwargs)
 
 
 @pytest.fixture

@@ -47,7 +47,8 @@ def noise(width: int, height: int, seed: int = 0) -> Image.Image:
     return Image.fromarray(rng.randint(0, 256, (height, width, 3), dtype=np.uint8))
 
 
-def reference(processor, image: Image.Image) -> torch.Tensor:
+def reference(processor, image) -> torch.Tensor:
+    """pixel_values as LLaVA and transformers' users ask any image processor for them (ours included)."""
     return processor(image, return_tensors="pt")["pixel_values"]
 
 
@@ -55,15 +56,29 @@ def ours(aspect_ratio: str, mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD, **kwargs
     return ImageProcessor(ImageProcessorConfig(SIZE, tuple(mean), tuple(std), aspect_ratio=aspect_ratio, **kwargs))
 
 
+def clip_pil() -> CLIPImageProcessorPil:
+    return CLIPImageProcessorPil(size={"shortest_edge": SIZE}, crop_size={"height": SIZE, "width": SIZE})
+
+
+def theirs_for(aspect_ratio: str):
+    """transformers' processor with the geometry of ours(aspect_ratio) and CLIP's mean/std."""
+    if aspect_ratio == "resize":
+        return SiglipImageProcessorPil(size={"height": SIZE, "width": SIZE}, image_mean=OPENAI_CLIP_MEAN,
+                                       image_std=OPENAI_CLIP_STD)
+    if aspect_ratio == "pad":
+        return LlavaImageProcessorPil(size={"shortest_edge": SIZE}, crop_size={"height": SIZE, "width": SIZE},
+                                      do_pad=True)
+    return clip_pil()
+
+
 # -- parity with transformers ------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("width,height", SHAPES)
 def test_crop_matches_clip_image_processor(width, height):
-    clip = CLIPImageProcessorPil(size={"shortest_edge": SIZE}, crop_size={"height": SIZE, "width": SIZE})
     image = noise(width, height)
-    expected = reference(clip, image)
-    got = ours("crop")(image)
+    expected = reference(clip_pil(), image)
+    got = reference(ours("crop"), image)
     assert got.shape == expected.shape == (1, 3, SIZE, SIZE) and got.dtype == torch.float32
     assert (got - expected).abs().max().item() <= PARITY_TOLERANCE
 
@@ -73,41 +88,118 @@ def test_resize_matches_siglip_image_processor(width, height):
     siglip = SiglipImageProcessorPil(size={"height": SIZE, "width": SIZE})
     image = noise(width, height, seed=1)
     expected = reference(siglip, image)
-    got = ours("resize", IMAGENET_STANDARD_MEAN, IMAGENET_STANDARD_STD)(image)
+    got = reference(ours("resize", IMAGENET_STANDARD_MEAN, IMAGENET_STANDARD_STD), image)
     assert got.shape == expected.shape
     assert (got - expected).abs().max().item() <= PARITY_TOLERANCE
 
 
 @pytest.mark.parametrize("width,height", [(41, 30), (30, 41), (50, 21)])
-def test_pad_matches_llava_expand_to_square(width, height):
-    # LLaVA fills with int(mean * 255), we with round(): this mean makes both 51, 102, 153.
-    mean, std = (0.2, 0.4, 0.6), (0.25, 0.3, 0.35)
+@pytest.mark.parametrize("mean,std", [(OPENAI_CLIP_MEAN, OPENAI_CLIP_STD), ((0.2, 0.4, 0.6), (0.25, 0.3, 0.35))])
+def test_pad_matches_llava_image_processor(width, height, mean, std):
+    """LlavaImageProcessor(do_pad=True) pads with int(mean * 255) as LLaVA-1.5 does; CLIP's mean gives
+    (122, 116, 104), which rounding would make (123, 117, 104): one grey level on the whole border."""
     llava = LlavaImageProcessorPil(
         size={"shortest_edge": SIZE}, crop_size={"height": SIZE, "width": SIZE},
         do_pad=True, image_mean=mean, image_std=std,
     )
     image = noise(width, height, seed=2)
-    assert (ours("pad", mean, std)(image) - reference(llava, image)).abs().max().item() <= PARITY_TOLERANCE
+    got = reference(ours("pad", mean, std), image)
+    assert got.shape == (1, 3, SIZE, SIZE)
+    assert (got - reference(llava, image)).abs().max().item() <= PARITY_TOLERANCE
+
+
+def llava_expand_to_square(image: Image.Image, mean) -> Image.Image:
+    """LLaVA-1.5's `expand2square` (llava/mm_utils.py) with the fill its training and eval code pass,
+    `tuple(int(x * 255) for x in image_processor.image_mean)`: the image pasted centred (offsets
+    rounded down) on a square of the longer side."""
+    side = max(image.size)
+    square = Image.new(image.mode, (side, side), tuple(int(x * 255) for x in mean))
+    square.paste(image, ((side - image.width) // 2, (side - image.height) // 2))
+    return square
+
+
+@pytest.mark.parametrize("width,height", [(41, 30), (30, 41), (40, 40)])
+def test_pad_matches_llava_expand_to_square_then_clip_preprocess(width, height):
+    """LLaVA's pad path: expand2square in the mean colour, then
+    `image_processor.preprocess(image, return_tensors="pt")["pixel_values"]` of its CLIP processor."""
+    image = noise(width, height, seed=6)
+    clip = clip_pil()
+    expected = clip.preprocess(llava_expand_to_square(image, clip.image_mean), return_tensors="pt")["pixel_values"]
+    processor = ours("pad")
+    assert processor.config.pad_color == (122, 116, 104)
+    got = processor.preprocess(image, return_tensors="pt")["pixel_values"]
+    assert got.shape == (1, 3, SIZE, SIZE)
+    assert (got - expected).abs().max().item() <= PARITY_TOLERANCE
 
 
 def test_non_rgb_input_is_converted_as_transformers_does():
     rgba = noise(41, 30, seed=5).convert("RGBA")
     rgba.putalpha(Image.fromarray(np.tile(np.arange(41, dtype=np.uint8) * 6, (30, 1))))
-    clip = CLIPImageProcessorPil(size={"shortest_edge": SIZE}, crop_size={"height": SIZE, "width": SIZE})
-    assert (ours("crop")(rgba) - reference(clip, rgba)).abs().max().item() <= PARITY_TOLERANCE
+    assert (reference(ours("crop"), rgba) - reference(clip_pil(), rgba)).abs().max().item() <= PARITY_TOLERANCE
 
 
-def test_batch_stacks_single_image_results():
+# -- the transformers calling convention -------------------------------------------------------
+
+
+@pytest.mark.parametrize("aspect_ratio", ["crop", "resize", "pad"])
+def test_called_the_transformers_way_returns_what_transformers_returns(aspect_ratio):
+    """`__call__` and `preprocess`, one image or a list, return_tensors "pt" / "np" / None: the same
+    container types, shapes and values as transformers' processor of the same geometry."""
+    from transformers import BatchFeature
+
+    processor, theirs = ours(aspect_ratio), theirs_for(aspect_ratio)
+    images = [noise(41, 30, seed=7), noise(30, 41, seed=8), noise(17, 9, seed=9)]
+    for call in ("__call__", "preprocess"):
+        for given in (images, images[0]):
+            mine = getattr(processor, call)(given, return_tensors="pt")
+            expected = getattr(theirs, call)(given, return_tensors="pt")
+            assert isinstance(mine, BatchFeature) and list(mine.keys()) == ["pixel_values"]
+            assert torch.equal(mine.pixel_values, mine["pixel_values"])  # attribute access too
+            assert mine["pixel_values"].dtype == expected["pixel_values"].dtype == torch.float32
+            assert mine["pixel_values"].shape == expected["pixel_values"].shape
+            assert (mine["pixel_values"] - expected["pixel_values"]).abs().max().item() <= PARITY_TOLERANCE
+    keyword = processor(images=images, return_tensors="pt")["pixel_values"]  # as LlavaProcessor calls it
+    assert torch.equal(keyword, reference(processor, images))
+
+    as_np, theirs_np = processor(images, return_tensors="np")["pixel_values"], theirs(images, return_tensors="np")["pixel_values"]
+    assert isinstance(as_np, np.ndarray) and as_np.dtype == theirs_np.dtype and np.array_equal(as_np, theirs_np)
+    as_list, theirs_list = processor(images)["pixel_values"], theirs(images)["pixel_values"]  # default None
+    assert isinstance(as_list, list) and len(as_list) == len(theirs_list) == 3
+    for mine_one, theirs_one in zip(as_list, theirs_list):
+        assert type(mine_one) is type(theirs_one) is np.ndarray and mine_one.dtype == theirs_one.dtype
+        assert np.array_equal(mine_one, theirs_one)
+
+
+def test_uint8_arrays_and_tensors_are_read_as_transformers_reads_them():
+    picture = np.array(noise(41, 30, seed=10))  # (H, W, 3) uint8, writable
+    processor, clip = ours("crop"), clip_pil()
+    for given in (picture, picture.transpose(2, 0, 1), torch.from_numpy(picture),
+                  [picture, np.asarray(noise(30, 41, seed=11))], np.stack([picture, picture[::-1]])):
+        got, expected = reference(processor, given), reference(clip, given)
+        assert got.shape == expected.shape and (got - expected).abs().max().item() <= PARITY_TOLERANCE
+    assert torch.equal(reference(processor, picture), reference(processor, Image.fromarray(picture)))
+
+
+def test_batch_stacks_single_image_results_and_bad_input_is_named():
     processor = ours("crop")
     images = [noise(41, 30), noise(30, 41, seed=3)]
-    batch = processor(images)
+    batch = reference(processor, images)
     assert batch.shape == (2, 3, SIZE, SIZE)
-    assert torch.equal(batch[1], processor.preprocess(images[1]))
-    assert processor(images[0]).shape == (1, 3, SIZE, SIZE)
+    assert torch.equal(batch[1:], reference(processor, images[1]))
     with pytest.raises(ValueError, match="empty"):
         processor([])
     with pytest.raises(TypeError, match="image 1 is a str"):
         processor([images[0], "cat.jpg"])
+    with pytest.raises(TypeError, match="got str .*load_image"):
+        processor("cat.jpg")
+    with pytest.raises(TypeError, match="image 0 is an array of dtype float32; only uint8"):
+        processor(np.zeros((8, 8, 3), dtype=np.float32))
+    with pytest.raises(TypeError, match=r"image 0 has shape \(8, 8, 5\)"):
+        processor(np.zeros((8, 8, 5), dtype=np.uint8))
+    with pytest.raises(ValueError, match="return_tensors='tf' is not supported"):
+        processor(images, return_tensors="tf")
+    with pytest.raises(TypeError, match=r"does not take \['do_pad'\]"):
+        processor(images, return_tensors="pt", do_pad=False)
 
 
 # -- pad geometry ------------------------------------------------------------------------------
@@ -115,9 +207,9 @@ def test_batch_stacks_single_image_results():
 
 def test_pad_fills_border_with_mean_colour_and_centres_content():
     processor = ours("pad")
-    assert processor.config.pad_color == (123, 117, 104)  # round(OPENAI_CLIP_MEAN * 255)
+    assert processor.config.pad_color == (122, 116, 104)  # int(OPENAI_CLIP_MEAN * 255), as LLaVA
     white = Image.new("RGB", (64, 32), (255, 255, 255))  # wide: bands above and below
-    pixels = processor.preprocess(white)  # (3, 32, 32): content rows 8..23
+    pixels = reference(processor, white)[0]  # (3, 32, 32): content rows 8..23
     band = 1 / 255 / min(OPENAI_CLIP_STD)  # one grey level, normalised
     # rows 6 and 25 are within reach of the bicubic kernel's overshoot at the edges of the content
     assert pixels[:, :6].abs().max().item() < band and pixels[:, 26:].abs().max().item() < band
@@ -125,7 +217,7 @@ def test_pad_fills_border_with_mean_colour_and_centres_content():
     assert content_rows == list(range(8, 24))  # 16 rows, 8 above and 8 below
     # symmetric about the horizontal centre line, so the content is centred
     assert torch.allclose(pixels, pixels.flip(1), atol=1e-6)
-    tall = processor.preprocess(Image.new("RGB", (32, 64), (255, 255, 255)))
+    tall = reference(processor, Image.new("RGB", (32, 64), (255, 255, 255)))[0]
     assert torch.allclose(tall, pixels.transpose(1, 2), atol=1e-6)
 
 
@@ -306,7 +398,7 @@ def test_save_pretrained_round_trip_and_transformers_loads_it(tmp_path, aspect_r
     image = noise(41, 30, seed=4)
     # transformers does not pad: hand it the square our pad step makes; same geometry from there on
     given = processor._expand_to_square(image) if aspect_ratio == "pad" else image
-    assert (processor(image) - reference(theirs, given)).abs().max().item() <= PARITY_TOLERANCE
+    assert (reference(processor, image) - reference(theirs, given)).abs().max().item() <= PARITY_TOLERANCE
 
 
 def test_from_pretrained_reads_transformers_files(tmp_path):

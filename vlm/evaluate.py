@@ -39,7 +39,7 @@ def greedy_answers(model, tokenizer, image_processor, questions: list[list[dict]
         prompts = [build_prompt(q, tokenizer, template, num_image_tokens=num_image_tokens, num_images=len(ims))
                    for q, ims in zip(questions[start:start + batch_size], batch_images)]
         flat = [im for sample in batch_images for im in sample]
-        pixel_values = image_processor(flat) if flat else None
+        pixel_values = image_processor(flat, return_tensors="pt")["pixel_values"] if flat else None
         new_ids = generate_ids(model, prompts, pixel_values, stop_ids=stops, pad_token_id=pad_id(tokenizer),
                                settings=settings)
         answers += [decode(tokenizer, ids) for ids in new_ids]

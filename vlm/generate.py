@@ -125,7 +125,7 @@ def load_pixels(images: Sequence[Any], image_processor) -> torch.Tensor | None:
     if not images:
         return None
     pil = [image if isinstance(image, Image.Image) else load_image(image) for image in images]
-    return image_processor(pil)
+    return image_processor(pil, return_tensors="pt")["pixel_values"]
 
 
 # ---------------------------------------------------------------------------------------------------------

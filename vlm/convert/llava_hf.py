@@ -12,7 +12,7 @@ Design choices:
   `vision_feature_layer`, CLIP/SigLIP towers. The processor is a `LlavaProcessor` whose `patch_size`,
   `num_additional_image_tokens` and strategy make it expand `<image>` to exactly `num_image_tokens`,
   whose image processor reproduces ours (`pad` -> LlavaImageProcessor `do_pad`, which fills with
-  int(mean*255) where we round: at most one grey level on the padding of non-square images), and whose
+  int(mean*255) as we do: identical pixels), and whose
   chat template renders our conversation template. `generation_config.json` stops on the template's
   end-of-turn token.
 """

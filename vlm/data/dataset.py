@@ -44,8 +44,9 @@ class SupervisedDataset(Dataset):
             list of paths, or a YAML mix file) read with `image_folder` and `data_format`.
         tokenizer: Hugging Face tokenizer with `<image>`.
         template: chat template name (LLaVA `--version` aliases too) or `Template`.
-        image_processor: callable, list of PIL RGB images -> FloatTensor (n, 3, H, W); may be None
-            only when no sample has images.
+        image_processor: an image processor called the transformers way,
+            `image_processor(images, return_tensors="pt")["pixel_values"]` -> FloatTensor (n, 3, H, W)
+            (`vlm.visual.ImageProcessor`, or transformers' own); may be None only when no sample has images.
         num_image_tokens: tokens each image expands to.
         max_length: longest sequence; None for no limit.
         truncate: "none" (too long -> SampleError) or "turns" (keep the first whole turns).
@@ -65,7 +66,7 @@ class SupervisedDataset(Dataset):
         sources: MixedRecords | Source | Sequence[Source] | str | Sequence[str],
         tokenizer: Any,
         template: str | Template,
-        image_processor: Callable[[list], torch.Tensor] | None = None,
+        image_processor: Callable[..., Any] | None = None,
         *,
         num_image_tokens: int,
         max_length: int | None = None,
@@ -135,7 +136,8 @@ class SupervisedDataset(Dataset):
     def _pixels(self, images: list[str], folder) -> torch.Tensor:
         if self.image_processor is None:
             raise ValueError("a sample has images but the dataset was built without image_processor=")
-        pixel_values = self.image_processor([folder.open(p, max_image_pixels=self.max_image_pixels) for p in images])
+        opened = [folder.open(p, max_image_pixels=self.max_image_pixels) for p in images]
+        pixel_values = self.image_processor(opened, return_tensors="pt")["pixel_values"]
         if pixel_values.ndim != 4 or pixel_values.shape[0] != len(images):
             raise ValueError(
                 f"image_processor returned shape {tuple(pixel_values.shape)} for {len(images)} image(s); "

@@ -8,12 +8,14 @@ Two jobs, kept apart:
   file is decoded here, so a truncated or corrupt file fails at load time with `ImageLoadError`
   naming the file, not later inside a training step. Pillow's decompression-bomb limit stays on and
   is an argument; it is set only around the decode and restored afterwards.
-* `ImageProcessor(config)(images)` turns RGB images into a float32 tensor (N, 3, H, W) with one of
-  three geometries (`ImageProcessorConfig.aspect_ratio`):
+* `ImageProcessor(config)(images, return_tensors="pt")["pixel_values"]` turns images into a float32
+  tensor (N, 3, H, W), called as transformers' image processors are (`__call__` and `preprocess` are
+  the same, and return a `transformers.BatchFeature`), so code written against LLaVA or transformers
+  runs unchanged, and ours calls it the same way. One of three geometries
+  (`ImageProcessorConfig.aspect_ratio`):
     - `pad`:    pad to a square in the mean colour, content centred, then resize (LLaVA-1.5's
-                `expand2square`; the fill is round(mean / rescale_factor), i.e. round(mean * 255),
-                so the border normalises to ~0; LLaVA truncates with int() instead, a difference of
-                at most one grey level);
+                `expand2square` followed by its CLIP processor; the fill is int(mean * 255),
+                truncated as LLaVA and transformers' LlavaImageProcessor do);
     - `resize`: resize straight to image_size x image_size (transformers' SiglipImageProcessor);
     - `crop`:   resize the shortest edge to image_size, then centre-crop (CLIPImageProcessor).
 
@@ -41,11 +43,14 @@ import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any, Union
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps
+
+if TYPE_CHECKING:
+    from transformers import BatchFeature
 
 PIL_DEFAULT_MAX_IMAGE_PIXELS = 89_478_485  # Pillow's own default for Image.MAX_IMAGE_PIXELS
 PREPROCESSOR_CONFIG_NAME = "preprocessor_config.json"
@@ -295,8 +300,12 @@ class ImageProcessorConfig:
 
     @property
     def pad_color(self) -> tuple[int, int, int]:
-        """The 8-bit fill for aspect_ratio='pad': the colour that normalises to ~0."""
-        return tuple(int(round(m / self.rescale_factor)) for m in self.image_mean)  # type: ignore[return-value]
+        """The 8-bit fill for aspect_ratio='pad': the mean colour, truncated (LLaVA's int(mean * 255)).
+
+        Truncated rather than rounded so the padding is bit-identical to LLaVA-1.5's `expand2square`
+        and transformers' LlavaImageProcessor (rounding would differ by one grey level for CLIP's mean).
+        """
+        return tuple(int(m / self.rescale_factor) for m in self.image_mean)  # type: ignore[return-value]
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict, for embedding in a model config."""
@@ -320,6 +329,57 @@ class ImageProcessorConfig:
 # ----------------------------------------------------------------------------------------------
 # The processor
 
+_RETURN_TENSORS = ("pt", "np", None)
+ImageInput = Union[Image.Image, np.ndarray, torch.Tensor, Sequence[Union[Image.Image, np.ndarray, torch.Tensor]]]
+
+
+def _array_to_pil(array: np.ndarray, index: int) -> Image.Image:
+    """A uint8 (H, W), (H, W, C) or (C, H, W) array, C in {1, 3} -> PIL image (transformers' channel rule)."""
+    if array.dtype != np.uint8:
+        raise TypeError(
+            f"image {index} is an array of dtype {array.dtype}; only uint8 arrays (0..255) are read, as "
+            "float arrays are ambiguous about their range: convert with (a * 255).round().astype(np.uint8) "
+            "or pass PIL images"
+        )
+    if array.ndim == 3 and array.shape[0] in (1, 3):  # channels first wins, as in transformers
+        array = array.transpose(1, 2, 0)
+    elif not (array.ndim == 2 or (array.ndim == 3 and array.shape[-1] in (1, 3))):
+        raise TypeError(f"image {index} has shape {array.shape}; expected (H, W), (H, W, C) or (C, H, W), C in (1, 3)")
+    if array.ndim == 3 and array.shape[-1] == 1:
+        array = array[..., 0]
+    return Image.fromarray(np.ascontiguousarray(array), mode="L" if array.ndim == 2 else "RGB")
+
+
+def _as_pil_list(images: ImageInput) -> list[Image.Image]:
+    """One image, a list of images or a 4-D array batch -> a non-empty list of PIL images."""
+    if isinstance(images, torch.Tensor):
+        images = images.detach().cpu().numpy()
+    if isinstance(images, np.ndarray):
+        images = list(images) if images.ndim == 4 else [images]
+    elif isinstance(images, Image.Image):
+        images = [images]
+    elif isinstance(images, (str, bytes, os.PathLike)) or not isinstance(images, Sequence):
+        raise TypeError(
+            f"ImageProcessor expects PIL images or uint8 arrays, got {type(images).__name__} "
+            "(read files with load_image)"
+        )
+    batch = []
+    for index, image in enumerate(images):
+        if isinstance(image, torch.Tensor):
+            image = image.detach().cpu().numpy()
+        if isinstance(image, np.ndarray):
+            image = _array_to_pil(image, index)
+        if not isinstance(image, Image.Image):
+            raise TypeError(
+                f"image {index} is a {type(image).__name__}, expected a PIL.Image or a uint8 array "
+                "(read files with load_image)"
+            )
+        batch.append(image)
+    if not batch:
+        raise ValueError("ImageProcessor got an empty list of images")
+    return batch
+
+
 
 class ImageProcessor:
     """RGB `PIL.Image`s -> float32 `pixel_values` (N, 3, image_size, image_size)."""
@@ -332,22 +392,47 @@ class ImageProcessor:
     def __repr__(self) -> str:
         return f"ImageProcessor({self.config})"
 
-    def __call__(self, images: Image.Image | Sequence[Image.Image]) -> torch.Tensor:
-        """One image or a list of images -> (N, 3, H, W) float32; a single image gives N=1."""
-        batch = [images] if isinstance(images, Image.Image) else list(images)
-        if not batch:
-            raise ValueError("ImageProcessor got an empty list of images")
-        for index, image in enumerate(batch):
-            if not isinstance(image, Image.Image):
-                raise TypeError(
-                    f"image {index} is a {type(image).__name__}, expected a PIL.Image (read files with load_image)"
-                )
-        return torch.stack([self.preprocess(image) for image in batch])
+    def __call__(self, images: ImageInput, return_tensors: str | None = None, **kwargs: Any) -> BatchFeature:
+        """Images -> `BatchFeature` with "pixel_values", as transformers' image processors.
 
-    def preprocess(self, image: Image.Image) -> torch.Tensor:
+        Args:
+            images: one image or a list of them: `PIL.Image` (any mode, converted with `to_rgb`), or
+                uint8 numpy arrays / torch tensors shaped (H, W), (H, W, C) or (C, H, W) with C in
+                {1, 3} (channels first when both ends could be channels, as transformers assumes);
+                a 4-D array is a batch.
+            return_tensors: "pt" -> torch float32 (N, 3, H, W); "np" -> numpy float32 (N, 3, H, W);
+                None -> a list of N numpy float32 arrays (3, H, W) (transformers' default).
+
+        Raises:
+            TypeError: an image of another type or dtype, or a keyword argument this processor does
+                not implement (transformers' per-call overrides such as `size=` or `do_pad=`).
+            ValueError: no images, or an unknown `return_tensors`.
+        """
+        if kwargs:
+            raise TypeError(
+                f"ImageProcessor does not take {sorted(kwargs)}; its geometry and normalisation come from "
+                f"its ImageProcessorConfig ({self.config}); build another ImageProcessor to change them"
+            )
+        if return_tensors not in _RETURN_TENSORS:
+            raise ValueError(
+                f"return_tensors={return_tensors!r} is not supported; use one of {_RETURN_TENSORS}"
+            )
+        from transformers import BatchFeature
+
+        batch = _as_pil_list(images)
+        pixels = [self._pixels(image) for image in batch]  # each (3, H, W) float32
+        if return_tensors == "pt":
+            values: Any = torch.stack(pixels)
+        elif return_tensors == "np":
+            values = torch.stack(pixels).numpy()
+        else:
+            values = [p.numpy() for p in pixels]
+        return BatchFeature(data={"pixel_values": values})
+
+    preprocess = __call__  # LLaVA calls `image_processor.preprocess(image, return_tensors="pt")`
+
+    def _pixels(self, image: Image.Image) -> torch.Tensor:
         """One image -> (3, H, W) float32. Non-RGB modes are converted with `to_rgb`."""
-        if not isinstance(image, Image.Image):
-            raise TypeError(f"preprocess expects a PIL.Image, got {type(image).__name__}")
         cfg = self.config
         size = cfg.image_size
         resample = RESAMPLE[cfg.resample]

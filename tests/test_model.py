@@ -59,7 +59,7 @@ def to_llava_hf(model) -> LlavaForConditionalGeneration:
     return ref.eval()
 
 
-@pytest.mark.parametrize("vision,llm", [("clip", "llama"), ("siglip", "qwen2")])
+@pytest.mark.parametrize("vision,llm", [("clip", "llama"), ("siglip", "qwen2"), ("clip", "qwen3"), ("siglip", "mistral")])
 def test_logits_equal_transformers_llava(vision, llm):
     model = make_model(vision, llm)
     ref = to_llava_hf(model)
@@ -228,6 +228,35 @@ def test_projector_types(projector, depth):
 def test_identity_projector_needs_equal_dims():
     with pytest.raises(ValueError, match="identity.*equal dimensions"):
         make_model(projector="identity")
+
+
+def test_identity_projector_passes_tower_features_to_the_llm_unchanged(tmp_path):
+    """Vision hidden == LLM hidden (64): the decoder receives the tower's selected hidden states as they
+    come out of transformers' CLIPVisionModel, exactly at the placeholders; the folder round-trips."""
+    model = make_model("clip", "qwen2", projector="identity", hidden_size=64)
+    assert isinstance(model.mm_projector, torch.nn.Identity) and not list(model.mm_projector.parameters())
+    assert model.vision_tower.hidden_size == model.config.hidden_size == 64
+    ids, pixels = make_batch(model, [1, 0, 2])
+    seen = {}
+    hook = model.model.register_forward_pre_hook(
+        lambda _, args, kwargs: seen.update(embeds=kwargs["inputs_embeds"]), with_kwargs=True)
+    with torch.no_grad():
+        out = model(input_ids=ids, pixel_values=pixels, labels=ids)
+        # the reference: CLIP's hidden_states[select_layer] without its CLS token, straight from transformers
+        hidden = model.vision_tower.model(pixels, output_hidden_states=True).hidden_states
+        expected = hidden[model.vlm_config.vision.select_layer][:, 1:]  # (3, P, 64)
+        token_embeds = model.get_input_embeddings()(ids)
+    hook.remove()
+    assert torch.isfinite(out.loss) and out.logits.shape == (*ids.shape, model.config.vocab_size)
+    embeds, image = seen["embeds"], ids == IMAGE_TOKEN_ID
+    assert torch.equal(embeds[image], expected.reshape(-1, 64))  # row-major: images in order, patches in order
+    assert torch.equal(embeds[~image], token_embeds[~image])
+
+    model.save_pretrained(tmp_path)
+    loaded = vlm.from_pretrained(tmp_path).eval()
+    assert loaded.vlm_config.projector.type == "identity" and isinstance(loaded.mm_projector, torch.nn.Identity)
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=ids, pixel_values=pixels).logits, out.logits)
 
 
 def test_save_load_roundtrip_identical_logits(tmp_path):

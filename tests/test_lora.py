@@ -110,8 +110,8 @@ def test_target_modules_can_pick_single_layers(base_llm, tokenizer):
 
 
 def test_target_modules_that_match_nothing_list_the_names(base_llm, tokenizer):
-    with pytest.raises(ValueError, match=r"'c_attn\|w1\|w2' matches none.*'q_proj'.*'up_proj'"):
-        apply_lora(make_vlm(base_llm, tokenizer), r=2, alpha=4, target_modules="c_attn|w1|w2")
+    with pytest.raises(ValueError, match=r"'attn_qkv\|fc_in' matches none.*'q_proj'.*'up_proj'"):
+        apply_lora(make_vlm(base_llm, tokenizer), r=2, alpha=4, target_modules="attn_qkv|fc_in")
 
 
 def test_unfrozen_vision_tower_stays_trainable(base_llm, tokenizer):

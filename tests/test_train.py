@@ -134,7 +134,7 @@ def test_unknown_flag_and_qlora_on_cpu(tmp_path):
 def test_target_modules_regex_that_matches_nothing(workspace, tmp_path):
     with pytest.raises(ValueError, match="q_proj"):  # the error lists the available linear layers
         train_main(base_flags(workspace, tmp_path, "--lora_enable", "True", "--lora_r", "4",
-                              "--target_modules", "c_attn|w1|w2", "--max_steps", "1"))
+                              "--target_modules", "attn_qkv|fc_in", "--max_steps", "1"))
 
 
 def test_param_groups_lrs_and_no_decay(workspace):

@@ -101,9 +101,15 @@ class GenerationSettings:
 
 
 def build_prompt(messages: list[dict], tokenizer, template, *, num_image_tokens: int, num_images: int) -> list[int]:
-    """Token ids of the conversation so far (ending with a user turn) plus the assistant header."""
-    from vlm.data.conversation import encode_prompt
+    """Token ids of the conversation so far (ending with a user turn) plus the assistant header.
 
+    Basic-VLM's `<|extra_0|>` in a user message marks the image, as in its training data (`<image>`).
+    """
+    from vlm.data.conversation import encode_prompt
+    from vlm.data.formats.basic_vlm import mark_image
+
+    messages = [{**m, "content": mark_image(m["content"])} if m["role"] == "user" and isinstance(m["content"], str)
+                else m for m in messages]
     return encode_prompt(messages, tokenizer, template, num_image_tokens=num_image_tokens, num_images=num_images)
 
 
@@ -277,8 +283,11 @@ def add_model_arguments(parser, *, required: bool = True) -> None:
     group = parser.add_argument_group("model")
     group.add_argument("--model", "--model-path", "--model_path", "--model_weights", dest="model", required=required,
                        help="vlm model folder, vlm LoRA run, LLaVA-1.5 or llava-hf folder (or a Hub id)")
-    group.add_argument("--model-base", "--model_base", "--base_language_model", dest="model_base", default=None,
+    group.add_argument("--model-base", "--model_base", dest="model_base", default=None,
                        help="base of a LoRA run (vlm folder, LLM folder or Hub id; default: the run's own record)")
+    group.add_argument("--base_language_model", default=None,
+                       help="Basic-VLM's LLM flag: the base of a LoRA run (as --model-base); a full model folder "
+                            "carries its LLM, so there it is only checked against the folder's")
     group.add_argument("--base_value_model", default=None,
                        help="Basic-VLM's vision model flag; accepted for compatibility: vlm folders carry their tower")
     group.add_argument("--conv-mode", "--conv_mode", dest="conv_mode", default=None,
@@ -308,13 +317,48 @@ def generator_from_args(args) -> Generator:
         torch.manual_seed(args.seed)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     settings = GenerationSettings(temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens)
-    generator = load_generator(args.model, model_base=args.model_base, conv_mode=args.conv_mode, settings=settings,
+    model_base, language_model = args.model_base, getattr(args, "base_language_model", None)
+    if language_model is not None:
+        model_base = _basic_vlm_base(args.model, model_base, language_model)
+    generator = load_generator(args.model, model_base=model_base, conv_mode=args.conv_mode, settings=settings,
                                device=device, dtype=args.dtype, load_8bit=args.load_8bit, load_4bit=args.load_4bit)
+    if language_model is not None and model_base is None:
+        _check_language_model(generator.model, language_model)
     tower = generator.model.vlm_config.vision.name_or_path
     if args.base_value_model and args.base_value_model != tower:
         print(f"note: --base_value_model {args.base_value_model!r} is not used; the model carries its own vision "
               f"tower ({tower or 'saved weights'})", file=sys.stderr)
     return generator
+
+
+def _basic_vlm_base(model: str, model_base: str | None, language_model: str) -> str | None:
+    """`--base_language_model` is the base of a LoRA run; for a full model folder it is not a base (None)."""
+    from vlm.builder import folder_kind, resolve_model_path
+
+    if model_base is not None and model_base != language_model:
+        raise ValueError(f"--model-base {model_base!r} and --base_language_model {language_model!r} disagree; "
+                         "pass one of them")
+    return language_model if folder_kind(resolve_model_path(model)) == "lora" else None
+
+
+def _check_language_model(model, language_model: str) -> None:
+    """A full folder's LLM against Basic-VLM's `--base_language_model`: an error when they differ in shape."""
+    from transformers import AutoConfig
+
+    from vlm.lora import BASE_FIELDS
+
+    try:
+        other = AutoConfig.from_pretrained(language_model).get_text_config().to_dict()
+    except (OSError, ValueError):
+        print(f"note: --base_language_model {language_model!r} cannot be read here; the model folder carries its own "
+              "LLM, which is used", file=sys.stderr)
+        return
+    ours = model.vlm_config.llm.hf_config
+    differ = [f"{key} {ours[key]!r} vs {other[key]!r}" for key in BASE_FIELDS
+              if key in ours and key in other and ours[key] != other[key]]
+    if differ:
+        raise ValueError(f"--base_language_model {language_model!r} is not the LLM of the model folder "
+                         f"({'; '.join(differ)}); pass the LLM the model was trained from, or drop the flag")
 
 
 USER_ERRORS = (FileNotFoundError, ValueError, ImportError)

@@ -47,8 +47,17 @@ ADAPTER_CONFIG_NAME = "adapter_config.json"
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
 _NOT_LLM = ("vision_tower.", "mm_projector.")
 _REGEX_CHARS = set("|()[]{}*+?^$\\")
+# Qwen-1 (`QWenLMHeadModel`) layer names -> the layers doing the same job in Qwen2/Qwen2.5/LLaMA-style
+# decoders: `c_attn` is the fused q/k/v projection, `c_proj` the attention output and the MLP output,
+# and the MLP computes c_proj(w1(x) * silu(w2(x))), so w2 is the gate and w1 the up projection.
+QWEN1_EQUIVALENTS: dict[str, tuple[str, ...]] = {
+    "c_attn": ("q_proj", "k_proj", "v_proj"),
+    "c_proj": ("o_proj", "down_proj"),
+    "w1": ("up_proj",),
+    "w2": ("gate_proj",),
+}
 # LLM config fields that must agree between a run and the base its adapter is loaded onto.
-_BASE_FIELDS = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+BASE_FIELDS = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
                 "intermediate_size")
 
 
@@ -63,9 +72,43 @@ def llm_linear_names(model: nn.Module) -> list[str]:
             if isinstance(module, nn.Linear) and not name.startswith(_NOT_LLM) and module is not output]
 
 
+def translate_qwen1_targets(target_modules: str | Sequence[str], layer_kinds: set[str]) -> tuple[str | list[str], list[str]]:
+    """Qwen-1 layer names in `target_modules` -> this LLM's equivalent layers, when the LLM has no such layer.
+
+    `layer_kinds` are the last components of the LLM's linear layer names. A Qwen-1 name is replaced only
+    when the model lacks it and has every one of its equivalents, so the choice follows the modules that
+    exist, not the model's name. Returns (targets in the same form, one "old -> new" note per replacement);
+    anything that is not a plain alternation (`a|b|c`) or a list of names is returned unchanged.
+    """
+    as_list = not isinstance(target_modules, str)
+    parts = list(target_modules) if as_list else target_modules.split("|")
+    if not all(re.fullmatch(r"\w+", part) for part in parts):
+        return target_modules, []
+    out: list[str] = []
+    notes: list[str] = []
+    for part in parts:
+        equivalents = QWEN1_EQUIVALENTS.get(part, ())
+        if part not in layer_kinds and equivalents and set(equivalents) <= layer_kinds:
+            out.extend(equivalents)
+            notes.append(f"{part} -> {', '.join(equivalents)}")
+        else:
+            out.append(part)
+    return (out if as_list else "|".join(out)), notes
+
+
 def resolve_target_modules(model: nn.Module, target_modules: str | Sequence[str] | None = None) -> list[str]:
-    """The LLM linear module names selected by `target_modules` (see the module docstring); ValueError if none."""
+    """The LLM linear module names selected by `target_modules` (see the module docstring); ValueError if none.
+
+    Qwen-1 names (Basic-VLM's `"c_attn|w1|w2"`) on an LLM without them select the equivalent layers, with a
+    printed note (see `translate_qwen1_targets`).
+    """
     candidates = llm_linear_names(model)
+    if target_modules is not None:
+        translated, notes = translate_qwen1_targets(target_modules, {n.rsplit(".", 1)[-1] for n in candidates})
+        if notes:
+            print(f"note: target_modules={target_modules!r} names Qwen-1 layers this LLM does not have; LoRA goes on "
+                  f"the equivalent layers: {'; '.join(notes)}", flush=True)
+            target_modules = translated
     if target_modules is None:
         chosen = candidates
     elif isinstance(target_modules, str) and _REGEX_CHARS & set(target_modules):
@@ -219,7 +262,7 @@ def is_lora_run(folder: str | os.PathLike) -> bool:
 
 
 def _check_base_matches(run_llm: dict[str, Any], base_llm: dict[str, Any], run: str, base: str) -> None:
-    for key in _BASE_FIELDS:
+    for key in BASE_FIELDS:
         if key in run_llm and key in base_llm and run_llm[key] != base_llm[key]:
             raise ValueError(
                 f"the LoRA run {run!r} does not fit the model base {base!r}: the run's LLM has {key}="

@@ -20,6 +20,10 @@ import transformers
 from transformers import HfArgumentParser
 
 
+# LoRA values used when a flag is not given (LLaVA's lora_r/lora_alpha, peft's usual dropout).
+LORA_DEFAULTS = {"lora_r": 64, "lora_alpha": 16, "lora_dropout": 0.05}
+
+
 def _alias(*names: str, help: str) -> dict:
     return {"aliases": list(names), "help": help}
 
@@ -73,10 +77,14 @@ class VLMTrainingArguments(transformers.TrainingArguments):
     mm_vision_tower_lr: float | None = field(default=None, metadata={"help": "vision tower learning rate"})
     group_by_modality_length: bool = field(default=False, metadata={
         "help": "image and text-only samples in separate batches, similar lengths together"})
-    lora_enable: bool = field(default=False, metadata={"help": "train the LLM with LoRA"})
-    lora_r: int = field(default=64, metadata=_alias("--lora_rank", help="LoRA rank"))
-    lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha"})
-    lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout"})
+    lora_enable: bool | None = field(default=None, metadata={
+        "nargs": "?", "const": True,  # a bare --lora_enable is True, as for the plain bool flags
+        "help": "train the LLM with LoRA (default: True when a LoRA flag below is given, as Basic-VLM's train.sh "
+                "expects, else False)"})
+    lora_r: int | None = field(default=None, metadata=_alias("--lora_rank", help=f"LoRA rank (default {LORA_DEFAULTS['lora_r']})"))
+    lora_alpha: int | None = field(default=None, metadata={"help": f"LoRA alpha (default {LORA_DEFAULTS['lora_alpha']})"})
+    lora_dropout: float | None = field(default=None, metadata={
+        "help": f"LoRA dropout (default {LORA_DEFAULTS['lora_dropout']})"})
     lora_weight_path: str = field(default="", metadata={"help": "LLaVA flag (accepted, unused)"})
     lora_bias: str = field(default="none", metadata={"help": "LLaVA flag; only 'none' is supported"})
     target_modules: str | None = field(default=None, metadata={
@@ -95,6 +103,7 @@ class VLMTrainingArguments(transformers.TrainingArguments):
         "help": "frozen parts never require grad, and text-only batches touch the projector, so False is safe"})
 
     def __post_init__(self):
+        self._resolve_lora()
         if self.evaluation_strategy is not None:
             self.eval_strategy = self.evaluation_strategy
         if self.warmup_ratio is not None:
@@ -108,6 +117,24 @@ class VLMTrainingArguments(transformers.TrainingArguments):
         if (self.bf16 or self.fp16) and not torch.cuda.is_available():
             self.use_cpu = True
         super().__post_init__()
+
+    def _resolve_lora(self) -> None:
+        """LoRA flags without `--lora_enable` mean LoRA (Basic-VLM's train.sh never passes it); with
+        `--lora_enable False` they are an error. Unset LoRA values then take their defaults."""
+        spelled = {"lora_r": "--lora_r/--lora_rank"}
+        given = [spelled.get(name, f"--{name}") for name in (*LORA_DEFAULTS, "target_modules")
+                 if getattr(self, name) is not None]
+        if self.lora_enable is None:
+            self.lora_enable = bool(given)
+            if given:
+                print(f"note: {', '.join(given)} without --lora_enable: training with LoRA (pass --lora_enable "
+                      "True to say so, or drop the LoRA flags to train every weight)", flush=True)
+        elif not self.lora_enable and given:
+            raise ValueError(f"--lora_enable False contradicts {', '.join(given)}: drop the LoRA flags to train every "
+                             "weight, or drop --lora_enable False to train with LoRA")
+        for name, default in LORA_DEFAULTS.items():
+            if getattr(self, name) is None:
+                setattr(self, name, default)
 
     def _check_optional_packages(self) -> None:
         if self.deepspeed and importlib.util.find_spec("deepspeed") is None:

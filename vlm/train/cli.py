@@ -17,8 +17,17 @@ from vlm.data.mix import Source, parse_sources
 def build_sources(data_args) -> list[Source]:
     """`--data_path/--image_folder/--data_format`, or Basic-VLM's `--captions_file` + `--image_map`."""
     if data_args.captions_file:
-        return [Source(path=data_args.captions_file, image_folder=data_args.image_folder, format="basic_vlm",
-                       options={"image_map": data_args.image_map} if data_args.image_map else {})]
+        from vlm.data.formats.basic_vlm import map_image_root
+
+        options = {"image_map": data_args.image_map} if data_args.image_map else {}
+        folder = data_args.image_folder
+        if folder is None:  # Basic-VLM's train.sh: the image map's `path` fields say where the images are
+            folder = map_image_root(data_args.captions_file, data_args.image_map)
+            if folder is not None:
+                options["image_root"] = folder
+                print(f"data: no --image_folder; images are found at the image map's 'path' folders (under {folder})",
+                      flush=True)
+        return [Source(path=data_args.captions_file, image_folder=folder, format="basic_vlm", options=options)]
     if not data_args.data_path:
         raise ValueError("no training data: pass --data_path (and --image_folder), or --captions_file/--image_map")
     return parse_sources(data_args.data_path, data_args.image_folder, data_format=data_args.data_format)
@@ -120,7 +129,11 @@ def main(argv: list[str] | None = None) -> int:
         return demo_main([])
     from vlm.train.arguments import parse_args
 
-    model_args, data_args, training_args = parse_args(argv)
+    try:
+        model_args, data_args, training_args = parse_args(argv)
+    except (ValueError, ImportError, FileNotFoundError) as exc:  # a flag mistake: one line, as argparse does
+        print(f"train.py: error: {exc}", file=sys.stderr)
+        return 2
     train(model_args, data_args, training_args)
     return 0
 

@@ -5,8 +5,10 @@ Two layouts are read:
   `{"<name>": {"image_file": "<file>", "ID": n, "path": "<folder>"}}` and `captions.json` =
   `{"<n>": {"q": "<question with <|extra_0|> where the image goes>", "a": caption | [captions]}}`;
   one entry of the image map is one record. `<|extra_0|>` becomes `<image>`; a question without it
-  gets `<image>\\n` in front; an empty question becomes `prompt`. The map's `path` is not used:
-  images are found under the source's image folder like every other format's.
+  gets `<image>\\n` in front; an empty question becomes `prompt`. The map's `path` is the folder of
+  the image: Basic-VLM's train.sh passes no image folder, and then (`map_image_root`, the `image_root`
+  option) each image is found at `path/image_file`, a relative `path` taken from the current folder as
+  Basic-VLM's own loader opens it. With an image folder given, `image_file` is relative to it.
 - a simple one: image map `{"<image id>": "<file>"}` and captions
   `[{"image_id": ..., "caption" | "captions": str | [str]}]`; the question is `prompt`.
 
@@ -17,6 +19,7 @@ option or lies beside it as `image_map.json` / `captions.json`. Several captions
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -36,7 +39,12 @@ NAME = "basic_vlm"
 DEFAULT_PROMPT = "请描述这张图片。"
 IMAGE_MAP_FILE = "image_map.json"
 CAPTIONS_FILE = "captions.json"
-_PLACEHOLDER = "<|extra_0|>"
+IMAGE_MARKER = "<|extra_0|>"  # where Basic-VLM's questions put the image (a Qwen-1 special token)
+
+
+def mark_image(text: str) -> str:
+    """Basic-VLM's image marker `<|extra_0|>` -> `<image>` (training questions and inference prompts alike)."""
+    return text.replace(IMAGE_MARKER, IMAGE)
 
 
 def _first_value(src: SourceFile) -> Any:
@@ -68,6 +76,37 @@ def image_map_path(src: SourceFile, image_map: str | None) -> Path | None:
     return beside if beside.is_file() and beside != src.path else None
 
 
+def map_image_root(data_file: str | Path, image_map: str | None = None) -> str | None:
+    """The folder the image map's `path` fields lie under (their common folder), or None when no entry has one.
+
+    `data_file` is the captions file or the image map itself; the map is `image_map` when given, else the
+    data file if it is one, else `image_map.json` beside it. Pass the result as the source's image folder
+    and as the reader's `image_root` option.
+    """
+    src = open_source(data_file)
+    if not _is_image_map(src):
+        found = image_map_path(src, image_map)
+        if found is None or not found.is_file():
+            return None
+        src = open_source(found)
+    if src.kind != "object":
+        return None
+    folders = {os.path.abspath(entry["path"]) for entry in src.data.values()
+               if isinstance(entry, dict) and isinstance(entry.get("path"), str) and entry["path"]}
+    return os.path.commonpath(sorted(folders)) if folders else None
+
+
+def _image_of(entry: Any, image_root: str | None) -> str | None:
+    """An image-map entry's image path, relative to `image_root` when given (see the module docstring)."""
+    file = entry.get("image_file") if isinstance(entry, dict) else entry
+    if not isinstance(file, str):
+        return None
+    folder = entry.get("path") if isinstance(entry, dict) else None
+    if image_root is None or not isinstance(folder, str) or not folder:
+        return file
+    return os.path.relpath(os.path.join(os.path.abspath(folder), file), image_root)
+
+
 def detect(src: SourceFile, *, image_map: str | None = None, captions_file: str | None = None, **options: Any) -> bool:
     if _is_qa_captions(src):
         return True
@@ -85,7 +124,9 @@ def read(
     caption_mode: str = "each",
     seed: int = 0,
     system: str | None = None,
+    image_root: str | None = None,
 ) -> Iterator[dict | SampleError]:
+    """Samples of a Basic-VLM pair; `image_root` (from `map_image_root`): images at the map's `path` fields."""
     check_caption_mode(caption_mode)
     if _is_image_map(src):
         captions_path = Path(captions_file) if captions_file else src.path.with_name(CAPTIONS_FILE)
@@ -102,12 +143,13 @@ def read(
         raise ValueError(f"{map_src.path}: a Basic-VLM image map must be a JSON object of image id -> file")
     options = dict(caption_mode=caption_mode, seed=seed, system=system)
     if _is_qa_captions(captions_src):
-        yield from _read_qa(map_src, captions_src, prompt=prompt, **options)
+        yield from _read_qa(map_src, captions_src, prompt=prompt, image_root=image_root, **options)
     else:
-        yield from _read_list(map_src, captions_src, prompt=prompt, **options)
+        yield from _read_list(map_src, captions_src, prompt=prompt, image_root=image_root, **options)
 
 
-def _read_qa(map_src: SourceFile, captions_src: SourceFile, *, prompt: str, **options: Any) -> Iterator[dict | SampleError]:
+def _read_qa(map_src: SourceFile, captions_src: SourceFile, *, prompt: str, image_root: str | None,
+             **options: Any) -> Iterator[dict | SampleError]:
     """Basic-VLM's layout: one record per image-map entry, its caption entry looked up by `ID`."""
     captions: dict = captions_src.data
     for index, (name, entry) in enumerate(map_src.data.items()):
@@ -127,15 +169,16 @@ def _read_qa(map_src: SourceFile, captions_src: SourceFile, *, prompt: str, **op
         except TypeError as e:
             yield bad(str(e), map_src.path, index, sample_id)
             continue
-        question = question.replace(_PLACEHOLDER, IMAGE)
+        question = mark_image(question)
         if not question:
             user = prompt_text(prompt)
         else:
             user = question if IMAGE in question else f"{IMAGE}\n{question}"
-        yield from caption_samples(sample_id, entry["image_file"], answers, user=user, **options)
+        yield from caption_samples(sample_id, _image_of(entry, image_root), answers, user=user, **options)
 
 
-def _read_list(map_src: SourceFile, captions_src: SourceFile, *, prompt: str, **options: Any) -> Iterator[dict | SampleError]:
+def _read_list(map_src: SourceFile, captions_src: SourceFile, *, prompt: str, image_root: str | None,
+               **options: Any) -> Iterator[dict | SampleError]:
     """The simple layout: one record per captions entry, its image looked up in the map by `image_id`."""
     files: dict = map_src.data
     if captions_src.kind == "object":
@@ -150,10 +193,8 @@ def _read_list(map_src: SourceFile, captions_src: SourceFile, *, prompt: str, **
             yield bad(f"expected an object, got {type(record).__name__}", captions_src.path, index)
             continue
         sample_id = record_id(record.get("image_id"), captions_src.path, index)
-        file = files.get(str(record.get("image_id")))
-        if isinstance(file, dict):
-            file = file.get("image_file")
-        if not isinstance(file, str):
+        file = _image_of(files.get(str(record.get("image_id"))), image_root)
+        if file is None:
             yield bad(f"image_id {record.get('image_id')!r} is not in {map_src.path.name}", captions_src.path, index, sample_id)
             continue
         try:

@@ -61,7 +61,8 @@ def test_every_reason_is_reported_with_the_contract_report(every_reason, tiny_to
     assert kept == [0, 1, 2, 3]
     got = {p["id"]: p["reason"] for p in report["problems"]}
     assert got == {k: v for k, v in expected.items() if v is not None}
-    assert set(report["dropped"]) == set(REASONS)  # every reason produced
+    # every reason produced (template_mismatch needs a tokenizer template: tests/test_instruct_templates.py)
+    assert set(report["dropped"]) == set(REASONS) - {"template_mismatch"}
     assert report["dropped"]["unsafe_path"] == 4 and report["dropped"]["unreadable_image"] == 2
     assert list(report["dropped"]) == [r for r in REASONS if r in report["dropped"]]
     for problem in report["problems"]:

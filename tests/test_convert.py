@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import (
     AutoProcessor,
     CLIPVisionModel,
@@ -108,6 +108,8 @@ def llama_tokenizer() -> PreTrainedTokenizerFast:
     trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     core.train_from_iterator(CORPUS + ["USER: ASSISTANT: A chat between a curious human"], trainer=trainer)
+    # LLaMA's tokenizer adds <s> itself (add_bos_token), which LLaVA's prompts rely on
+    core.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)])
     return PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
 
 
@@ -241,7 +243,12 @@ def test_export_chat_template_renders_vicuna_like_ours(tmp_path):
                 {"role": "assistant", "content": "red"},
                 {"role": "user", "content": "Shape?"}]
     text = processor.apply_chat_template(messages, add_generation_prompt=True)
-    assert text == "<s>Be brief. USER: <image>\nColor? ASSISTANT: red</s>USER: Shape? ASSISTANT:"
+    # the tiny byte-level tokenizer adds no BOS, so (as with LLaVA's tokenizer(prompt)) none is rendered
+    assert text == "Be brief. USER: <image>\nColor? ASSISTANT: red</s>USER: Shape? ASSISTANT:"
+    # a single <image> inside the text moves to the front, as LLaVA-1.5 and our vicuna_v1 place it
+    moved = processor.apply_chat_template([{"role": "user", "content": "Color of this <image>?"}],
+                                          add_generation_prompt=True)
+    assert moved.endswith("USER: <image>\nColor of this ? ASSISTANT:")
     generation = json.loads((tmp_path / "hf" / "generation_config.json").read_text())
     tokenizer = processor.tokenizer
     assert generation["eos_token_id"] == [tokenizer.convert_tokens_to_ids("</s>"), tokenizer.eos_token_id]

@@ -38,7 +38,7 @@ def _supervised(template_name, tokenizer, messages):
 
 @pytest.mark.parametrize(
     "alias, name",
-    [("v1", "vicuna_v1"), ("vicuna_v1", "vicuna_v1"), ("llava_v1", "vicuna_v1"), ("plain", "plain"), ("qwen", "chatml"),
+    [("v1", "vicuna_v1"), ("vicuna_v1", "vicuna_v1"), ("llava_v1", "llava_v1"), ("plain", "plain"), ("qwen", "chatml"),
      ("qwen_2", "chatml"), ("chatml", "chatml"), ("llama3", "llama3"), ("llava_llama_3", "llama3"), ("tokenizer", "tokenizer")],
 )
 def test_llava_version_aliases(alias, name):
@@ -53,14 +53,17 @@ def test_unknown_template_lists_valid_names():
 
 
 def test_vicuna_v1_is_llava_conv_vicuna_v1(tiny_tokenizer):
+    # LLaVA-1.5's conv_vicuna_v1 system text (llava/conversation.py), not conv_llava_v1's "curious human"
+    assert VICUNA_SYSTEM == ("A chat between a curious user and an artificial intelligence assistant. The assistant "
+                             "gives helpful, detailed, and polite answers to the user's questions.")
     assert _text("vicuna_v1", tiny_tokenizer, CONVERSATION) == (
-        f"<s>{VICUNA_SYSTEM} USER: <image>\nWhat is it? ASSISTANT: a circle</s>USER: Colour? ASSISTANT: red</s>"
+        f"{VICUNA_SYSTEM} USER: <image>\nWhat is it? ASSISTANT: a circle</s>USER: Colour? ASSISTANT: red</s>"
     )
     # the space after "ASSISTANT:" is supervised with the reply, and the generation prompt ends at the colon,
     # exactly where LLaVA-1.5's prompt ends
     assert _supervised("vicuna_v1", tiny_tokenizer, CONVERSATION) == [" a circle</s>", " red</s>"]
     prompt = _text("vicuna_v1", tiny_tokenizer, [{"role": "system", "content": "S"}, *CONVERSATION[:3]], add_generation_prompt=True)
-    assert prompt == "<s>S USER: <image>\nWhat is it? ASSISTANT: a circle</s>USER: Colour? ASSISTANT:"
+    assert prompt == "S USER: <image>\nWhat is it? ASSISTANT: a circle</s>USER: Colour? ASSISTANT:"
 
 
 def test_chatml_is_qwen_format(tiny_tokenizer):
@@ -83,8 +86,9 @@ def test_llama3_format(tiny_tokenizer):
 def test_plain_keeps_only_images_and_replies(tiny_tokenizer):
     messages = [{"role": "system", "content": "ignored"}, {"role": "user", "content": "Describe <image> please"},
                 {"role": "assistant", "content": "A red circle."}]
-    assert _text("plain", tiny_tokenizer, messages) == "<image>A red circle.<|endoftext|>"
-    assert _supervised("plain", tiny_tokenizer, messages) == ["A red circle.<|endoftext|>"]
+    # LLaVA's preprocess_plain: image + caption + "\n" (its conv_llava_plain separator), no eos
+    assert _text("plain", tiny_tokenizer, messages) == "<image>A red circle.\n"
+    assert _supervised("plain", tiny_tokenizer, messages) == ["A red circle.\n"]
 
 
 def test_tokenizer_template_finds_reply_spans(tiny_tokenizer):
@@ -137,7 +141,7 @@ def test_template_needs_its_markers_in_the_tokenizer():
     tokenizer = _bare_tokenizer(["</s>"])
     with pytest.raises(ValueError, match=re.escape("<|im_start|>")):
         get_template("qwen", tokenizer)
-    assert get_template("plain", tokenizer).end_of_turn == "</s>"
+    assert get_template("plain", tokenizer).end_of_turn == "\n"  # plain text, needs no marker
 
 
 def test_build_tokenizer_is_deterministic_and_has_every_marker(tiny_tokenizer, tiny_corpus):

@@ -171,13 +171,19 @@ def chat_template_jinja(template, tokenizer) -> str:
         "{%- for item in message['content'] if item['type'] == 'text' -%}{%- set ns.text = ns.text + item['text'] -%}{%- endfor -%}"
         "{%- set text = ns.text -%}{%- endif -%}"
     )
+    if template.image_first:  # LLaVA-1.5: a message's single <image> moves to its start, then a newline
+        content += ("{%- if message['role'] == 'user' and (text.split('<image>') | length) == 2 -%}"
+                    "{%- set text = ('<image>\n' + (text.replace('<image>', '') | trim)) | trim -%}{%- endif -%}")
     user_text = "{{- text -}}" if template.user_text else "{{- '<image>' * (text.split('<image>') | length - 1) -}}"
+    # the BOS the tokenizer adds itself (vicuna, plain) is spelled out: processors tokenise the rendering
+    # without adding special tokens
+    bos = template.bos + (tokenizer.bos_token if template.leading_ids(tokenizer) else "")
     return (
         "{%- set ns = namespace(text='') -%}"
         f"{{%- set system = {default_system} -%}}{{%- set start = 0 -%}}"
         "{%- if messages and messages[0]['role'] == 'system' -%}"
         "{%- set message = messages[0] -%}" + content + "{%- set system = text -%}{%- set start = 1 -%}{%- endif -%}"
-        f"{{{{- {lit(template.bos)} -}}}}"
+        f"{{{{- {lit(bos)} -}}}}"
         + (f"{{%- if system is not none -%}}{{{{- {lit(sys_prefix)} + system + {lit(sys_suffix)} -}}}}{{%- endif -%}}"
            if template.system_format else "")
         + "{%- for message in messages[start:] -%}" + content

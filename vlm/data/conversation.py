@@ -2,10 +2,12 @@
 
 Design choices:
 - The template renders the conversation into pieces already marked supervised or not
-  (`templates.py`); each piece is tokenised on its own and every `<image>` in it becomes exactly
-  `num_image_tokens` image-token ids. The label mask is therefore exact by construction: there is no
-  re-tokenising of prefixes and hoping the lengths agree (the "tokenization mismatch" that silently
-  zeroed LLaVA samples).
+  (`templates.py`). The rendered text is tokenised as one string between images (so the ids are what
+  the model sees at inference, and LLaVA-1.5's ids for its templates), every `<image>` becomes exactly
+  `num_image_tokens` image-token ids, and each token is labelled from the character offsets of the
+  pieces it covers. The label mask is therefore exact by construction: there is no re-tokenising of
+  prefixes and hoping the lengths agree (the "tokenization mismatch" that silently zeroed LLaVA
+  samples, e.g. every sample whose reply contains the separator).
 - Labels are the input ids on the supervised pieces (reply + end-of-turn) and -100 elsewhere, unshifted:
   the loss shifts.
 - Placeholders follow LLaVA: a sample with one image and no `<image>` gets `<image>\\n` prepended to its
@@ -82,10 +84,12 @@ def encode_sample(
     messages, prepended = _place_images(messages, len(images), sample_id)
     groups = template.render(messages, tokenizer)
     _check_rendered_images(groups, len(images), sample_id)
-    encoded = [_tokenize_group(group, tokenizer, num_image_tokens) for group in groups]
-    lengths = [len(ids) for ids, _, _ in encoded]
-    total = sum(lengths)
-    kept = len(encoded)
+    input_ids, labels, token_groups, images_per_group = _encode_groups(groups, tokenizer, template, num_image_tokens)
+    lengths = [0] * len(groups)
+    for g in token_groups:
+        lengths[g] += 1
+    total = len(input_ids)
+    kept = len(groups)
     if max_length is not None and total > max_length:
         image_tokens = len(images) * num_image_tokens
         if truncate == "none":
@@ -106,11 +110,12 @@ def encode_sample(
                 f"(whole sample {total} tokens, {image_tokens} image tokens); raise --model_max_length",
                 sample_id=sample_id,
             )
-    input_ids = [i for ids, _, _ in encoded[:kept] for i in ids]
-    labels = [label for _, group_labels, _ in encoded[:kept] for label in group_labels]
+        keep = [g < kept for g in token_groups]
+        input_ids = [i for i, k in zip(input_ids, keep) if k]
+        labels = [label for label, k in zip(labels, keep) if k]
     if all(label == IGNORE_INDEX for label in labels):
         raise SampleError("no_supervised_tokens", "no assistant reply tokens to learn from", sample_id=sample_id)
-    num_images = sum(n for _, _, n in encoded[:kept])
+    num_images = sum(images_per_group[:kept])
     return EncodedSample(input_ids=input_ids, labels=labels, num_images=num_images, image_prepended=prepended)
 
 
@@ -140,7 +145,7 @@ def encode_prompt(
     messages, _ = _place_images(messages, num_images, None)
     groups = template.render(messages, tokenizer, add_generation_prompt=True)
     _check_rendered_images(groups, num_images, None)
-    return [i for group in groups for i in _tokenize_group(group, tokenizer, num_image_tokens)[0]]
+    return _encode_groups(groups, tokenizer, template, num_image_tokens)[0]
 
 
 def _bind(template: str | Template, tokenizer: Any) -> Template:
@@ -229,59 +234,83 @@ def _check_rendered_images(groups: Groups, num_images: int, sample_id: str | Non
         )
 
 
-def _tokenize_group(group: list, tokenizer: Any, num_image_tokens: int) -> tuple[list[int], list[int], int]:
-    """(input_ids, labels, number of images) of one group of pieces; `<image>` -> a run of image ids.
+def _encode_groups(groups: Groups, tokenizer: Any, template: Template,
+                   num_image_tokens: int) -> tuple[list[int], list[int], list[int], list[int]]:
+    """Tokenise rendered `groups` as one text, split only at `<image>`; returns (input_ids, labels,
+    group index of each token, images per group).
 
-    The text between image runs is tokenised as one string, the way the model sees it at inference,
-    and each token is labelled from the character offsets of the pieces it covers (supervised when it
-    overlaps a supervised piece). Tokenising piece by piece instead would put token boundaries where
-    whole-string tokenisation has none (sentencepiece adds a prefix space to every piece).
+    The text between image runs is tokenised as one string, the way the model sees it at inference and
+    the way LLaVA's `tokenizer_image_token` does (each chunk between images tokenised on its own), and
+    each token is labelled from the character offsets of the pieces it covers (supervised when it
+    overlaps a supervised piece). Tokenising turn by turn instead would put token boundaries where
+    whole-string tokenisation has none (sentencepiece adds a prefix space to every piece, and merges
+    differently after a special token). Groups are only bookkeeping for truncation: a token belongs to
+    the group where its text ends.
     """
-    runs: list[list[tuple[str, bool]] | None] = [[]]  # text runs between image runs (None)
-    images = 0
-    for piece in group:
-        chunks = piece.text.split(IMAGE_TOKEN)
-        assert not (piece.supervised and len(chunks) > 1), "an image placeholder in a supervised piece"
-        for k, chunk in enumerate(chunks):
-            if k > 0:
-                runs += [None, []]
-                images += 1
-            if chunk:
-                runs[-1].append((chunk, piece.supervised))
-    image_run = [get_image_token_id(tokenizer)] * num_image_tokens if images else []
-    input_ids: list[int] = []
-    labels: list[int] = []
+    runs: list[list[tuple[str, bool, int]] | int] = [[]]  # text segments between images; an int is an image's group
+    images_per_group = [0] * len(groups)
+    for g, group in enumerate(groups):
+        for piece in group:
+            chunks = piece.text.split(IMAGE_TOKEN)
+            assert not (piece.supervised and len(chunks) > 1), "an image placeholder in a supervised piece"
+            for k, chunk in enumerate(chunks):
+                if k > 0:
+                    runs += [g, []]
+                    images_per_group[g] += 1
+                if chunk:
+                    runs[-1].append((chunk, piece.supervised, g))  # type: ignore[union-attr]
+    image_id = get_image_token_id(tokenizer) if any(images_per_group) else None
+    input_ids = list(template.leading_ids(tokenizer))
+    labels = [IGNORE_INDEX] * len(input_ids)
+    token_groups = [0] * len(input_ids)
     for run in runs:
-        if run is None:
-            input_ids += image_run
-            labels += [IGNORE_INDEX] * len(image_run)
+        if isinstance(run, int):
+            input_ids += [image_id] * num_image_tokens  # type: ignore[list-item]
+            labels += [IGNORE_INDEX] * num_image_tokens
+            token_groups += [run] * num_image_tokens
         elif run:
-            ids, run_labels = _tokenize_run(run, tokenizer)
+            ids, run_labels, run_groups = _tokenize_run(run, tokenizer)
             input_ids += ids
             labels += run_labels
-    return input_ids, labels, images
+            token_groups += run_groups
+    return input_ids, labels, token_groups, images_per_group
 
 
-def _tokenize_run(segments: list[tuple[str, bool]], tokenizer: Any) -> tuple[list[int], list[int]]:
-    """Token ids and labels of consecutive text segments `(text, supervised)`."""
-    if not getattr(tokenizer, "is_fast", False):  # no offsets: piece by piece
-        ids_per_piece = tokenizer([t for t, _ in segments], add_special_tokens=False)["input_ids"]
-        ids = [i for piece in ids_per_piece for i in piece]
-        labels = [i if sup else IGNORE_INDEX for piece, (_, sup) in zip(ids_per_piece, segments) for i in piece]
-        return ids, labels
-    text = "".join(t for t, _ in segments)
-    supervised_spans, position = [], 0
-    for segment, supervised in segments:
-        if supervised:
-            supervised_spans.append((position, position + len(segment)))
+def _tokenize_run(segments: list[tuple[str, bool, int]], tokenizer: Any) -> tuple[list[int], list[int], list[int]]:
+    """Token ids, labels and group index of each token of consecutive text `(text, supervised, group)` segments."""
+    text = "".join(t for t, _, _ in segments)
+    spans, position = [], 0  # (start, end, supervised, group) in `text`
+    for segment, supervised, group in segments:
+        spans.append((position, position + len(segment), supervised, group))
         position += len(segment)
-    encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    ids = list(encoding["input_ids"])
-    labels = []
-    for token, (start, end) in zip(ids, encoding["offset_mapping"]):
-        if start == end:  # zero-width (e.g. a prefix space marker): label by position
-            supervised = any(a <= start < b for a, b in supervised_spans)
+    ids, offsets = _tokenize_with_offsets(text, tokenizer)
+    labels, groups = [], []
+    for token, (start, end) in zip(ids, offsets):
+        if start == end:  # zero-width (e.g. a prefix-space marker): placed by position
+            supervised = any(sup and a <= start < b for a, b, sup, _ in spans)
+            at = min(start, len(text) - 1)
         else:
-            supervised = any(start < b and end > a for a, b in supervised_spans)
+            supervised = any(sup and start < b and end > a for a, b, sup, _ in spans)
+            at = end - 1
         labels.append(token if supervised else IGNORE_INDEX)
-    return ids, labels
+        groups.append(next(g for a, b, _, g in spans if a <= at < b))
+    return ids, labels, groups
+
+
+def _tokenize_with_offsets(text: str, tokenizer: Any) -> tuple[list[int], list[tuple[int, int]]]:
+    """Ids of `text` (no special tokens added) and each token's character span.
+
+    Fast tokenizers give offsets; for others each token's span is found by decoding growing prefixes of
+    the ids, which is exact for tokenizers whose decode reproduces the text.
+    """
+    if getattr(tokenizer, "is_fast", False):
+        encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        return list(encoding["input_ids"]), [tuple(o) for o in encoding["offset_mapping"]]
+    ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    offsets, previous = [], 0
+    for k in range(1, len(ids) + 1):
+        decoded = len(tokenizer.decode(ids[:k], skip_special_tokens=False, clean_up_tokenization_spaces=False))
+        end = min(max(decoded, previous), len(text))
+        offsets.append((previous, end))
+        previous = end
+    return ids, offsets

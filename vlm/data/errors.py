@@ -12,6 +12,7 @@ REASONS: tuple[str, ...] = (
     "placeholder_mismatch",
     "too_long",
     "no_supervised_tokens",
+    "template_mismatch",
 )
 
 

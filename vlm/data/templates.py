@@ -2,22 +2,32 @@
 
 Design choices:
 - A template renders a *validated* conversation (optional system, then user/assistant pairs) into
-  groups of `Piece`s: group 0 is the preamble (bos, system), group k is the k-th user+assistant pair.
-  Supervision is decided here, per piece, so `conversation.py` tokenises piece by piece and the label
-  mask is exact by construction; truncation keeps whole groups.
-- The supervised piece of a turn is the reply followed by the end-of-turn token that closes it
+  groups of `Piece`s: group 0 is the preamble (system), group k is the k-th user+assistant pair.
+  Supervision is decided here, per piece; `conversation.py` tokenises the whole rendered text as one
+  string (split only at images) and labels each token from the character offsets of the pieces it
+  covers, so the ids are exactly what tokenising the rendered text gives and the mask is exact.
+  Truncation keeps whole groups.
+- The supervised piece of a turn is the reply followed by the end-of-turn marker that closes it
   (DESIGN.md, Labels). The generation prompt is the same assistant header used in training, so the
   model continues from exactly the tokens it was trained after.
-- Built-in templates follow the references: `plain` and `vicuna_v1` as LLaVA-1.5 (`conv_llava_plain`,
-  `conv_vicuna_v1`: "SYSTEM USER: q ASSISTANT: a</s>USER: ..."), `chatml` as Qwen2's template,
-  `llama3` as Meta's. One deliberate difference from LLaVA's vicuna: LLaVA's generation prompt ends
-  with "ASSISTANT:" and relies on the tokenizer gluing the space to the reply; we tokenise by pieces,
-  so the header is "ASSISTANT: " in training and generation alike.
+- Built-in templates follow the references:
+  `plain`, `vicuna_v1` (LLaVA's `--version v1`) and `llava_v1` as LLaVA-1.5's `conv_llava_plain`,
+  `conv_vicuna_v1` and `conv_llava_v1` together with its `preprocess_multimodal` / `preprocess_v1` /
+  `preprocess_plain` (https://github.com/haotian-liu/LLaVA, llava/train/train.py, llava/conversation.py):
+  the tokenizer's own BOS id starts the sequence (`tokenizer(prompt)` in LLaVA, so `<s>▁A` with
+  sentencepiece, and no BOS for tokenizers that add none), a message's single `<image>` moves to its
+  start followed by a newline, and the vicuna prompt ends at "ASSISTANT:" with the space before the
+  reply supervised with it; `plain` is BOS + image + caption + "\n" (the newline supervised, no eos).
+  `chatml` is Qwen2's format and takes its default system prompt from the tokenizer's own ChatML
+  template when it has one (Qwen2.5: "You are Qwen, created by Alibaba Cloud. ..."; Qwen3: none), else
+  "You are a helpful assistant." (Qwen2 / Qwen2-VL). `llama3` is Meta's Llama-3.0 format (no default
+  system; Llama-3.1's date block comes with `tokenizer`, the model's own template).
 - `tokenizer` uses the tokenizer's own Jinja `chat_template`. Assistant spans are found by rendering
   prefixes: the text added by the i-th assistant message is `render(messages[:i+1])` minus
   `render(messages[:i], add_generation_prompt=True)`; the reply is located in it and the end-of-turn
-  is the first special token after the reply. Templates that re-render earlier turns (Qwen3's thinking
-  removal) break the prefix property and are rejected with a clear error.
+  is the first special token after the reply. A conversation the template cannot render that way
+  (Qwen3's thinking removal re-renders earlier turns; Llama's template trims replies) is rejected as
+  `template_mismatch` for that sample only.
 - A template checks that the tokenizer has each marker it needs as one token: a missing `<|im_start|>`
   would otherwise be spelled out in bytes and train silently on the wrong format.
 """
@@ -28,13 +38,20 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
+from .errors import SampleError
 from .tokenizer import IMAGE_TOKEN, token_id
 
+# LLaVA-1.5's conv_vicuna_v1 (`--version v1`, and the eval conv_mode vicuna_v1).
 VICUNA_SYSTEM = (
+    "A chat between a curious user and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the user's questions."
+)
+# LLaVA's conv_llava_v1 (`--version llava_v1`): the same format with "human" for "user".
+LLAVA_V1_SYSTEM = (
     "A chat between a curious human and an artificial intelligence assistant. "
     "The assistant gives helpful, detailed, and polite answers to the human's questions."
 )
-CHATML_SYSTEM = "You are a helpful assistant."
+CHATML_SYSTEM = "You are a helpful assistant."  # Qwen2 / Qwen2-VL's default; Qwen2.5 and Qwen3 differ
 
 
 class Piece(NamedTuple):
@@ -53,35 +70,47 @@ class Template:
 
     Attributes:
         name: registry name.
-        bos: text opening the conversation (unsupervised).
+        bos: text opening the conversation (unsupervised), for formats that spell their BOS out (llama3).
+        add_bos_token: start with the BOS id the tokenizer itself adds (`tokenizer(text)`), as LLaVA does;
+            nothing for tokenizers that add none.
         system_format: how a system message renders; empty string drops system messages.
         default_system: system message used when the conversation has none (None: no system block).
+        system_from_tokenizer: take `default_system` from the tokenizer's own chat template when it
+            renders this format (`chatml`): the model's own default, not a guess.
         user_format: how a user message renders.
         assistant_header: opens an assistant reply; also the generation prompt.
         reply_prefix: text that starts every reply, supervised with it (vicuna's space after
             "ASSISTANT:", so the generation prompt ends at the colon, as LLaVA's does).
         end_of_turn: closes each reply; supervised with it.
+        end_of_turn_is_token: False when `end_of_turn` is plain text (`plain`'s newline), not a marker.
         turn_separator: text after `end_of_turn` (unsupervised).
         user_text: False drops user text except the `<image>` placeholders (LLaVA's `plain`).
+        image_first: a message's single `<image>` moves to its start, followed by "\\n" (LLaVA-1.5's
+            `preprocess_multimodal`).
         markers: special tokens the format needs as single tokenizer entries.
         use_chat_template: render with `tokenizer.chat_template` instead of the fields above.
     """
 
     name: str
     bos: str = ""
+    add_bos_token: bool = False
     system_format: str = "{content}"
     default_system: str | None = None
+    system_from_tokenizer: bool = False
     user_format: str = "{content}"
     assistant_header: str = ""
     reply_prefix: str = ""
     end_of_turn: str | None = None
+    end_of_turn_is_token: bool = True
     turn_separator: str = ""
     user_text: bool = True
+    image_first: bool = False
     markers: tuple[str, ...] = ()
     use_chat_template: bool = False
 
     def bind(self, tokenizer: Any) -> Template:
-        """This template checked against `tokenizer`, with `end_of_turn` resolved; ValueError if they do not fit."""
+        """This template checked against `tokenizer`, with `end_of_turn` (and a tokenizer-given default
+        system) resolved; ValueError if they do not fit."""
         if self.use_chat_template:
             if not getattr(tokenizer, "chat_template", None):
                 raise ValueError(
@@ -92,14 +121,39 @@ class Template:
         end_of_turn = self.end_of_turn if self.end_of_turn is not None else tokenizer.eos_token
         if end_of_turn is None:
             raise ValueError(f"template {self.name!r} ends replies with eos, but the tokenizer has no eos_token")
-        missing = [m for m in (*self.markers, end_of_turn) if token_id(tokenizer, m) is None]
+        needed = (*self.markers, end_of_turn) if self.end_of_turn_is_token else self.markers
+        missing = [m for m in needed if token_id(tokenizer, m) is None]
         if missing:
             raise ValueError(
                 f"template {self.name!r} needs the special token(s) {missing} but tokenizer "
                 f"{type(tokenizer).__name__} lacks them; use the template that matches your LLM (--version) "
                 "or 'tokenizer' to use its own chat_template"
             )
-        return dataclasses.replace(self, end_of_turn=end_of_turn)
+        bound = dataclasses.replace(self, end_of_turn=end_of_turn)
+        if self.system_from_tokenizer:
+            found, system = _default_system_of(bound, tokenizer)
+            if found:
+                bound = dataclasses.replace(bound, default_system=system)
+        return bound
+
+    def leading_ids(self, tokenizer: Any) -> list[int]:
+        """Ids before the rendered text: the BOS the tokenizer adds itself, when the template asks for it."""
+        if not self.add_bos_token or tokenizer.bos_token_id is None:
+            return []
+        probe = tokenizer("a", add_special_tokens=True)["input_ids"]
+        return [tokenizer.bos_token_id] if probe and probe[0] == tokenizer.bos_token_id else []
+
+    def place_images(self, messages: list[dict]) -> list[dict]:
+        """LLaVA-1.5's placement (`image_first`): a message's single `<image>` moves to its start + "\\n"."""
+        if not self.image_first:
+            return messages
+        placed = []
+        for message in messages:
+            content = message["content"]
+            if message["role"] == "user" and content.count(IMAGE_TOKEN) == 1:
+                content = (IMAGE_TOKEN + "\n" + content.replace(IMAGE_TOKEN, "").strip()).strip()
+            placed.append({**message, "content": content})
+        return placed
 
     def render(self, messages: list[dict], tokenizer: Any, *, add_generation_prompt: bool = False) -> Groups:
         """Render validated `messages` into [preamble, pair 1, ...] groups of pieces.
@@ -117,7 +171,7 @@ class Template:
         if system is not None and self.system_format:
             preamble += self.system_format.format(content=system)
         groups: Groups = [[Piece(preamble, False)]]
-        for message in messages:
+        for message in self.place_images(messages):
             if message["role"] == "user":
                 content = message["content"]
                 if not self.user_text:
@@ -129,7 +183,7 @@ class Template:
         return groups
 
     def end_of_turn_token(self, tokenizer: Any) -> str:
-        """The token that closes an assistant reply (generation stops on it)."""
+        """The marker that closes an assistant reply (generation stops on it when it is one token)."""
         if not self.use_chat_template:
             return self.bind(tokenizer).end_of_turn  # type: ignore[return-value]
         probe = [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]
@@ -137,23 +191,28 @@ class Template:
         return supervised[0][len("y"):].strip()
 
 
+_VICUNA_V1 = Template(
+    name="vicuna_v1",
+    add_bos_token=True,
+    system_format="{content} ",
+    default_system=VICUNA_SYSTEM,
+    user_format="USER: {content} ",
+    assistant_header="ASSISTANT:",
+    reply_prefix=" ",
+    end_of_turn="</s>",
+    image_first=True,
+)
+
 TEMPLATES: dict[str, Template] = {
-    "plain": Template(name="plain", system_format="", user_text=False),
-    "vicuna_v1": Template(
-        name="vicuna_v1",
-        bos="<s>",
-        system_format="{content} ",
-        default_system=VICUNA_SYSTEM,
-        user_format="USER: {content} ",
-        assistant_header="ASSISTANT:",
-        reply_prefix=" ",
-        end_of_turn="</s>",
-        markers=("<s>",),
-    ),
+    "plain": Template(name="plain", add_bos_token=True, system_format="", end_of_turn="\n",
+                      end_of_turn_is_token=False, user_text=False, image_first=True),
+    "vicuna_v1": _VICUNA_V1,
+    "llava_v1": dataclasses.replace(_VICUNA_V1, name="llava_v1", default_system=LLAVA_V1_SYSTEM),
     "chatml": Template(
         name="chatml",
         system_format="<|im_start|>system\n{content}<|im_end|>\n",
         default_system=CHATML_SYSTEM,
+        system_from_tokenizer=True,
         user_format="<|im_start|>user\n{content}<|im_end|>\n",
         assistant_header="<|im_start|>assistant\n",
         end_of_turn="<|im_end|>",
@@ -172,10 +231,19 @@ TEMPLATES: dict[str, Template] = {
     "tokenizer": Template(name="tokenizer", use_chat_template=True),
 }
 
+# What each name matches, for `--help` and error messages.
+DESCRIPTIONS: dict[str, str] = {
+    "plain": "LLaVA-1.5 stage 1: BOS + image + caption + newline",
+    "vicuna_v1": "LLaVA-1.5 / Vicuna v1 (LLaVA's --version v1, eval conv_mode vicuna_v1)",
+    "llava_v1": "LLaVA's conv_llava_v1 ('curious human' system text)",
+    "chatml": "Qwen2 ChatML; default system from the tokenizer's own template, else 'You are a helpful assistant.'",
+    "llama3": "Llama-3.0 format (for Llama-3.1+ use 'tokenizer': its date block is in the model's template)",
+    "tokenizer": "the LLM tokenizer's own chat_template (Qwen2.5, Qwen3, Llama-3.1, ...)",
+}
+
 # LLaVA's --version values and other common spellings.
 ALIASES: dict[str, str] = {
     "v1": "vicuna_v1",
-    "llava_v1": "vicuna_v1",
     "vicuna": "vicuna_v1",
     "qwen": "chatml",
     "qwen_2": "chatml",
@@ -211,17 +279,20 @@ def _render_chat_template(messages: list[dict], tokenizer: Any, add_generation_p
             continue
         prompt, upto = render(messages[:i], True), render(messages[: i + 1], False)
         if not (upto.startswith(prompt) and full.startswith(upto)):
-            raise ValueError(
-                "the tokenizer's chat_template does not render conversations prefix by prefix (it rewrites "
+            raise SampleError(
+                "template_mismatch",
+                "the tokenizer's chat_template does not render this conversation prefix by prefix (it rewrites "
                 f"earlier turns, e.g. drops reasoning), so assistant turn {i} cannot be located; use a built-in "
-                "template instead (--version chatml / llama3 / vicuna_v1)"
+                "template instead (--version chatml / llama3 / vicuna_v1)",
             )
         reply = message["content"]
         start = upto.find(reply, len(prompt))
         if start < 0:
-            raise ValueError(
-                f"the tokenizer's chat_template changes assistant turn {i}'s text (e.g. strips it), so the reply "
-                "cannot be located in the rendering; use a built-in template instead"
+            raise SampleError(
+                "template_mismatch",
+                f"the tokenizer's chat_template changes assistant turn {i}'s text (e.g. strips surrounding "
+                "whitespace), so the reply cannot be located in the rendering; clean the reply or use a built-in "
+                "template",
             )
         end = start + len(reply)
         tail = upto[end:]
@@ -250,3 +321,28 @@ def _special_token_strings(tokenizer: Any) -> list[str]:
         if getattr(added, "special", False):
             found.add(str(added))
     return sorted(found)
+
+
+_PROBE = "\x00probe\x00"
+
+
+def _default_system_of(template: Template, tokenizer: Any) -> tuple[bool, str | None]:
+    """(True, the system text or None) when the tokenizer's chat template renders `template`'s format for
+    a user turn without a system message; (False, None) when it has no template or another format."""
+    if not getattr(tokenizer, "chat_template", None):
+        return False, None
+    try:
+        rendered = tokenizer.apply_chat_template([{"role": "user", "content": _PROBE}], tokenize=False,
+                                                 add_generation_prompt=True)
+    except Exception:  # a template that needs more than one user turn tells us nothing about defaults
+        return False, None
+    turn = template.user_format.format(content=_PROBE) + template.assistant_header
+    if not rendered.endswith(turn) or not rendered.startswith(template.bos):
+        return False, None
+    preamble = rendered[len(template.bos):len(rendered) - len(turn)]
+    if not preamble:
+        return True, None
+    before, _, after = template.system_format.partition("{content}")
+    if preamble.startswith(before) and preamble.endswith(after) and len(preamble) >= len(before) + len(after):
+        return True, preamble[len(before):len(preamble) - len(after)]
+    return False, None

@@ -219,14 +219,14 @@ def test_torchrun_two_processes_equal_single_process(workspace, tmp_path):
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
 
 
-def test_sigkill_and_resume_is_bitwise_equal(workspace, tmp_path):
-    # 30 steps (2.5 epochs, so the resume also crosses epoch boundaries), a checkpoint every 2.
-    flags = ("--max_steps", "30", "--per_device_train_batch_size", "2", "--learning_rate", "5e-3",
-             "--save_strategy", "steps", "--save_steps", "2", "--save_total_limit", "1")
+def _kill_at_first_checkpoint_then_resume(workspace, tmp_path, flags: tuple[str, ...], final_file: str) -> None:
+    """Run to the end (ref/); run again (killed/), SIGKILL it as soon as a complete checkpoint exists,
+    rerun the same command, which resumes. `final_file` is what only a finished run writes."""
     reference = _run([sys.executable, "train.py", *base_flags(workspace, tmp_path / "ref", *flags)])
     assert reference.returncode == 0, reference.stderr[-3000:]
+    steps = flags[flags.index("--max_steps") + 1]
     kept = sorted(p.name for p in (tmp_path / "ref").glob("checkpoint-*"))
-    assert kept == ["checkpoint-30"], f"save_total_limit=1 keeps only the newest complete checkpoint: {kept}"
+    assert kept == [f"checkpoint-{steps}"], f"save_total_limit=1 keeps only the newest complete checkpoint: {kept}"
 
     out = tmp_path / "killed"
     cmd = [sys.executable, "train.py", *base_flags(workspace, out, *flags)]
@@ -234,23 +234,46 @@ def test_sigkill_and_resume_is_bitwise_equal(workspace, tmp_path):
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
     # Kill as soon as a complete checkpoint exists (whichever: with save_total_limit=1 an early one may
-    # already have been rotated away when we look), with most of the 30 steps still to run.
+    # already have been rotated away when we look), with most of the steps still to run.
     while not list(out.glob("checkpoint-*")) and time.time() < deadline and proc.poll() is None:
         time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
-    assert not (out / "model.safetensors").exists(), "killed too late"
+    assert not (out / final_file).exists(), "killed too late"
     assert list(out.glob("checkpoint-*")), "a complete checkpoint to resume from"
 
     resumed = _run(cmd)  # no flag: the complete checkpoint in --output_dir is found and resumed
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming from" in resumed.stdout
     assert not list(out.glob(".incomplete/checkpoint-*")), "half-written checkpoints are cleared"
-    a, b = _final_params(tmp_path / "ref"), _final_params(out)
-    assert a.keys() == b.keys()
+
+
+def _assert_files_bitwise_equal(a_folder, b_folder, name: str) -> None:
+    a, b = load_file(Path(a_folder) / name), load_file(Path(b_folder) / name)
+    assert a.keys() == b.keys(), name
     for key in a:
-        assert torch.equal(a[key], b[key]), key
+        assert torch.equal(a[key], b[key]), f"{name}: {key}"
+
+
+def test_sigkill_and_resume_is_bitwise_equal(workspace, tmp_path):
+    # 30 steps (2.5 epochs, so the resume also crosses epoch boundaries), a checkpoint every 2.
+    flags = ("--max_steps", "30", "--per_device_train_batch_size", "2", "--learning_rate", "5e-3",
+             "--save_strategy", "steps", "--save_steps", "2", "--save_total_limit", "1")
+    _kill_at_first_checkpoint_then_resume(workspace, tmp_path, flags, "model.safetensors")
+    _assert_files_bitwise_equal(tmp_path / "ref", tmp_path / "killed", "model.safetensors")
+
+
+def test_lora_sigkill_and_resume_is_bitwise_equal(workspace, tmp_path):
+    """The same for a LoRA run: adapter (with LoRA-trained biases) and non-LoRA trainables (projector)
+    of the resumed run equal the uninterrupted run's, bit for bit. Dropout on, so RNG state matters."""
+    flags = ("--max_steps", "16", "--per_device_train_batch_size", "2", "--learning_rate", "5e-3",
+             "--save_strategy", "steps", "--save_steps", "2", "--save_total_limit", "1",
+             "--lora_enable", "True", "--lora_r", "4", "--lora_alpha", "8", "--lora_dropout", "0.1",
+             "--lora_bias", "lora_only", "--mm_projector_lr", "1e-3")
+    _kill_at_first_checkpoint_then_resume(workspace, tmp_path, flags, "adapter_model.safetensors")
+    for name in ("adapter_model.safetensors", "non_lora_trainables.safetensors"):
+        _assert_files_bitwise_equal(tmp_path / "ref", tmp_path / "killed", name)
 
 
 @pytest.mark.parametrize("kind", ["vlm", "llava-hf"])

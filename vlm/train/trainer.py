@@ -184,23 +184,41 @@ class VLMTrainer(Trainer):
         super().log(logs, start_time)
 
 
+def _check_same_tensors(saved: dict[str, torch.Tensor], own: dict[str, torch.Tensor], what: str) -> None:
+    """ValueError naming the missing, unexpected and mis-shaped keys unless `saved` fits `own` exactly."""
+    missing, unexpected = sorted(own.keys() - saved.keys()), sorted(saved.keys() - own.keys())
+    shapes = [f"{k}: {tuple(saved[k].shape)} vs {tuple(own[k].shape)}" for k in sorted(saved.keys() & own.keys())
+              if saved[k].shape != own[k].shape]
+    if missing or unexpected or shapes:
+        raise ValueError(
+            f"{what} does not fit the model being resumed: missing {missing[:10]}, unexpected {unexpected[:10]}, "
+            f"shape differences {shapes[:10]}; resume with the flags the run was started with"
+        )
+
+
 def load_lora_checkpoint(peft_model, folder: str) -> None:
-    """Restore a LoRA checkpoint into the live PEFT model: adapter weights and the non-LoRA trainables."""
-    from peft import set_peft_model_state_dict
+    """Restore a LoRA checkpoint into the live PEFT model: adapter weights and the non-LoRA trainables.
+
+    Strict both ways: the adapter file must hold exactly the model's adapter tensors, and
+    `non_lora_trainables.safetensors` exactly what `save_lora_run` writes for this model (its keys use
+    the plain layout, `q_proj.bias` for PEFT's `q_proj.base_layer.bias`), every shape equal.
+    """
+    from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
     from safetensors.torch import load_file
 
-    from vlm.lora import ADAPTER_WEIGHTS_NAME, NON_LORA_NAME
+    from vlm.lora import ADAPTER_WEIGHTS_NAME, NON_LORA_NAME, _plain_name, non_lora_state
 
-    result = set_peft_model_state_dict(peft_model, load_file(os.path.join(folder, ADAPTER_WEIGHTS_NAME)))
-    if getattr(result, "unexpected_keys", None):
-        raise ValueError(f"adapter in {folder!r} has keys the model lacks: {result.unexpected_keys[:10]}")
-    base = peft_model.get_base_model()
+    adapter = load_file(os.path.join(folder, ADAPTER_WEIGHTS_NAME))
+    _check_same_tensors(adapter, get_peft_model_state_dict(peft_model, save_embedding_layers=False),
+                        f"{ADAPTER_WEIGHTS_NAME} in {folder!r}")
+    set_peft_model_state_dict(peft_model, adapter)
+
     state = load_file(os.path.join(folder, NON_LORA_NAME))
-    own = base.state_dict()
-    bad = [k for k, v in state.items() if k not in own or own[k].shape != v.shape]
-    if bad:
-        raise ValueError(f"{NON_LORA_NAME} in {folder!r} does not match the model: {bad[:10]}")
-    base.load_state_dict(state, strict=False)
+    _check_same_tensors(state, non_lora_state(peft_model), f"{NON_LORA_NAME} in {folder!r}")
+    params = {_plain_name(name): p for name, p in peft_model.get_base_model().named_parameters()}
+    with torch.no_grad():
+        for key, value in state.items():
+            params[key].copy_(value)
 
 
 def find_resume_checkpoint(output_dir: str) -> str | None:

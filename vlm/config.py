@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 CONFIG_NAME = "config.json"
+WRITER_VERSION_KEY = "transformers_version"  # in config.json, not a VLMConfig field
 SELECT_FEATURES = ("patch", "cls_patch")
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -131,6 +132,7 @@ class VLMConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "VLMConfig":
         data = dict(data)
+        data.pop(WRITER_VERSION_KEY, None)  # written by `save`, informational
         parts = {
             "vision": _from_dict(VisionConfig, data.pop("vision", {}), "config 'vision'"),
             "projector": _from_dict(ProjectorConfig, data.pop("projector", {}), "config 'projector'"),
@@ -139,9 +141,19 @@ class VLMConfig:
         return _from_dict(cls, {**data, **parts}, "config")
 
     def save(self, folder: str | os.PathLike) -> None:
+        """Write `config.json`, with the `transformers_version` that wrote it as transformers' configs do.
+
+        transformers reads that key too: `AutoTokenizer.from_pretrained(folder)` of a large (>100k)
+        tokenizer opens the folder's config.json, and one with neither a `model_type` nor a
+        `transformers_version` >= 5 is taken for a Mistral tokenizer saved by transformers 4, with an
+        "incorrect regex pattern ... fix_mistral_regex=True" warning
+        (`TokenizersBackend._patch_mistral_regex`). Recording the version is true and avoids that.
+        """
+        import transformers
+
         os.makedirs(folder, exist_ok=True)
         with open(os.path.join(folder, CONFIG_NAME), "w", encoding="utf-8") as f:
-            json.dump(self.to_dict(), f, indent=2, sort_keys=True)
+            json.dump({**self.to_dict(), WRITER_VERSION_KEY: transformers.__version__}, f, indent=2, sort_keys=True)
             f.write("\n")
 
     @classmethod

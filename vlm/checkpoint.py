@@ -112,10 +112,11 @@ def _alias_groups(module: nn.Module) -> dict[str, set[str]]:
     return {name: group for group in by_id.values() for name in group}
 
 
-def load_state_dict_strict(module: nn.Module, state_dict: dict[str, torch.Tensor], *, source: str = "checkpoint") -> None:
-    """Copy every tensor into `module`; raise ValueError listing missing, unexpected and mis-shaped keys."""
-    expected = module.state_dict()
-    aliases = _alias_groups(module)
+def check_state_fits(state_dict: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], *,
+                     source: str = "checkpoint", aliases: dict[str, set[str]] | None = None, hint: str = "") -> None:
+    """ValueError listing missing, unexpected and mis-shaped keys unless `state_dict` has exactly the keys
+    and shapes of `expected` (a key is also present when one of its `aliases`, tied names, is)."""
+    aliases = aliases or {}
     missing = [k for k in expected if k not in state_dict and not (aliases.get(k, {k}) & state_dict.keys())]
     unexpected = [k for k in state_dict if k not in expected]
     mismatched = [
@@ -128,8 +129,13 @@ def load_state_dict_strict(module: nn.Module, state_dict: dict[str, torch.Tensor
         raise ValueError(
             f"{source} does not match the model: {len(missing)} missing key(s) [{show(missing)}], "
             f"{len(unexpected)} unexpected key(s) [{show(unexpected)}], "
-            f"{len(mismatched)} shape mismatch(es) [{show(mismatched)}]"
+            f"{len(mismatched)} shape mismatch(es) [{show(mismatched)}]{hint}"
         )
+
+
+def load_state_dict_strict(module: nn.Module, state_dict: dict[str, torch.Tensor], *, source: str = "checkpoint") -> None:
+    """Copy every tensor into `module`; raise ValueError listing missing, unexpected and mis-shaped keys."""
+    check_state_fits(state_dict, module.state_dict(), source=source, aliases=_alias_groups(module))
     module.load_state_dict(state_dict, strict=False)
 
 

@@ -26,7 +26,7 @@ from transformers.trainer_utils import get_last_checkpoint, rotate_checkpoints
 
 from safetensors.torch import save_file
 
-from vlm.checkpoint import load_state_dict, load_state_dict_strict, save_model_folder
+from vlm.checkpoint import check_state_fits, load_state_dict, load_state_dict_strict, save_model_folder
 
 STAGING_DIR = ".incomplete"
 PROJECTOR_FILE = "mm_projector.safetensors"
@@ -184,18 +184,6 @@ class VLMTrainer(Trainer):
         super().log(logs, start_time)
 
 
-def _check_same_tensors(saved: dict[str, torch.Tensor], own: dict[str, torch.Tensor], what: str) -> None:
-    """ValueError naming the missing, unexpected and mis-shaped keys unless `saved` fits `own` exactly."""
-    missing, unexpected = sorted(own.keys() - saved.keys()), sorted(saved.keys() - own.keys())
-    shapes = [f"{k}: {tuple(saved[k].shape)} vs {tuple(own[k].shape)}" for k in sorted(saved.keys() & own.keys())
-              if saved[k].shape != own[k].shape]
-    if missing or unexpected or shapes:
-        raise ValueError(
-            f"{what} does not fit the model being resumed: missing {missing[:10]}, unexpected {unexpected[:10]}, "
-            f"shape differences {shapes[:10]}; resume with the flags the run was started with"
-        )
-
-
 def load_lora_checkpoint(peft_model, folder: str) -> None:
     """Restore a LoRA checkpoint into the live PEFT model: adapter weights and the non-LoRA trainables.
 
@@ -208,13 +196,14 @@ def load_lora_checkpoint(peft_model, folder: str) -> None:
 
     from vlm.lora import ADAPTER_WEIGHTS_NAME, NON_LORA_NAME, _plain_name, non_lora_state
 
+    hint = "; resume with the flags the run was started with"
     adapter = load_file(os.path.join(folder, ADAPTER_WEIGHTS_NAME))
-    _check_same_tensors(adapter, get_peft_model_state_dict(peft_model, save_embedding_layers=False),
-                        f"{ADAPTER_WEIGHTS_NAME} in {folder!r}")
+    check_state_fits(adapter, get_peft_model_state_dict(peft_model, save_embedding_layers=False),
+                     source=f"{ADAPTER_WEIGHTS_NAME} in {folder!r}", hint=hint)
     set_peft_model_state_dict(peft_model, adapter)
 
     state = load_file(os.path.join(folder, NON_LORA_NAME))
-    _check_same_tensors(state, non_lora_state(peft_model), f"{NON_LORA_NAME} in {folder!r}")
+    check_state_fits(state, non_lora_state(peft_model), source=f"{NON_LORA_NAME} in {folder!r}", hint=hint)
     params = {_plain_name(name): p for name, p in peft_model.get_base_model().named_parameters()}
     with torch.no_grad():
         for key, value in state.items():

@@ -132,6 +132,15 @@ def test_pad_matches_llava_expand_to_square_then_clip_preprocess(width, height):
     assert (got - expected).abs().max().item() <= PARITY_TOLERANCE
 
 
+def test_llava_pad_path_run_with_our_processor_gives_our_pixels():
+    """LLaVA's code handed our processor: it reads image_mean and crop_size, pads, then calls preprocess."""
+    processor = ours("pad")
+    image = noise(41, 30, seed=12)
+    assert processor.crop_size == {"height": SIZE, "width": SIZE} and processor.image_std == list(OPENAI_CLIP_STD)
+    llava_way = processor.preprocess(llava_expand_to_square(image, processor.image_mean), return_tensors="pt")
+    assert torch.equal(llava_way["pixel_values"], reference(processor, image))
+
+
 def test_non_rgb_input_is_converted_as_transformers_does():
     rgba = noise(41, 30, seed=5).convert("RGBA")
     rgba.putalpha(Image.fromarray(np.tile(np.arange(41, dtype=np.uint8) * 6, (30, 1))))

@@ -392,6 +392,22 @@ class ImageProcessor:
     def __repr__(self) -> str:
         return f"ImageProcessor({self.config})"
 
+    # What LLaVA's code reads besides the call (`expand2square(image, int(x * 255) for x in image_mean)`,
+    # a blank (3, crop_size["height"], crop_size["width"]) image for text-only samples). Read-only: the
+    # config is the one place these are set.
+    @property
+    def image_mean(self) -> list[float]:
+        return list(self.config.image_mean)
+
+    @property
+    def image_std(self) -> list[float]:
+        return list(self.config.image_std)
+
+    @property
+    def crop_size(self) -> dict[str, int]:
+        """The output size, {"height": image_size, "width": image_size}."""
+        return {"height": self.config.image_size, "width": self.config.image_size}
+
     def __call__(self, images: ImageInput, return_tensors: str | None = None, **kwargs: Any) -> BatchFeature:
         """Images -> `BatchFeature` with "pixel_values", as transformers' image processors.
 

@@ -14,6 +14,9 @@ setup(
         "accelerate>=1.0",
         "safetensors>=0.4",
         "tokenizers>=0.21",
+        # LLaMA / Vicuna / LLaVA-1.5 folders ship only tokenizer.model: transformers 5 converts it with these
+        "sentencepiece>=0.2",
+        "protobuf>=4",
         "einops>=0.8",
         "pillow>=10",
         "tqdm>=4.66",
@@ -21,7 +24,9 @@ setup(
         "matplotlib>=3.8",
     ],
     extras_require={
-        "gpu": ["flash-attn>=2.5", "bitsandbytes>=0.43", "deepspeed>=0.15"],
+        # bitsandbytes 0.50 ships a CPU backend: QLoRA (--bits 4|8) and --load-4bit/--load-8bit run anywhere.
+        "qlora": ["bitsandbytes>=0.50"],
+        "gpu": ["flash-attn>=2.5", "deepspeed>=0.15", "bitsandbytes>=0.50"],
         "dev": ["pytest>=8"],
     },
     entry_points={"console_scripts": ["vlm=vlm.cli:main"]},

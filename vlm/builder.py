@@ -10,9 +10,11 @@ never guessed from its name:
 | original LLaVA-1.5 (`LlavaLlamaForCausalLM`) | `config.json` with `mm_vision_tower`             |
 | llava-hf (`LlavaForConditionalGeneration`)   | `config.json` with `model_type: llava` and sub-configs |
 
-LoRA runs are merged after loading (inference needs no adapter). 8-/4-bit loading quantises the LLM's
-linear layers with bitsandbytes on a CUDA device (the vision tower, projector and lm_head stay in 16/32
-bits, as LLaVA); asking for it without CUDA is an error, not a silent full-precision load.
+LoRA runs are merged after loading (inference needs no adapter). 8-/4-bit loading (`vlm.quantization`)
+loads the LLM's linear layers through bitsandbytes, on CUDA or on the CPU (bitsandbytes' CPU backend);
+the vision tower, projector, embeddings and lm_head stay in 16/32 bits, as LLaVA. A LoRA run loaded
+quantised is not merged: its adapters sit unmerged on the quantised base (quantised with the recipe the
+run recorded), which is the model it was trained as; merging into 4-bit weights would be lossy.
 """
 
 from __future__ import annotations
@@ -137,46 +139,16 @@ def context_length(model, tokenizer) -> int:
     return int(limit)
 
 
-def _check_quantization(load_8bit: bool, load_4bit: bool, device: str) -> int | None:
+def quantization_bits(load_8bit: bool, load_4bit: bool) -> int | None:
+    """8, 4 or None from `--load-8bit/--load-4bit`, checked before anything is loaded."""
     if not (load_8bit or load_4bit):
         return None
     if load_8bit and load_4bit:
         raise ValueError("pass either --load-8bit or --load-4bit, not both")
-    flag = "--load-8bit" if load_8bit else "--load-4bit"
-    if not torch.cuda.is_available() or not str(device).startswith("cuda"):
-        raise ValueError(
-            f"{flag} needs a CUDA GPU (bitsandbytes quantised kernels); this run has device={device!r} and "
-            f"CUDA available={torch.cuda.is_available()}. Drop {flag} to run in full precision on the CPU."
-        )
-    try:
-        import bitsandbytes  # noqa: F401
-    except ImportError:
-        raise ImportError(f"{flag} needs bitsandbytes: pip install 'vlm[gpu]'") from None
+    from vlm.quantization import require_bitsandbytes
+
+    require_bitsandbytes("--load-8bit" if load_8bit else "--load-4bit")
     return 8 if load_8bit else 4
-
-
-def quantize_llm(model, bits: int, compute_dtype: torch.dtype = torch.float16) -> None:
-    """Replace the LLM's linear layers (not lm_head, tower, projector) with bitsandbytes layers; quantised on .cuda()."""
-    import bitsandbytes as bnb
-
-    from vlm.lora import llm_linear_names
-
-    for name in llm_linear_names(model):
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        old = getattr(parent, child)
-        weight = old.weight.data.to(compute_dtype)
-        if bits == 8:
-            new = bnb.nn.Linear8bitLt(old.in_features, old.out_features, bias=old.bias is not None,
-                                      has_fp16_weights=False, threshold=6.0)
-            new.weight = bnb.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=False)
-        else:
-            new = bnb.nn.Linear4bit(old.in_features, old.out_features, bias=old.bias is not None,
-                                    compute_dtype=compute_dtype, quant_type="nf4")
-            new.weight = bnb.nn.Params4bit(weight, requires_grad=False, quant_type="nf4")
-        if old.bias is not None:
-            new.bias = torch.nn.Parameter(old.bias.data.to(compute_dtype), requires_grad=False)
-        setattr(parent, child, new)
 
 
 def load_pretrained_model(model_path: str | os.PathLike, model_base: str | None = None, load_8bit: bool = False,
@@ -189,9 +161,10 @@ def load_pretrained_model(model_path: str | os.PathLike, model_base: str | None 
             a Hub id of one.
         model_base: for a LoRA run, its base (vlm folder, LLM folder or hub id; default: the run's
             `llm.name_or_path`). Refused for the other kinds, which carry all their weights.
-        load_8bit / load_4bit: quantise the LLM's linear layers (CUDA only).
+        load_8bit / load_4bit: load the LLM's linear layers in 8/4 bits with bitsandbytes (CUDA or CPU).
         device: where to put the model ("cpu", "cuda", "cuda:1", ...).
-        dtype: "float32" / "bfloat16" / "float16"; default: the folder's (float16 when quantising).
+        dtype: "float32" / "bfloat16" / "float16"; default: the folder's (float16 when quantising on CUDA,
+            as LLaVA). When quantising it is also the 4-bit compute dtype.
         kwargs: `vision_tower=` overrides LLaVA's `mm_vision_tower` (a local copy of the tower).
 
     Returns:
@@ -199,8 +172,8 @@ def load_pretrained_model(model_path: str | os.PathLike, model_base: str | None 
     """
     from vlm.data.tokenizer import get_image_token_id
 
-    bits = _check_quantization(load_8bit, load_4bit, str(device))
-    if bits is not None and dtype is None:
+    bits = quantization_bits(load_8bit, load_4bit)
+    if bits is not None and dtype is None and str(device).startswith("cuda"):
         dtype = torch.float16
     folder = resolve_model_path(model_path)
     kind = folder_kind(folder)
@@ -214,7 +187,16 @@ def load_pretrained_model(model_path: str | os.PathLike, model_base: str | None 
     if kind == "lora":
         from vlm.lora import load_lora_run, merge_lora
 
-        model = merge_lora(load_lora_run(folder, model_base, dtype=dtype))
+        if bits is None:
+            model = merge_lora(load_lora_run(folder, model_base, dtype=dtype))
+        else:
+            from vlm.config import VLMConfig
+            from vlm.model import resolve_dtype
+            from vlm.quantization import load_quantization_record
+
+            recipe = load_quantization_record(folder, bits, resolve_dtype(dtype or VLMConfig.load(folder).dtype))
+            # The injected (unmerged) adapters stay: the quantised base + LoRA is the model the run trained.
+            model = load_lora_run(folder, model_base, dtype=dtype, device=device, quantization=recipe).get_base_model()
     elif kind == "vlm":
         from vlm.model import from_pretrained
 
@@ -236,7 +218,11 @@ def load_pretrained_model(model_path: str | os.PathLike, model_base: str | None 
             f"is {model.vlm_config.image_token_id}; the folder mixes files of different models"
         )
     image_processor = load_image_processor(folder, model, aspect_ratio=aspect_ratio, fallback=fallback)
-    if bits is not None:
-        quantize_llm(model, bits, compute_dtype=model.dtype)
-    model = model.to(device).eval()
+    if bits is not None and getattr(model, "hf_quantizer", None) is None:
+        from vlm.quantization import bnb_config, quantize_llm
+
+        model = quantize_llm(model, bnb_config(bits, compute_dtype=model.dtype), device=device)
+    elif bits is None:
+        model = model.to(device)
+    model = model.eval()
     return tokenizer, model, image_processor, context_length(model, tokenizer)

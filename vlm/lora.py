@@ -20,6 +20,7 @@ LoRA run folder layout (written by `save_lora_run`):
                                       every other trainable non-LoRA parameter, and the input/output
                                       embeddings when the vocabulary differs from the base LLM's
     config.json                       the VLMConfig of the full model (vocabulary after resizing)
+    quantization_config.json          only for QLoRA runs: the BitsAndBytesConfig the LLM was trained under
     tokenizer files, preprocessor_config.json
 
 `load_lora_run(run, model_base)` rebuilds the architecture from `config.json`, loads the base weights
@@ -150,18 +151,25 @@ def _compact_regex(chosen: list[str], candidates: list[str]) -> str:
     return "^(?:" + "|".join(parts) + ")$"
 
 
+LORA_BIAS = ("none", "all", "lora_only")
+
+
 def apply_lora(model: nn.Module, *, r: int, alpha: int, dropout: float = 0.05,
-               target_modules: str | list[str] | None = None):
+               target_modules: str | list[str] | None = None, bias: str = "none"):
     """Wrap the LLM's linear layers of a VLM with LoRA adapters; returns a `peft.PeftModel`.
 
     Args:
-        model: a VLM from `vlm.build_model` / `vlm.from_pretrained`.
+        model: a VLM from `vlm.build_model` / `vlm.from_pretrained` (its LLM may be quantised, see
+            `vlm.quantization.quantize_llm`: the adapters are then PEFT's bitsandbytes LoRA layers).
         r: LoRA rank; alpha: scaling numerator (scale = alpha / r); dropout: on the adapter input.
         target_modules: None (every LLM linear), a list of exact name suffixes (`["q_proj", "v_proj"]`),
             or a regex string matched at a name boundary (`"q_proj|v_proj"`, `"c_attn|w1|w2"`).
+        bias: PEFT's `bias` (LLaVA's `--lora_bias`): "none"; "all" trains every bias of the LLM;
+            "lora_only" trains the biases of the adapted layers. Trained biases are saved in the adapter.
 
-    The projector and the trainable parameters of the vision tower remain trainable. Works with
-    activation checkpointing (input embeddings are made to require grad) and `transformers.Trainer`.
+    The projector and the trainable parameters of the vision tower remain trainable; a frozen tower stays
+    frozen, biases included (PEFT's "all" would otherwise reach it). Works with activation checkpointing
+    (input embeddings are made to require grad) and `transformers.Trainer`.
     """
     from peft import LoraConfig, get_peft_model
 
@@ -169,16 +177,45 @@ def apply_lora(model: nn.Module, *, r: int, alpha: int, dropout: float = 0.05,
         raise TypeError(f"apply_lora expects a VLM built by vlm.build_model, got {type(model).__name__}")
     if r < 1:
         raise ValueError(f"lora r={r} must be a positive rank")
+    if bias not in LORA_BIAS:
+        raise ValueError(f"lora bias={bias!r}; expected one of {LORA_BIAS} (PEFT's LoraConfig.bias)")
     chosen = resolve_target_modules(model, target_modules)
-    keep_trainable = {name for name, p in model.named_parameters() if name.startswith(_NOT_LLM) and p.requires_grad}
-    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, bias="none", task_type="CAUSAL_LM",
+    trainable_before = {name: p.requires_grad for name, p in model.named_parameters() if name.startswith(_NOT_LLM)}
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, bias=bias, task_type="CAUSAL_LM",
                         target_modules=_compact_regex(chosen, llm_linear_names(model)))
     peft_model = get_peft_model(model, config)
     for name, p in model.named_parameters():
-        if name in keep_trainable:
-            p.requires_grad_(True)
+        if name in trainable_before:
+            p.requires_grad_(trainable_before[name])
     model.enable_input_require_grads()  # gradients reach the adapters through checkpointed layers
     return peft_model
+
+
+def load_adapter_weights(peft_model, folder: str | os.PathLike) -> None:
+    """Initialise the adapter of `peft_model` from a PEFT adapter folder (`--lora_weight_path`).
+
+    Strict: the folder's adapter must hold exactly the adapter tensors of `peft_model` (same targets, rank
+    and bias mode), with the same shapes; otherwise ValueError lists what differs. Only the adapter is read:
+    the projector and other non-LoRA weights come from the start model.
+    """
+    from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+
+    path = os.path.join(folder, ADAPTER_WEIGHTS_NAME)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--lora_weight_path {str(folder)!r} has no {ADAPTER_WEIGHTS_NAME}; it must be a PEFT "
+                                "adapter folder (a vlm LoRA run or PeftModel.save_pretrained output)")
+    saved = load_file(path)
+    own = get_peft_model_state_dict(peft_model, save_embedding_layers=False)
+    only_file, only_model = sorted(saved.keys() - own.keys()), sorted(own.keys() - saved.keys())
+    shapes = [f"{k}: {tuple(saved[k].shape)} vs {tuple(own[k].shape)}" for k in sorted(saved.keys() & own.keys())
+              if saved[k].shape != own[k].shape]
+    if only_file or only_model or shapes:
+        raise ValueError(
+            f"the adapter in --lora_weight_path {str(folder)!r} does not fit this run's LoRA: keys only in the file "
+            f"{only_file[:5]}, only in the model {only_model[:5]}, shape differences {shapes[:5]}; use the same "
+            "--lora_r, --target_modules and --lora_bias as the run that saved it"
+        )
+    set_peft_model_state_dict(peft_model, saved)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -244,6 +281,13 @@ def save_lora_run(model, folder: str | os.PathLike, *, tokenizer=None, image_pro
     save_file(non_lora_state(model), os.path.join(folder, NON_LORA_NAME), metadata={"format": "pt"})
     config = copy.deepcopy(config)
     config.llm.hf_config = vlm_model.config.to_dict()
+    # The run describes the full-precision architecture (merge-lora rebuilds it); a quantised LLM's recipe
+    # is kept beside it, so loading the run quantised again gives the model it was trained as.
+    quantization = config.llm.hf_config.pop("quantization_config", None)
+    if quantization is not None:
+        from vlm.quantization import save_quantization_record
+
+        save_quantization_record(folder, quantization)
     config.vision.hf_config = vlm_model.vision_tower.model.config.to_dict()
     config.vision.frozen = vlm_model.vision_tower.frozen
     config.save(folder)
@@ -312,13 +356,16 @@ def _is_vlm_config(path: str) -> bool:
 
 
 def load_lora_run(folder: str | os.PathLike, model_base: str | None = None, *,
-                  dtype: str | torch.dtype | None = None, device: str | torch.device | None = None):
+                  dtype: str | torch.dtype | None = None, device: str | torch.device | None = None,
+                  quantization=None):
     """Rebuild a LoRA run as a `PeftModel` (adapters unmerged), in eval mode.
 
     Args:
         folder: the run folder written by `save_lora_run`.
         model_base: a vlm model folder, an LLM folder or hub id; None uses the run's `llm.name_or_path`.
         dtype: overrides the run's dtype; device: where to put the model.
+        quantization: a `BitsAndBytesConfig`: the base LLM is quantised (after the full-precision base and
+            the non-LoRA trainables are loaded) and the adapters sit on top unmerged, as in QLoRA training.
 
     Raises:
         FileNotFoundError: run files missing, base unreadable.
@@ -358,6 +405,10 @@ def load_lora_run(folder: str | os.PathLike, model_base: str | None = None, *,
     state.update(non_lora)
     load_state_dict_strict(model, state, source=f"base {base!r} + {NON_LORA_NAME} of {folder!r}")
     model.vlm_config.llm.name_or_path = config.llm.name_or_path
+    if quantization is not None:
+        from vlm.quantization import quantize_llm
+
+        model = quantize_llm(model, quantization, device=device or "cpu")
 
     peft_model = PeftModel.from_pretrained(model, folder)
     saved = load_file(os.path.join(folder, ADAPTER_WEIGHTS_NAME))
@@ -367,7 +418,7 @@ def load_lora_run(folder: str | os.PathLike, model_base: str | None = None, *,
             f"the adapter of {folder!r} does not fit the model: keys only in the file "
             f"{sorted(saved.keys() - loaded.keys())[:10]}, only in the model {sorted(loaded.keys() - saved.keys())[:10]}"
         )
-    if device is not None:
+    if device is not None and quantization is None:  # a quantised LLM is placed when it is loaded
         peft_model = peft_model.to(device)
     return peft_model.eval()
 
@@ -382,7 +433,11 @@ def merge_lora(model):
 
 def merge_lora_run(folder: str | os.PathLike, output: str | os.PathLike, model_base: str | None = None, *,
                    dtype: str | torch.dtype | None = None):
-    """Load a LoRA run, merge it and write a vlm model folder (weights, config, tokenizer, processor) to `output`."""
+    """Load a LoRA run, merge it and write a vlm model folder (weights, config, tokenizer, processor) to `output`.
+
+    The adapters are merged onto the full-precision base, also for runs trained on a quantised LLM (QLoRA):
+    W + alpha/r * B @ A with W the base's own weights, not their 4-/8-bit approximation.
+    """
     from vlm.checkpoint import save_model_folder
 
     merged = merge_lora(load_lora_run(folder, model_base, dtype=dtype))

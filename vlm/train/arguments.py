@@ -4,8 +4,8 @@ Three dataclasses (model, data, training) are parsed by `transformers.HfArgument
 accept `True`/`False` strings correctly and every `TrainingArguments` flag works unchanged. Aliases
 (`--lora_rank` for `--lora_r`, `--feature_proj_lr` for `--mm_projector_lr`, ...) are declared on the
 fields; `--config FILE` (YAML or JSON) supplies defaults that flags on the command line override.
-Flags that need a package this machine lacks (`--deepspeed`, `--report_to wandb`, `--bits 4`) fail
-here, before any model is built, naming what to install.
+Flags that need a package this machine lacks (`--deepspeed`, `--report_to wandb`, `--bits 4` without
+bitsandbytes) fail here, before any model is built, naming what to install.
 """
 
 from __future__ import annotations
@@ -85,13 +85,20 @@ class VLMTrainingArguments(transformers.TrainingArguments):
     lora_alpha: int | None = field(default=None, metadata={"help": f"LoRA alpha (default {LORA_DEFAULTS['lora_alpha']})"})
     lora_dropout: float | None = field(default=None, metadata={
         "help": f"LoRA dropout (default {LORA_DEFAULTS['lora_dropout']})"})
-    lora_weight_path: str = field(default="", metadata={"help": "LLaVA flag (accepted, unused)"})
-    lora_bias: str = field(default="none", metadata={"help": "LLaVA flag; only 'none' is supported"})
+    lora_weight_path: str = field(default="", metadata={
+        "help": "a PEFT adapter folder (e.g. a vlm LoRA run) whose adapter weights initialise this run's LoRA; "
+                "it must have the same --lora_r, --target_modules and --lora_bias"})
+    lora_bias: str = field(default="none", metadata={
+        "help": "PEFT's LoRA bias: none | all (train every bias of the LLM) | lora_only (biases of the adapted "
+                "layers); trained biases are saved in the adapter"})
     target_modules: str | None = field(default=None, metadata={
         "help": "LoRA targets: regex ('c_attn|w1|w2') or comma list; default every linear layer of the LLM"})
-    bits: int = field(default=16, metadata={"help": "4 or 8: QLoRA with bitsandbytes (GPU only)"})
-    double_quant: bool = field(default=True, metadata={"help": "QLoRA double quantisation"})
-    quant_type: str = field(default="nf4", metadata={"help": "QLoRA quantisation type: nf4 | fp4"})
+    bits: int = field(default=16, metadata={
+        "help": "16, or 4 / 8: QLoRA, the LLM loaded through bitsandbytes (CUDA or CPU; needs --lora_enable and "
+                "`pip install 'vlm[qlora]'`); the vision tower and projector stay unquantised"})
+    double_quant: bool = field(default=True, metadata={
+        "help": "--bits 4: also quantise the quantisation constants (bnb_4bit_use_double_quant)"})
+    quant_type: str = field(default="nf4", metadata={"help": "--bits 4: data type nf4 | fp4 (bnb_4bit_quant_type)"})
     freeze_mm_mlp_adapter: bool = field(default=False, metadata={"help": "keep the projector frozen"})
     evaluation_strategy: str | None = field(default=None, metadata={"help": "old name of --eval_strategy"})
     warmup_ratio: float | None = field(default=None, metadata={
@@ -148,14 +155,26 @@ class VLMTrainingArguments(transformers.TrainingArguments):
             if importlib.util.find_spec(module) is None:
                 raise ImportError(f"--report_to {name} needs the {module!r} package: `pip install {module}`, "
                                   "or use --report_to none")
+        self._check_lora_and_quantization()
+
+    def _check_lora_and_quantization(self) -> None:
+        from vlm.lora import LORA_BIAS
+        from vlm.quantization import QUANT_TYPES, require_bitsandbytes
+
+        if self.lora_bias not in LORA_BIAS:
+            raise ValueError(f"--lora_bias {self.lora_bias!r}: expected one of {', '.join(LORA_BIAS)} (PEFT's bias)")
+        if self.quant_type not in QUANT_TYPES:
+            raise ValueError(f"--quant_type {self.quant_type!r}: expected one of {', '.join(QUANT_TYPES)}")
+        if self.lora_weight_path and not self.lora_enable:
+            raise ValueError(f"--lora_weight_path {self.lora_weight_path!r} initialises a LoRA adapter: add "
+                             "--lora_enable True, or drop the flag")
+        if self.bits not in (4, 8, 16):
+            raise ValueError(f"--bits {self.bits}: expected 4, 8 (QLoRA) or 16")
         if self.bits in (4, 8):
-            if importlib.util.find_spec("bitsandbytes") is None:
-                raise ImportError(f"--bits {self.bits} (QLoRA) needs bitsandbytes: `pip install 'vlm[gpu]'`")
-            if not torch.cuda.is_available():
-                raise ValueError(f"--bits {self.bits} (QLoRA) needs a CUDA GPU; on CPU use --bits 16 with "
-                                 "--lora_enable True")
-        elif self.bits != 16:
-            raise ValueError(f"--bits {self.bits}: expected 4, 8 or 16")
+            require_bitsandbytes(f"--bits {self.bits} (QLoRA)")
+            if not self.lora_enable:
+                raise ValueError(f"--bits {self.bits} quantises the LLM, whose own weights then cannot be trained or "
+                                 "saved: add --lora_enable True (QLoRA), or drop --bits")
 
 
 def parse_args(argv: list[str]) -> tuple[ModelArguments, DataArguments, VLMTrainingArguments]:

@@ -10,6 +10,7 @@ a whole vlm folder's weights into the composed model.
 
 Stages: `--tune_mm_mlp_adapter True` is stage 1 (projector only). Otherwise stage 2: projector plus
 the LLM (full weights, or LoRA with `--lora_enable`), the vision tower with `--unfreeze_vision_tower`.
+With `--bits 4|8` (QLoRA) the LLM is re-loaded through bitsandbytes before LoRA goes on (`vlm.quantization`).
 """
 
 from __future__ import annotations
@@ -102,9 +103,23 @@ def build_for_training(model_args, data_args, training_args):
                                source=f"--model_weights {model_args.model_weights!r}")
     if model_args.pretrain_mm_mlp_adapter:
         load_projector_weights(model, model_args.pretrain_mm_mlp_adapter)
+    if training_args.bits in (4, 8):
+        model = quantize_for_training(model, training_args)
     model = configure_trainable(model, model_args, training_args)
     model.config.use_cache = False
     return model, tokenizer, image_processor
+
+
+def quantize_for_training(model, training_args):
+    """QLoRA (`--bits 4|8`): the LLM re-loaded through bitsandbytes and prepared for k-bit training.
+
+    The compute dtype follows `--bf16/--fp16` (float32 otherwise); the tower and projector are untouched.
+    """
+    from vlm.quantization import bnb_config, quantize_llm
+
+    config = bnb_config(training_args.bits, quant_type=training_args.quant_type,
+                        double_quant=training_args.double_quant, compute_dtype=_run_dtype(training_args))
+    return quantize_llm(model, config, device=training_args.device, prepare_for_training=True)
 
 
 def configure_trainable(model, model_args, training_args):
@@ -117,10 +132,13 @@ def configure_trainable(model, model_args, training_args):
         model.mm_projector.requires_grad_(True)
         return model
     if training_args.lora_enable:
-        from vlm.lora import apply_lora
+        from vlm.lora import apply_lora, load_adapter_weights
 
         model = apply_lora(model, r=training_args.lora_r, alpha=training_args.lora_alpha,
-                           dropout=training_args.lora_dropout, target_modules=training_args.target_modules)
+                           dropout=training_args.lora_dropout, target_modules=training_args.target_modules,
+                           bias=training_args.lora_bias)
+        if training_args.lora_weight_path:
+            load_adapter_weights(model, training_args.lora_weight_path)
         base = model.get_base_model()
     else:
         base = model

@@ -255,6 +255,8 @@ def test_run_without_base_or_files(run, tmp_path):
     for name in os.listdir(folder):
         (copy / name).write_bytes(open(os.path.join(folder, name), "rb").read())
     config.save(copy)
+    adapter = json.loads((copy / ADAPTER_CONFIG_NAME).read_text())
+    (copy / ADAPTER_CONFIG_NAME).write_text(json.dumps({**adapter, "base_model_name_or_path": None}))
     with pytest.raises(ValueError, match="records no base LLM.*--model-base"):
         load_lora_run(copy)
 

@@ -30,10 +30,22 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 DEFAULT_CONTEXT = 2048
 
 
-def folder_kind(folder: str) -> str:
-    """'lora', 'vlm', 'llava' or 'llava-hf'; FileNotFoundError/ValueError naming what is missing or unknown."""
+def config_kind(data: dict[str, Any]) -> str | None:
+    """'vlm', 'llava' or 'llava-hf' from a `config.json`'s content; None for anything else (e.g. a plain LLM)."""
     from vlm.convert.llava_hf import is_llava_hf_config
     from vlm.convert.llava_original import is_llava_original_config
+
+    if "vision" in data and "llm" in data:
+        return "vlm"
+    if is_llava_original_config(data):
+        return "llava"
+    if is_llava_hf_config(data):
+        return "llava-hf"
+    return None
+
+
+def folder_kind(folder: str) -> str:
+    """'lora', 'vlm', 'llava' or 'llava-hf'; FileNotFoundError/ValueError naming what is missing or unknown."""
     from vlm.lora import is_lora_run
 
     if not os.path.isdir(folder):
@@ -48,12 +60,9 @@ def folder_kind(folder: str) -> str:
         )
     with open(path, encoding="utf-8") as f:
         data = json.load(f)
-    if "vision" in data and "llm" in data:
-        return "vlm"
-    if is_llava_original_config(data):
-        return "llava"
-    if is_llava_hf_config(data):
-        return "llava-hf"
+    kind = config_kind(data)
+    if kind is not None:
+        return kind
     raise ValueError(
         f"{path} describes none of the supported models (model_type={data.get('model_type')!r}, architectures="
         f"{data.get('architectures')}): no vision/llm sections (vlm), no mm_vision_tower (LLaVA-1.5), no "
@@ -82,12 +91,53 @@ def check_folder_files(folder: str, kind: str) -> None:
         )
 
 
+def _is_hub_id(path: str) -> bool:
+    return not os.path.exists(path) and path.count("/") == 1 and not path.startswith((".", "/"))
+
+
+def _hub_file(repo_id: str, name: str) -> str | None:
+    """The local copy of one file of a Hub repo (the Hub cache; offline mode reads only the cache), or None."""
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return hf_hub_download(repo_id, name)
+    except Exception:  # absent, offline without a cached copy, unknown repo, no access: all mean "not there"
+        return None
+
+
+def model_kind(path: str | os.PathLike) -> tuple[str, str]:
+    """What a model path or Hub id holds, read from its files, never from its name.
+
+    Returns ('lora' | 'vlm' | 'llava' | 'llava-hf', local folder), a Hub id being fetched into the Hub cache
+    (only its `adapter_config.json`/`config.json` are read first, so a plain LLM is not downloaded here), or
+    ('llm', path) for anything else: a decoder LLM that `transformers` loads by that name.
+    """
+    from vlm.lora import ADAPTER_CONFIG_NAME
+
+    path = str(path)
+    if os.path.isdir(path):
+        try:
+            return folder_kind(path), path
+        except (ValueError, FileNotFoundError):  # a decoder LLM's own folder is none of the VLM kinds
+            return "llm", path
+    if not _is_hub_id(path):
+        return "llm", path
+    if _hub_file(path, ADAPTER_CONFIG_NAME) is not None:
+        return "lora", resolve_model_path(path)
+    config = _hub_file(path, "config.json")
+    if config is None:
+        return "llm", path
+    with open(config, encoding="utf-8") as f:
+        kind = config_kind(json.load(f))
+    return ("llm", path) if kind is None else (kind, resolve_model_path(path))
+
+
 def resolve_model_path(model_path: str | os.PathLike) -> str:
     """A local folder as is; otherwise a Hub id downloaded into the Hub cache."""
     path = str(model_path)
     if os.path.isdir(path) or os.path.exists(path):
         return path
-    if path.count("/") != 1 or path.startswith((".", "/")):
+    if not _is_hub_id(path):
         raise FileNotFoundError(f"model folder {path!r} does not exist")
     from huggingface_hub import snapshot_download
 

@@ -54,12 +54,13 @@ def read_template(folder: str | os.PathLike) -> str | None:
 
 def default_template(folder: str | os.PathLike, tokenizer) -> str:
     """The chat template to prompt a model folder with when the user names none (see the module docstring)."""
-    from vlm.builder import folder_kind
+    from vlm.builder import model_kind
 
-    recorded = read_template(folder)
+    kind, local = model_kind(str(folder))  # a Hub id: its cached snapshot
+    recorded = read_template(local)
     if recorded:
         return recorded
-    if folder_kind(str(folder)) == "llava":
+    if kind == "llava":
         return "vicuna_v1"
     if getattr(tokenizer, "chat_template", None):
         return "tokenizer"

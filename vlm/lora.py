@@ -14,7 +14,8 @@ Design choices:
 
 LoRA run folder layout (written by `save_lora_run`):
 
-    adapter_config.json               PEFT's; base_model_name_or_path = the base LLM (`llm.name_or_path`)
+    adapter_config.json               PEFT's; base_model_name_or_path = what training started from: the
+                                      LLM (`llm.name_or_path`) or a vlm / LLaVA-1.5 / llava-hf folder
     adapter_model.safetensors         PEFT's LoRA weights (keys `base_model.model.model.layers...lora_A.weight`)
     non_lora_trainables.safetensors   full tensors in vlm key layout: `vision_tower.*`, `mm_projector.*`,
                                       every other trainable non-LoRA parameter, and the input/output
@@ -24,7 +25,7 @@ LoRA run folder layout (written by `save_lora_run`):
     tokenizer files, preprocessor_config.json
 
 `load_lora_run(run, model_base)` rebuilds the architecture from `config.json`, loads the base weights
-(a vlm model folder, or an LLM folder / hub id — by default `llm.name_or_path`), overlays the non-LoRA
+(by default the adapter's recorded base; any folder or Hub id `vlm.builder.model_kind` knows, or an LLM), overlays the non-LoRA
 trainables, checks that the base matches the run (dimensions and vocabulary) and attaches the adapter.
 `merge_lora` folds the adapters into the weights (W + alpha/r * B @ A) and gives back a plain VLM.
 """
@@ -155,7 +156,7 @@ LORA_BIAS = ("none", "all", "lora_only")
 
 
 def apply_lora(model: nn.Module, *, r: int, alpha: int, dropout: float = 0.05,
-               target_modules: str | list[str] | None = None, bias: str = "none"):
+               target_modules: str | list[str] | None = None, bias: str = "none", base: str | None = None):
     """Wrap the LLM's linear layers of a VLM with LoRA adapters; returns a `peft.PeftModel`.
 
     Args:
@@ -166,6 +167,9 @@ def apply_lora(model: nn.Module, *, r: int, alpha: int, dropout: float = 0.05,
             or a regex string matched at a name boundary (`"q_proj|v_proj"`, `"c_attn|w1|w2"`).
         bias: PEFT's `bias` (LLaVA's `--lora_bias`): "none"; "all" trains every bias of the LLM;
             "lora_only" trains the biases of the adapted layers. Trained biases are saved in the adapter.
+        base: what the run starts from, recorded as the adapter's `base_model_name_or_path` (what
+            `load_lora_run` loads by default): the model folder or Hub id training started from (a vlm,
+            LLaVA-1.5, llava-hf folder or LoRA run); default the LLM, `llm.name_or_path`.
 
     The projector and the trainable parameters of the vision tower remain trainable; a frozen tower stays
     frozen, biases included (PEFT's "all" would otherwise reach it). Works with activation checkpointing
@@ -184,6 +188,8 @@ def apply_lora(model: nn.Module, *, r: int, alpha: int, dropout: float = 0.05,
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, bias=bias, task_type="CAUSAL_LM",
                         target_modules=_compact_regex(chosen, llm_linear_names(model)))
     peft_model = get_peft_model(model, config)
+    for adapter_config in peft_model.peft_config.values():  # PEFT records the model's own name_or_path
+        adapter_config.base_model_name_or_path = base or model.vlm_config.llm.name_or_path
     for name, p in model.named_parameters():
         if name in trainable_before:
             p.requires_grad_(trainable_before[name])
@@ -274,8 +280,8 @@ def save_lora_run(model, folder: str | os.PathLike, *, tokenizer=None, image_pro
     vlm_model = model.get_base_model()
     config = vlm_model.vlm_config
     os.makedirs(folder, exist_ok=True)
-    for adapter_config in model.peft_config.values():
-        adapter_config.base_model_name_or_path = config.llm.name_or_path
+    for adapter_config in model.peft_config.values():  # the base apply_lora recorded (a run reloaded keeps it)
+        adapter_config.base_model_name_or_path = adapter_config.base_model_name_or_path or config.llm.name_or_path
     # Embeddings are handled by non_lora_trainables; "auto" would look the base up on the Hub.
     model.save_pretrained(str(folder), save_embedding_layers=False)
     save_file(non_lora_state(model), os.path.join(folder, NON_LORA_NAME), metadata={"format": "pt"})
@@ -323,19 +329,25 @@ def _check_base_matches(run_llm: dict[str, Any], base_llm: dict[str, Any], run: 
 
 def _base_state(config, model_base: str | None, run: str, dtype: torch.dtype | None) -> tuple[dict, str]:
     """Weights of the base (vlm key layout) and the name it was loaded from."""
+    from vlm.builder import load_pretrained_model, model_kind
     from vlm.checkpoint import load_state_dict
-    from vlm.config import CONFIG_NAME, VLMConfig
+    from vlm.config import VLMConfig
 
-    base = model_base or config.llm.name_or_path
+    base = model_base or recorded_base(run) or config.llm.name_or_path
     if not base:
         raise ValueError(
             f"the LoRA run {run!r} records no base LLM (llm.name_or_path is empty); pass --model-base "
             "(a vlm model folder, an LLM folder or a hub id)"
         )
-    if os.path.isfile(os.path.join(base, CONFIG_NAME)) and _is_vlm_config(os.path.join(base, CONFIG_NAME)):
-        base_config = VLMConfig.load(base)
+    kind, where = model_kind(base)
+    if kind == "vlm":
+        base_config = VLMConfig.load(where)
         _check_base_matches(config.llm.hf_config, base_config.llm.hf_config, run, base)
-        return load_state_dict(base), base
+        return load_state_dict(where), base
+    if kind in ("llava", "llava-hf", "lora"):  # converted (or merged) to a vlm model first, as for inference
+        _, base_model, _, _ = load_pretrained_model(where, dtype=dtype)
+        _check_base_matches(config.llm.hf_config, base_model.vlm_config.llm.hf_config, run, base)
+        return base_model.state_dict(), base
     from transformers import AutoConfig, AutoModelForCausalLM
 
     try:
@@ -347,12 +359,15 @@ def _base_state(config, model_base: str | None, run: str, dtype: torch.dtype | N
     return llm.state_dict(), base
 
 
-def _is_vlm_config(path: str) -> bool:
+def recorded_base(run: str | os.PathLike) -> str | None:
+    """The base a LoRA run records (`adapter_config.json`'s `base_model_name_or_path`), or None."""
     import json
 
+    path = os.path.join(run, ADAPTER_CONFIG_NAME)
+    if not os.path.isfile(path):
+        return None
     with open(path, encoding="utf-8") as f:
-        data = json.load(f)
-    return isinstance(data, dict) and "vision" in data and "llm" in data
+        return json.load(f).get("base_model_name_or_path") or None
 
 
 def load_lora_run(folder: str | os.PathLike, model_base: str | None = None, *,
@@ -362,7 +377,8 @@ def load_lora_run(folder: str | os.PathLike, model_base: str | None = None, *,
 
     Args:
         folder: the run folder written by `save_lora_run`.
-        model_base: a vlm model folder, an LLM folder or hub id; None uses the run's `llm.name_or_path`.
+        model_base: a vlm model folder, a LLaVA-1.5 or llava-hf folder, an LLM folder or hub id; None uses the
+            base the run records (see `recorded_base`), else its `llm.name_or_path`.
         dtype: overrides the run's dtype; device: where to put the model.
         quantization: a `BitsAndBytesConfig`: the base LLM is quantised (after the full-precision base and
             the non-LoRA trainables are loaded) and the adapters sit on top unmerged, as in QLoRA training.
@@ -465,7 +481,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="vlm merge-lora", description="Merge a LoRA run into its base model.")
     parser.add_argument("--model-path", "--model_path", dest="model_path", required=True, help="LoRA run folder")
     parser.add_argument("--model-base", "--model_base", dest="model_base", default=None,
-                        help="vlm model folder, LLM folder or hub id (default: the run's llm.name_or_path)")
+                        help="vlm, LLaVA-1.5 or llava-hf folder, LLM folder or hub id (default: the base the run "
+                             "records)")
     parser.add_argument("--output", "--save-model-path", "--save_model_path", dest="output", required=True,
                         help="folder to write the merged vlm model to")
     parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],

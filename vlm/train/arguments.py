@@ -34,9 +34,14 @@ class ModelArguments:
         "--base_language_model",
         help="the decoder LLM (hub id or folder), or a vlm / LLaVA model folder to continue from"))
     vision_tower: str | None = field(default=None, metadata=_alias(
-        "--base_value_model", help="CLIP or SigLIP vision model (hub id or folder)"))
-    mm_projector_type: str = field(default="mlp2x_gelu", metadata={"help": "linear | mlp<N>x_gelu | identity"})
-    mm_vision_select_layer: int = field(default=-2, metadata={"help": "hidden_states index of the vision tower"})
+        "--base_value_model", help="CLIP or SigLIP vision model (hub id or folder); with a model folder to continue "
+                                   "from it must be that folder's tower"))
+    mm_projector_type: str | None = field(default=None, metadata={
+        "help": "linear | mlp<N>x_gelu | identity (default mlp2x_gelu; a model folder to continue from keeps its own, "
+                "and a different value is an error)"})
+    mm_vision_select_layer: int | None = field(default=None, metadata={
+        "help": "hidden_states index of the vision tower (default -2; a model folder to continue from keeps its own, "
+                "and a different value is an error)"})
     mm_vision_select_feature: str = field(default="patch", metadata={"help": "patch | cls_patch"})
     pretrain_mm_mlp_adapter: str | None = field(default=None, metadata={
         "help": "projector weights from a stage-1 run (mm_projector.safetensors or its folder)"})

@@ -5,6 +5,10 @@ Starting points (`--model_name_or_path`):
 - an original LLaVA or llava-hf folder, or a vlm LoRA run (merged): loaded by
   `vlm.builder.load_pretrained_model`;
 - otherwise a decoder LLM (hub id or folder), composed with `--vision_tower` and a new projector.
+A Hub id is recognised by its files (`vlm.builder.model_kind`), like a folder. Starting from a model folder,
+`--vision_tower`, `--mm_projector_type` and `--mm_vision_select_layer` must agree with it (an error names both
+values otherwise), and a LoRA run records that folder as its base (`adapter_config.json`), so `vlm merge-lora`
+and `load_pretrained_model(run)` rebuild the weights the adapters were trained on.
 `--pretrain_mm_mlp_adapter` then loads stage-1 projector weights; `--model_weights` (Basic-VLM) loads
 a whole vlm folder's weights into the composed model.
 
@@ -26,16 +30,56 @@ from vlm.model import build_model, from_pretrained
 from vlm.visual.processor import ImageProcessor
 
 
-def _start_kind(path: str | None) -> str:
-    """`vlm.builder.folder_kind` of a model folder, or 'llm' for a plain decoder (folder or hub id)."""
-    from vlm.builder import folder_kind
+def _start_kind(path: str | None) -> tuple[str, str | None]:
+    """(kind, local folder) of the start point (`vlm.builder.model_kind`: a Hub id is read from its config),
+    or ('llm', path) for a plain decoder (folder or hub id)."""
+    from vlm.builder import model_kind
 
-    if not path or not os.path.isdir(path):
-        return "llm"
+    return model_kind(path) if path else ("llm", path)
+
+
+def check_start_flags(model_args, model, start: str) -> None:
+    """Flags that describe the model must agree with the folder training continues from: one ValueError
+    naming every flag, its value and the folder's."""
+    config = model.vlm_config
+    conflicts = []
+    if model_args.mm_projector_type is not None and model_args.mm_projector_type != config.projector.type:
+        conflicts.append(f"--mm_projector_type {model_args.mm_projector_type!r} (the folder's: {config.projector.type!r})")
+    if model_args.mm_vision_select_layer is not None and model_args.mm_vision_select_layer != config.vision.select_layer:
+        conflicts.append(f"--mm_vision_select_layer {model_args.mm_vision_select_layer} (the folder's: "
+                         f"{config.vision.select_layer})")
+    tower = model.vision_tower.model.config.to_dict()
+    if model_args.vision_tower is not None and not _same_tower(model_args.vision_tower, config.vision.name_or_path,
+                                                               tower):
+        folder_tower = config.vision.name_or_path or (f"a {tower['model_type']} of hidden size {tower['hidden_size']}, "
+                                                      f"{tower['num_hidden_layers']} layers")
+        conflicts.append(f"--vision_tower {model_args.vision_tower!r} (the folder's: {folder_tower!r})")
+    if conflicts:
+        raise ValueError(f"--model_name_or_path {start!r} is a model folder, and these flags contradict it: "
+                         f"{'; '.join(conflicts)}. Drop them (the folder's are used), or start from the LLM")
+
+
+_TOWER_FIELDS = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "image_size", "patch_size")
+
+
+def _same_tower(flag: str, folder_name: str | None, folder_tower: dict) -> bool:
+    """`--vision_tower` names the folder's tower: the same name, or a tower with the same architecture
+    (e.g. a local copy of the hub tower the folder names); then the folder's trained tower weights are used."""
+    from transformers import AutoConfig
+
+    if flag == folder_name:
+        return True
     try:
-        return folder_kind(path)
-    except (ValueError, FileNotFoundError):  # a decoder LLM's own folder is none of the VLM kinds
-        return "llm"
+        config = AutoConfig.from_pretrained(flag)
+    except (OSError, ValueError):
+        return False
+    config = getattr(config, "vision_config", None) or config  # a full CLIP/SigLIP config holds the vision part
+    ours = config.to_dict()
+    if any(ours.get(key) != folder_tower.get(key) for key in _TOWER_FIELDS):
+        return False
+    print(f"note: --vision_tower {flag!r} has the architecture of the start folder's tower; the folder's tower "
+          "weights are used", flush=True)
+    return True
 
 
 def _run_dtype(training_args) -> torch.dtype:
@@ -67,31 +111,34 @@ def build_for_training(model_args, data_args, training_args):
     from transformers import AutoTokenizer
 
     dtype = _run_dtype(training_args)
-    kind = _start_kind(model_args.model_name_or_path)
+    kind, folder = _start_kind(model_args.model_name_or_path)
     if kind == "vlm":
-        model = from_pretrained(model_args.model_name_or_path, dtype=dtype,
-                                attn_implementation=model_args.attn_implementation)
-        tokenizer = AutoTokenizer.from_pretrained(model_args.model_name_or_path)
-        image_processor = ImageProcessor.from_pretrained(model_args.model_name_or_path)
+        model = from_pretrained(folder, dtype=dtype, attn_implementation=model_args.attn_implementation)
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        image_processor = ImageProcessor.from_pretrained(folder)
     elif kind in ("llava", "llava-hf", "lora"):
         from vlm.builder import load_pretrained_model
 
-        tokenizer, model, image_processor, _ = load_pretrained_model(model_args.model_name_or_path, dtype=dtype)
+        tokenizer, model, image_processor, _ = load_pretrained_model(folder, dtype=dtype)
     else:
         if not model_args.model_name_or_path or not model_args.vision_tower:
             raise ValueError("a new model needs --model_name_or_path (the LLM) and --vision_tower "
                              "(run `python train.py` with no arguments for the embedded demo)")
         tokenizer = AutoTokenizer.from_pretrained(model_args.model_name_or_path,
                                                   trust_remote_code=model_args.trust_remote_code)
+        select_layer, projector = model_args.mm_vision_select_layer, model_args.mm_projector_type
         config = VLMConfig(
-            vision=VisionConfig(name_or_path=model_args.vision_tower, select_layer=model_args.mm_vision_select_layer,
+            vision=VisionConfig(name_or_path=model_args.vision_tower,
+                                select_layer=VisionConfig.select_layer if select_layer is None else select_layer,
                                 select_feature=model_args.mm_vision_select_feature),
-            projector=ProjectorConfig(type=model_args.mm_projector_type),
+            projector=ProjectorConfig(type=projector or ProjectorConfig.type),
             llm=LLMConfig(name_or_path=model_args.model_name_or_path),
             attn_implementation=model_args.attn_implementation,
         )
         model = build_model(config, tokenizer=tokenizer, dtype=dtype)
         image_processor = ImageProcessor.from_pretrained(model_args.vision_tower)
+    if kind != "llm":
+        check_start_flags(model_args, model, model_args.model_name_or_path)
     image_processor.config.aspect_ratio = data_args.image_aspect_ratio
     tokenizer.model_max_length = training_args.model_max_length
     if tokenizer.pad_token is None:
@@ -105,7 +152,10 @@ def build_for_training(model_args, data_args, training_args):
         load_projector_weights(model, model_args.pretrain_mm_mlp_adapter)
     if training_args.bits in (4, 8):
         model = quantize_for_training(model, training_args)
-    model = configure_trainable(model, model_args, training_args)
+    # A LoRA run records the folder it starts from as its base (the LLM for a new model): merge-lora and
+    # load_pretrained_model(run) rebuild exactly the weights the adapters were trained on.
+    model = configure_trainable(model, model_args, training_args,
+                                base=model_args.model_name_or_path if kind != "llm" else None)
     model.config.use_cache = False
     return model, tokenizer, image_processor
 
@@ -122,8 +172,9 @@ def quantize_for_training(model, training_args):
     return quantize_llm(model, config, device=training_args.device, prepare_for_training=True)
 
 
-def configure_trainable(model, model_args, training_args):
-    """Freeze/unfreeze per stage; wrap with LoRA when asked. Returns the (possibly wrapped) model."""
+def configure_trainable(model, model_args, training_args, *, base: str | None = None):
+    """Freeze/unfreeze per stage; wrap with LoRA when asked (`base`: what the LoRA run records as its base,
+    see `vlm.lora.apply_lora`). Returns the (possibly wrapped) model."""
     for p in model.parameters():
         p.requires_grad_(False)
     if model_args.tune_mm_mlp_adapter:  # stage 1
@@ -136,7 +187,7 @@ def configure_trainable(model, model_args, training_args):
 
         model = apply_lora(model, r=training_args.lora_r, alpha=training_args.lora_alpha,
                            dropout=training_args.lora_dropout, target_modules=training_args.target_modules,
-                           bias=training_args.lora_bias)
+                           bias=training_args.lora_bias, base=base)
         if training_args.lora_weight_path:
             load_adapter_weights(model, training_args.lora_weight_path)
         base = model.get_base_model()

@@ -27,7 +27,8 @@ setup(
         # bitsandbytes 0.50 ships a CPU backend: QLoRA (--bits 4|8) and --load-4bit/--load-8bit run anywhere.
         "qlora": ["bitsandbytes>=0.50"],
         "gpu": ["flash-attn>=2.5", "deepspeed>=0.15", "bitsandbytes>=0.50"],
-        "dev": ["pytest>=8"],
+        # the tests run QLoRA on bitsandbytes' CPU backend
+        "dev": ["pytest>=8", "bitsandbytes>=0.50"],
     },
     entry_points={"console_scripts": ["vlm=vlm.cli:main"]},
 )

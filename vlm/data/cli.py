@@ -77,7 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--report", default="report.json", help="report file to write (default report.json)")
     tokens = check.add_argument_group("tokenisation (as in training)")
     tokens.add_argument("--tokenizer", default=None, help="tokenizer folder; default: a stand-in, no length check")
-    tokens.add_argument("--template", "--version", dest="template", default="vicuna_v1", help="chat template or LLaVA --version")
+    tokens.add_argument("--template", "--version", dest="template", default=None,
+                        help="chat template or LLaVA --version (default: the tokenizer's own chat template when it has "
+                             "one, else vicuna_v1, as training chooses)")
     tokens.add_argument("--num_image_tokens", type=int, default=576, help="tokens per image (default 576)")
     tokens.add_argument("--model_max_length", type=int, default=2048, help="longest sequence (default 2048)")
     tokens.add_argument("--truncate", choices=("none", "turns"), default="none", help="too long: drop (none) or keep first turns")
@@ -135,6 +137,10 @@ def _check(args: argparse.Namespace) -> int:
 
         tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
         ensure_image_token(tokenizer)  # as training does; the model's embeddings grow to match
+    if args.template is None:
+        from vlm.data.templates import default_template_name
+
+        args.template = default_template_name(tokenizer)
     _, report = check_dataset(
         sources, tokenizer=tokenizer, template=args.template, num_image_tokens=args.num_image_tokens,
         max_length=args.model_max_length, truncate=args.truncate, check_images=args.check_images, seed=args.seed,

@@ -262,6 +262,15 @@ def get_template(name: str, tokenizer: Any = None) -> Template:
     return template if tokenizer is None else template.bind(tokenizer)
 
 
+def default_template_name(tokenizer: Any, *, captions_stage: bool = False) -> str:
+    """The template to use when the user names none: `plain` for stage-1 captions (LLaVA's pretraining),
+    otherwise the LLM's own chat template when its tokenizer has one (what an instruct model was trained
+    on), else LLaVA-1.5's `vicuna_v1`."""
+    if captions_stage:
+        return "plain"
+    return "tokenizer" if tokenizer is not None and getattr(tokenizer, "chat_template", None) else "vicuna_v1"
+
+
 def _render_chat_template(messages: list[dict], tokenizer: Any, add_generation_prompt: bool) -> Groups:
     """Groups for `tokenizer.chat_template`, assistant spans found by rendering prefixes."""
 

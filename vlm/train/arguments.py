@@ -65,7 +65,12 @@ class DataArguments:
     data_format: str = field(default="auto", metadata={"help": "reader: auto | llava | xtuner | coco | ..."})
     image_map: str | None = field(default=None, metadata={"help": "Basic-VLM image_map.json"})
     captions_file: str | None = field(default=None, metadata={"help": "Basic-VLM captions.json"})
-    version: str = field(default="v1", metadata={"help": "chat template: plain | v1 | chatml | llama3 | tokenizer"})
+    version: str | None = field(default=None, metadata={"help": (
+        "chat template (LLaVA's --version): plain | v1 (vicuna_v1) | llava_v1 | chatml | llama3 | tokenizer. "
+        "Default: the start folder's own; plain in stage 1; 'tokenizer' (the LLM's own chat template) when the "
+        "tokenizer has one; else v1. chatml takes its default system prompt from the tokenizer's template when it "
+        "has one (Qwen2.5's 'You are Qwen, ...'), else Qwen2's 'You are a helpful assistant.'; llama3 is the "
+        "Llama-3.0 format (use 'tokenizer' for Llama-3.1's date block)")})
     image_aspect_ratio: str = field(default="pad", metadata={"help": "pad | resize | crop"})
     lazy_preprocess: bool = field(default=True, metadata={"help": "LLaVA flag; data is always lazy here"})
     is_multimodal: bool = field(default=True, metadata={"help": "LLaVA flag (accepted, unused)"})

@@ -59,8 +59,33 @@ def build_train_dataset(data_args, training_args, tokenizer, image_processor, nu
                              max_length=training_args.model_max_length, truncate=data_args.truncate, indices=kept)
 
 
-def template_for(data_args, model_args) -> str:
-    return "plain" if model_args.tune_mm_mlp_adapter and data_args.version == "v1" else data_args.version
+def template_for(data_args, model_args, tokenizer=None) -> str:
+    """`--version` when given; otherwise the start folder's recorded template (a vlm / LLaVA folder or LoRA
+    run keeps the format it was trained on), `plain` in stage 1, the LLM's own chat template when its
+    tokenizer has one, else `vicuna_v1`. The choice and its reason are printed."""
+    if data_args.version:
+        return data_args.version
+    from vlm.builder import model_kind
+    from vlm.data.templates import default_template_name
+
+    stage1 = model_args.tune_mm_mlp_adapter
+    kind, folder = model_kind(model_args.model_name_or_path) if model_args.model_name_or_path else ("llm", None)
+    if kind != "llm" and not stage1:
+        from vlm.generate import default_template
+
+        try:
+            name = default_template(folder, tokenizer)
+            print(f"template: {name!r}, the one {model_args.model_name_or_path!r} was trained with "
+                  "(--version to change)", flush=True)
+            return name
+        except ValueError:
+            pass
+    name = default_template_name(tokenizer, captions_stage=stage1)
+    why = {"plain": "stage 1 (--tune_mm_mlp_adapter) trains on captions",
+           "tokenizer": "the LLM's tokenizer has a chat template",
+           "vicuna_v1": "the LLM's tokenizer has no chat template; LLaVA-1.5's default"}[name]
+    print(f"template: {name!r} because {why} (--version to change)", flush=True)
+    return name
 
 
 def train(model_args, data_args, training_args) -> str:
@@ -71,7 +96,8 @@ def train(model_args, data_args, training_args) -> str:
 
     set_seed(training_args.seed)  # new modules (the projector) start the same in every process and every run
     model, tokenizer, image_processor = build_for_training(model_args, data_args, training_args)
-    fit(model, tokenizer, image_processor, data_args, training_args, template=template_for(data_args, model_args),
+    fit(model, tokenizer, image_processor, data_args, training_args,
+        template=template_for(data_args, model_args, tokenizer),
         save_projector=model_args.tune_mm_mlp_adapter)
     return training_args.output_dir
 

@@ -95,22 +95,24 @@ def _is_hub_id(path: str) -> bool:
     return not os.path.exists(path) and path.count("/") == 1 and not path.startswith((".", "/"))
 
 
-def _hub_file(repo_id: str, name: str) -> str | None:
-    """The local copy of one file of a Hub repo (the Hub cache; offline mode reads only the cache), or None."""
+def _hub_file(repo_id: str, name: str, cache_dir: str | None = None) -> str | None:
+    """The local copy of one file of a Hub repo (the Hub cache, `cache_dir` when given; offline mode reads only
+    the cache), or None."""
     from huggingface_hub import hf_hub_download
 
     try:
-        return hf_hub_download(repo_id, name)
+        return hf_hub_download(repo_id, name, cache_dir=cache_dir)
     except Exception:  # absent, offline without a cached copy, unknown repo, no access: all mean "not there"
         return None
 
 
-def model_kind(path: str | os.PathLike) -> tuple[str, str]:
+def model_kind(path: str | os.PathLike, *, cache_dir: str | None = None) -> tuple[str, str]:
     """What a model path or Hub id holds, read from its files, never from its name.
 
     Returns ('lora' | 'vlm' | 'llava' | 'llava-hf', local folder), a Hub id being fetched into the Hub cache
-    (only its `adapter_config.json`/`config.json` are read first, so a plain LLM is not downloaded here), or
-    ('llm', path) for anything else: a decoder LLM that `transformers` loads by that name.
+    (`cache_dir` when given, else the default one; only its `adapter_config.json`/`config.json` are read first,
+    so a plain LLM is not downloaded here), or ('llm', path) for anything else: a decoder LLM that
+    `transformers` loads by that name.
     """
     from vlm.lora import ADAPTER_CONFIG_NAME
 
@@ -122,18 +124,31 @@ def model_kind(path: str | os.PathLike) -> tuple[str, str]:
             return "llm", path
     if not _is_hub_id(path):
         return "llm", path
-    if _hub_file(path, ADAPTER_CONFIG_NAME) is not None:
-        return "lora", resolve_model_path(path)
-    config = _hub_file(path, "config.json")
+    if _hub_file(path, ADAPTER_CONFIG_NAME, cache_dir) is not None:
+        return "lora", resolve_model_path(path, cache_dir=cache_dir)
+    config = _hub_file(path, "config.json", cache_dir)
     if config is None:
         return "llm", path
     with open(config, encoding="utf-8") as f:
         kind = config_kind(json.load(f))
-    return ("llm", path) if kind is None else (kind, resolve_model_path(path))
+    return ("llm", path) if kind is None else (kind, resolve_model_path(path, cache_dir=cache_dir))
 
 
-def resolve_model_path(model_path: str | os.PathLike) -> str:
-    """A local folder as is; otherwise a Hub id downloaded into the Hub cache."""
+def check_readable(path: str | os.PathLike, *, cache_dir: str | None = None) -> None:
+    """FileNotFoundError when `path` is neither a local path nor a Hub id whose `config.json` can be read (from
+    `cache_dir` when given): the one-line error for a start point that is not there, before any loading."""
+    path = str(path)
+    if os.path.exists(path) or not _is_hub_id(path) or _hub_file(path, "config.json", cache_dir) is not None:
+        return
+    where = f"the Hub cache --cache_dir {cache_dir!r}" if cache_dir else "the default Hub cache (HF_HUB_CACHE)"
+    raise FileNotFoundError(
+        f"model path {path!r} is not a local folder and its config.json was not found in {where} and could not be "
+        "downloaded from the Hub (offline?); pass a local folder, or --cache_dir with the cache that holds it"
+    )
+
+
+def resolve_model_path(model_path: str | os.PathLike, *, cache_dir: str | None = None) -> str:
+    """A local folder as is; otherwise a Hub id downloaded into the Hub cache (`cache_dir` when given)."""
     path = str(model_path)
     if os.path.isdir(path) or os.path.exists(path):
         return path
@@ -142,7 +157,7 @@ def resolve_model_path(model_path: str | os.PathLike) -> str:
     from huggingface_hub import snapshot_download
 
     try:
-        return snapshot_download(path)
+        return snapshot_download(path, cache_dir=cache_dir)
     except Exception as exc:  # offline, unknown repo, no access: all mean "cannot get it"
         raise FileNotFoundError(
             f"model path {path!r} is not a local folder and could not be downloaded from the Hub "
@@ -161,8 +176,10 @@ def load_tokenizer(folder: str):
     return AutoTokenizer.from_pretrained(folder)
 
 
-def load_image_processor(folder: str, model, *, aspect_ratio: str | None = None, fallback: str | None = None):
-    """The folder's `preprocessor_config.json`, else `fallback`'s (the tower's folder), else the tower type's defaults."""
+def load_image_processor(folder: str, model, *, aspect_ratio: str | None = None, fallback: str | None = None,
+                         cache_dir: str | None = None):
+    """The folder's `preprocessor_config.json`, else `fallback`'s (the tower's folder or Hub id, read through
+    `cache_dir`), else the tower type's defaults."""
     from vlm.visual.processor import PREPROCESSOR_CONFIG_NAME, ImageProcessor
 
     processor = None
@@ -170,7 +187,7 @@ def load_image_processor(folder: str, model, *, aspect_ratio: str | None = None,
         processor = ImageProcessor.from_pretrained(folder)
     elif fallback:
         try:
-            processor = ImageProcessor.from_pretrained(fallback)
+            processor = ImageProcessor.from_pretrained(fallback, cache_dir=cache_dir)
         except FileNotFoundError:
             processor = None
     if processor is None:
@@ -203,7 +220,7 @@ def quantization_bits(load_8bit: bool, load_4bit: bool) -> int | None:
 
 def load_pretrained_model(model_path: str | os.PathLike, model_base: str | None = None, load_8bit: bool = False,
                           load_4bit: bool = False, device: str | torch.device = "cpu",
-                          dtype: str | torch.dtype | None = None, **kwargs: Any):
+                          dtype: str | torch.dtype | None = None, cache_dir: str | None = None, **kwargs: Any):
     """Load any supported model folder for inference.
 
     Args:
@@ -215,6 +232,8 @@ def load_pretrained_model(model_path: str | os.PathLike, model_base: str | None 
         device: where to put the model ("cpu", "cuda", "cuda:1", ...).
         dtype: "float32" / "bfloat16" / "float16"; default: the folder's (float16 when quantising on CUDA,
             as LLaVA). When quantising it is also the 4-bit compute dtype.
+        cache_dir: the Hugging Face hub cache every Hub id is read from (the model, a LoRA run's base, an original
+            LLaVA folder's `mm_vision_tower` and its image processor); None: the default cache (`HF_HUB_CACHE`).
         kwargs: `vision_tower=` overrides LLaVA's `mm_vision_tower` (a local copy of the tower).
 
     Returns:
@@ -225,7 +244,7 @@ def load_pretrained_model(model_path: str | os.PathLike, model_base: str | None 
     bits = quantization_bits(load_8bit, load_4bit)
     if bits is not None and dtype is None and str(device).startswith("cuda"):
         dtype = torch.float16
-    folder = resolve_model_path(model_path)
+    folder = resolve_model_path(model_path, cache_dir=cache_dir)
     kind = folder_kind(folder)
     if model_base is not None and kind != "lora":
         raise ValueError(
@@ -238,7 +257,7 @@ def load_pretrained_model(model_path: str | os.PathLike, model_base: str | None 
         from vlm.lora import load_lora_run, merge_lora
 
         if bits is None:
-            model = merge_lora(load_lora_run(folder, model_base, dtype=dtype))
+            model = merge_lora(load_lora_run(folder, model_base, dtype=dtype, cache_dir=cache_dir))
         else:
             from vlm.config import VLMConfig
             from vlm.model import resolve_dtype
@@ -246,7 +265,8 @@ def load_pretrained_model(model_path: str | os.PathLike, model_base: str | None 
 
             recipe = load_quantization_record(folder, bits, resolve_dtype(dtype or VLMConfig.load(folder).dtype))
             # The injected (unmerged) adapters stay: the quantised base + LoRA is the model the run trained.
-            model = load_lora_run(folder, model_base, dtype=dtype, device=device, quantization=recipe).get_base_model()
+            model = load_lora_run(folder, model_base, dtype=dtype, device=device, quantization=recipe,
+                                  cache_dir=cache_dir).get_base_model()
     elif kind == "vlm":
         from vlm.model import from_pretrained
 
@@ -256,7 +276,8 @@ def load_pretrained_model(model_path: str | os.PathLike, model_base: str | None 
 
         with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
             data = json.load(f)
-        model = load_llava_original(folder, tokenizer, dtype=dtype, vision_tower=kwargs.get("vision_tower"))
+        model = load_llava_original(folder, tokenizer, dtype=dtype, vision_tower=kwargs.get("vision_tower"),
+                                    cache_dir=cache_dir)
         aspect_ratio, fallback = image_aspect_ratio(data), model.vlm_config.vision.name_or_path
     else:
         from vlm.convert.llava_hf import load_llava_hf
@@ -267,7 +288,8 @@ def load_pretrained_model(model_path: str | os.PathLike, model_base: str | None 
             f"the tokenizer in {folder!r} has <image> = {get_image_token_id(tokenizer)} but the model's image_token_id "
             f"is {model.vlm_config.image_token_id}; the folder mixes files of different models"
         )
-    image_processor = load_image_processor(folder, model, aspect_ratio=aspect_ratio, fallback=fallback)
+    image_processor = load_image_processor(folder, model, aspect_ratio=aspect_ratio, fallback=fallback,
+                                           cache_dir=cache_dir)
     if bits is not None and getattr(model, "hf_quantizer", None) is None:
         from vlm.quantization import bnb_config, quantize_llm
 

@@ -233,20 +233,21 @@ def _plain_name(name: str) -> str:
     return name.replace(".base_layer.", ".")
 
 
-def _base_vocab_size(name_or_path: str | None) -> int | None:
+def _base_vocab_size(name_or_path: str | None, cache_dir: str | None = None) -> int | None:
     """The base LLM's vocabulary size, or None when the base is unknown or cannot be read offline."""
     if not name_or_path:
         return None
     from transformers import AutoConfig
 
     try:
-        return AutoConfig.from_pretrained(name_or_path).get_text_config().vocab_size
+        return AutoConfig.from_pretrained(name_or_path, cache_dir=cache_dir).get_text_config().vocab_size
     except (OSError, ValueError):
         return None
 
 
-def non_lora_state(model) -> dict[str, torch.Tensor]:
-    """The tensors `non_lora_trainables.safetensors` holds (see the module docstring), vlm key layout."""
+def non_lora_state(model, *, cache_dir: str | None = None) -> dict[str, torch.Tensor]:
+    """The tensors `non_lora_trainables.safetensors` holds (see the module docstring), vlm key layout
+    (`cache_dir`: the Hugging Face hub cache the base LLM's config is read from)."""
     vlm_model = model.get_base_model()
     state: dict[str, torch.Tensor] = {}
     for name, p in vlm_model.named_parameters():
@@ -255,7 +256,7 @@ def non_lora_state(model) -> dict[str, torch.Tensor]:
         if name.startswith(_NOT_LLM) or p.requires_grad:
             state[_plain_name(name)] = p
     embeddings = vlm_model.get_input_embeddings().weight
-    base_vocab = _base_vocab_size(vlm_model.vlm_config.llm.name_or_path)
+    base_vocab = _base_vocab_size(vlm_model.vlm_config.llm.name_or_path, cache_dir)
     if base_vocab != embeddings.shape[0]:
         state["model.embed_tokens.weight"] = embeddings
         output = vlm_model.get_output_embeddings()
@@ -271,8 +272,10 @@ def non_lora_state(model) -> dict[str, torch.Tensor]:
     return out
 
 
-def save_lora_run(model, folder: str | os.PathLike, *, tokenizer=None, image_processor=None) -> None:
-    """Write a LoRA run folder: PEFT adapter, non-LoRA trainables, config.json, tokenizer and processor files."""
+def save_lora_run(model, folder: str | os.PathLike, *, tokenizer=None, image_processor=None,
+                  cache_dir: str | None = None) -> None:
+    """Write a LoRA run folder: PEFT adapter, non-LoRA trainables, config.json, tokenizer and processor files
+    (`cache_dir`: the Hugging Face hub cache the base LLM's config is read from)."""
     from peft import PeftModel
 
     if not isinstance(model, PeftModel):
@@ -284,7 +287,7 @@ def save_lora_run(model, folder: str | os.PathLike, *, tokenizer=None, image_pro
         adapter_config.base_model_name_or_path = adapter_config.base_model_name_or_path or config.llm.name_or_path
     # Embeddings are handled by non_lora_trainables; "auto" would look the base up on the Hub.
     model.save_pretrained(str(folder), save_embedding_layers=False)
-    save_file(non_lora_state(model), os.path.join(folder, NON_LORA_NAME), metadata={"format": "pt"})
+    save_file(non_lora_state(model, cache_dir=cache_dir), os.path.join(folder, NON_LORA_NAME), metadata={"format": "pt"})
     config = copy.deepcopy(config)
     config.llm.hf_config = vlm_model.config.to_dict()
     # The run describes the full-precision architecture (merge-lora rebuilds it); a quantised LLM's recipe
@@ -327,8 +330,9 @@ def _check_base_matches(run_llm: dict[str, Any], base_llm: dict[str, Any], run: 
         )
 
 
-def _base_state(config, model_base: str | None, run: str, dtype: torch.dtype | None) -> tuple[dict, str]:
-    """Weights of the base (vlm key layout) and the name it was loaded from."""
+def _base_state(config, model_base: str | None, run: str, dtype: torch.dtype | None,
+                cache_dir: str | None = None) -> tuple[dict, str]:
+    """Weights of the base (vlm key layout) and the name it was loaded from (a Hub id read through `cache_dir`)."""
     from vlm.builder import load_pretrained_model, model_kind
     from vlm.checkpoint import load_state_dict
     from vlm.config import VLMConfig
@@ -339,23 +343,23 @@ def _base_state(config, model_base: str | None, run: str, dtype: torch.dtype | N
             f"the LoRA run {run!r} records no base LLM (llm.name_or_path is empty); pass --model-base "
             "(a vlm model folder, an LLM folder or a hub id)"
         )
-    kind, where = model_kind(base)
+    kind, where = model_kind(base, cache_dir=cache_dir)
     if kind == "vlm":
         base_config = VLMConfig.load(where)
         _check_base_matches(config.llm.hf_config, base_config.llm.hf_config, run, base)
         return load_state_dict(where), base
     if kind in ("llava", "llava-hf", "lora"):  # converted (or merged) to a vlm model first, as for inference
-        _, base_model, _, _ = load_pretrained_model(where, dtype=dtype)
+        _, base_model, _, _ = load_pretrained_model(where, dtype=dtype, cache_dir=cache_dir)
         _check_base_matches(config.llm.hf_config, base_model.vlm_config.llm.hf_config, run, base)
         return base_model.state_dict(), base
     from transformers import AutoConfig, AutoModelForCausalLM
 
     try:
-        base_hf = AutoConfig.from_pretrained(base).get_text_config()
+        base_hf = AutoConfig.from_pretrained(base, cache_dir=cache_dir).get_text_config()
     except OSError as exc:
         raise FileNotFoundError(f"cannot read the model base {base!r} of LoRA run {run!r}: {exc}") from None
     _check_base_matches(config.llm.hf_config, base_hf.to_dict(), run, base)
-    llm = AutoModelForCausalLM.from_pretrained(base, dtype=dtype)
+    llm = AutoModelForCausalLM.from_pretrained(base, dtype=dtype, cache_dir=cache_dir)
     return llm.state_dict(), base
 
 
@@ -372,7 +376,7 @@ def recorded_base(run: str | os.PathLike) -> str | None:
 
 def load_lora_run(folder: str | os.PathLike, model_base: str | None = None, *,
                   dtype: str | torch.dtype | None = None, device: str | torch.device | None = None,
-                  quantization=None):
+                  quantization=None, cache_dir: str | None = None):
     """Rebuild a LoRA run as a `PeftModel` (adapters unmerged), in eval mode.
 
     Args:
@@ -382,6 +386,7 @@ def load_lora_run(folder: str | os.PathLike, model_base: str | None = None, *,
         dtype: overrides the run's dtype; device: where to put the model.
         quantization: a `BitsAndBytesConfig`: the base LLM is quantised (after the full-precision base and
             the non-LoRA trainables are loaded) and the adapters sit on top unmerged, as in QLoRA training.
+        cache_dir: the Hugging Face hub cache a Hub-id base is read from (None: the default cache).
 
     Raises:
         FileNotFoundError: run files missing, base unreadable.
@@ -403,7 +408,7 @@ def load_lora_run(folder: str | os.PathLike, model_base: str | None = None, *,
     if dtype is not None:
         config.dtype = dtype_name(dtype)
     torch_dtype = resolve_dtype(config.dtype)
-    state, base = _base_state(config, model_base, folder, torch_dtype)
+    state, base = _base_state(config, model_base, folder, torch_dtype, cache_dir)
     non_lora = load_file(os.path.join(folder, NON_LORA_NAME))
 
     with no_init_weights():

@@ -21,6 +21,7 @@ from transformers.initialization import no_init_weights
 
 from vlm.checkpoint import load_state_dict, load_state_dict_strict
 from vlm.config import VLMConfig
+from vlm.hub import pretrained_config
 from vlm.llm.models import llm_class_for
 from vlm.projector import build_projector
 from vlm.visual.tower import VisionTower
@@ -62,18 +63,21 @@ def text_config_from_dict(data: dict[str, Any]) -> PretrainedConfig:
     return AutoConfig.for_model(model_type, **data)
 
 
-def _build_llm(config: VLMConfig, *, load_weights: bool, dtype: torch.dtype | None, attn: str):
+def _build_llm(config: VLMConfig, *, load_weights: bool, dtype: torch.dtype | None, attn: str,
+               cache_dir: str | None = None):
     if config.llm.hf_config is not None and not (load_weights and config.llm.name_or_path):
         hf_config = text_config_from_dict(config.llm.hf_config)
         hf_config._attn_implementation = attn
         model = llm_class_for(hf_config.model_type)(hf_config)
         return model.to(dtype) if dtype is not None else model
-    model_type = AutoConfig.from_pretrained(config.llm.name_or_path).model_type
-    return llm_class_for(model_type).from_pretrained(config.llm.name_or_path, dtype=dtype, attn_implementation=attn)
+    model_type = pretrained_config(config.llm.name_or_path, what="LLM", cache_dir=cache_dir).model_type
+    return llm_class_for(model_type).from_pretrained(config.llm.name_or_path, dtype=dtype, attn_implementation=attn,
+                                                     cache_dir=cache_dir)
 
 
 def build_model(config: VLMConfig, *, tokenizer=None, load_weights: bool = True,
-                dtype: str | torch.dtype | None = None, attn_implementation: str | None = None):
+                dtype: str | torch.dtype | None = None, attn_implementation: str | None = None,
+                cache_dir: str | None = None):
     """Build a VLM from its config: pretrained components where `name_or_path` is set, random weights otherwise.
 
     Args:
@@ -83,6 +87,8 @@ def build_model(config: VLMConfig, *, tokenizer=None, load_weights: bool = True,
         load_weights: False builds the architecture only (weights come from a saved folder).
         dtype: overrides `config.dtype` ("float32", "bfloat16", "float16").
         attn_implementation: overrides `config.attn_implementation`.
+        cache_dir: the Hugging Face hub cache the pretrained LLM and tower are read from (`--cache_dir`);
+            None: the default cache. A property of this machine, not of the model: not written to the config.
     """
     if dtype is not None:
         config.dtype = dtype_name(dtype)
@@ -92,7 +98,7 @@ def build_model(config: VLMConfig, *, tokenizer=None, load_weights: bool = True,
     attn = check_attn_implementation(config.attn_implementation)
     torch_dtype = resolve_dtype(config.dtype)
 
-    llm = _build_llm(config, load_weights=load_weights, dtype=torch_dtype, attn=attn)
+    llm = _build_llm(config, load_weights=load_weights, dtype=torch_dtype, attn=attn, cache_dir=cache_dir)
     if tokenizer is not None:
         from vlm.data.tokenizer import ensure_image_token
 
@@ -106,7 +112,7 @@ def build_model(config: VLMConfig, *, tokenizer=None, load_weights: bool = True,
         raise ValueError(f"image_token_id={config.image_token_id} is outside the LLM's vocabulary of {vocab} embeddings")
 
     tower = VisionTower.from_config(config.vision, attn_implementation=attn, dtype=torch_dtype,
-                                    load_weights=load_weights)
+                                    load_weights=load_weights, cache_dir=cache_dir)
     config.projector.input_dim = tower.hidden_size
     config.projector.output_dim = llm.config.hidden_size
     projector = build_projector(config.projector)

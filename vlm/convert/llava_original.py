@@ -98,13 +98,15 @@ def read_checkpoint(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
     return state
 
 
-def load_llava_original(folder: str | os.PathLike, tokenizer, *, dtype=None, vision_tower: str | None = None):
+def load_llava_original(folder: str | os.PathLike, tokenizer, *, dtype=None, vision_tower: str | None = None,
+                        cache_dir: str | None = None):
     """An original LLaVA-1.5 folder as a vlm model; `<image>` is added to `tokenizer` (see module docstring).
 
     Args:
         folder: the LLaVA folder (config.json with mm_* keys, weights, tokenizer).
         tokenizer: its tokenizer; `<image>` is added to it when missing.
         vision_tower: load the tower from here instead of `mm_vision_tower` (e.g. a local copy).
+        cache_dir: the Hugging Face hub cache a hub-id tower is read from (None: the default cache).
     """
     from transformers.initialization import no_init_weights
 
@@ -121,7 +123,7 @@ def load_llava_original(folder: str | os.PathLike, tokenizer, *, dtype=None, vis
     state = drop_keys(read_checkpoint(folder), LLAVA_ORIGINAL_IGNORED)
     state = rename_keys(state, LLAVA_ORIGINAL_TO_VLM, what=f"LLaVA checkpoint {str(folder)!r}")
     with no_init_weights():  # the tower loads its pretrained weights; the LLM and projector come from `state`
-        model = build_model(config, dtype=dtype or _dtype(data))
+        model = build_model(config, dtype=dtype or _dtype(data), cache_dir=cache_dir)
     model.tie_weights()
     expected = model.state_dict()
     tower_keys = {k for k in expected if k.startswith("vision_tower.")}

@@ -59,17 +59,19 @@ def build_train_dataset(data_args, training_args, tokenizer, image_processor, nu
                              max_length=training_args.model_max_length, truncate=data_args.truncate, indices=kept)
 
 
-def template_for(data_args, model_args, tokenizer=None) -> str:
+def template_for(data_args, model_args, tokenizer=None, *, cache_dir: str | None = None) -> str:
     """`--version` when given; otherwise the start folder's recorded template (a vlm / LLaVA folder or LoRA
     run keeps the format it was trained on), `plain` in stage 1, the LLM's own chat template when its
-    tokenizer has one, else `vicuna_v1`. The choice and its reason are printed."""
+    tokenizer has one, else `vicuna_v1`. The choice and its reason are printed. `cache_dir`: the Hugging Face hub
+    cache a Hub-id start point is read from (`--cache_dir`)."""
     if data_args.version:
         return data_args.version
     from vlm.builder import model_kind
     from vlm.data.templates import default_template_name
 
     stage1 = model_args.tune_mm_mlp_adapter
-    kind, folder = model_kind(model_args.model_name_or_path) if model_args.model_name_or_path else ("llm", None)
+    kind, folder = (model_kind(model_args.model_name_or_path, cache_dir=cache_dir) if model_args.model_name_or_path
+                    else ("llm", None))
     if kind != "llm" and not stage1:
         from vlm.generate import default_template
 
@@ -97,7 +99,7 @@ def train(model_args, data_args, training_args) -> str:
     set_seed(training_args.seed)  # new modules (the projector) start the same in every process and every run
     model, tokenizer, image_processor = build_for_training(model_args, data_args, training_args)
     fit(model, tokenizer, image_processor, data_args, training_args,
-        template=template_for(data_args, model_args, tokenizer),
+        template=template_for(data_args, model_args, tokenizer, cache_dir=training_args.cache_dir),
         save_projector=model_args.tune_mm_mlp_adapter)
     return training_args.output_dir
 

@@ -5,7 +5,10 @@ Starting points (`--model_name_or_path`):
 - an original LLaVA or llava-hf folder, or a vlm LoRA run (merged): loaded by
   `vlm.builder.load_pretrained_model`;
 - otherwise a decoder LLM (hub id or folder), composed with `--vision_tower` and a new projector.
-A Hub id is recognised by its files (`vlm.builder.model_kind`), like a folder. Starting from a model folder,
+A Hub id is recognised by its files (`vlm.builder.model_kind`), like a folder. Every Hub read (the start point,
+the LLM, its tokenizer, the vision tower and its image processor, a LoRA run's base) goes through `--cache_dir`
+when it is given, as LLaVA's `cache_dir=training_args.cache_dir`; the saved model never records it (it is
+a property of this machine). Starting from a model folder,
 `--vision_tower`, `--mm_projector_type` and `--mm_vision_select_layer` must agree with it (an error names both
 values otherwise), and a LoRA run records that folder as its base (`adapter_config.json`), so `vlm merge-lora`
 and `load_pretrained_model(run)` rebuild the weights the adapters were trained on.
@@ -30,15 +33,15 @@ from vlm.model import build_model, from_pretrained
 from vlm.visual.processor import ImageProcessor
 
 
-def _start_kind(path: str | None) -> tuple[str, str | None]:
+def _start_kind(path: str | None, cache_dir: str | None = None) -> tuple[str, str | None]:
     """(kind, local folder) of the start point (`vlm.builder.model_kind`: a Hub id is read from its config),
     or ('llm', path) for a plain decoder (folder or hub id)."""
     from vlm.builder import model_kind
 
-    return model_kind(path) if path else ("llm", path)
+    return model_kind(path, cache_dir=cache_dir) if path else ("llm", path)
 
 
-def check_start_flags(model_args, model, start: str) -> None:
+def check_start_flags(model_args, model, start: str, *, cache_dir: str | None = None) -> None:
     """Flags that describe the model must agree with the folder training continues from: one ValueError
     naming every flag, its value and the folder's."""
     config = model.vlm_config
@@ -50,7 +53,7 @@ def check_start_flags(model_args, model, start: str) -> None:
                          f"{config.vision.select_layer})")
     tower = model.vision_tower.model.config.to_dict()
     if model_args.vision_tower is not None and not _same_tower(model_args.vision_tower, config.vision.name_or_path,
-                                                               tower):
+                                                               tower, cache_dir=cache_dir):
         folder_tower = config.vision.name_or_path or (f"a {tower['model_type']} of hidden size {tower['hidden_size']}, "
                                                       f"{tower['num_hidden_layers']} layers")
         conflicts.append(f"--vision_tower {model_args.vision_tower!r} (the folder's: {folder_tower!r})")
@@ -62,7 +65,7 @@ def check_start_flags(model_args, model, start: str) -> None:
 _TOWER_FIELDS = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "image_size", "patch_size")
 
 
-def _same_tower(flag: str, folder_name: str | None, folder_tower: dict) -> bool:
+def _same_tower(flag: str, folder_name: str | None, folder_tower: dict, *, cache_dir: str | None = None) -> bool:
     """`--vision_tower` names the folder's tower: the same name, or a tower with the same architecture
     (e.g. a local copy of the hub tower the folder names); then the folder's trained tower weights are used."""
     from transformers import AutoConfig
@@ -70,7 +73,7 @@ def _same_tower(flag: str, folder_name: str | None, folder_tower: dict) -> bool:
     if flag == folder_name:
         return True
     try:
-        config = AutoConfig.from_pretrained(flag)
+        config = AutoConfig.from_pretrained(flag, cache_dir=cache_dir)
     except (OSError, ValueError):
         return False
     config = getattr(config, "vision_config", None) or config  # a full CLIP/SigLIP config holds the vision part
@@ -110,8 +113,8 @@ def build_for_training(model_args, data_args, training_args):
     """Returns (model, tokenizer, image_processor), with trainable parameters set for the stage."""
     from transformers import AutoTokenizer
 
-    dtype = _run_dtype(training_args)
-    kind, folder = _start_kind(model_args.model_name_or_path)
+    dtype, cache_dir = _run_dtype(training_args), training_args.cache_dir
+    kind, folder = _start_kind(model_args.model_name_or_path, cache_dir)
     if kind == "vlm":
         model = from_pretrained(folder, dtype=dtype, attn_implementation=model_args.attn_implementation)
         tokenizer = AutoTokenizer.from_pretrained(folder)
@@ -119,13 +122,17 @@ def build_for_training(model_args, data_args, training_args):
     elif kind in ("llava", "llava-hf", "lora"):
         from vlm.builder import load_pretrained_model
 
-        tokenizer, model, image_processor, _ = load_pretrained_model(folder, dtype=dtype)
+        tokenizer, model, image_processor, _ = load_pretrained_model(folder, dtype=dtype, cache_dir=cache_dir)
     else:
+        from vlm.builder import check_readable
+
+        if model_args.model_name_or_path:  # a Hub id that is not there: say so, not "needs --vision_tower"
+            check_readable(model_args.model_name_or_path, cache_dir=cache_dir)
         if not model_args.model_name_or_path or not model_args.vision_tower:
             raise ValueError("a new model needs --model_name_or_path (the LLM) and --vision_tower "
                              "(run `python train.py` with no arguments for the embedded demo)")
         tokenizer = AutoTokenizer.from_pretrained(model_args.model_name_or_path,
-                                                  trust_remote_code=model_args.trust_remote_code)
+                                                  trust_remote_code=model_args.trust_remote_code, cache_dir=cache_dir)
         select_layer, projector = model_args.mm_vision_select_layer, model_args.mm_projector_type
         config = VLMConfig(
             vision=VisionConfig(name_or_path=model_args.vision_tower,
@@ -135,10 +142,10 @@ def build_for_training(model_args, data_args, training_args):
             llm=LLMConfig(name_or_path=model_args.model_name_or_path),
             attn_implementation=model_args.attn_implementation,
         )
-        model = build_model(config, tokenizer=tokenizer, dtype=dtype)
-        image_processor = ImageProcessor.from_pretrained(model_args.vision_tower)
+        model = build_model(config, tokenizer=tokenizer, dtype=dtype, cache_dir=cache_dir)
+        image_processor = ImageProcessor.from_pretrained(model_args.vision_tower, cache_dir=cache_dir)
     if kind != "llm":
-        check_start_flags(model_args, model, model_args.model_name_or_path)
+        check_start_flags(model_args, model, model_args.model_name_or_path, cache_dir=cache_dir)
     image_processor.config.aspect_ratio = data_args.image_aspect_ratio
     tokenizer.model_max_length = training_args.model_max_length
     if tokenizer.pad_token is None:

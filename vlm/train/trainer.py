@@ -117,7 +117,7 @@ class VLMTrainer(Trainer):
             from vlm.lora import save_lora_run
 
             save_lora_run(self.accelerator.unwrap_model(self.model), output_dir, tokenizer=tokenizer,
-                          image_processor=self.image_processor)
+                          image_processor=self.image_processor, cache_dir=self.args.cache_dir)
         else:
             save_model_folder(output_dir, unwrap(self.model), tokenizer=tokenizer,
                               image_processor=self.image_processor, state_dict=state_dict)
@@ -159,7 +159,8 @@ class VLMTrainer(Trainer):
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         model = self.model if model is None else model
         if self.lora:
-            load_lora_checkpoint(self.accelerator.unwrap_model(model), resume_from_checkpoint)
+            load_lora_checkpoint(self.accelerator.unwrap_model(model), resume_from_checkpoint,
+                                 cache_dir=self.args.cache_dir)
         else:
             load_state_dict_strict(unwrap(model), load_state_dict(resume_from_checkpoint),
                                    source=f"checkpoint {resume_from_checkpoint!r}")
@@ -184,12 +185,13 @@ class VLMTrainer(Trainer):
         super().log(logs, start_time)
 
 
-def load_lora_checkpoint(peft_model, folder: str) -> None:
+def load_lora_checkpoint(peft_model, folder: str, *, cache_dir: str | None = None) -> None:
     """Restore a LoRA checkpoint into the live PEFT model: adapter weights and the non-LoRA trainables.
 
     Strict both ways: the adapter file must hold exactly the model's adapter tensors, and
     `non_lora_trainables.safetensors` exactly what `save_lora_run` writes for this model (its keys use
-    the plain layout, `q_proj.bias` for PEFT's `q_proj.base_layer.bias`), every shape equal.
+    the plain layout, `q_proj.bias` for PEFT's `q_proj.base_layer.bias`), every shape equal. `cache_dir`: the
+    Hugging Face hub cache the run was saved with (`--cache_dir`), so the expected tensors are the saved ones.
     """
     from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
     from safetensors.torch import load_file
@@ -203,7 +205,7 @@ def load_lora_checkpoint(peft_model, folder: str) -> None:
     set_peft_model_state_dict(peft_model, adapter)
 
     state = load_file(os.path.join(folder, NON_LORA_NAME))
-    check_state_fits(state, non_lora_state(peft_model), source=f"{NON_LORA_NAME} in {folder!r}", hint=hint)
+    check_state_fits(state, non_lora_state(peft_model, cache_dir=cache_dir), source=f"{NON_LORA_NAME} in {folder!r}", hint=hint)
     params = {_plain_name(name): p for name, p in peft_model.get_base_model().named_parameters()}
     with torch.no_grad():
         for key, value in state.items():

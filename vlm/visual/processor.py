@@ -554,8 +554,9 @@ class ImageProcessor:
         return path
 
     @classmethod
-    def from_pretrained(cls, folder_or_hub_id: str | os.PathLike) -> ImageProcessor:
-        """Read `preprocessor_config.json` from a folder or a Hub model id (via the Hub cache)."""
+    def from_pretrained(cls, folder_or_hub_id: str | os.PathLike, *, cache_dir: str | None = None) -> ImageProcessor:
+        """Read `preprocessor_config.json` from a folder or a Hub model id (via the Hub cache: `cache_dir` when
+        given, else the default one)."""
         folder = Path(folder_or_hub_id)
         if folder.is_dir():
             path = folder / PREPROCESSOR_CONFIG_NAME
@@ -565,7 +566,7 @@ class ImageProcessor:
             from huggingface_hub import hf_hub_download
 
             try:
-                path = Path(hf_hub_download(str(folder_or_hub_id), PREPROCESSOR_CONFIG_NAME))
+                path = Path(hf_hub_download(str(folder_or_hub_id), PREPROCESSOR_CONFIG_NAME, cache_dir=cache_dir))
             except Exception as exc:
                 raise FileNotFoundError(
                     f"'{folder_or_hub_id}' is neither a folder nor a Hub model id whose "

@@ -18,7 +18,6 @@ from typing import Any
 import torch
 from torch import nn
 from transformers import (
-    AutoConfig,
     CLIPVisionConfig,
     CLIPVisionModel,
     PretrainedConfig,
@@ -28,6 +27,7 @@ from transformers import (
 )
 
 from vlm.config import VisionConfig
+from vlm.hub import pretrained_config
 
 
 # model_type -> (vision model class, vision config class, has a CLS token)
@@ -84,11 +84,13 @@ class VisionTower(nn.Module):
 
     @classmethod
     def from_config(cls, config: VisionConfig, *, attn_implementation: str = "sdpa",
-                    dtype: torch.dtype | None = None, load_weights: bool = True) -> "VisionTower":
+                    dtype: torch.dtype | None = None, load_weights: bool = True,
+                    cache_dir: str | None = None) -> "VisionTower":
         """Build from `config.hf_config` (random weights) or load `config.name_or_path` (pretrained).
 
         `load_weights=False` builds the architecture of `name_or_path` without reading its weights
-        (used when a saved VLM folder provides them).
+        (used when a saved VLM folder provides them). `cache_dir`: the Hugging Face hub cache a hub id is read
+        from (None: the default cache).
         """
         if config.hf_config is not None and not (load_weights and config.name_or_path):
             hf_config = vision_config_from_dict(config.hf_config)
@@ -98,10 +100,10 @@ class VisionTower(nn.Module):
             if dtype is not None:
                 model = model.to(dtype)
         else:
-            model_type = AutoConfig.from_pretrained(config.name_or_path).model_type
+            model_type = pretrained_config(config.name_or_path, what="vision tower", cache_dir=cache_dir).model_type
             model_cls = _tower_entry(model_type)[0]
             model = model_cls.from_pretrained(config.name_or_path, attn_implementation=attn_implementation,
-                                              dtype=dtype)
+                                              dtype=dtype, cache_dir=cache_dir)
         return cls(model, select_layer=config.select_layer, select_feature=config.select_feature,
                    frozen=config.frozen)
 

@@ -49,8 +49,8 @@ class ModelArguments:
         "help": "stage 1 (pretrain): train only the projector"})
     unfreeze_vision_tower: bool = field(default=False, metadata={"help": "train the vision tower too"})
     freeze_backbone: bool = field(default=False, metadata={"help": "keep the LLM frozen in stage 2"})
-    mm_use_im_start_end: bool = field(default=False, metadata={"help": "LLaVA flag; only False is supported"})
-    mm_use_im_patch_token: bool = field(default=False, metadata={"help": "LLaVA flag; only False is supported"})
+    mm_use_im_start_end: bool = field(default=False, metadata={"help": "LLaVA flag; only False (LLaVA-1.5's) is supported"})
+    mm_use_im_patch_token: bool = field(default=False, metadata={"help": "LLaVA flag; only False (LLaVA-1.5's) is supported"})
     attn_implementation: str = field(default="sdpa", metadata={"help": "sdpa | eager | flash_attention_2"})
     model_weights: str | None = field(default=None, metadata={
         "help": "Basic-VLM: a vlm model folder whose weights initialise the run"})
@@ -72,8 +72,8 @@ class DataArguments:
         "has one (Qwen2.5's 'You are Qwen, ...'), else Qwen2's 'You are a helpful assistant.'; llama3 is the "
         "Llama-3.0 format (use 'tokenizer' for Llama-3.1's date block)")})
     image_aspect_ratio: str = field(default="pad", metadata={"help": "pad | resize | crop"})
-    lazy_preprocess: bool = field(default=True, metadata={"help": "LLaVA flag; data is always lazy here"})
-    is_multimodal: bool = field(default=True, metadata={"help": "LLaVA flag (accepted, unused)"})
+    lazy_preprocess: bool = field(default=True, metadata={"help": "LLaVA flag; only True: data is always read lazily"})
+    is_multimodal: bool = field(default=True, metadata={"help": "LLaVA flag; only True: the model always has images"})
     truncate: str = field(default="none", metadata={"help": "too-long samples: none (drop) | turns"})
     max_drop_ratio: float = field(default=0.01, metadata={"help": "stop when more samples than this would be dropped"})
     check_images: str = field(default="exists", metadata={"help": "validation: full | exists | none"})
@@ -113,7 +113,9 @@ class VLMTrainingArguments(transformers.TrainingArguments):
     evaluation_strategy: str | None = field(default=None, metadata={"help": "old name of --eval_strategy"})
     warmup_ratio: float | None = field(default=None, metadata={
         "help": "old name: warmup as a fraction of the steps (transformers 5 takes a float --warmup_steps)"})
-    cache_dir: str | None = field(default=None, metadata={"help": "hub cache folder"})
+    cache_dir: str | None = field(default=None, metadata={"help": (
+        "Hugging Face hub cache every hub read of the run goes through (LLaVA's --cache_dir); "
+        "default: the hub's own (HF_HUB_CACHE)")})
     optim: str = field(default="adamw_torch", metadata={"help": "optimizer (TrainingArguments' names)"})
     remove_unused_columns: bool = field(default=False, metadata={"help": "must stay False for VLM batches"})
     ddp_find_unused_parameters: bool | None = field(default=False, metadata={
@@ -202,9 +204,23 @@ def parse_args(argv: list[str]) -> tuple[ModelArguments, DataArguments, VLMTrain
         args=argv, return_remaining_strings=True)
     if rest:
         raise ValueError(f"unknown flag(s): {' '.join(rest)} (see `python train.py --help`)")
-    if model_args.mm_use_im_start_end or model_args.mm_use_im_patch_token:
-        raise ValueError("--mm_use_im_start_end/--mm_use_im_patch_token True is not supported (LLaVA-1.5 uses False)")
+    for args in (model_args, data_args):
+        for name, (value, why) in FIXED_VALUES.items():
+            if hasattr(args, name) and getattr(args, name) != value:
+                raise ValueError(f"--{name} {getattr(args, name)} is not supported: {why}; drop the flag")
     return model_args, data_args, training_args
+
+
+# LLaVA flags that vlm takes only at one value (the one LLaVA-1.5's scripts use), and why: a flag that parsed
+# and then did nothing would silently train something else than asked.
+FIXED_VALUES: dict[str, tuple[bool, str]] = {
+    "mm_use_im_start_end": (False, "LLaVA-1.5 trains without image start/end tokens, and so does vlm"),
+    "mm_use_im_patch_token": (False, "LLaVA-1.5 trains without image patch tokens, and so does vlm"),
+    "is_multimodal": (True, "vlm always builds a vision-language model (LLaVA sets it True itself whenever there "
+                            "is a vision tower); text-only samples are mixed in by giving them no image"),
+    "lazy_preprocess": (True, "vlm always reads samples lazily: every sample is validated once before training "
+                              "and tokenised when its batch is built"),
+}
 
 
 def _read_config_file(path: str) -> dict:

@@ -168,3 +168,20 @@ def test_base_language_model_that_is_not_the_full_runs_llm_is_refused(basic_vlm_
             "--image_path", basic_vlm_data["image"], "--prompt", "<|extra_0|>"]
     assert test_script["main"](argv) == 1
     assert "is not the LLM of the model folder (hidden_size 64 vs 32;" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("data_path_is", ["captions", "image_map"])
+def test_data_check_finds_the_images_training_finds(basic_vlm_data, tmp_path, data_path_is, capsys):
+    """`vlm data check` on Basic-VLM's pair without --image_folder uses the map's `path` folders, as training
+    does (before: every sample `missing_image`)."""
+    from vlm.data.cli import main as data_main
+
+    report = tmp_path / "report.json"
+    if data_path_is == "captions":
+        flags = ["--data_path", basic_vlm_data["captions"], "--image_map", basic_vlm_data["image_map"]]
+    else:
+        flags = ["--data_path", basic_vlm_data["image_map"], "--captions_file", basic_vlm_data["captions"]]
+    assert data_main(["check", *flags, "--report", str(report), "--num_workers", "1"]) == 0
+    result = json.loads(report.read_text())
+    assert result["total"] == 6 and result["kept"] == 6 and result["dropped"] == {}
+    assert "'path' folders" in capsys.readouterr().out

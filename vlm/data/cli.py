@@ -125,10 +125,10 @@ def _check(args: argparse.Namespace) -> int:
     from vlm.data.check import check_dataset, enforce_max_drop_ratio
     from vlm.data.mix import parse_sources
 
-    sources = parse_sources(
+    sources = [_basic_vlm_images(source, args) for source in parse_sources(
         args.data_path, args.image_folder, data_format=args.data_format, weights=args.data_weights,
         options=_reader_options(args),
-    )
+    )]
     tokenizer = None
     if args.tokenizer:
         from transformers import AutoTokenizer
@@ -158,6 +158,22 @@ def _check(args: argparse.Namespace) -> int:
         print(f"vlm data check: {e}", file=sys.stderr)
         return 1
     return 0
+
+
+def _basic_vlm_images(source, args: argparse.Namespace):
+    """A Basic-VLM source without --image_folder finds its images where training does: the map's `path`s."""
+    import dataclasses
+
+    from vlm.data.formats.basic_vlm import image_folder_and_options
+
+    basic_vlm = source.format == "basic_vlm" or (source.format == "auto" and (args.captions_file or args.image_map))
+    if source.image_folder is not None or not basic_vlm:
+        return source
+    folder, options = image_folder_and_options(source.path, args.image_map, None)
+    if folder is None:
+        return source
+    print(f"no --image_folder: images are found at the image map's 'path' folders (under {folder})")
+    return dataclasses.replace(source, image_folder=folder, options={**source.options, "image_root": folder})
 
 
 def _convert(args: argparse.Namespace) -> int:

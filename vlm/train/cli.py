@@ -17,16 +17,13 @@ from vlm.data.mix import Source, parse_sources
 def build_sources(data_args) -> list[Source]:
     """`--data_path/--image_folder/--data_format`, or Basic-VLM's `--captions_file` + `--image_map`."""
     if data_args.captions_file:
-        from vlm.data.formats.basic_vlm import map_image_root
+        from vlm.data.formats.basic_vlm import image_folder_and_options
 
-        options = {"image_map": data_args.image_map} if data_args.image_map else {}
-        folder = data_args.image_folder
-        if folder is None:  # Basic-VLM's train.sh: the image map's `path` fields say where the images are
-            folder = map_image_root(data_args.captions_file, data_args.image_map)
-            if folder is not None:
-                options["image_root"] = folder
-                print(f"data: no --image_folder; images are found at the image map's 'path' folders (under {folder})",
-                      flush=True)
+        folder, options = image_folder_and_options(data_args.captions_file, data_args.image_map,
+                                                   data_args.image_folder)
+        if "image_root" in options:  # Basic-VLM's train.sh: the image map's `path` fields say where images are
+            print(f"data: no --image_folder; images are found at the image map's 'path' folders (under {folder})",
+                  flush=True)
         return [Source(path=data_args.captions_file, image_folder=folder, format="basic_vlm", options=options)]
     if not data_args.data_path:
         raise ValueError("no training data: pass --data_path (and --image_folder), or --captions_file/--image_map")

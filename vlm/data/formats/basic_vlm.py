@@ -96,6 +96,20 @@ def map_image_root(data_file: str | Path, image_map: str | None = None) -> str |
     return os.path.commonpath(sorted(folders)) if folders else None
 
 
+def image_folder_and_options(data_file: str | Path, image_map: str | None,
+                             image_folder: str | None) -> tuple[str | None, dict[str, Any]]:
+    """(image folder, reader options) for a Basic-VLM pair: `image_folder` when given; otherwise, as
+    Basic-VLM's train.sh runs, the image map's `path` folders (`map_image_root`, passed as `image_root`).
+    Training and `vlm data check/convert` both use this, so the check finds the images training finds."""
+    options: dict[str, Any] = {"image_map": image_map} if image_map else {}
+    if image_folder is not None:
+        return image_folder, options
+    root = map_image_root(data_file, image_map)
+    if root is not None:
+        options["image_root"] = root
+    return root, options
+
+
 def _image_of(entry: Any, image_root: str | None) -> str | None:
     """An image-map entry's image path, relative to `image_root` when given (see the module docstring)."""
     file = entry.get("image_file") if isinstance(entry, dict) else entry

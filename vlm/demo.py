@@ -31,15 +31,30 @@ import json
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
-DEFAULT_RUN_DIR = "runs/demo"
+DEFAULT_RUN_DIR = "runs/demo"  # under the current folder, unless --output_dir or $VLM_DEMO_DIR says otherwise
+DEMO_DIR_ENV = "VLM_DEMO_DIR"
 TEMPLATE = "chatml"
+
+
+def demo_dir(run_dir: str | os.PathLike | None = None) -> str:
+    """The demo's run folder, absolute: `run_dir` when given, else `$VLM_DEMO_DIR`, else `./runs/demo`.
+
+    The environment is read when this is called (by `main()`, `test.py`, `vlm ask`), never at import.
+    """
+    chosen = run_dir if run_dir is not None else (os.environ.get(DEMO_DIR_ENV) or DEFAULT_RUN_DIR)
+    return os.path.abspath(os.path.expanduser(os.fspath(chosen)))
+
+
+def demo_model_dir(run_dir: str | os.PathLike | None = None) -> str:
+    """The demo's model folder (`<demo_dir>/model`), whether or not it has been trained yet."""
+    return os.path.join(demo_dir(run_dir), "model")
 
 
 @dataclass
 class DemoConfig:
-    run_dir: str = DEFAULT_RUN_DIR
+    run_dir: str | None = None  # None: demo_dir() decides
     n_train: int = 40000
     n_eval: int = 300
     image_size: int = 48
@@ -109,6 +124,8 @@ def run_demo(config: DemoConfig) -> dict:
     if config.threads:
         torch.set_num_threads(config.threads)
     start = time.perf_counter()
+    config = replace(config, run_dir=demo_dir(config.run_dir))
+    print(f"demo: run folder {config.run_dir} (--output_dir or ${DEMO_DIR_ENV} to change)", flush=True)
     os.makedirs(config.run_dir, exist_ok=True)
     metrics = os.path.join(config.run_dir, "metrics.jsonl")
     if os.path.exists(metrics):
@@ -162,9 +179,11 @@ def run_demo(config: DemoConfig) -> dict:
     return result
 
 
-def ensure_demo_model(run_dir: str = DEFAULT_RUN_DIR) -> str:
-    """The demo model folder, training the demo first (and saying so on stderr) when it is missing."""
-    model_dir = os.path.join(run_dir, "model")
+def ensure_demo_model(run_dir: str | os.PathLike | None = None) -> str:
+    """The demo model folder (`demo_model_dir(run_dir)`), training the demo first (and saying so on stderr)
+    when it is missing."""
+    run_dir = demo_dir(run_dir)
+    model_dir = demo_model_dir(run_dir)
     if not os.path.isfile(os.path.join(model_dir, "config.json")):
         print(f"no demo model in {model_dir}: training it first (about 6 minutes on 2 CPU cores)",
               file=sys.stderr, flush=True)
@@ -172,16 +191,34 @@ def ensure_demo_model(run_dir: str = DEFAULT_RUN_DIR) -> str:
     return model_dir
 
 
-def main(argv: list[str] | None = None) -> int:
-    defaults = DemoConfig()
+FLAG_HELP = {
+    "run_dir": f"run folder (data, checkpoints, model/, eval.json); default ${DEMO_DIR_ENV} or ./{DEFAULT_RUN_DIR}",
+    "threads": "torch CPU threads for training (0: torch's default, one per core)",
+    "n_train": "training images (each asks questions_per_image questions)",
+    "n_eval": "held-out images",
+    "max_steps": "optimizer steps",
+    "batch_size": "samples per step",
+    "seed": "same seed, same data and initial weights",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """`vlm demo` flags: one per DemoConfig field (`--output_dir` for `run_dir`), defaults shown."""
     parser = argparse.ArgumentParser(prog="vlm demo", description=__doc__.split("\n\n")[0])
-    for name, value in asdict(defaults).items():
-        kind = type(value) if value is not None else int
+    for name, value in asdict(DemoConfig()).items():
+        flags = ["--output_dir"] if name == "run_dir" else [f"--{name}"]
+        kind = str if name == "run_dir" else (type(value) if value is not None else int)
+        help_ = FLAG_HELP.get(name, "demo setting") + ("" if name == "run_dir" else " (default: %(default)s)")
         if kind is bool:
-            parser.add_argument(f"--{name}", type=lambda s: s.lower() in ("1", "true", "yes"), default=value)
+            parser.add_argument(*flags, dest=name, type=lambda s: s.lower() in ("1", "true", "yes"), default=value,
+                                help=help_)
         else:
-            parser.add_argument(f"--{name}", type=kind, default=value)
-    args = parser.parse_args(argv)
+            parser.add_argument(*flags, dest=name, type=kind, default=value, help=help_)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     run_demo(DemoConfig(**vars(args)))
     return 0
 

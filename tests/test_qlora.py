@@ -323,7 +323,7 @@ def test_lora_weight_path_initialises_the_adapter(qlora_run, workspace, tmp_path
     state = started.state_dict()
     for key, value in adapter.items():
         assert torch.equal(state[key.replace(".weight", ".default.weight")], value), key
-    with pytest.raises(ValueError, match=r"does not fit this run's LoRA.*shape differences.*--lora_r"):
+    with pytest.raises(ValueError, match=r"lora_weight_path.*does not match the model.*shape mismatch.*--lora_r"):
         build(flags(workspace, tmp_path, "--bits", "4", "--lora_r", "4", "--lora_weight_path", folder))
     with pytest.raises(FileNotFoundError, match="has no adapter_model.safetensors"):
         build(flags(workspace, tmp_path, "--lora_weight_path", str(tmp_path)))

@@ -210,17 +210,12 @@ def load_adapter_weights(peft_model, folder: str | os.PathLike) -> None:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"--lora_weight_path {str(folder)!r} has no {ADAPTER_WEIGHTS_NAME}; it must be a PEFT "
                                 "adapter folder (a vlm LoRA run or PeftModel.save_pretrained output)")
+    from vlm.checkpoint import check_state_fits
+
     saved = load_file(path)
-    own = get_peft_model_state_dict(peft_model, save_embedding_layers=False)
-    only_file, only_model = sorted(saved.keys() - own.keys()), sorted(own.keys() - saved.keys())
-    shapes = [f"{k}: {tuple(saved[k].shape)} vs {tuple(own[k].shape)}" for k in sorted(saved.keys() & own.keys())
-              if saved[k].shape != own[k].shape]
-    if only_file or only_model or shapes:
-        raise ValueError(
-            f"the adapter in --lora_weight_path {str(folder)!r} does not fit this run's LoRA: keys only in the file "
-            f"{only_file[:5]}, only in the model {only_model[:5]}, shape differences {shapes[:5]}; use the same "
-            "--lora_r, --target_modules and --lora_bias as the run that saved it"
-        )
+    check_state_fits(saved, get_peft_model_state_dict(peft_model, save_embedding_layers=False),
+                     source=f"the adapter in --lora_weight_path {str(folder)!r}",
+                     hint="; use the same --lora_r, --target_modules and --lora_bias as the run that saved it")
     set_peft_model_state_dict(peft_model, saved)
 
 

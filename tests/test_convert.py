@@ -198,10 +198,13 @@ def square_image(tmp_path: Path) -> Image.Image:
     return Image.open(write_image(tmp_path / "sq.png", size=(32, 32))).convert("RGB")
 
 
-@pytest.mark.parametrize("vision,llm,select_feature", [("clip", "qwen2", "patch"), ("clip", "llama", "cls_patch"),
-                                                       ("siglip", "qwen2", "patch")])
-def test_export_loads_in_transformers_with_equal_logits_and_generations(tmp_path, vision, llm, select_feature):
-    source = save_tiny_folder(tmp_path / "ours", vision, llm, select_feature=select_feature, template="chatml")
+# siglip/layer 0 is the demo model's selection (its patch embeddings)
+@pytest.mark.parametrize("vision,llm,select_feature,select_layer", [
+    ("clip", "qwen2", "patch", -2), ("clip", "llama", "cls_patch", -2), ("siglip", "qwen2", "patch", 0)])
+def test_export_loads_in_transformers_with_equal_logits_and_generations(tmp_path, vision, llm, select_feature,
+                                                                        select_layer):
+    source = save_tiny_folder(tmp_path / "ours", vision, llm, select_feature=select_feature, select_layer=select_layer,
+                              template="chatml")
     out = tmp_path / "hf"
     assert export_main(["--format", "llava-hf", "--model", str(source), str(out)]) == 0
     ref = LlavaForConditionalGeneration.from_pretrained(out).eval()
@@ -232,6 +235,25 @@ def test_export_loads_in_transformers_with_equal_logits_and_generations(tmp_path
     _, back, _, _ = load_pretrained_model(out)
     with torch.no_grad():
         assert max_diff(back(input_ids=torch.tensor([ours_ids]), pixel_values=pixels).logits, ours) <= PARITY_TOL
+
+
+@pytest.mark.parametrize("vision", ["clip", "siglip"])
+def test_export_selects_the_same_vision_layer_for_every_select_layer(tmp_path, vision):
+    """transformers reads vision_feature_layer=0 as 'no hidden states' (generate failed with a TypeError): every
+    layer of a 2-layer tower, -3..2, gives transformers' LLaVA our logits, and its generate runs."""
+    pixels = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    for select_layer in range(-3, 3):
+        source = save_tiny_folder(tmp_path / f"ours{select_layer}", vision, "qwen2", select_layer=select_layer)
+        export(source, tmp_path / f"hf{select_layer}")
+        ref = LlavaForConditionalGeneration.from_pretrained(tmp_path / f"hf{select_layer}").eval()
+        assert ref.config.vision_feature_layer < 0
+        _, ours, _, _ = load_pretrained_model(source)
+        ids = image_ids(ours.vlm_config.image_token_id, ours.vlm_config.num_image_tokens)
+        with torch.no_grad():
+            expected = ours(input_ids=ids, pixel_values=pixels).logits
+            assert max_diff(ref(input_ids=ids, pixel_values=pixels).logits, expected) <= PARITY_TOL, select_layer
+        out = ref.generate(input_ids=ids, pixel_values=pixels, max_new_tokens=2, do_sample=False)
+        assert out.shape[0] == 1 and out.shape[1] > ids.shape[1]  # it ran and decoded at least one token
 
 
 def test_export_chat_template_renders_vicuna_like_ours(tmp_path):

@@ -9,7 +9,8 @@ Design choices:
   (which has no CLS). `default` on SigLIP drops a real patch; no vlm model does that, so it is refused.
 - Export writes what `from_pretrained` and `AutoProcessor` need and nothing that cannot be expressed:
   only the `mlp2x_gelu` projector (linear_1, GELU, linear_2, with biases) exists there, one integer
-  `vision_feature_layer`, CLIP/SigLIP towers. The processor is a `LlavaProcessor` whose `patch_size`,
+  `vision_feature_layer` (always written negative: transformers reads 0 as "no hidden states"), CLIP/SigLIP
+  towers. The processor is a `LlavaProcessor` whose `patch_size`,
   `num_additional_image_tokens` and strategy make it expand `<image>` to exactly `num_image_tokens`,
   whose image processor reproduces ours (`pad` -> LlavaImageProcessor `do_pad`, which fills with
   int(mean*255) as we do: identical pixels), and whose
@@ -125,6 +126,21 @@ def llava_hf_strategy(config) -> str:
     return "full" if (config.vision.select_feature == "cls_patch" or not has_cls) else "default"
 
 
+def llava_hf_feature_layer(config) -> int:
+    """Our `vision.select_layer` as the negative `vision_feature_layer` that selects the same hidden state.
+
+    transformers' LLaVA passes `vision_feature_layer` on as `output_hidden_states` (the layers to capture), so
+    0 (the embeddings, hidden_states[0]; the demo model's choice) reads as False and no hidden states come back:
+    `generate` fails with "'NoneType' object is not subscriptable". With L layers there are L + 1 hidden states,
+    so layer k >= 0 is also -(L + 1 - k); every layer is written that way (-2 stays -2, LLaVA's default).
+    """
+    num_layers = config.vision.hf_config["num_hidden_layers"]
+    layer = config.vision.select_layer
+    if not -(num_layers + 1) <= layer <= num_layers:
+        raise ValueError(f"cannot export: vision.select_layer={layer} is out of range for a tower with {num_layers} layers")
+    return layer if layer < 0 else layer - (num_layers + 1)
+
+
 def llava_hf_config(config):
     """The `LlavaConfig` of a vlm model's config."""
     from transformers import LlavaConfig
@@ -139,7 +155,7 @@ def llava_hf_config(config):
         text_config=text,
         image_token_index=config.image_token_id,
         image_seq_length=config.num_image_tokens,
-        vision_feature_layer=config.vision.select_layer,
+        vision_feature_layer=llava_hf_feature_layer(config),
         vision_feature_select_strategy=strategy,
         projector_hidden_act="gelu",
         multimodal_projector_bias=True,

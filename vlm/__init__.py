@@ -4,6 +4,8 @@
     model = vlm.build_model(vlm.VLMConfig(vision=vlm.VisionConfig("openai/clip-vit-large-patch14-336"),
                                           llm=vlm.LLMConfig("Qwen/Qwen2.5-0.5B-Instruct")), tokenizer=tok)
     tokenizer, model, image_processor, context_len = vlm.load_pretrained_model("runs/stage2")
+    model, processor = vlm.load("runs/stage2")
+    print(vlm.answer(model, processor, "photo.jpg", "What is in the picture?"))
 
 Names are imported on first use, so `import vlm` (and the `vlm` command) does not load torch and
 transformers until something needs them.
@@ -21,6 +23,9 @@ _EXPORTS = {
     "build_model": "vlm.model",
     "from_pretrained": "vlm.model",
     "load_pretrained_model": "vlm.builder",
+    "VLMProcessor": "vlm.processing",
+    "load": "vlm.processing",
+    "answer": "vlm.processing",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -86,8 +86,8 @@ def check_folder_files(folder: str, kind: str) -> None:
                if not any(os.path.isfile(os.path.join(folder, name)) for name in group)]
     if missing:
         raise FileNotFoundError(
-            f"{kind} model folder {folder!r} is incomplete; missing: {'; '.join(missing)}. A vlm folder is written by "
-            "vlm.checkpoint.save_model_folder(folder, model, tokenizer=..., image_processor=...)"
+            f"{kind} model folder {folder!r} is incomplete; missing: {'; '.join(missing)}. Save the processor (tokenizer, "
+            "image processor, template) beside a vlm model: vlm.VLMProcessor.for_model(model, tokenizer).save_pretrained(folder)"
         )
 
 

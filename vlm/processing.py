@@ -25,11 +25,14 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, replace
-from typing import IO, Any, Sequence
+from typing import IO, TYPE_CHECKING, Any, Sequence
 
 import torch
 
 from vlm.visual.processor import ImageProcessor
+
+if TYPE_CHECKING:
+    from transformers import BatchFeature
 
 Conversation = list[dict]  # [{"role": "system"|"user"|"assistant", "content": str}, ...], ending with a user turn
 
@@ -125,7 +128,7 @@ class VLMProcessor:
     # -- inputs ----------------------------------------------------------------------------------------
 
     def __call__(self, text: str | Conversation | Sequence[str | Conversation], images: Any = None, *,
-                 return_tensors: str = "pt"):
+                 return_tensors: str = "pt") -> BatchFeature:
         """Generation inputs for one prompt or a batch, as a transformers `BatchFeature`.
 
         Args:
@@ -214,7 +217,7 @@ def _batch(text: Any, images: Any) -> tuple[list[Conversation], list[list]]:
 
 def load(model_path: str | os.PathLike, *, template: str | None = None, model_base: str | None = None,
          device: str = "cpu", dtype: str | torch.dtype | None = None, load_8bit: bool = False,
-         load_4bit: bool = False):
+         load_4bit: bool = False) -> tuple[Any, VLMProcessor]:
     """(model, VLMProcessor) of any folder `vlm.load_pretrained_model` reads: vlm model folder, vlm LoRA run
     (merged; `model_base` as `--model-base`), LLaVA-1.5, llava-hf, or a Hub id of one.
 

@@ -4,7 +4,8 @@
 #   bash train.sh --base_language_model Qwen/Qwen2.5-1.5B --base_value_model google/siglip-base-patch16-224 \
 #       --lora_rank 8 --lora_dropout 0.1 --feature_proj_lr 1e-4 --target_modules "c_attn|w1|w2" \
 #       --image_map image_map.json --captions_file captions.json --output_dir out   # Basic-VLM's flags: LoRA
-# With no arguments it runs the embedded demo.
+# With no arguments it runs the embedded demo. Runs from any folder: train.py is found beside this script,
+# and relative paths in the arguments stay relative to the folder you start it from.
 set -euo pipefail
-cd "$(dirname "$0")"
-exec torchrun --standalone --nproc_per_node "${NPROC_PER_NODE:-1}" train.py "$@"
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+exec torchrun --standalone --nproc_per_node "${NPROC_PER_NODE:-1}" "$here/train.py" "$@"

@@ -35,7 +35,9 @@ def test_unknown_subcommand(capsys):
 
 @pytest.mark.parametrize("stage", [2, 3])
 def test_deepspeed_configs_parse(stage):
-    config = json.loads((REPO / "scripts" / f"zero{stage}.json").read_text())
+    from vlm.assets import asset_path
+
+    config = json.loads(asset_path(f"deepspeed/zero{stage}.json").read_text())
     assert config["zero_optimization"]["stage"] == stage
     assert config["train_micro_batch_size_per_gpu"] == "auto"
 

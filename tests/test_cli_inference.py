@@ -8,7 +8,6 @@ import os
 import runpy
 import subprocess
 import sys
-import types
 from pathlib import Path
 
 import pytest
@@ -87,13 +86,16 @@ def test_test_sh_runs_in_a_fresh_process(model_dir, image, generator):
     assert done.stdout == generator.answer("What color is the circle?", image) + "\n"
 
 
-def test_no_arguments_uses_the_demo_model_and_example_image(test_script, capsys, monkeypatch, model_dir):
-    """Wiring only (decoding is tested above): the demo folder, the bundled image and its question."""
+def test_no_arguments_uses_the_demo_model_and_example_image(test_script, capsys, monkeypatch, model_dir, tmp_path):
+    """Wiring only (decoding is tested above): the demo folder ($VLM_DEMO_DIR), the bundled image and its
+    question, read from the package's assets (not from the repository)."""
+    import vlm.assets
     from vlm.generate import Generator
 
-    demo = types.ModuleType("vlm.demo")
-    demo.ensure_demo_model = lambda: model_dir
-    monkeypatch.setitem(sys.modules, "vlm.demo", demo)
+    demo_dir = tmp_path / "demo"
+    demo_dir.mkdir()
+    (demo_dir / "model").symlink_to(model_dir)
+    monkeypatch.setenv("VLM_DEMO_DIR", str(demo_dir))
     calls = []
 
     def fake_answer(self, question, image=None, *, stream=None):
@@ -103,10 +105,35 @@ def test_no_arguments_uses_the_demo_model_and_example_image(test_script, capsys,
     monkeypatch.setattr(Generator, "answer", fake_answer)
     assert test_script["main"]([]) == 0
     out = capsys.readouterr()
-    example = json.loads((ROOT / "examples" / "shapes.json").read_text())
-    assert calls == [(16, example["question"], str(ROOT / "examples" / example["image"]))]
+    assets = Path(vlm.assets.__file__).parent / "examples"
+    example = json.loads((assets / "shapes.json").read_text())
+    assert calls == [(16, example["question"], str(assets / example["image"]))]
     assert out.out == "ANSWER\n"
-    assert f"using the demo model {model_dir}" in out.err and "shapes.png" in out.err
+    assert f"using the demo model {demo_dir / 'model'}" in out.err and "shapes.png" in out.err
+
+
+def test_no_model_and_no_trained_demo_refuses_instead_of_training(test_script, capsys, monkeypatch, tmp_path):
+    """Outside the repository `test.py` / `vlm ask` must not start the 8000-step demo by itself: it names the
+    folder it looked in and the ways out; `--train-demo` trains there (run_demo stands in for the training)."""
+    import vlm.demo
+
+    trained = []
+    monkeypatch.setattr(vlm.demo, "run_demo", lambda config: trained.append(config.run_dir))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("VLM_DEMO_DIR", raising=False)
+    assert test_script["main"]([]) == 2
+    err = capsys.readouterr().err
+    assert f"no demo model in {tmp_path / 'runs' / 'demo' / 'model'}" in err
+    assert "--model" in err and "--demo_dir" in err and "--train-demo" in err and len(err.splitlines()) == 1
+    assert trained == [] and not (tmp_path / "runs").exists()
+
+    elsewhere = tmp_path / "elsewhere"
+    assert test_script["main"](["--demo_dir", str(elsewhere), "--prompt", "hi"]) == 2
+    assert f"no demo model in {elsewhere / 'model'}" in capsys.readouterr().err
+
+    # --train-demo: the demo is trained in the named folder (then loading fails: the stand-in saved nothing)
+    assert test_script["main"](["--demo_dir", str(elsewhere), "--train-demo"]) == 1
+    assert trained == [str(elsewhere)]
 
 
 @pytest.mark.parametrize("flag", ["--load-4bit", "--load-8bit"])

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import importlib
 
+__version__ = "0.1.0"  # the package metadata reads it from here (pyproject.toml)
+
 _EXPORTS = {
     "VLMConfig": "vlm.config",
     "VisionConfig": "vlm.config",

@@ -11,6 +11,7 @@ import sys
 
 # subcommand -> (module, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "ask": ("vlm.ask", "answer one question about an image (the test.py command)"),
     "data": ("vlm.data.cli", "check, convert, filter or synthesise datasets"),
     "demo": ("vlm.demo", "train the tiny demo VLM on the synthetic shapes set and evaluate it"),
     "train": ("vlm.train.cli", "train a VLM (same flags as train.py)"),

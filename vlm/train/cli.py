@@ -146,6 +146,41 @@ def fit(model, tokenizer, image_processor, data_args, training_args, *, template
     return trainer
 
 
+def with_shipped_deepspeed_config(argv: list[str]) -> list[str]:
+    """`--deepspeed zero3` (or `zero3.json`, or LLaVA's `./scripts/zero3.json` where no such file exists) ->
+    the config shipped in the package (vlm/assets/deepspeed), said on stdout; other values pass unchanged."""
+    from vlm.assets import resolve_deepspeed_config
+
+    argv = list(argv)
+    for i, flag in enumerate(argv[:-1]):
+        if flag == "--deepspeed":
+            resolved = resolve_deepspeed_config(argv[i + 1])
+            if resolved != argv[i + 1]:
+                print(f"deepspeed: {argv[i + 1]!r} is vlm's shipped config {resolved}", flush=True)
+                argv[i + 1] = resolved
+    return argv
+
+
+# transformers' TrainingArguments falls back to this folder when no --output_dir is given
+TRANSFORMERS_DEFAULT_OUTPUT_DIR = "trainer_output"
+
+
+def check_output_dir_given(argv: list[str], output_dir: str) -> None:
+    """Training without `--output_dir` (on the command line or in `--config`) is refused: transformers would
+    write into ./trainer_output, and the next run there would resume from whatever an unrelated run left."""
+    if output_dir != TRANSFORMERS_DEFAULT_OUTPUT_DIR:
+        return
+    if any(a in ("--output_dir", "--output-dir") or a.startswith(("--output_dir=", "--output-dir=")) for a in argv):
+        return
+    if "--config" in argv:
+        from vlm.train.arguments import _read_config_file
+
+        if "output_dir" in _read_config_file(argv[argv.index("--config") + 1]):
+            return
+    raise ValueError("no --output_dir: name the folder for this run's checkpoints, model and data report "
+                     "(e.g. --output_dir runs/my-run); `python train.py` with no flags runs the demo")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv:
@@ -155,7 +190,8 @@ def main(argv: list[str] | None = None) -> int:
     from vlm.train.arguments import parse_args
 
     try:
-        model_args, data_args, training_args = parse_args(argv)
+        model_args, data_args, training_args = parse_args(with_shipped_deepspeed_config(argv))
+        check_output_dir_given(argv, training_args.output_dir)
     except (ValueError, ImportError, FileNotFoundError) as exc:  # a flag mistake: one line, as argparse does
         print(f"train.py: error: {exc}", file=sys.stderr)
         return 2

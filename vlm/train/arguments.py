@@ -34,14 +34,14 @@ class ModelArguments:
         "--base_language_model",
         help="the decoder LLM (hub id or folder), or a vlm / LLaVA model folder to continue from"))
     vision_tower: str | None = field(default=None, metadata=_alias(
-        "--base_value_model", help="CLIP or SigLIP vision model (hub id or folder); with a model folder to continue "
-                                   "from it must be that folder's tower"))
+        "--base_value_model", help="CLIP or SigLIP vision model (hub id or folder); continuing from a model folder: "
+                                   "that folder's tower"))
     mm_projector_type: str | None = field(default=None, metadata={
-        "help": "linear | mlp<N>x_gelu | identity (default mlp2x_gelu; a model folder to continue from keeps its own, "
-                "and a different value is an error)"})
+        "help": "linear | mlp<N>x_gelu | identity (default mlp2x_gelu; a model folder to continue from keeps its own: "
+                "another value is an error)"})
     mm_vision_select_layer: int | None = field(default=None, metadata={
-        "help": "hidden_states index of the vision tower (default -2; a model folder to continue from keeps its own, "
-                "and a different value is an error)"})
+        "help": "hidden_states index of the vision tower (default -2; a model folder to continue from keeps its own: "
+                "another value is an error)"})
     mm_vision_select_feature: str = field(default="patch", metadata={"help": "patch | cls_patch"})
     pretrain_mm_mlp_adapter: str | None = field(default=None, metadata={
         "help": "projector weights from a stage-1 run (mm_projector.safetensors or its folder)"})
@@ -66,11 +66,10 @@ class DataArguments:
     image_map: str | None = field(default=None, metadata={"help": "Basic-VLM image_map.json"})
     captions_file: str | None = field(default=None, metadata={"help": "Basic-VLM captions.json"})
     version: str | None = field(default=None, metadata={"help": (
-        "chat template (LLaVA's --version): plain | v1 (vicuna_v1) | llava_v1 | chatml | llama3 | tokenizer. "
-        "Default: the start folder's own; plain in stage 1; 'tokenizer' (the LLM's own chat template) when the "
-        "tokenizer has one; else v1. chatml takes its default system prompt from the tokenizer's template when it "
-        "has one (Qwen2.5's 'You are Qwen, ...'), else Qwen2's 'You are a helpful assistant.'; llama3 is the "
-        "Llama-3.0 format (use 'tokenizer' for Llama-3.1's date block)")})
+        "chat template (LLaVA's --version): plain | v1 (vicuna_v1) | llava_v1 | chatml | llama3 | tokenizer (the "
+        "LLM's own). Default: the start folder's; plain in stage 1; 'tokenizer' when the LLM has one; else v1. "
+        "chatml's system prompt: the tokenizer's (Qwen2.5's 'You are Qwen, ...'), else Qwen2's; llama3: the "
+        "Llama-3.0 format ('tokenizer' for Llama-3.1's date block)")})
     image_aspect_ratio: str = field(default="pad", metadata={"help": "pad | resize | crop"})
     lazy_preprocess: bool = field(default=True, metadata={"help": "LLaVA flag; only True: data is always read lazily"})
     is_multimodal: bool = field(default=True, metadata={"help": "LLaVA flag; only True: the model always has images"})
@@ -96,16 +95,16 @@ class VLMTrainingArguments(transformers.TrainingArguments):
     lora_dropout: float | None = field(default=None, metadata={
         "help": f"LoRA dropout (default {LORA_DEFAULTS['lora_dropout']})"})
     lora_weight_path: str = field(default="", metadata={
-        "help": "a PEFT adapter folder (e.g. a vlm LoRA run) whose adapter weights initialise this run's LoRA; "
-                "it must have the same --lora_r, --target_modules and --lora_bias"})
+        "help": "a PEFT adapter folder (e.g. a vlm LoRA run) that initialises this run's LoRA; same --lora_r, "
+                "--target_modules and --lora_bias"})
     lora_bias: str = field(default="none", metadata={
-        "help": "PEFT's LoRA bias: none | all (train every bias of the LLM) | lora_only (biases of the adapted "
-                "layers); trained biases are saved in the adapter"})
+        "help": "PEFT's LoRA bias: none | all (every bias of the LLM) | lora_only (those of the adapted layers); "
+                "trained biases are saved in the adapter"})
     target_modules: str | None = field(default=None, metadata={
         "help": "LoRA targets: regex ('c_attn|w1|w2') or comma list; default every linear layer of the LLM"})
     bits: int = field(default=16, metadata={
-        "help": "16, or 4 / 8: QLoRA, the LLM loaded through bitsandbytes (CUDA or CPU; needs --lora_enable and "
-                "`pip install 'vlm[qlora]'`); the vision tower and projector stay unquantised"})
+        "help": "16, or 4 / 8 for QLoRA: the LLM loaded through bitsandbytes (CUDA or CPU; needs --lora_enable, "
+                "pip install 'vlm[qlora]'); tower and projector stay unquantised"})
     double_quant: bool = field(default=True, metadata={
         "help": "--bits 4: also quantise the quantisation constants (bnb_4bit_use_double_quant)"})
     quant_type: str = field(default="nf4", metadata={"help": "--bits 4: data type nf4 | fp4 (bnb_4bit_quant_type)"})
@@ -114,12 +113,11 @@ class VLMTrainingArguments(transformers.TrainingArguments):
     warmup_ratio: float | None = field(default=None, metadata={
         "help": "old name: warmup as a fraction of the steps (transformers 5 takes a float --warmup_steps)"})
     cache_dir: str | None = field(default=None, metadata={"help": (
-        "Hugging Face hub cache every hub read of the run goes through (LLaVA's --cache_dir); "
-        "default: the hub's own (HF_HUB_CACHE)")})
+        "hub cache for every hub read of the run (LLaVA's --cache_dir; default: HF_HUB_CACHE)")})
     optim: str = field(default="adamw_torch", metadata={"help": "optimizer (TrainingArguments' names)"})
     remove_unused_columns: bool = field(default=False, metadata={"help": "must stay False for VLM batches"})
     ddp_find_unused_parameters: bool | None = field(default=False, metadata={
-        "help": "frozen parts never require grad, and text-only batches touch the projector, so False is safe"})
+        "help": "False is safe: frozen parts never require grad"})
 
     def __post_init__(self):
         self._resolve_lora()
@@ -190,9 +188,20 @@ class VLMTrainingArguments(transformers.TrainingArguments):
 
 
 def parse_args(argv: list[str]) -> tuple[ModelArguments, DataArguments, VLMTrainingArguments]:
-    """Parse flags (and `--config FILE`, whose values flags override)."""
+    """Parse flags (and `--config FILE`, whose values flags override). `-h/--help` prints the grouped help of
+    `vlm.train.help`, `--help-all` the parser's full list (both exit 0, as argparse's help does)."""
     parser = HfArgumentParser((ModelArguments, DataArguments, VLMTrainingArguments))
     argv = list(argv)
+    if "--help-all" in argv:
+        parser.print_help()
+        raise SystemExit(0)
+    if "-h" in argv or "--help" in argv:
+        import shutil
+
+        from vlm.train.help import help_text
+
+        print(help_text(width=min(100, max(80, shutil.get_terminal_size((100, 24)).columns))), end="")
+        raise SystemExit(0)
     if "--config" in argv:
         i = argv.index("--config")
         if i + 1 >= len(argv):

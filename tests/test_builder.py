@@ -135,14 +135,14 @@ def test_tokenizer_of_another_model_is_refused(folder, tmp_path):
 
 @pytest.mark.parametrize("flag", ["load_4bit", "load_8bit"])
 def test_quantised_loading_errors_name_the_extra(folder, flag, monkeypatch):
-    """Quantised loading works on CPU (tests/test_qlora.py); without bitsandbytes the error names vlm[qlora]."""
+    """Quantised loading works on CPU (tests/test_qlora.py); without bitsandbytes the error names vlm-kit[qlora]."""
     with pytest.raises(ValueError, match="either --load-8bit or --load-4bit"):
         load_pretrained_model(folder, load_4bit=True, load_8bit=True)
     import importlib.util
 
     find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else find_spec(name, *a))
-    with pytest.raises(ImportError, match=rf"--load-{flag[-4:]} needs the bitsandbytes package: .*vlm\[qlora\]"):
+    with pytest.raises(ImportError, match=rf"--load-{flag[-4:]} needs the bitsandbytes package: .*vlm-kit\[qlora\]"):
         load_pretrained_model(folder, **{flag: True})
 
 

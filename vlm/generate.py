@@ -298,9 +298,9 @@ def add_model_arguments(parser, *, required: bool = True) -> None:
     group.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                        help="weights dtype (default: the folder's)")
     group.add_argument("--load-8bit", "--load_8bit", dest="load_8bit", action="store_true",
-                       help="load the LLM in 8 bits with bitsandbytes, CUDA or CPU (pip install 'vlm[qlora]')")
+                       help="load the LLM in 8 bits with bitsandbytes, CUDA or CPU (pip install 'vlm-kit[qlora]')")
     group.add_argument("--load-4bit", "--load_4bit", dest="load_4bit", action="store_true",
-                       help="load the LLM in 4 bits (nf4) with bitsandbytes, CUDA or CPU (pip install 'vlm[qlora]')")
+                       help="load the LLM in 4 bits (nf4) with bitsandbytes, CUDA or CPU (pip install 'vlm-kit[qlora]')")
 
 
 def add_decoding_arguments(parser, *, max_new_tokens: int = 256) -> None:

@@ -48,7 +48,7 @@ def check_attn_implementation(name: str) -> str:
     if name == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
         raise ImportError(
             "attn_implementation='flash_attention_2' needs the flash-attn package, which is not installed; "
-            "install the GPU extra with `pip install 'vlm[gpu]'` (CUDA only) or use 'sdpa'"
+            "install the GPU extra with `pip install 'vlm-kit[gpu]'` (CUDA only) or use 'sdpa'"
         )
     if name not in ("sdpa", "eager", "flash_attention_2"):
         raise ValueError(f"attn_implementation={name!r}; expected 'sdpa', 'eager' or 'flash_attention_2'")

@@ -30,7 +30,7 @@ from torch import nn
 
 QUANT_TYPES = ("nf4", "fp4")
 QUANTIZATION_RECORD = "quantization_config.json"
-INSTALL_HINT = "pip install 'vlm[qlora]'"
+INSTALL_HINT = "pip install 'vlm-kit[qlora]'"
 _NOT_LLM = ("vision_tower.", "mm_projector.")
 
 

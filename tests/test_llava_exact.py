@@ -151,7 +151,7 @@ def test_tokenizer_model_only_folder_loads_after_a_plain_install():
 
     from packaging.requirements import Requirement
 
-    requires = {Requirement(r).name for r in importlib.metadata.requires("vlm") or [] if "extra ==" not in r}
+    requires = {Requirement(r).name for r in importlib.metadata.requires("vlm-kit") or [] if "extra ==" not in r}
     assert {"sentencepiece", "protobuf"} <= requires
 
 

@@ -1,4 +1,7 @@
-"""Train a VLM: `python train.py [--config FILE] [--flag value ...]`; no arguments runs the embedded demo.
+"""Train a VLM: `python train.py [--config FILE] --output_dir DIR [--flag value ...]`; no arguments runs the
+embedded demo. `--output_dir` is required (in the flags or the `--config` file): the run's checkpoints, model
+and data report go there, and a rerun there resumes from its checkpoints. `--deepspeed zero2|zero3` names
+the configs shipped with the package.
 
 Flags: LLaVA's (`--model_name_or_path --vision_tower --tune_mm_mlp_adapter --lora_enable ...`),
 transformers' TrainingArguments, and Basic-VLM's (`--lora_rank --feature_proj_lr --target_modules ...`).

@@ -146,7 +146,7 @@ def test_generation_prompt_equals_llava_eval_prompt(llama_tokenizer, question):
 
 def test_tokenizer_model_only_folder_loads_after_a_plain_install():
     """transformers 5 converts a `tokenizer.model`-only folder with sentencepiece + protobuf: both are our
-    dependencies, so a LLaVA-1.5 / Vicuna folder loads after `pip install vlm`."""
+    dependencies, so a LLaVA-1.5 / Vicuna folder loads after `pip install vlm-kit`."""
     import importlib.metadata
 
     from packaging.requirements import Requirement

@@ -188,3 +188,15 @@ def test_deepspeed_names_resolve_to_the_shipped_configs(tmp_path, monkeypatch, c
     own.parent.mkdir()
     own.write_text("{}")
     assert with_shipped_deepspeed_config(["--deepspeed", "./scripts/zero3.json"])[1] == "./scripts/zero3.json"
+
+
+def test_vlm_ask_ctrl_c_is_one_line(monkeypatch, capsys, tmp_path):
+    import vlm.generate
+    from vlm.ask import main as ask_main
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(vlm.generate, "generator_from_args", interrupted)
+    assert ask_main(["--model", str(tmp_path), "--image", "x.png", "--prompt", "hi"], prog="test.py") == 130
+    assert capsys.readouterr().err.strip() == "test.py: interrupted"

@@ -85,6 +85,9 @@ def main(argv: list[str] | None = None, prog: str = "vlm ask") -> int:
         generator = generator_from_args(args)
         stream = sys.stdout if args.stream and sys.stdout.isatty() else None
         answer = generator.answer(args.prompt, args.image, stream=stream)
+    except KeyboardInterrupt:  # Ctrl-C while loading or answering: one line, not a traceback
+        print(f"\n{prog}: interrupted", file=sys.stderr, flush=True)
+        return 130
     except MissingDemoModel as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2

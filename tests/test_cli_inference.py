@@ -237,3 +237,53 @@ def test_vlm_generate_names_the_bad_line(model_dir, tmp_path, capsys):
     assert batch_main(argv) == 1
     assert "line 1: expected an object with a 'question' string" in capsys.readouterr().err
     assert not (tmp_path / "a.jsonl").exists()
+
+
+# -- the chat template: the model's own by default, another one only when forced -------------------------
+
+
+def _eval_set(folder: Path) -> list[str]:
+    (folder / "img").mkdir()
+    write_image(folder / "img" / "red.png")
+    write_image(folder / "img" / "blue.png", (40, 80, 220), (30, 50))
+    records = [{"id": name, "image": f"{name}.png", "conversations": [
+        {"from": "human", "value": "<image>\nWhat color is the circle?"}, {"from": "gpt", "value": name}]}
+        for name in ("red", "blue")]
+    (folder / "eval.json").write_text(json.dumps(records))
+    return ["--data_path", str(folder / "eval.json"), "--image_folder", str(folder / "img"), "--batch_size", "2"]
+
+
+def test_vlm_eval_uses_the_models_template_and_refuses_another_unless_forced(tmp_path, monkeypatch, capsys):
+    import vlm.evaluate
+
+    folder = save_tiny_folder(tmp_path / "m", "clip", "qwen2", template="vicuna_v1", seed=1)
+    argv = ["--model", str(folder), *_eval_set(tmp_path)]
+    used, real = [], vlm.evaluate.evaluate_exact_match
+    monkeypatch.setattr(vlm.evaluate, "evaluate_exact_match",
+                        lambda *a, template, **k: used.append(template) or real(*a, template=template, **k))
+    assert vlm.evaluate.main(argv) == 0
+    assert used == ["vicuna_v1"]  # the folder's own, no longer a fixed chatml
+    assert "template: 'vicuna_v1'" in capsys.readouterr().err
+    assert vlm.evaluate.main([*argv, "--template", "chatml"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "'vicuna_v1'" in err and "--template 'chatml'" in err and "--force-template" in err
+    assert used == ["vicuna_v1"]  # refused before evaluating
+    assert vlm.evaluate.main([*argv, "--template", "chatml", "--force-template"]) == 0
+    assert used == ["vicuna_v1", "chatml"] and "warning:" in capsys.readouterr().err
+    assert vlm.evaluate.main([*argv, "--template", "v1"]) == 0  # LLaVA's name for the same template
+    assert used[-1] == "v1"
+
+
+def test_conv_mode_mismatch_is_refused_by_chat_and_generate(model_dir, tmp_path, capsys, monkeypatch):
+    from vlm.chat import main as chat_main
+
+    monkeypatch.setattr(sys, "stdin", io.StringIO("What color is the circle?\n"))
+    assert chat_main(["--model", str(model_dir), "--conv-mode", "vicuna_v1"]) == 1
+    assert "trained with chat template 'chatml'" in capsys.readouterr().err
+    questions = tmp_path / "q.jsonl"
+    questions.write_text(json.dumps({"id": "a", "question": "What color?"}) + "\n")
+    argv = ["--model", str(model_dir), "--input", str(questions), "--output", str(tmp_path / "a.jsonl"),
+            "--conv-mode", "vicuna_v1", "--no-progress", "--max_new_tokens", "4"]
+    assert batch_main(argv) == 1
+    assert "--conv-mode 'vicuna_v1'" in capsys.readouterr().err
+    assert batch_main([*argv, "--force-template"]) == 0 and "warning:" in capsys.readouterr().err

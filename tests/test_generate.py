@@ -12,6 +12,7 @@ from vlm.generate import (
     GenerationSettings,
     Generator,
     StreamToFile,
+    check_template,
     default_template,
     generate_ids,
     left_pad,
@@ -184,3 +185,45 @@ def test_template_that_does_not_fit_the_tokenizer(tmp_path):
     folder = save_tiny_folder(tmp_path / "m")
     with pytest.raises(ValueError, match="unknown chat template 'vicuna2'"):
         load_generator(str(folder), conv_mode="vicuna2")
+
+
+# -- a template other than the one the model was trained with -------------------------------------------
+
+
+def test_conv_mode_that_differs_from_the_recorded_template_is_an_error_unless_forced(tmp_path, capsys):
+    folder = save_tiny_folder(tmp_path / "m", template="chatml")
+    with pytest.raises(ValueError, match=r"trained with chat template 'chatml'.*--conv-mode 'vicuna_v1'.*"
+                                         r"drop --conv-mode.*--force-template"):
+        load_generator(str(folder), conv_mode="vicuna_v1")
+    forced = load_generator(str(folder), conv_mode="vicuna_v1", force_template=True)
+    assert forced.template == "vicuna_v1"
+    warning = capsys.readouterr().err
+    assert "warning:" in warning and "'chatml'" in warning and "'vicuna_v1'" in warning
+    # the recorded template, an alias of it, or one that prompts this tokenizer identically: no complaint
+    assert load_generator(str(folder), conv_mode="chatml").template == "chatml"
+    assert load_generator(str(folder), conv_mode="qwen").template == "qwen"
+    assert capsys.readouterr().err == ""
+
+
+def test_same_format_is_judged_by_the_tokenizers_own_template(tmp_path, generator):
+    """A folder that records 'tokenizer' (its LLM's chat template, here ChatML in Jinja) accepts chatml, which
+    renders the same ids as that template (transformers' apply_chat_template), and refuses vicuna_v1."""
+    folder = save_tiny_folder(tmp_path / "m", template="tokenizer")
+    messages = [{"role": "user", "content": "What color is the circle?"}]
+    reference = generator.tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
+    assert generator.prompt(messages, 0) == reference["input_ids"]  # chatml == the tokenizer's template
+    check_template(folder, "chatml", generator.tokenizer)
+    with pytest.raises(ValueError, match="'tokenizer'.*'vicuna_v1'"):
+        check_template(folder, "vicuna_v1", generator.tokenizer)
+
+
+def test_unknown_template_is_named_as_unknown_not_as_a_mismatch(tmp_path):
+    folder = save_tiny_folder(tmp_path / "m", template="chatml")
+    with pytest.raises(ValueError, match="unknown chat template 'chatm'"):
+        check_template(folder, "chatm")
+
+
+def test_a_folder_without_a_record_is_not_checked(tmp_path):
+    folder = save_tiny_folder(tmp_path / "m", template="chatml")
+    (folder / "vlm_generation.json").unlink()
+    assert load_generator(str(folder), conv_mode="vicuna_v1").template == "vicuna_v1"

@@ -4,7 +4,12 @@ The blind baseline runs the same model on the same questions with the images shu
 (a derangement: no sample keeps its own image). A model that reads the picture scores far above it;
 one that learned only answer priors from the question text scores the same.
 
-    vlm eval --model runs/demo/model --data_path data/eval.json --image_folder data/images --template chatml
+    vlm eval --model runs/demo/model --data_path data/eval.json --image_folder data/images
+
+The chat template is the one the model folder records (`vlm.generate.default_template`); `--template`
+names another, which is an error when it prompts differently from the recorded one unless
+`--force-template`: a score measured in the wrong format (6% instead of 97%) looks like a bad model,
+not like a wrong flag, and is reported and compared long after any warning has scrolled away.
 """
 
 from __future__ import annotations
@@ -19,7 +24,16 @@ from typing import Any
 import torch
 
 from vlm.data.paths import ImageFolder
-from vlm.generate import GenerationSettings, build_prompt, decode, generate_ids, pad_id, stop_token_ids
+from vlm.generate import (
+    GenerationSettings,
+    build_prompt,
+    check_template,
+    decode,
+    default_template,
+    generate_ids,
+    pad_id,
+    stop_token_ids,
+)
 
 
 def normalise(text: str) -> str:
@@ -98,7 +112,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", required=True, help="vlm model folder")
     parser.add_argument("--data_path", required=True, help="LLaVA JSON with one question and answer per record")
     parser.add_argument("--image_folder", required=True)
-    parser.add_argument("--template", default="chatml", help="chat template the model was trained with")
+    parser.add_argument("--template", default=None,
+                        help="chat template (default: the one the model folder records it was trained with; another "
+                             "one is an error unless --force-template)")
+    parser.add_argument("--force-template", "--force_template", dest="force_template", action="store_true",
+                        help="use --template even when the model folder records another template")
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--output", help="write the result JSON here")
     args = parser.parse_args(argv)
@@ -107,12 +125,22 @@ def main(argv: list[str] | None = None) -> int:
     import vlm
     from vlm.visual.processor import ImageProcessor
 
-    model = vlm.from_pretrained(args.model)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
+    try:
+        if args.template is None:
+            template = default_template(args.model, tokenizer)
+        else:
+            check_template(args.model, args.template, tokenizer, force=args.force_template, flag="--template")
+            template = args.template
+    except ValueError as exc:  # before the model is loaded: a wrong flag costs seconds, not an evaluation
+        print(f"vlm eval: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"template: {template!r}", file=sys.stderr)
+    model = vlm.from_pretrained(args.model)
     processor = ImageProcessor.from_pretrained(args.model)
     with open(args.data_path, encoding="utf-8") as f:
         records = json.load(f)
-    result = evaluate_exact_match(model, tokenizer, processor, records, args.image_folder, template=args.template,
+    result = evaluate_exact_match(model, tokenizer, processor, records, args.image_folder, template=template,
                                   batch_size=args.batch_size)
     text = json.dumps(result, indent=2)
     if args.output:

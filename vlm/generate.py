@@ -11,9 +11,10 @@ Design choices:
 - Batches are left-padded (the last prompt token of every row sits at the same position, so one
   `generate` call decodes all rows); rows are sorted by length to waste little padding and answers are
   returned in input order. Greedy batched answers equal one-at-a-time answers (tests).
-- The chat template is a property of how a model was trained, not of its name: `--conv-mode` chooses
-  it; otherwise `default_template` reads it from the folder (`vlm_generation.json`, written by training),
-  uses `vicuna_v1` for original LLaVA-1.5 folders and the tokenizer's own chat template for others.
+- The chat template is a property of how a model was trained, not of its name: `default_template` reads
+  it from the folder (`vlm_generation.json`, written by training), uses `vicuna_v1` for original LLaVA-1.5
+  folders and the tokenizer's own chat template for others. `--conv-mode` overrides it, but one that
+  prompts differently from the recorded template is an error unless `--force-template` (`check_template`).
 - A prompt that does not fit the context is an error naming both lengths; `max_new_tokens` is capped so
   prompt + answer fit.
 """
@@ -52,6 +53,13 @@ def read_template(folder: str | os.PathLike) -> str | None:
         return json.load(f).get("template")
 
 
+def recorded_template(folder: str | os.PathLike) -> str | None:
+    """The template a model folder (or LoRA run, or a Hub id's cached snapshot) records it was trained with."""
+    from vlm.builder import model_kind
+
+    return read_template(model_kind(str(folder))[1])
+
+
 def default_template(folder: str | os.PathLike, tokenizer) -> str:
     """The chat template to prompt a model folder with when the user names none (see the module docstring)."""
     from vlm.builder import model_kind
@@ -68,6 +76,45 @@ def default_template(folder: str | os.PathLike, tokenizer) -> str:
         f"model folder {str(folder)!r} records no chat template and its tokenizer has none; pass --conv-mode "
         "(plain, vicuna_v1, chatml, llama3)"
     )
+
+
+def _same_format(a: str, b: str, tokenizer) -> bool:
+    """Whether two template names prompt this tokenizer identically (aliases, or e.g. chatml and a Qwen
+    tokenizer's own template): a probe conversation with one image encodes to the same ids."""
+    from vlm.data.templates import ALIASES
+
+    if ALIASES.get(a, a) == ALIASES.get(b, b):
+        return True
+    if tokenizer is None:
+        return False
+    probe = [{"role": "user", "content": "<image>\nWhat is in the picture?"}]
+    try:
+        return (build_prompt(probe, tokenizer, a, num_image_tokens=2, num_images=1)
+                == build_prompt(probe, tokenizer, b, num_image_tokens=2, num_images=1))
+    except ValueError:  # one of them cannot render for this tokenizer: not the same format
+        return False
+
+
+def check_template(folder: str | os.PathLike, given: str, tokenizer=None, *, force: bool = False,
+                   flag: str = "--conv-mode") -> None:
+    """`given` against the template the model folder records: ValueError when they prompt differently, unless
+    `force` (then a warning on stderr). A folder that records none is not checked.
+
+    An error rather than a warning because the failure is silent otherwise: a model prompted in a format
+    it was not trained on answers fluent-looking garbage (a chatml model under vicuna_v1 wrote 256 tokens
+    of it; `vlm eval` reported 6% accuracy), and a warning scrolls away above the answers or the
+    progress bar. `--force-template` keeps deliberate experiments possible."""
+    from vlm.data.templates import get_template
+
+    get_template(given)  # an unknown name is that error, not a mismatch
+    recorded = recorded_template(folder)
+    if recorded is None or _same_format(given, recorded, tokenizer):
+        return
+    message = (f"model {str(folder)!r} was trained with chat template {recorded!r} (its {GENERATION_FILE}), but "
+               f"{flag} {given!r} was given; a model prompted in another format answers garbage")
+    if not force:
+        raise ValueError(f"{message}: drop {flag} to use {recorded!r}, or add --force-template to use {given!r} anyway")
+    print(f"warning: {message}; using {given!r} as --force-template asks", file=sys.stderr, flush=True)
 
 
 def stop_token_ids(tokenizer, template) -> list[int]:
@@ -264,13 +311,17 @@ class Generator:
 
 def load_generator(model_path: str, *, model_base: str | None = None, conv_mode: str | None = None,
                    settings: GenerationSettings | None = None, device: str = "cpu", dtype=None,
-                   load_8bit: bool = False, load_4bit: bool = False) -> Generator:
-    """`load_pretrained_model` plus the chat template (`conv_mode`, else `default_template`)."""
+                   load_8bit: bool = False, load_4bit: bool = False, force_template: bool = False) -> Generator:
+    """`load_pretrained_model` plus the chat template (`conv_mode`, else `default_template`). A `conv_mode`
+    that prompts differently from the template the folder records is a ValueError unless `force_template`
+    (`check_template`)."""
     from vlm.builder import load_pretrained_model, resolve_model_path
 
     folder = resolve_model_path(model_path)
     tokenizer, model, image_processor, context_len = load_pretrained_model(
         folder, model_base, load_8bit=load_8bit, load_4bit=load_4bit, device=device, dtype=dtype)
+    if conv_mode:
+        check_template(folder, conv_mode, tokenizer, force=force_template)
     template = conv_mode or default_template(folder, tokenizer)
     stop_token_ids(tokenizer, template)  # validates the template against the tokenizer now, not mid-answer
     return Generator(model, tokenizer, image_processor, template, context_len, settings or GenerationSettings())
@@ -293,7 +344,9 @@ def add_model_arguments(parser, *, required: bool = True) -> None:
                        help="Basic-VLM's vision model flag; accepted for compatibility: vlm folders carry their tower")
     group.add_argument("--conv-mode", "--conv_mode", dest="conv_mode", default=None,
                        help="chat template: plain, vicuna_v1, chatml, llama3, tokenizer (default: the one the model "
-                            "was trained with)")
+                            "was trained with; another one is an error unless --force-template)")
+    group.add_argument("--force-template", "--force_template", dest="force_template", action="store_true",
+                       help="use --conv-mode even when the model folder records another template")
     group.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     group.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                        help="weights dtype (default: the folder's)")
@@ -322,7 +375,8 @@ def generator_from_args(args) -> Generator:
     if language_model is not None:
         model_base = _basic_vlm_base(args.model, model_base, language_model)
     generator = load_generator(args.model, model_base=model_base, conv_mode=args.conv_mode, settings=settings,
-                               device=device, dtype=args.dtype, load_8bit=args.load_8bit, load_4bit=args.load_4bit)
+                               device=device, dtype=args.dtype, load_8bit=args.load_8bit, load_4bit=args.load_4bit,
+                               force_template=args.force_template)
     if language_model is not None and model_base is None:
         _check_language_model(generator.model, language_model)
     tower = generator.model.vlm_config.vision.name_or_path

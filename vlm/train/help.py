@@ -52,7 +52,7 @@ COMMON_TRANSFORMERS_FLAGS: dict[str, str] = {
     "save_total_limit": "keep only the newest N checkpoints",
     "logging_steps": "log loss and learning rate every N steps",
     "report_to": "none | tensorboard | wandb | ...",
-    "deepspeed": "DeepSpeed config file (scripts/zero2.json, scripts/zero3.json)",
+    "deepspeed": "DeepSpeed config file; zero2 / zero3 (or LLaVA's ./scripts/zero3.json) name the ones vlm ships",
 }
 
 EXAMPLES = """\

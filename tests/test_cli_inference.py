@@ -287,3 +287,83 @@ def test_conv_mode_mismatch_is_refused_by_chat_and_generate(model_dir, tmp_path,
     assert batch_main(argv) == 1
     assert "--conv-mode 'vicuna_v1'" in capsys.readouterr().err
     assert batch_main([*argv, "--force-template"]) == 0 and "warning:" in capsys.readouterr().err
+
+
+# -- vlm chat at a terminal: readline, Ctrl-C, Ctrl-D, no image ------------------------------------------
+
+
+class ScriptedInput:
+    """A stdin that says it is a terminal; each entry is a line typed, KeyboardInterrupt (Ctrl-C) raised, or ''
+    (Ctrl-D)."""
+
+    def __init__(self, *entries):
+        self.entries = list(entries)
+
+    def isatty(self) -> bool:
+        return True
+
+    def readline(self) -> str:
+        entry = self.entries.pop(0) if self.entries else ""
+        if entry is KeyboardInterrupt:
+            raise KeyboardInterrupt
+        return entry
+
+
+class TerminalOut(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+class ScriptedGenerator:
+    """Answers 'answer N'; an answer listed in `interrupt` raises KeyboardInterrupt instead (Ctrl-C mid-answer)."""
+
+    template = "chatml"
+
+    def __init__(self, interrupt=()):
+        self.calls, self.interrupt = [], set(interrupt)
+
+    def reply(self, messages, images, *, stream=None):
+        self.calls.append((messages, list(images)))
+        if len(self.calls) in self.interrupt:
+            raise KeyboardInterrupt
+        return f"answer {len(self.calls)}"
+
+
+def test_chat_ctrl_c_clears_the_line_or_stops_the_answer_and_ctrl_d_says_bye():
+    session = ChatSession(ScriptedGenerator(interrupt={1}))
+    lines = ScriptedInput(KeyboardInterrupt, "first\n", "second\n", "")
+    out, err = io.StringIO(), io.StringIO()
+    assert run(session, lines, out, err, stream=False) == 0
+    assert out.getvalue() == "answer 2\n"
+    # the interrupted question left no trace: the history is the second exchange only
+    assert session.messages == [{"role": "user", "content": "second"}, {"role": "assistant", "content": "answer 2"}]
+    assert "answer interrupted" in err.getvalue() and err.getvalue().endswith("\nbye\n")
+    assert "Traceback" not in err.getvalue()
+
+
+def test_chat_notes_once_that_no_image_is_attached(image):
+    from vlm.chat import NO_IMAGE
+
+    err = io.StringIO()
+    run(ChatSession(ScriptedGenerator()), io.StringIO("one\ntwo\n"), io.StringIO(), err, stream=False)
+    assert err.getvalue().count(NO_IMAGE) == 1
+    err = io.StringIO()
+    run(ChatSession(ScriptedGenerator(), image), io.StringIO("one\ntwo\n"), io.StringIO(), err, stream=False)
+    assert NO_IMAGE not in err.getvalue()
+
+
+def test_chat_reads_through_readline_only_at_a_terminal(monkeypatch):
+    from vlm.chat import PROMPT
+
+    monkeypatch.delitem(sys.modules, "readline", raising=False)
+    run(ChatSession(ScriptedGenerator()), io.StringIO("hi\n"), io.StringIO(), io.StringIO(), stream=False)
+    assert "readline" not in sys.modules  # piped input: no line editing, nothing imported
+    stdin, stdout, err = ScriptedInput("hi\n", KeyboardInterrupt, "again\n", ""), TerminalOut(), io.StringIO()
+    monkeypatch.setattr(sys, "stdin", stdin)
+    monkeypatch.setattr(sys, "stdout", stdout)
+    generator = ScriptedGenerator()
+    assert run(ChatSession(generator), sys.stdin, sys.stdout, err, stream=False) == 0
+    assert "readline" in sys.modules  # imported: input() now edits lines and keeps the session's history
+    assert stdout.getvalue().count(PROMPT) == 4 and PROMPT not in err.getvalue()  # input()'s prompt, each read
+    assert [m[-1]["content"] for m, _ in generator.calls] == ["hi", "again"]
+    assert err.getvalue().endswith("\nbye\n")

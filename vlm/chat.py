@@ -4,6 +4,10 @@ Each line typed is a user turn; the answer is streamed to stdout, prompts and no
 `vlm chat ... < questions.txt > answers.txt` works). The whole history is sent every turn.
 Commands: `/image PATH` attaches an image to the next question, `/reset` forgets the history (the
 current image is attached again to the next question), `/exit` (or end of input) quits, `/help`.
+
+At a terminal, lines are read through `readline` (editing, and the session's earlier lines with the
+up arrow); Ctrl-C clears the line being typed or stops the answer being generated (the history stays
+as it was), Ctrl-D quits. Without an image the model answers from the text alone, which is said once.
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ from typing import IO, Any
 from vlm.data.tokenizer import IMAGE_TOKEN
 
 HELP = "commands: /image PATH (attach an image to the next question), /reset (forget the history), /exit"
+PROMPT = "USER: "
+NO_IMAGE = "note: no image attached; the model answers from the text alone (attach one with /image PATH)"
 
 
 class ChatSession:
@@ -57,17 +63,52 @@ class ChatSession:
         return answer
 
 
+def enable_line_editing() -> bool:
+    """Import `readline`, which is what gives `input()` line editing and history; False where it is missing
+    (Windows without pyreadline)."""
+    try:
+        import readline
+    except ImportError:
+        return False
+    readline.set_auto_history(True)
+    return True
+
+
+def _isatty(stream: Any) -> bool:
+    return hasattr(stream, "isatty") and stream.isatty()
+
+
+def _read_line(lines: IO[str], err: IO[str], *, interactive: bool, editing: bool) -> str:
+    """The next line ('' at end of input). `editing`: through `input()`, i.e. readline; its prompt goes to
+    stdout, which is then the terminal too."""
+    if editing:
+        try:
+            return input(PROMPT) + "\n"
+        except EOFError:
+            return ""
+    if interactive:
+        err.write(PROMPT)
+        err.flush()
+    return lines.readline()
+
+
 def run(session: ChatSession, lines: IO[str], out: IO[str], err: IO[str], *, stream: bool) -> int:
     """The read-answer loop over `lines` (stdin); returns the exit code."""
     from vlm.generate import USER_ERRORS
 
-    interactive = hasattr(lines, "isatty") and lines.isatty()
+    interactive = _isatty(lines)
+    # input() edits lines only on the process's own terminal: stdin and stdout both ttys
+    editing = interactive and lines is sys.stdin and _isatty(sys.stdout) and enable_line_editing()
+    noted_no_image = False
     while True:
-        if interactive:
-            err.write("USER: ")
-            err.flush()
-        line = lines.readline()
+        try:
+            line = _read_line(lines, err, interactive=interactive, editing=editing)
+        except KeyboardInterrupt:  # Ctrl-C at the prompt: drop what was typed, ask again
+            err.write("\n")
+            continue
         if not line:
+            if interactive:  # Ctrl-D: end the prompt's line, one word, no traceback
+                err.write("\nbye\n")
             return 0
         text = line.strip()
         if not text:
@@ -89,10 +130,17 @@ def run(session: ChatSession, lines: IO[str], out: IO[str], err: IO[str], *, str
         elif text.startswith("/"):
             err.write(f"unknown command {command!r}; {HELP}\n")
         else:
+            if session.current_image is None and not noted_no_image:
+                err.write(NO_IMAGE + "\n")
+                noted_no_image = True
             try:
                 answer = session.ask(text, stream=out if stream else None)
             except USER_ERRORS as exc:
                 err.write(f"error: {exc}\n")
+                continue
+            except KeyboardInterrupt:  # Ctrl-C while answering: stop it; ask() changed no history
+                out.flush()
+                err.write("\n(answer interrupted; the conversation is as it was before the question)\n")
                 continue
             if not stream:
                 out.write(answer + "\n")
@@ -113,5 +161,8 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as exc:
         print(f"vlm chat: error: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # Ctrl-C while the model loads
+        print("\ninterrupted", file=sys.stderr)
+        return 130
     print(f"chatting with {args.model} (template {session.generator.template!r}); {HELP}", file=sys.stderr)
     return run(session, sys.stdin, sys.stdout, sys.stderr, stream=sys.stdout.isatty())

@@ -2,9 +2,25 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from vlm.data.tokenizer import build_tokenizer
+
+# torch threads for the tests: tiny models run fastest on one thread, and a busy machine then slows the
+# suite in proportion instead of 5-25x (bench/RESULTS.md). VLM_TEST_THREADS=N measures another count.
+TEST_THREADS_ENV = "VLM_TEST_THREADS"
+DEFAULT_TEST_THREADS = 1
+
+
+def pytest_configure(config):
+    import torch
+
+    threads = int(os.environ.get(TEST_THREADS_ENV, DEFAULT_TEST_THREADS))
+    torch.set_num_threads(threads)
+    os.environ["OMP_NUM_THREADS"] = str(threads)  # the scripts tests start as subprocesses
+
 
 TINY_CORPUS = [
     "What color is the circle? red green blue yellow",

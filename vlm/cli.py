@@ -38,8 +38,12 @@ def main(argv: list[str] | None = None) -> int:
     if name not in SUBCOMMANDS:
         print(f"vlm: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
         return 2
-    module = importlib.import_module(SUBCOMMANDS[name][0])
-    result = module.main(rest)
+    try:
+        module = importlib.import_module(SUBCOMMANDS[name][0])
+        result = module.main(rest)
+    except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback (train and demo say where to resume)
+        print(f"\nvlm {name}: interrupted", file=sys.stderr, flush=True)
+        return 130
     return int(result or 0)
 
 

@@ -1,6 +1,6 @@
 """The embedded demo: train a tiny VLM from scratch on synthetic shapes, on a CPU, and show that it reads images.
 
-`python train.py` (no arguments) or `vlm demo`:
+`python train.py` (no arguments), `python train.py --demo [flags]` or `vlm demo [flags]`:
 1. generate the synthetic set (`vlm.data.synth`): 1-3 coloured shapes per picture, questions about
    colour, shape, count and existence, train and held-out splits by image;
 2. train a byte-level BPE tokenizer on the set's text and build a tiny VLM from configs (SigLIP-style
@@ -20,8 +20,17 @@ Design choices (measured on 2 CPU cores; figures in the Training issue's note):
   colour, colour+shape -> yes/no); that binding is the slow part: held-out accuracy sits near 0.7 for
   3000 steps, then climbs (0.95 at 6000). Hence many steps of a small batch, on fresh images.
 
-Outputs (DESIGN.md, Demo outputs) in the run folder: `model/` (a vlm model folder), `metrics.jsonl`,
-`loss.png`, `eval.json`, `data/`; the last printed line is `accuracy=<a> blind_accuracy=<b>`.
+- One torch thread by default (`--threads`): for a model this small, two threads on 2 cores spend
+  their time synchronising, and far worse when the machine is busy (bench/RESULTS.md: ~10-13 steps/s
+  on 1 thread against ~0.8 on 2 at load 3-6).
+- Nothing is lost to an interruption: the generated set is kept and reused when complete
+  (`data/complete.json`), a checkpoint is saved every `--save_steps`, and the same command continues
+  from the newest one to the same last step; Ctrl-C prints where it will resume and exits 130.
+
+Where: the run folder is `demo_dir()`: `--output_dir`, else `$VLM_DEMO_DIR`, else `./runs/demo`; it is
+printed at the start and the end. Outputs (DESIGN.md, Demo outputs) in it: `model/` (a vlm model
+folder), `metrics.jsonl`, `loss.png`, `eval.json`, `data/`, `checkpoint-N/`, `demo_config.json`; the
+last printed line is `accuracy=<a> blind_accuracy=<b>`.
 """
 
 from __future__ import annotations
@@ -36,6 +45,9 @@ from dataclasses import asdict, dataclass, replace
 DEFAULT_RUN_DIR = "runs/demo"  # under the current folder, unless --output_dir or $VLM_DEMO_DIR says otherwise
 DEMO_DIR_ENV = "VLM_DEMO_DIR"
 TEMPLATE = "chatml"
+# torch threads for the demo's training: measured faster on 1 thread than 2 for this tiny model, on a quiet
+# and on a loaded 2-core machine (bench/RESULTS.md, bench/bench_threads.py)
+DEFAULT_THREADS = 1
 
 
 def demo_dir(run_dir: str | os.PathLike | None = None) -> str:
@@ -74,7 +86,8 @@ class DemoConfig:
     vision_lr: float = 1e-3
     train_vision: bool = False
     seed: int = 0
-    threads: int | None = None
+    save_steps: int = 500  # a checkpoint every so many steps: what an interrupted run resumes from
+    threads: int = DEFAULT_THREADS
 
 
 def build_demo_model(config: DemoConfig, tokenizer):
@@ -110,10 +123,33 @@ def merge_questions_per_image(records: list[dict]) -> list[dict]:
     return list(by_image.values())
 
 
+# Settings that change what is trained: a checkpoint made with other values cannot be resumed.
+RUN_SETTINGS_FILE = "demo_config.json"
+_NOT_RUN_SETTINGS = ("run_dir", "threads", "n_eval", "save_steps")
+
+
 def run_demo(config: DemoConfig) -> dict:
-    """Generate data, train, evaluate; returns the eval dict (also written to `eval.json`)."""
+    """Generate data, train, evaluate; returns the eval dict (also written to `eval.json`).
+
+    Resumable: the generated set is kept (reused when complete, `vlm.data.synth`), checkpoints are saved
+    every `save_steps`, and a rerun with the same settings continues from the newest one to the same end.
+    Sets torch's thread count to `config.threads` (0: leaves it) for the run and restores it after.
+    """
     import torch
 
+    previous_threads = torch.get_num_threads()
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    try:
+        return _run_demo(replace(config, run_dir=demo_dir(config.run_dir)))
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _run_demo(config: DemoConfig) -> dict:
+    import torch
+
+    from vlm.builder import load_tokenizer
     from vlm.data.synth import generate_shapes_dataset
     from vlm.data.tokenizer import build_tokenizer
     from vlm.evaluate import evaluate_exact_match
@@ -121,19 +157,20 @@ def run_demo(config: DemoConfig) -> dict:
     from vlm.train.cli import fit
     from vlm.visual.processor import ImageProcessor
 
-    if config.threads:
-        torch.set_num_threads(config.threads)
     start = time.perf_counter()
-    config = replace(config, run_dir=demo_dir(config.run_dir))
-    print(f"demo: run folder {config.run_dir} (--output_dir or ${DEMO_DIR_ENV} to change)", flush=True)
-    os.makedirs(config.run_dir, exist_ok=True)
-    metrics = os.path.join(config.run_dir, "metrics.jsonl")
-    if os.path.exists(metrics):
-        os.remove(metrics)  # a fresh curve for a fresh run
-    data_dir = os.path.join(config.run_dir, "data")
+    run_dir = config.run_dir
+    print(f"demo: run folder {run_dir} (--output_dir or ${DEMO_DIR_ENV} to change); "
+          f"{torch.get_num_threads()} torch thread(s) (--threads to change)", flush=True)
+    os.makedirs(run_dir, exist_ok=True)
+    resume = check_resumable(config)
+    trim_metrics(os.path.join(run_dir, "metrics.jsonl"), checkpoint_step(resume))
+
+    data_dir = os.path.join(run_dir, "data")
     info = generate_shapes_dataset(data_dir, n_train=config.n_train, n_eval=config.n_eval,
                                    image_size=config.image_size, seed=config.seed,
-                                   questions_per_image=config.questions_per_image, grid=config.grid)
+                                   questions_per_image=config.questions_per_image, grid=config.grid, reuse=True)
+    if info["reused"]:
+        print(f"demo: reusing the complete generated set in {data_dir}", flush=True)
     with open(info["train"], encoding="utf-8") as f:
         train_records = json.load(f)
     if config.multi_turn:  # one conversation per training image: the image is encoded once for all its questions
@@ -141,42 +178,95 @@ def run_demo(config: DemoConfig) -> dict:
         info["train"] = os.path.join(data_dir, "train_conversations.json")
         with open(info["train"], "w", encoding="utf-8") as f:
             json.dump(train_records, f)
-    texts = [turn["value"].replace("<image>", "") for r in train_records for turn in r["conversations"]]
-    tokenizer = build_tokenizer(texts, vocab_size=512, model_max_length=256)
+    if resume is not None:  # the checkpoint's own tokenizer: its ids are the ones the weights were trained on
+        tokenizer = load_tokenizer(resume)
+    else:
+        texts = [turn["value"].replace("<image>", "") for r in train_records for turn in r["conversations"]]
+        tokenizer = build_tokenizer(texts, vocab_size=512, model_max_length=256)
     model = build_demo_model(config, tokenizer)
     for p in model.parameters():
         p.requires_grad_(True)
     model.vision_tower.set_trainable(config.train_vision)
     image_processor = ImageProcessor.from_vision_config(model.vision_tower.model.config, aspect_ratio="resize")
     print(f"demo: {len(train_records)} training questions on {info['n_train_images']} images, "
-          f"{info['n_eval_samples']} held-out questions; {config.max_steps} steps", flush=True)
+          f"{info['n_eval_samples']} held-out questions; {config.max_steps} steps, a checkpoint every "
+          f"{config.save_steps}", flush=True)
 
     data_args = DataArguments(data_path=info["train"], image_folder=info["image_folder"], version=TEMPLATE,
                               image_aspect_ratio="resize", check_images="exists")
     training_args = VLMTrainingArguments(
-        output_dir=config.run_dir, max_steps=config.max_steps, per_device_train_batch_size=config.batch_size,
+        output_dir=run_dir, max_steps=config.max_steps, per_device_train_batch_size=config.batch_size,
         learning_rate=config.learning_rate, mm_projector_lr=config.projector_lr,
         mm_vision_tower_lr=config.vision_lr, weight_decay=0.0, warmup_steps=0.03, lr_scheduler_type="cosine",
-        logging_steps=20, save_strategy="no", report_to="none", seed=config.seed, use_cpu=True,
-        dataloader_num_workers=0, model_max_length=256, disable_tqdm=False,
+        logging_steps=20, save_strategy="steps", save_steps=config.save_steps, save_total_limit=1,
+        report_to="none", seed=config.seed, use_cpu=True, dataloader_num_workers=0, model_max_length=256,
+        disable_tqdm=False,
     )
-    model_dir = os.path.join(config.run_dir, "model")
-    # The trainer writes the model folder (weights, tokenizer, image processor, template) into model/.
-    fit(model, tokenizer, image_processor, data_args, training_args, template=TEMPLATE, final_dir=model_dir)
+    model_dir = os.path.join(run_dir, "model")
+    # The trainer resumes from the newest checkpoint in run_dir and writes the model folder (weights,
+    # tokenizer, image processor, template) into model/.
+    trainer = fit(model, tokenizer, image_processor, data_args, training_args, template=TEMPLATE,
+                  final_dir=model_dir)
+    runtime = next((log["train_runtime"] for log in reversed(trainer.state.log_history) if "train_runtime" in log),
+                   None)
+    steps = trainer.state.global_step - checkpoint_step(resume)
 
     with open(info["eval"], encoding="utf-8") as f:
         eval_records = json.load(f)
     result = evaluate_exact_match(model, tokenizer, image_processor, eval_records, info["image_folder"],
                                   template=TEMPLATE, seed=config.seed)
     result["wall_time_s"] = round(time.perf_counter() - start, 1)
+    result["train_steps"] = steps
+    result["train_steps_per_s"] = round(steps / runtime, 2) if runtime and steps else None
+    result["threads"] = torch.get_num_threads()
+    result["resumed_from"] = resume
+    result["data_reused"] = info["reused"]
     result["config"] = asdict(config)
-    with open(os.path.join(config.run_dir, "eval.json"), "w", encoding="utf-8") as f:
+    with open(os.path.join(run_dir, "eval.json"), "w", encoding="utf-8") as f:
         json.dump(result, f, indent=2)
     for kind, scores in result["per_question_type"].items():
         print(f"  {kind:<7} accuracy={scores['accuracy']:.3f} blind={scores['blind_accuracy']:.3f} n={scores['n']}")
-    print(f"demo finished in {result['wall_time_s']:.0f}s; model in {model_dir}", flush=True)
+    print(f"demo finished in {result['wall_time_s']:.0f}s ({steps} steps at {result['train_steps_per_s']} steps/s); "
+          f"model in {model_dir}", flush=True)
     print(f"accuracy={result['accuracy']:.4f} blind_accuracy={result['blind_accuracy']:.4f}", flush=True)
     return result
+
+
+def check_resumable(config: DemoConfig) -> str | None:
+    """The checkpoint a rerun continues from (None: start afresh), after checking it was made with the same
+    settings; records the settings for the next run. Raises ValueError naming the first difference."""
+    from vlm.train.trainer import find_resume_checkpoint
+
+    settings = {k: v for k, v in asdict(config).items() if k not in _NOT_RUN_SETTINGS}
+    path = os.path.join(config.run_dir, RUN_SETTINGS_FILE)
+    resume = find_resume_checkpoint(config.run_dir)
+    if resume is not None and os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            saved = json.load(f)
+        changed = [k for k in settings if saved.get(k) != settings[k]]
+        if changed:
+            k = changed[0]
+            raise ValueError(f"{config.run_dir} holds a demo run with {k}={saved.get(k)!r}, not {settings[k]!r}, "
+                             f"so {resume} cannot be resumed: pass the same settings, another --output_dir, "
+                             "or delete the folder")
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(settings, f, indent=1)
+    return resume
+
+
+def checkpoint_step(checkpoint: str | None) -> int:
+    """N of `.../checkpoint-N`; 0 for None."""
+    return 0 if checkpoint is None else int(os.path.basename(checkpoint.rstrip(os.sep)).rsplit("-", 1)[1])
+
+
+def trim_metrics(path: str, last_step: int) -> None:
+    """Keep the logged steps up to `last_step` (the checkpoint resumed from; 0: a fresh run keeps none)."""
+    if not os.path.exists(path):
+        return
+    with open(path, encoding="utf-8") as f:
+        kept = [line for line in f if line.strip() and json.loads(line)["step"] <= last_step]
+    with open(path, "w", encoding="utf-8") as f:
+        f.writelines(kept)
 
 
 def ensure_demo_model(run_dir: str | os.PathLike | None = None) -> str:
@@ -193,7 +283,9 @@ def ensure_demo_model(run_dir: str | os.PathLike | None = None) -> str:
 
 FLAG_HELP = {
     "run_dir": f"run folder (data, checkpoints, model/, eval.json); default ${DEMO_DIR_ENV} or ./{DEFAULT_RUN_DIR}",
-    "threads": "torch CPU threads for training (0: torch's default, one per core)",
+    "threads": "torch CPU threads for the demo (0: torch's default, one per core); 1 measured fastest for this "
+               "tiny model, on a quiet and a busy machine",
+    "save_steps": "save a checkpoint every N steps; a rerun of the same command resumes from the newest",
     "n_train": "training images (each asks questions_per_image questions)",
     "n_eval": "held-out images",
     "max_steps": "optimizer steps",
@@ -219,7 +311,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    run_demo(DemoConfig(**vars(args)))
+    config = DemoConfig(**vars(args))
+    from vlm.train.cli import report_interrupted
+
+    try:
+        run_demo(config)
+    except KeyboardInterrupt:
+        return report_interrupted(demo_dir(config.run_dir))
+    except ValueError as exc:  # settings that contradict the run folder
+        print(f"vlm demo: error: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -32,6 +32,7 @@ from __future__ import annotations
 import itertools
 import multiprocessing
 import os
+import signal
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from typing import Any, Iterable, Sequence
@@ -47,6 +48,7 @@ from vlm.visual.processor import PIL_DEFAULT_MAX_IMAGE_PIXELS
 _STAND_IN_SAMPLES = 2000  # samples whose text trains the stand-in tokenizer
 _TOP_PROBLEMS = 5  # problems quoted in the max-drop-ratio error
 _PARALLEL_FROM = 2000
+_PROGRESS_FROM = 2000  # smaller sets check in a moment: no progress bar
 _HINTS = {  # the usual cause of a reason, quoted when it makes training stop
     "missing_image": "missing_image: is --image_folder the folder the image paths are relative to?",
     "too_long": "too_long: raise --model_max_length, or truncate='turns' to keep the first turns.",
@@ -216,6 +218,8 @@ _worker_checker: _Checker | None = None
 def _init_worker(checker: _Checker) -> None:
     global _worker_checker
     _worker_checker = checker
+    # Ctrl-C reaches the whole process group: the parent stops the pool; workers printing tracebacks is noise
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _check_positions(positions: list[int]) -> list[tuple[dict | None, bool]]:
@@ -224,16 +228,36 @@ def _check_positions(positions: list[int]) -> list[tuple[dict | None, bool]]:
 
 
 def _run(checker: _Checker, positions: list[int], num_workers: int | None) -> list[tuple[dict | None, bool]]:
-    """`checker` over `positions`, in order; in `num_workers` forked processes when that is worth it."""
+    """`checker` over `positions`, in order; in `num_workers` forked processes when that is worth it.
+
+    A progress bar (stderr) shows for sets of at least `_PROGRESS_FROM` samples."""
+    from tqdm.auto import tqdm
+
     if num_workers is None:
         num_workers = min(os.cpu_count() or 1, 8) if len(positions) > _PARALLEL_FROM else 1
-    if num_workers <= 1 or len(positions) < 2 or "fork" not in multiprocessing.get_all_start_methods():
-        return [checker(p) for p in positions]
-    size = -(-len(positions) // (num_workers * 4))  # a few chunks per worker evens out slow ones
-    chunks = [positions[k : k + size] for k in range(0, len(positions), size)]
-    context = multiprocessing.get_context("fork")
-    with ProcessPoolExecutor(num_workers, mp_context=context, initializer=_init_worker, initargs=(checker,)) as pool:
-        return [result for chunk in pool.map(_check_positions, chunks) for result in chunk]
+    bar = tqdm(total=len(positions), desc="data check", unit="sample", disable=len(positions) < _PROGRESS_FROM,
+               dynamic_ncols=True)
+    with bar:
+        if num_workers <= 1 or len(positions) < 2 or "fork" not in multiprocessing.get_all_start_methods():
+            results = []
+            for p in positions:
+                results.append(checker(p))
+                bar.update()
+            return results
+        size = -(-len(positions) // (num_workers * 4))  # a few chunks per worker evens out slow ones
+        chunks = [positions[k : k + size] for k in range(0, len(positions), size)]
+        context = multiprocessing.get_context("fork")
+        pool = ProcessPoolExecutor(num_workers, mp_context=context, initializer=_init_worker, initargs=(checker,))
+        results = []
+        try:
+            for chunk in pool.map(_check_positions, chunks):
+                results += chunk
+                bar.update(len(chunk))
+        except BaseException:  # Ctrl-C: drop the chunks not started instead of waiting for them
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+        pool.shutdown()
+        return results
 
 
 def stand_in_tokenizer(records: Sequence) -> Any:

@@ -13,12 +13,16 @@ Design choices:
   bytes, and eval images do not change when `n_train` does. Train and eval are split by image
   (`train_*.png`, `eval_*.png`), so no eval picture is seen in training.
 - Output is LLaVA JSON (`train.json`, `eval.json`, images under `images/`, paths relative to it).
+- `complete.json` is written last, with the settings the set was made from: a set without it (an
+  interrupted generation) is never reused; with `reuse=True` a complete set made from the same
+  settings, every file present, is returned as it is instead of being drawn again.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +39,7 @@ DEFAULT_COLORS: dict[str, tuple[int, int, int]] = {
 DEFAULT_SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
 QUESTION_TYPES: tuple[str, ...] = ("color", "shape", "count", "exists")
 BACKGROUND = (255, 255, 255)
+COMPLETE_MARKER = "complete.json"
 
 
 @dataclass(frozen=True)
@@ -160,8 +165,11 @@ def generate_shapes_dataset(
     max_shapes: int = 3,
     question_types: Sequence[str] = QUESTION_TYPES,
     grid: int | None = None,
+    reuse: bool = False,
+    progress: bool = True,
 ) -> dict:
-    """Write `out_dir/images/{train,eval}_NNNNN.png`, `out_dir/train.json` and `out_dir/eval.json`.
+    """Write `out_dir/images/{train,eval}_NNNNN.png`, `out_dir/train.json`, `out_dir/eval.json`, then
+    `out_dir/complete.json`.
 
     Args:
         n_train, n_eval: number of images per split (each gives up to `questions_per_image` samples).
@@ -170,24 +178,38 @@ def generate_shapes_dataset(
         max_shapes: most shapes per picture (at least 1).
         question_types: subset of color, shape, count, exists.
         grid: place each shape in its own cell of a grid x grid layout (see `make_scene`).
+        reuse: return a complete set already in `out_dir` made from the same settings instead of
+            drawing it again (`"reused": True` in the result).
+        progress: a progress bar per split on stderr.
 
     Returns:
         `{"image_folder", "train", "eval", "n_train_images", "n_eval_images", "n_train_samples",
-        "n_eval_samples", "question_types": {split: {type: count}}}` (paths as strings).
+        "n_eval_samples", "question_types": {split: {type: count}}, "reused": bool}` (paths as strings).
     """
     palette = dict(DEFAULT_COLORS if colors is None else colors)
     _check_options(n_train, n_eval, image_size, questions_per_image, palette, shapes, max_shapes, question_types)
     if grid is not None and (grid * grid < max_shapes or image_size // grid < 8):
         raise ValueError(f"grid={grid}: needs grid*grid >= max_shapes ({max_shapes}) and cells of at least 8 px "
                          f"(image_size {image_size} // grid = {image_size // max(grid, 1)})")
+    settings = {"n_train": n_train, "n_eval": n_eval, "image_size": image_size, "seed": seed,
+                "questions_per_image": questions_per_image, "colors": {k: list(v) for k, v in palette.items()},
+                "shapes": list(shapes), "max_shapes": max_shapes, "question_types": list(question_types), "grid": grid}
     out = Path(out_dir)
+    if reuse:
+        summary = complete_dataset(out, settings)
+        if summary is not None:
+            return summary
+    (out / COMPLETE_MARKER).unlink(missing_ok=True)  # complete again only once everything below is written
     image_dir = out / "images"
     image_dir.mkdir(parents=True, exist_ok=True)
     summary: dict = {"image_folder": str(image_dir), "question_types": {}}
+    from tqdm.auto import tqdm
+
     for split, n_images in (("train", n_train), ("eval", n_eval)):
         used = {t: 0 for t in question_types}
         records = []
-        for index in range(n_images):
+        for index in tqdm(range(n_images), desc=f"images ({split})", unit="img", disable=not progress,
+                          dynamic_ncols=True):
             rng = random.Random(f"{seed}:{split}:{index}")
             scene = make_scene(rng, image_size=image_size, colors=list(palette), shapes=shapes, max_shapes=max_shapes,
                                grid=grid)
@@ -219,7 +241,33 @@ def generate_shapes_dataset(
         summary[f"n_{split}_images"] = n_images
         summary[f"n_{split}_samples"] = len(records)
         summary["question_types"][split] = used
-    return summary
+    counts = {k: v for k, v in summary.items() if k not in ("image_folder", "train", "eval")}
+    (out / COMPLETE_MARKER).write_text(json.dumps({"settings": settings, "summary": counts}, indent=1))
+    return {**summary, "reused": False}
+
+
+def complete_dataset(out_dir: str | Path, settings: dict) -> dict | None:
+    """The summary of the complete set in `out_dir` made from `settings`; None when there is none (never
+    generated, interrupted, other settings, a file missing)."""
+    out = Path(out_dir)
+    try:
+        marker = json.loads((out / COMPLETE_MARKER).read_text())
+    except (OSError, ValueError):
+        return None
+    if marker.get("settings") != settings:
+        return None
+    image_dir = out / "images"
+    names = {f"{split}_{index:05d}.png" for split in ("train", "eval") for index in range(settings[f"n_{split}"])}
+    if not (out / "train.json").is_file() or not (out / "eval.json").is_file():
+        return None
+    try:
+        present = {entry.name for entry in os.scandir(image_dir)}
+    except OSError:
+        return None
+    if not names <= present:
+        return None
+    return {**marker["summary"], "image_folder": str(image_dir), "train": str(out / "train.json"),
+            "eval": str(out / "eval.json"), "reused": True}
 
 
 def main(argv: list[str] | None = None) -> int:

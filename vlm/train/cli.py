@@ -181,21 +181,51 @@ def check_output_dir_given(argv: list[str], output_dir: str) -> None:
                      "(e.g. --output_dir runs/my-run); `python train.py` with no flags runs the demo")
 
 
+def report_interrupted(output_dir: str) -> int:
+    """Ctrl-C: print one line on stderr, the checkpoint a rerun of the same command resumes from (`fit` finds
+    the newest complete one in the output folder) or that there is none yet; returns the exit code, 130."""
+    from tqdm import tqdm
+
+    from vlm.train.trainer import find_resume_checkpoint
+
+    for bar in list(getattr(tqdm, "_instances", ())):  # an open bar would be redrawn at exit, after our line
+        bar.close()
+    resume = find_resume_checkpoint(output_dir)
+    if resume is None:
+        line = (f"interrupted before the first checkpoint in {output_dir} (--save_steps sets how often); "
+                "rerun the same command to start again")
+    else:
+        line = f"interrupted; rerun the same command to resume from {resume}"
+    print(line, file=sys.stderr, flush=True)
+    return 130
+
+
 def main(argv: list[str] | None = None) -> int:
+    """`python train.py [flags]`; no arguments runs the demo, `--demo [demo flags]` the demo with its flags
+    (`vlm demo --help`)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv:
+    if not argv or argv[0] == "--demo":
         from vlm.demo import main as demo_main
 
-        return demo_main([])
-    from vlm.train.arguments import parse_args
-
+        return demo_main(argv[1:])
+    training_args = None
     try:
-        model_args, data_args, training_args = parse_args(with_shipped_deepspeed_config(argv))
-        check_output_dir_given(argv, training_args.output_dir)
-    except (ValueError, ImportError, FileNotFoundError) as exc:  # a flag mistake: one line, as argparse does
-        print(f"train.py: error: {exc}", file=sys.stderr)
-        return 2
-    train(model_args, data_args, training_args)
+        from vlm.train.arguments import parse_args
+
+        try:
+            model_args, data_args, training_args = parse_args(with_shipped_deepspeed_config(argv))
+            check_output_dir_given(argv, training_args.output_dir)
+        except (ValueError, ImportError, FileNotFoundError) as exc:  # a flag mistake: one line, as argparse does
+            print(f"train.py: error: {exc}", file=sys.stderr)
+            return 2
+        train(model_args, data_args, training_args)
+    except KeyboardInterrupt:  # Ctrl-C: where to pick up, not a traceback
+        if training_args is None:
+            print("\ninterrupted", file=sys.stderr, flush=True)
+            return 130
+        if training_args.process_index != 0:
+            return 130
+        return report_interrupted(training_args.output_dir)
     return 0
 
 

@@ -367,3 +367,64 @@ def test_chat_reads_through_readline_only_at_a_terminal(monkeypatch):
     assert stdout.getvalue().count(PROMPT) == 4 and PROMPT not in err.getvalue()  # input()'s prompt, each read
     assert [m[-1]["content"] for m, _ in generator.calls] == ["hi", "again"]
     assert err.getvalue().endswith("\nbye\n")
+
+
+# -- vlm generate with LLaVA's question and answer files --------------------------------------------------
+
+
+def _llava_questions(tmp_path: Path) -> tuple[Path, list[dict]]:
+    (tmp_path / "img").mkdir(exist_ok=True)
+    write_image(tmp_path / "img" / "red.png")
+    write_image(tmp_path / "img" / "blue.png", (40, 80, 220), (30, 50))
+    questions = [{"question_id": 0, "image": "red.png", "text": "What color is the circle?", "category": "conv"},
+                 {"question_id": 1, "image": "blue.png", "text": "How many shapes are there?", "category": "detail"},
+                 {"question_id": "q2", "image": "red.png", "text": "Is there a blue square?"}]
+    path = tmp_path / "question.jsonl"
+    path.write_text("".join(json.dumps(q) + "\n" for q in questions))
+    return path, questions
+
+
+def test_vlm_generate_reads_llava_question_files_and_writes_llava_answer_files(model_dir, generator, tmp_path):
+    """LLaVA's llava/eval/model_vqa.py, per question line {question_id, image, text}: prompt '<image>\\n' + text,
+    then writes {"question_id": id, "prompt": text, "text": answer, "answer_id": a fresh shortuuid,
+    "model_id": get_model_name_from_path(model_path), "metadata": {}} in that key order."""
+    questions_file, questions = _llava_questions(tmp_path)
+    answers_file = tmp_path / "answers" / "merge.jsonl"
+    argv = ["--model-path", str(model_dir), "--question-file", str(questions_file), "--image-folder",
+            str(tmp_path / "img"), "--answers-file", str(answers_file), "--temperature", "0", "--max_new_tokens", "8",
+            "--no-progress"]
+    assert batch_main(argv) == 0
+    lines = [json.loads(line) for line in answers_file.read_text().splitlines()]
+    assert [list(line) for line in lines] == [["question_id", "prompt", "text", "answer_id", "model_id", "metadata"]] * 3
+    assert [line["question_id"] for line in lines] == [0, 1, "q2"]
+    assert [line["prompt"] for line in lines] == [q["text"] for q in questions]
+    for line, q in zip(lines, questions):
+        image = str(tmp_path / "img" / q["image"])
+        llava_prompt = [{"role": "user", "content": "<image>\n" + q["text"]}]  # model_vqa's DEFAULT_IMAGE_TOKEN + '\n'
+        assert generator.prompt(llava_prompt, 1) == generator.prompt([{"role": "user", "content": q["text"]}], 1)
+        assert line["text"] == generator.reply(llava_prompt, [image])
+    assert len({line["answer_id"] for line in lines}) == 3 and all(isinstance(line["answer_id"], str) for line in lines)
+    assert {line["model_id"] for line in lines} == {model_dir.name} and all(line["metadata"] == {} for line in lines)
+
+
+def test_llava_model_id_and_chunks_follow_llava():
+    from vlm.batch import chunk, model_id
+
+    assert model_id("runs/llava-v1.5-13b/checkpoint-5000") == "llava-v1.5-13b_checkpoint-5000"
+    assert model_id("liuhaotian/llava-v1.5-7b/") == "llava-v1.5-7b"
+    # LLaVA's split_list: slices of ceil(n / chunks)
+    assert [chunk(list(range(5)), 2, k) for k in (0, 1)] == [[0, 1, 2], [3, 4]]
+    assert [chunk(list(range(3)), 4, k) for k in range(4)] == [[0], [1], [2], []]
+
+
+def test_vlm_generate_answers_one_llava_chunk_and_refuses_mixed_files(model_dir, tmp_path, capsys):
+    questions_file, _ = _llava_questions(tmp_path)
+    out = tmp_path / "chunk1.jsonl"
+    argv = ["--model", str(model_dir), "--question-file", str(questions_file), "--image_folder", str(tmp_path / "img"),
+            "--answers-file", str(out), "--max_new_tokens", "4", "--no-progress"]
+    assert batch_main([*argv, "--num-chunks", "2", "--chunk-idx", "1"]) == 0
+    assert [json.loads(line)["question_id"] for line in out.read_text().splitlines()] == ["q2"]
+    with open(questions_file, "a") as f:
+        f.write(json.dumps({"id": "x", "question": "What color?"}) + "\n")
+    assert batch_main(argv) == 1
+    assert "question.jsonl line 4: a vlm question in a file of llava questions" in capsys.readouterr().err

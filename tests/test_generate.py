@@ -227,3 +227,35 @@ def test_a_folder_without_a_record_is_not_checked(tmp_path):
     folder = save_tiny_folder(tmp_path / "m", template="chatml")
     (folder / "vlm_generation.json").unlink()
     assert load_generator(str(folder), conv_mode="vicuna_v1").template == "vicuna_v1"
+
+
+# -- images as people have them in Python ----------------------------------------------------------------
+
+
+def test_numpy_arrays_and_tensors_answer_exactly_like_the_file(generator, images):
+    import numpy as np
+
+    from vlm.visual.processor import load_image
+
+    array = np.asarray(load_image(images[1]))  # (H, W, 3) uint8, as PIL / imageio / cv2 (after BGR->RGB) give
+    tensor = torch.from_numpy(array.copy()).permute(2, 0, 1)  # (3, H, W) uint8, as torchvision.io.read_image gives
+    from_file = load_pixels([images[1]], generator.image_processor)
+    assert torch.equal(load_pixels([array], generator.image_processor), from_file)
+    assert torch.equal(load_pixels([tensor], generator.image_processor), from_file)
+    question = "What color is the circle?"
+    expected = generator.answer(question, images[1])
+    assert generator.answer(question, array) == generator.answer(question, tensor) == expected
+    batch = generator.answer_batch([question] * 4, [images[0], array, tensor, None], batch_size=4)
+    assert batch == [generator.answer(question, images[0]), expected, expected, generator.answer(question)]
+
+
+def test_images_of_other_kinds_are_refused_naming_what_is_accepted(generator, images):
+    import numpy as np
+
+    from vlm.visual.processor import load_image
+
+    floats = torch.from_numpy(np.array(load_image(images[0]))).permute(2, 0, 1).float() / 255  # ToTensor's output
+    with pytest.raises(TypeError, match=r"dtype float32; only uint8 arrays.*astype\(np.uint8\)"):
+        generator.answer("What color?", floats)
+    with pytest.raises(TypeError, match=r"image 0 is a int; expected a file path.*PIL.Image.*uint8 numpy array"):
+        generator.answer("What color?", 42)

@@ -36,13 +36,11 @@ class ChatSession:
             self.set_image(image)
 
     def set_image(self, source: Any) -> None:
-        """Load an image (path or PIL) now, so a bad file is reported at once; it goes with the next question."""
-        from PIL import Image
+        """Load an image (as `vlm.generate.as_image` takes it) now, so a bad file is reported at once; it goes
+        with the next question."""
+        from vlm.generate import as_image
 
-        from vlm.visual.processor import load_image
-
-        image = source if isinstance(source, Image.Image) else load_image(source)
-        self.current_image = self.pending_image = image
+        self.current_image = self.pending_image = as_image(source)
 
     def reset(self) -> None:
         self.messages, self.images = [], []

@@ -170,16 +170,30 @@ def check_prompt_length(prompt_len: int, context_len: int, *, num_image_tokens: 
         )
 
 
-def load_pixels(images: Sequence[Any], image_processor) -> torch.Tensor | None:
-    """Image paths or PIL images -> (N, 3, H, W), or None for no images. Errors name the file."""
+ACCEPTED_IMAGES = ("a file path, the file's bytes, a PIL.Image, or a uint8 numpy array / torch tensor shaped (H, W, 3), "
+                   "(3, H, W) or (H, W)")
+
+
+def as_image(source: Any, index: int = 0) -> Any:
+    """One image as the image processor takes it: a PIL image or a uint8 array / tensor as given, a file (path,
+    bytes, binary file object) decoded now so a bad one is named at once; TypeError naming what is accepted."""
+    import numpy as np
     from PIL import Image
 
     from vlm.visual.processor import load_image
 
+    if isinstance(source, (Image.Image, np.ndarray, torch.Tensor)):
+        return source  # the processor checks dtype and layout and says what to convert
+    if isinstance(source, (str, os.PathLike, bytes, bytearray, memoryview)) or hasattr(source, "read"):
+        return load_image(source)
+    raise TypeError(f"image {index} is a {type(source).__name__}; expected {ACCEPTED_IMAGES}")
+
+
+def load_pixels(images: Sequence[Any], image_processor) -> torch.Tensor | None:
+    """Images (each as `as_image` takes it) -> (N, 3, H, W), or None for no images. Errors name the file."""
     if not images:
         return None
-    pil = [image if isinstance(image, Image.Image) else load_image(image) for image in images]
-    return image_processor(pil, return_tensors="pt")["pixel_values"]
+    return image_processor([as_image(image, i) for i, image in enumerate(images)], return_tensors="pt")["pixel_values"]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -272,7 +286,8 @@ class Generator:
         return ids
 
     def reply(self, messages: list[dict], images: Sequence[Any] = (), *, stream: IO[str] | None = None) -> str:
-        """The assistant's answer to `messages` (ending with a user turn) about `images` (paths or PIL)."""
+        """The assistant's answer to `messages` (ending with a user turn) about `images`: each a path, bytes, a
+        PIL image or a uint8 numpy array / torch tensor (H, W, 3), (3, H, W) or (H, W)."""
         ids = self.prompt(messages, len(images))
         streamer = StreamToFile(self.tokenizer, stream) if stream is not None else None
         out = generate_ids(self.model, [ids], load_pixels(images, self.image_processor),
@@ -281,7 +296,7 @@ class Generator:
         return decode(self.tokenizer, out[0])
 
     def answer(self, question: str, image: Any = None, *, stream: IO[str] | None = None) -> str:
-        """One question about one image (or none)."""
+        """One question about one image (or None); the image as `reply` takes it."""
         return self.reply([{"role": "user", "content": question}], [image] if image is not None else [], stream=stream)
 
     def answer_batch(self, questions: Sequence[str], images: Sequence[Any], *, batch_size: int = 8,

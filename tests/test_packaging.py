@@ -24,8 +24,10 @@ SHIPPED = ["deepspeed/zero2.json", "deepspeed/zero3.json", "examples/shapes.json
 
 
 def run(args: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess:
+    # the scripts call `python` and `torchrun`: take those of the interpreter running the tests
+    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
     full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1",
-                **env}
+                "PATH": path, **env}
     return subprocess.run(args, cwd=cwd, capture_output=True, text=True, env=full_env, timeout=300)
 
 

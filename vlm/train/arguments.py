@@ -44,7 +44,7 @@ class ModelArguments:
                 "another value is an error)"})
     mm_vision_select_feature: str = field(default="patch", metadata={"help": "patch | cls_patch"})
     pretrain_mm_mlp_adapter: str | None = field(default=None, metadata={
-        "help": "projector weights from a stage-1 run (mm_projector.safetensors or its folder)"})
+        "help": "stage-1 projector weights (mm_projector.safetensors or its folder)"})
     tune_mm_mlp_adapter: bool = field(default=False, metadata={
         "help": "stage 1 (pretrain): train only the projector"})
     unfreeze_vision_tower: bool = field(default=False, metadata={"help": "train the vision tower too"})
@@ -98,13 +98,13 @@ class VLMTrainingArguments(transformers.TrainingArguments):
         "help": "a PEFT adapter folder (e.g. a vlm LoRA run) that initialises this run's LoRA; same --lora_r, "
                 "--target_modules and --lora_bias"})
     lora_bias: str = field(default="none", metadata={
-        "help": "PEFT's LoRA bias: none | all (every bias of the LLM) | lora_only (those of the adapted layers); "
-                "trained biases are saved in the adapter"})
+        "help": "PEFT's LoRA bias: none | all | lora_only (the adapted layers' biases); trained biases are saved "
+                "in the adapter"})
     target_modules: str | None = field(default=None, metadata={
         "help": "LoRA targets: regex ('c_attn|w1|w2') or comma list; default every linear layer of the LLM"})
     bits: int = field(default=16, metadata={
-        "help": "16, or 4 / 8 for QLoRA: the LLM loaded through bitsandbytes (CUDA or CPU; needs --lora_enable, "
-                "pip install 'vlm[qlora]'); tower and projector stay unquantised"})
+        "help": "16, or 4 / 8: QLoRA, the LLM quantised by bitsandbytes, CUDA or CPU (needs --lora_enable and "
+                "pip install 'vlm-kit[qlora]'); the tower and projector stay unquantised"})
     double_quant: bool = field(default=True, metadata={
         "help": "--bits 4: also quantise the quantisation constants (bnb_4bit_use_double_quant)"})
     quant_type: str = field(default="nf4", metadata={"help": "--bits 4: data type nf4 | fp4 (bnb_4bit_quant_type)"})
@@ -156,7 +156,7 @@ class VLMTrainingArguments(transformers.TrainingArguments):
     def _check_optional_packages(self) -> None:
         if self.deepspeed and importlib.util.find_spec("deepspeed") is None:
             raise ImportError(f"--deepspeed {self.deepspeed} needs DeepSpeed: install the GPU extra "
-                              "`pip install 'vlm[gpu]'` (or `pip install deepspeed`), or drop the flag")
+                              "`pip install 'vlm-kit[gpu]'` (or `pip install deepspeed`), or drop the flag")
         reports = self.report_to if isinstance(self.report_to, list) else [self.report_to]
         for name in reports:
             if name in (None, "none", "all"):

@@ -66,8 +66,7 @@ examples:
     --vision_tower openai/clip-vit-large-patch14-336 --lora_enable True --lora_r 128 \\
     --pretrain_mm_mlp_adapter runs/stage1/mm_projector.safetensors --mm_projector_lr 2e-5 \\
     --data_path llava_v1_5_mix665k.json --image_folder data --output_dir runs/stage2 --bf16 True
-  # flags from a file, one overridden on the command line
-  python train.py --config run.yaml --learning_rate 1e-4"""
+  python train.py --config run.yaml --learning_rate 1e-4    # a file's flags, one of them overridden"""
 
 
 def own_fields() -> list[tuple[type, dataclasses.Field]]:
@@ -128,10 +127,11 @@ def help_text(width: int = 100) -> str:
 
     fields = {f.name: (cls, f) for cls, f in own_fields()}
     lines = [
-        "usage: python train.py [--config FILE] [--flag VALUE ...]   (bash train.sh ...: torchrun)",
+        "usage: python train.py [--config FILE] --output_dir DIR [--flag VALUE ...]   (torchrun: train.sh)",
+        "       python train.py [--demo [demo flags]]   (the demo; its flags: vlm demo --help)",
         "",
-        "Train a LLaVA-style vision-language model (no flags: the demo). Flags take LLaVA's, transformers'",
-        "and Basic-VLM's names; a bare boolean --flag is True, --flag False is False. --help-all: every flag.",
+        "Train a LLaVA-style vision-language model. Flags take LLaVA's, transformers' and Basic-VLM's names;",
+        "a bare boolean --flag is True, --flag False is False. --help-all: every flag.",
         "",
     ]
     lines += _entry("--config FILE", "YAML or JSON mapping of flag names to values (without the --); flags given on "

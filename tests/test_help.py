@@ -98,3 +98,15 @@ def test_help_flags_print_and_exit_zero(capsys):
     full = capsys.readouterr().out
     assert "--adam_beta1" in full and "--adam_beta1" not in out  # the full list has every transformers flag
     assert len(full.splitlines()) > 5 * len(out.splitlines())
+
+
+def test_vlm_demo_help_has_a_text_and_a_default_for_every_flag():
+    from vlm.demo import build_parser
+
+    actions = [a for a in build_parser()._actions if a.option_strings and a.dest != "help"]
+    assert len(actions) > 15
+    for action in actions:
+        assert action.help and not action.help.startswith("demo setting"), action.option_strings
+        assert action.dest == "run_dir" or "(default: %(default)s)" in action.help, action.option_strings
+    text = build_parser().format_help()
+    assert "(default: 8000)" in text and "--threads" in text

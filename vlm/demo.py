@@ -291,6 +291,20 @@ FLAG_HELP = {
     "max_steps": "optimizer steps",
     "batch_size": "samples per step",
     "seed": "same seed, same data and initial weights",
+    "image_size": "side of the square synthetic pictures, in pixels",
+    "grid": "pictures are a GRID x GRID layout of cells, at most one shape per cell",
+    "patch_size": "vision tower patch side in pixels (image_size / patch_size patches per side)",
+    "vision_hidden": "vision tower width",
+    "vision_layers": "vision tower layers",
+    "llm_hidden": "language model width",
+    "llm_layers": "language model layers",
+    "questions_per_image": "questions asked about each training picture",
+    "multi_turn": "True: a picture's questions form one conversation (the image is encoded once for all)",
+    "select_layer": "vision tower hidden_states index the projector reads (0: the patch embeddings)",
+    "learning_rate": "language model learning rate",
+    "projector_lr": "projector learning rate",
+    "vision_lr": "vision tower learning rate (with --train_vision True)",
+    "train_vision": "True: train the vision tower too (it stays frozen at random init by default)",
 }
 
 

@@ -334,7 +334,7 @@ def test_flash_attention_needs_gpu_extra():
 
     if importlib.util.find_spec("flash_attn") is not None:
         pytest.skip("flash-attn is installed here; the error path is for machines without it")
-    with pytest.raises(ImportError, match=r"vlm\[gpu\]"):
+    with pytest.raises(ImportError, match=r"vlm-kit\[gpu\]"):
         vlm.build_model(tiny_vlm_config(image_token_id=IMAGE_TOKEN_ID), attn_implementation="flash_attention_2")
 
 

@@ -77,7 +77,7 @@ def test_llava_lora_command_line_runs(workspace, tmp_path):
     import importlib.util
 
     if importlib.util.find_spec("deepspeed") is None:
-        with pytest.raises(ImportError, match=r"--deepspeed .*vlm\[gpu\]"):
+        with pytest.raises(ImportError, match=r"--deepspeed .*vlm-kit\[gpu\]"):
             parse_args(llava_flags(workspace, tmp_path))
     if importlib.util.find_spec("wandb") is None:
         with pytest.raises(ImportError, match="--report_to wandb needs the 'wandb' package"):

@@ -91,7 +91,7 @@ def test_train_py_without_arguments_runs_the_demo_with_the_default_threads(tmp_p
     assert vlm.train.cli.main([]) == 0
     assert vlm.train.cli.main(["--demo", "--threads", "2", "--max_steps", "7"]) == 0
     assert [(c.threads, c.max_steps) for c in configs] == [(vlm.demo.DEFAULT_THREADS, 8000), (2, 7)]
-    assert vlm.demo.DEFAULT_THREADS == 1  # bench/RESULTS.md: 1 thread beat 2 for the demo's model
+    assert vlm.demo.DEFAULT_THREADS == 1  # bench/RESULTS.md: 2 threads collapse on a busy machine
     assert vlm.demo.demo_dir(configs[0].run_dir) == str(tmp_path / "elsewhere")
 
 

@@ -20,9 +20,10 @@ Design choices (measured on 2 CPU cores; figures in the Training issue's note):
   colour, colour+shape -> yes/no); that binding is the slow part: held-out accuracy sits near 0.7 for
   3000 steps, then climbs (0.95 at 6000). Hence many steps of a small batch, on fresh images.
 
-- One torch thread by default (`--threads`): for a model this small, two threads on 2 cores spend
-  their time synchronising, and far worse when the machine is busy (bench/RESULTS.md: ~10-13 steps/s
-  on 1 thread against ~0.8 on 2 at load 3-6).
+- One torch thread by default (`--threads`): for a model this small, two threads on 2 cores gain
+  little when the machine is idle (bench/RESULTS.md: 19-21 steps/s against 15-16) and lose almost
+  everything when other work runs, each step waiting for a descheduled thread (0.8-1.7 steps/s
+  against 10-13 at load 3-6).
 - Nothing is lost to an interruption: the generated set is kept and reused when complete
   (`data/complete.json`), a checkpoint is saved every `--save_steps`, and the same command continues
   from the newest one to the same last step; Ctrl-C prints where it will resume and exits 130.
@@ -45,8 +46,8 @@ from dataclasses import asdict, dataclass, replace
 DEFAULT_RUN_DIR = "runs/demo"  # under the current folder, unless --output_dir or $VLM_DEMO_DIR says otherwise
 DEMO_DIR_ENV = "VLM_DEMO_DIR"
 TEMPLATE = "chatml"
-# torch threads for the demo's training: measured faster on 1 thread than 2 for this tiny model, on a quiet
-# and on a loaded 2-core machine (bench/RESULTS.md, bench/bench_threads.py)
+# torch threads for the demo: on 2 cores, 2 threads are ~1.3x faster while the machine is idle but 8-15x
+# slower once other work runs (bench/RESULTS.md); 1 thread keeps the promised time on a busy machine
 DEFAULT_THREADS = 1
 
 
@@ -283,8 +284,8 @@ def ensure_demo_model(run_dir: str | os.PathLike | None = None) -> str:
 
 FLAG_HELP = {
     "run_dir": f"run folder (data, checkpoints, model/, eval.json); default ${DEMO_DIR_ENV} or ./{DEFAULT_RUN_DIR}",
-    "threads": "torch CPU threads for the demo (0: torch's default, one per core); 1 measured fastest for this "
-               "tiny model, on a quiet and a busy machine",
+    "threads": "torch CPU threads for the demo (0: torch's default, one per core); on 2 cores 2 threads are "
+               "~1.3x faster when the machine is idle, 8-15x slower when it is busy",
     "save_steps": "save a checkpoint every N steps; a rerun of the same command resumes from the newest",
     "n_train": "training images (each asks questions_per_image questions)",
     "n_eval": "held-out images",

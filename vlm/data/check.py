@@ -244,7 +244,8 @@ def _run(checker: _Checker, positions: list[int], num_workers: int | None) -> li
                 results.append(checker(p))
                 bar.update()
             return results
-        size = -(-len(positions) // (num_workers * 4))  # a few chunks per worker evens out slow ones
+        # a few chunks per worker evens out slow ones; at most 1,000 samples each so the bar moves
+        size = min(-(-len(positions) // (num_workers * 4)), 1000)
         chunks = [positions[k : k + size] for k in range(0, len(positions), size)]
         context = multiprocessing.get_context("fork")
         pool = ProcessPoolExecutor(num_workers, mp_context=context, initializer=_init_worker, initargs=(checker,))

@@ -196,3 +196,10 @@ def test_demo_interrupted_by_sigint_resumes_to_the_same_end_without_regenerating
     logged = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert logged == list(range(20, steps + 1, 20))  # one curve: no step logged twice, none missing
     assert f"model in {run / 'model'}" in captured.out
+
+    again = run_demo(DemoConfig(run_dir=str(run), n_train=64, n_eval=8, batch_size=4, save_steps=10,
+                                max_steps=steps))  # a finished run: evaluated again, not trained further
+    assert again["train_steps"] == 0 and again["resumed_from"] == str(run / f"checkpoint-{steps}")
+    assert not (run / f"checkpoint-{steps + 1}").exists()
+    assert (again["accuracy"], again["blind_accuracy"]) == (result["accuracy"], result["blind_accuracy"])
+    assert "training already finished" in capsys.readouterr().out

@@ -151,6 +151,7 @@ def _run_demo(config: DemoConfig) -> dict:
     import torch
 
     from vlm.builder import load_tokenizer
+    from vlm.checkpoint import load_state_dict, load_state_dict_strict
     from vlm.data.synth import generate_shapes_dataset
     from vlm.data.tokenizer import build_tokenizer
     from vlm.evaluate import evaluate_exact_match
@@ -204,13 +205,20 @@ def _run_demo(config: DemoConfig) -> dict:
         disable_tqdm=False,
     )
     model_dir = os.path.join(run_dir, "model")
-    # The trainer resumes from the newest checkpoint in run_dir and writes the model folder (weights,
-    # tokenizer, image processor, template) into model/.
-    trainer = fit(model, tokenizer, image_processor, data_args, training_args, template=TEMPLATE,
-                  final_dir=model_dir)
-    runtime = next((log["train_runtime"] for log in reversed(trainer.state.log_history) if "train_runtime" in log),
-                   None)
-    steps = trainer.state.global_step - checkpoint_step(resume)
+    if checkpoint_step(resume) >= config.max_steps and os.path.isfile(os.path.join(model_dir, "config.json")):
+        # A finished run: evaluate its model again (resuming transformers' Trainer at max_steps would
+        # train one step more).
+        print(f"demo: training already finished ({resume}); evaluating {model_dir}", flush=True)
+        load_state_dict_strict(model, load_state_dict(model_dir), source=f"demo model {model_dir!r}")
+        steps, runtime = 0, None
+    else:
+        # The trainer resumes from the newest checkpoint in run_dir and writes the model folder (weights,
+        # tokenizer, image processor, template) into model/.
+        trainer = fit(model, tokenizer, image_processor, data_args, training_args, template=TEMPLATE,
+                      final_dir=model_dir)
+        runtime = next((log["train_runtime"] for log in reversed(trainer.state.log_history)
+                        if "train_runtime" in log), None)
+        steps = trainer.state.global_step - checkpoint_step(resume)
 
     with open(info["eval"], encoding="utf-8") as f:
         eval_records = json.load(f)
@@ -227,8 +235,8 @@ def _run_demo(config: DemoConfig) -> dict:
         json.dump(result, f, indent=2)
     for kind, scores in result["per_question_type"].items():
         print(f"  {kind:<7} accuracy={scores['accuracy']:.3f} blind={scores['blind_accuracy']:.3f} n={scores['n']}")
-    print(f"demo finished in {result['wall_time_s']:.0f}s ({steps} steps at {result['train_steps_per_s']} steps/s); "
-          f"model in {model_dir}", flush=True)
+    speed = f" ({steps} steps at {result['train_steps_per_s']} steps/s)" if steps else ""
+    print(f"demo finished in {result['wall_time_s']:.0f}s{speed}; model in {model_dir}", flush=True)
     print(f"accuracy={result['accuracy']:.4f} blind_accuracy={result['blind_accuracy']:.4f}", flush=True)
     return result
 
@@ -276,7 +284,7 @@ def ensure_demo_model(run_dir: str | os.PathLike | None = None) -> str:
     run_dir = demo_dir(run_dir)
     model_dir = demo_model_dir(run_dir)
     if not os.path.isfile(os.path.join(model_dir, "config.json")):
-        print(f"no demo model in {model_dir}: training it first (about 6 minutes on 2 CPU cores)",
+        print(f"no demo model in {model_dir}: training it first (about 9 minutes on 2 CPU cores; `vlm demo --help`)",
               file=sys.stderr, flush=True)
         run_demo(DemoConfig(run_dir=run_dir))
     return model_dir

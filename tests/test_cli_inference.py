@@ -231,12 +231,13 @@ def test_vlm_generate_names_the_bad_line(model_dir, tmp_path, capsys):
     questions = tmp_path / "q.jsonl"
     questions.write_text('{"id": "a", "question": "hi"}\n{"id": "b", "image": "gone.png", "question": "hi"}\n')
     argv = ["--model", str(model_dir), "--input", str(questions), "--output", str(tmp_path / "a.jsonl")]
-    assert batch_main(argv) == 1
-    assert "q.jsonl line 2 (id 'b'): image 'gone.png' not found" in capsys.readouterr().err
+    assert batch_main(argv) == 1  # the bad line is reported, the good one answered (tests/test_runtime_data.py)
+    assert "q.jsonl line 2 (id 'b'): missing_image: image 'gone.png' not found" in capsys.readouterr().err
+    assert [json.loads(line)["id"] for line in (tmp_path / "a.jsonl").read_text().splitlines()] == ["a"]
     questions.write_text('{"id": "a", "prompt": "hi"}\n')
     assert batch_main(argv) == 1
-    assert "line 1: expected an object with a 'question' string" in capsys.readouterr().err
-    assert not (tmp_path / "a.jsonl").exists()
+    assert "line 1 (id 'a'): bad_schema: expected an object with a 'question' string" in capsys.readouterr().err
+    assert (tmp_path / "a.jsonl").read_text() == ""
 
 
 # -- the chat template: the model's own by default, another one only when forced -------------------------
@@ -427,4 +428,4 @@ def test_vlm_generate_answers_one_llava_chunk_and_refuses_mixed_files(model_dir,
     with open(questions_file, "a") as f:
         f.write(json.dumps({"id": "x", "question": "What color?"}) + "\n")
     assert batch_main(argv) == 1
-    assert "question.jsonl line 4: a vlm question in a file of llava questions" in capsys.readouterr().err
+    assert "question.jsonl line 4 (id 'x'): bad_schema: a vlm question in a file of llava questions" in capsys.readouterr().err

@@ -10,10 +10,18 @@ Two input formats, told apart by the first line (one format per file):
   folder's name (`checkpoint-N` folders prefixed with their parent's), so LLaVA's evaluation scripts
   read it unchanged. `--num-chunks N --chunk-idx K` answer only the K-th of N equal slices, as there.
 Answers come in input order. Relative image paths are resolved against `--image_folder` (default: the
-input file's folder). Every record is checked and every image path resolved before the model is
-loaded, so a bad line fails in seconds, not after an hour of decoding. Answers are decoded in
-left-padded batches with the KV cache (`vlm.generate`); the output file is written at the end, through
-a temporary file, so it is never half-written.
+input file's folder). With `--image_folder` every image must stay inside it, as training images do
+(`vlm.data.paths.ImageFolder`: no `..` escape, no symlink out, an absolute path only when it lies
+inside); without it, paths are relative to the input's folder and absolute ones are taken as given.
+
+A bad line costs only itself: every record is checked and every image path resolved before the model is
+loaded, and each bad line (not JSON, wrong keys, another format than the first good line's, an image
+missing or outside the folder) is reported on stderr as `FILE line N (id X): reason: detail`; an image
+that cannot be decoded, or a question the model cannot take (too long), is reported the same way when
+its batch comes. The other lines are answered, in left-padded batches with the KV cache
+(`vlm.generate`), and written to `--output` as each batch finishes (flushed), so a crash or Ctrl-C
+keeps what was answered. Exit status: 0 every line answered; 1 some lines bad (the rest answered, a
+summary line counts them by reason) or the model could not be loaded; 2 bad flags.
 """
 
 from __future__ import annotations
@@ -24,7 +32,9 @@ import math
 import os
 import sys
 import uuid
-from typing import Any
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import IO, Any
 
 # format -> (the key holding the question, the key identifying the record)
 FORMATS = {"vlm": ("question", "id"), "llava": ("text", "question_id")}
@@ -36,43 +46,138 @@ def question_format(record: Any) -> str:
     return "llava" if is_llava else "vlm"
 
 
-def read_questions(path: str, image_folder: str | None = None) -> tuple[str, list[dict[str, Any]]]:
-    """(format, records) of a JSONL file, images resolved (`_image_path`) and the question under `_question`;
-    ValueError/FileNotFoundError naming the line."""
+@dataclass
+class BadLine:
+    """One input line that was not answered: where it is, its id (if it has one), why."""
+
+    line: int
+    id: Any
+    reason: str
+    detail: str
+    id_key: str = "id"  # the key `id` was read from: 'id' (vlm's) or 'question_id' (LLaVA's)
+
+    def message(self, path: str) -> str:
+        who = f" ({self.id_key} {self.id!r})" if self.id is not None else ""
+        return f"{path} line {self.line}{who}: {self.reason}: {self.detail}"
+
+
+@dataclass
+class Questions:
+    """A questions file read: its format and, in file order, each line's record (with `_line`, `_question`,
+    `_image_path`) or its `BadLine`."""
+
+    path: str
+    format: str
+    entries: list[dict[str, Any] | BadLine] = field(default_factory=list)
+
+    @property
+    def id_key(self) -> str:
+        return FORMATS[self.format][1]
+
+    @property
+    def records(self) -> list[dict[str, Any]]:
+        return [e for e in self.entries if not isinstance(e, BadLine)]
+
+    @property
+    def bad(self) -> list[BadLine]:
+        return [e for e in self.entries if isinstance(e, BadLine)]
+
+
+def read_questions(path: str, image_folder: str | None = None) -> Questions:
+    """Every line of a JSONL questions file: a record (image resolved to `_image_path`, the question under
+    `_question`, its line number under `_line`) or a `BadLine`. FileNotFoundError when the file is missing."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"input file {path!r} does not exist")
-    folder = image_folder if image_folder is not None else os.path.dirname(os.path.abspath(path))
-    records: list[dict[str, Any]] = []
-    file_format = None
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
+    raw: list[tuple[int, Any] | BadLine] = []
+    with open(path, "rb") as f:
+        for number, data in enumerate(f, 1):
+            try:
+                line = data.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raw.append(BadLine(number, None, "bad_json", f"not UTF-8 ({exc.reason} at byte {exc.start})"))
+                continue
             if not line.strip():
                 continue
             try:
                 record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path} line {number}: not JSON ({exc})") from None
-            kind = question_format(record)
-            if file_format is None:
-                file_format = kind
-            elif kind != file_format:
-                raise ValueError(f"{path} line {number}: a {kind} question in a file of {file_format} questions "
-                                 f"(line 1's format); one format per file: {_expected(file_format)}")
-            text_key, id_key = FORMATS[kind]
-            if not isinstance(record, dict) or not isinstance(record.get(text_key), str):
-                raise ValueError(f"{path} line {number}: expected {_expected(kind)}, got {line.strip()[:80]!r}")
-            record = {**record, "_question": record[text_key]}
-            image = record.get("image")
-            if image is not None:
-                resolved = image if os.path.isabs(image) else os.path.join(folder, image)
-                if not os.path.isfile(resolved):
-                    raise FileNotFoundError(
-                        f"{path} line {number} ({id_key} {record.get(id_key)!r}): image {image!r} not found under "
-                        f"--image_folder {folder!r}"
-                    )
-                record["_image_path"] = resolved
-            records.append(record)
-    return file_format or "vlm", records
+                json.dumps(record, ensure_ascii=False).encode("utf-8")  # a lone surrogate (\ud800) cannot be written
+            except (ValueError, RecursionError) as exc:  # JSONDecodeError, int too long, UnicodeEncodeError
+                raw.append(BadLine(number, None, "bad_json", f"not valid JSON ({str(exc)[:120]})"))
+                continue
+            raw.append((number, record))
+    # the file's format: that of its first JSON object (a broken first line does not decide it)
+    first = next((r for _, r in (e for e in raw if not isinstance(e, BadLine)) if isinstance(r, dict)), None)
+    questions = Questions(path, question_format(first) if first is not None else "vlm")
+    resolve = _image_resolver(path, image_folder)
+    for entry in raw:
+        if isinstance(entry, BadLine):
+            questions.entries.append(entry)
+            continue
+        number, record = entry
+        questions.entries.append(_record(number, record, questions.format, resolve))
+    return questions
+
+
+def _record(number: int, record: Any, file_format: str, resolve) -> dict[str, Any] | BadLine:
+    kind = question_format(record)
+    text_key, id_key = FORMATS[kind]
+    record_id = record.get(id_key) if isinstance(record, dict) else None
+    if kind != file_format:
+        return BadLine(number, record_id, "bad_schema", f"a {kind} question in a file of {file_format} questions; one "
+                                                        f"format per file: {_expected(file_format)}", id_key)
+    if not isinstance(record, dict) or not isinstance(record.get(text_key), str):
+        return BadLine(number, record_id, "bad_schema", f"expected {_expected(kind)}, got {json.dumps(record)[:80]!r}",
+                       id_key)
+    record = {**record, "_question": record[text_key], "_line": number}
+    image = record.get("image")
+    if image is not None:
+        if not isinstance(image, str) or not image or "\x00" in image:
+            return BadLine(number, record_id, "bad_schema", f"'image' must be a non-empty path string, got {image!r}",
+                           id_key)
+        try:
+            record["_image_path"] = resolve(image)
+        except _ImagePathError as exc:
+            return BadLine(number, record_id, exc.reason, exc.detail, id_key)
+    return record
+
+
+class _ImagePathError(Exception):
+    def __init__(self, reason: str, detail: str):
+        super().__init__(detail)
+        self.reason, self.detail = reason, detail
+
+
+def _image_resolver(path: str, image_folder: str | None):
+    """image string -> path of the file to open; `_ImagePathError` when it is missing or outside the folder."""
+    from vlm.data.errors import SampleError
+    from vlm.data.paths import ImageFolder
+
+    if image_folder is None:  # no folder to confine to: relative to the questions file, absolute as given
+        base = os.path.dirname(os.path.abspath(path))
+
+        def resolve(image: str) -> str:
+            resolved = image if os.path.isabs(image) else os.path.join(base, image)
+            if not os.path.isfile(resolved):
+                raise _ImagePathError("missing_image", f"image {image!r} not found under {base!r} (the input's "
+                                                       "folder; --image_folder to name another)")
+            return resolved
+        return resolve
+
+    folder = ImageFolder(image_folder)
+
+    def resolve(image: str) -> str:
+        if os.path.isabs(image) and folder.root is not None:
+            normal = os.path.normpath(image)
+            if normal.startswith(folder.root + os.sep):  # absolute but inside the folder: checked as relative
+                image = os.path.relpath(normal, folder.root)
+            else:
+                raise _ImagePathError("unsafe_path", f"image path {image!r} is outside --image_folder "
+                                                     f"{folder.root!r}; give it relative to that folder")
+        try:
+            return str(folder.resolve(image))
+        except SampleError as exc:
+            raise _ImagePathError(exc.reason, exc.detail) from None
+    return resolve
 
 
 def _expected(kind: str) -> str:
@@ -102,13 +207,60 @@ def answer_lines(records: list[dict[str, Any]], answers: list[str], file_format:
             for r, answer in zip(records, answers)]
 
 
-def write_answers(path: str, lines: list[dict[str, Any]]) -> None:
-    tmp = f"{path}.tmp"
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(tmp, "w", encoding="utf-8") as f:
-        for line in lines:
-            f.write(json.dumps(line, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+def answer_file(
+    generator: Any,
+    questions: Questions,
+    records: list[dict[str, Any]],
+    out: IO[str],
+    *,
+    model: str,
+    batch_size: int = 8,
+    progress: bool = False,
+    on_bad_line=None,
+) -> list[BadLine]:
+    """Answer `records` (from `questions`) in batches of `batch_size`, in input order, writing each batch's lines
+    to `out` and flushing it before the next batch. A record whose image cannot be decoded, or that the model
+    cannot take (a too-long question), is left out and returned as a `BadLine` (also passed to `on_bad_line`
+    when given); the rest of its batch is answered."""
+    from tqdm import tqdm
+
+    from vlm.generate import USER_ERRORS, as_image
+
+    bad: list[BadLine] = []
+
+    def drop(record: dict[str, Any], reason: str, exc: BaseException) -> None:
+        line = BadLine(record["_line"], record.get(questions.id_key), reason, str(exc), questions.id_key)
+        bad.append(line)
+        if on_bad_line is not None:
+            on_bad_line(line)
+
+    bar = tqdm(total=len(records), disable=not progress, desc="generating", unit="q", file=sys.stderr)
+    for start in range(0, len(records), batch_size):
+        batch, images = [], []
+        for record in records[start:start + batch_size]:
+            try:  # decoded here, one record at a time, so a bad file is charged to its own line
+                images.append(None if record.get("_image_path") is None else as_image(record["_image_path"]))
+                batch.append(record)
+            except USER_ERRORS as exc:
+                drop(record, "unreadable_image", exc)
+        answers: list[str | None]
+        try:
+            answers = list(generator.answer_batch([r["_question"] for r in batch], images, batch_size=len(batch) or 1))
+        except USER_ERRORS:  # one record spoils the batch (a too-long question): answer one by one to name it
+            answers = []
+            for record, image in zip(batch, images):
+                try:
+                    answers.append(generator.answer_batch([record["_question"]], [image], batch_size=1)[0])
+                except USER_ERRORS as exc:
+                    answers.append(None)
+                    drop(record, "bad_question", exc)
+        kept = [(r, a) for r, a in zip(batch, answers) if a is not None]
+        for line in answer_lines([r for r, _ in kept], [a for _, a in kept], questions.format, model):
+            out.write(json.dumps(line, ensure_ascii=False) + "\n")
+        out.flush()
+        bar.update(len(records[start:start + batch_size]))
+    bar.close()
+    return bad
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -120,13 +272,14 @@ def main(argv: list[str] | None = None) -> int:
                         help="JSONL of {id, image, question}, or LLaVA's question file {question_id, image, text}")
     parser.add_argument("--output", "--answers-file", "--answers_file", dest="output", required=True,
                         help="JSONL to write: each record with 'answer' added, or LLaVA's answer file for LLaVA's "
-                             "questions")
+                             "questions; written as answers come")
     parser.add_argument("--num-chunks", "--num_chunks", dest="num_chunks", type=int, default=1,
                         help="split the questions into this many equal slices (LLaVA's; default 1)")
     parser.add_argument("--chunk-idx", "--chunk_idx", dest="chunk_idx", type=int, default=0,
                         help="answer only this slice, 0-based (LLaVA's; default 0)")
     parser.add_argument("--image_folder", "--image-folder", dest="image_folder", default=None,
-                        help="folder relative image paths are resolved against (default: the input's folder)")
+                        help="folder image paths are relative to; images must stay inside it (default: the input's "
+                             "folder, unconfined)")
     parser.add_argument("--batch_size", "--batch-size", dest="batch_size", type=int, default=8,
                         help="questions decoded together (default 8)")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
@@ -137,15 +290,42 @@ def main(argv: list[str] | None = None) -> int:
     if not 0 <= args.chunk_idx < args.num_chunks:
         parser.error(f"--chunk-idx {args.chunk_idx} with --num-chunks {args.num_chunks}: expected 0 <= index < chunks")
     try:
-        file_format, records = read_questions(args.input, args.image_folder)
-        records = chunk(records, args.num_chunks, args.chunk_idx)
-        generator = generator_from_args(args)
-        answers = generator.answer_batch([r["_question"] for r in records], [r.get("_image_path") for r in records],
-                                         batch_size=args.batch_size, progress=args.progress)
+        questions = read_questions(args.input, args.image_folder)
     except USER_ERRORS as exc:
         print(f"vlm generate: error: {exc}", file=sys.stderr)
         return 1
-    write_answers(args.output, answer_lines(records, answers, file_format, args.model))
-    kind = "LLaVA answer-file lines" if file_format == "llava" else "answers"
-    print(f"{len(records)} {kind} written to {args.output}", file=sys.stderr)
-    return 0
+    # slices are taken over every line, good or bad, so --chunk-idx K names the same lines whatever is broken
+    mine = chunk(questions.entries, args.num_chunks, args.chunk_idx)
+    records = [e for e in mine if not isinstance(e, BadLine)]
+    bad = [e for e in mine if isinstance(e, BadLine)]
+
+    def report(line: BadLine) -> None:
+        print(f"vlm generate: skipped {line.message(args.input)}", file=sys.stderr, flush=True)
+
+    for line in bad:  # before the model loads: seconds, not an hour
+        report(line)
+    written = 0
+    if records:
+        try:
+            generator = generator_from_args(args)
+        except USER_ERRORS as exc:
+            print(f"vlm generate: error: {exc}", file=sys.stderr)
+            return 1
+        os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+        with open(args.output, "w", encoding="utf-8") as out:
+            late = answer_file(generator, questions, records, out, model=args.model, batch_size=args.batch_size,
+                               progress=args.progress, on_bad_line=report)
+        bad += late
+        written = len(records) - len(late)
+    else:
+        os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+        open(args.output, "w", encoding="utf-8").close()
+    kind = "LLaVA answer-file lines" if questions.format == "llava" else "answers"
+    if not bad:
+        print(f"{written} {kind} written to {args.output}", file=sys.stderr)
+        return 0
+    reasons = ", ".join(f"{r}={n}" for r, n in Counter(b.reason for b in bad).items())
+    lines = ", ".join(str(b.line) for b in sorted(bad, key=lambda b: b.line)[:10]) + (", ..." if len(bad) > 10 else "")
+    print(f"vlm generate: {written} {kind} written to {args.output}; {len(bad)} bad line(s) skipped ({reasons}; "
+          f"lines {lines}); fix them and rerun those lines", file=sys.stderr)
+    return 1

@@ -84,6 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     tokens.add_argument("--model_max_length", type=int, default=2048, help="longest sequence (default 2048)")
     tokens.add_argument("--truncate", choices=("none", "turns"), default="none", help="too long: drop (none) or keep first turns")
     check.add_argument("--check_images", choices=CHECK_MODES, default="full", help="decode images (full), look them up, or neither")
+    check.add_argument("--allow_absolute_image_paths", action="store_true",
+                       help="accept absolute image paths (each must resolve to a regular file)")
     check.add_argument("--max_drop_ratio", type=float, default=0.01, help="fail when more than this fraction is dropped")
     check.add_argument("--num_workers", type=int, default=None, help="checking processes (default: one per CPU, up to 8)")
 
@@ -122,10 +124,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _check(args: argparse.Namespace) -> int:
+    import dataclasses
+
     from vlm.data.check import check_dataset, enforce_max_drop_ratio
     from vlm.data.mix import parse_sources
 
-    sources = [_basic_vlm_images(source, args) for source in parse_sources(
+    sources = [_basic_vlm_images(dataclasses.replace(source, allow_absolute_images=args.allow_absolute_image_paths),
+                                 args) for source in parse_sources(
         args.data_path, args.image_folder, data_format=args.data_format, weights=args.data_weights,
         options=_reader_options(args),
     )]

@@ -62,6 +62,7 @@ class Source:
         max_samples: cap on the records taken from this source (random subset), None for all.
         options: reader options for this source; an option its reader does not take is an error.
         shared_options: command-line reader options: applied when this source's reader takes them.
+        allow_absolute_images: accept absolute image paths (`--allow_absolute_image_paths`; `vlm.data.paths`).
     """
 
     path: str
@@ -71,6 +72,7 @@ class Source:
     max_samples: int | None = None
     options: dict[str, Any] = field(default_factory=dict)
     shared_options: dict[str, Any] = field(default_factory=dict)
+    allow_absolute_images: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.repeat, bool) or not isinstance(self.repeat, (int, float)) or not self.repeat >= 0:
@@ -224,7 +226,7 @@ class MixedRecords(Sequence):
         if not sources:
             raise ValueError("no data sources given")
         self.sources = list(sources)
-        self.folders = [ImageFolder(s.image_folder) for s in self.sources]
+        self.folders = [ImageFolder(s.image_folder, allow_absolute=s.allow_absolute_images) for s in self.sources]
         self.source_counts: list[int] = []
         self._blobs: list[bytes | tuple[str, str, str | None]] = []
         self._record_source = array("H")

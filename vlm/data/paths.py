@@ -6,6 +6,10 @@ Design choices:
   first two are decided from the string alone, so even `--check_images none` refuses them; the
   symlink test needs the file system. A symlinked image folder itself is fine: the comparison is
   against its resolved location.
+- Real datasets store absolute paths, so they are allowed on request (`allow_absolute=True`, the
+  `--allow_absolute_image_paths` flag the refusal names). An absolute path under the folder keeps the
+  folder's checks (its symlinks must stay inside); one elsewhere must resolve to a regular file
+  (not a directory, device or FIFO), and the file it resolves to is the one opened.
 - `missing_image`: the path does not exist (or is not a file). `unreadable_image`: it exists but
   `vlm.visual.processor.load_image` cannot decode it completely (corrupt, truncated, not an image,
   over the pixel limit). Only `mode="full"` decodes; `"exists"` stops at the file system.
@@ -26,23 +30,30 @@ CHECK_MODES = ("full", "exists", "none")
 class ImageFolder:
     """The folder a source's image paths are relative to (None: the source must be text-only)."""
 
-    def __init__(self, root: str | os.PathLike | None):
+    def __init__(self, root: str | os.PathLike | None, *, allow_absolute: bool = False):
         self.root = None if root is None else os.path.abspath(os.fspath(root))
         self._real = None if root is None else os.path.realpath(self.root)
+        self.allow_absolute = allow_absolute
 
     def __repr__(self) -> str:
-        return f"ImageFolder({self.root!r})"
+        extra = ", allow_absolute=True" if self.allow_absolute else ""
+        return f"ImageFolder({self.root!r}{extra})"
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, ImageFolder) and other.root == self.root
+        return (isinstance(other, ImageFolder) and other.root == self.root
+                and other.allow_absolute == self.allow_absolute)
 
     def __hash__(self) -> int:
-        return hash(self.root)
+        return hash((self.root, self.allow_absolute))
 
     def lexical(self, image: str) -> str:
         """The joined path, checked from the string alone (absolute, `..` escape)."""
         if os.path.isabs(image) or image.startswith(("/", "\\")):
-            raise SampleError("unsafe_path", f"image path {image!r} is absolute; paths must be relative to --image_folder")
+            if not self.allow_absolute:
+                raise SampleError("unsafe_path", f"image path {image!r} is absolute; paths must be relative to "
+                                                 "--image_folder, or pass --allow_absolute_image_paths to accept "
+                                                 "absolute paths")
+            return os.path.normpath(image)
         if self.root is None:
             raise SampleError("missing_image", f"image {image!r} but no --image_folder was given for this source")
         joined = os.path.normpath(os.path.join(self.root, image))
@@ -54,6 +65,14 @@ class ImageFolder:
         """The image file inside the folder; SampleError `unsafe_path` or `missing_image` otherwise."""
         joined = self.lexical(image)
         real = os.path.realpath(joined)
+        outside_by_request = self.allow_absolute and os.path.isabs(joined) and not (
+            self.root is not None and _inside(joined, self.root))
+        if outside_by_request:
+            if not os.path.isfile(real):
+                what = "is not a regular file" if os.path.exists(real) else "not found"
+                raise SampleError("missing_image", f"absolute image path {image!r} {what}"
+                                                   + (f" (it resolves to {real!r})" if real != joined else ""))
+            return Path(real)
         if not _inside(real, self._real):
             raise SampleError(
                 "unsafe_path", f"image {image!r} is a symlink (or under one) to {real!r}, outside --image_folder {self.root!r}"
@@ -92,6 +111,7 @@ def _inside(path: str, root: str) -> bool:
     return path != root and os.path.commonpath([path, root]) == root
 
 
-def resolve_image_path(image: str, image_folder: str | os.PathLike | None) -> Path:
-    """`image` inside `image_folder`; raises SampleError `unsafe_path` / `missing_image`."""
-    return ImageFolder(image_folder).resolve(image)
+def resolve_image_path(image: str, image_folder: str | os.PathLike | None, *, allow_absolute: bool = False) -> Path:
+    """`image` inside `image_folder` (or, with `allow_absolute`, an absolute path to a regular file); raises
+    SampleError `unsafe_path` / `missing_image`."""
+    return ImageFolder(image_folder, allow_absolute=allow_absolute).resolve(image)

@@ -76,6 +76,8 @@ class DataArguments:
     truncate: str = field(default="none", metadata={"help": "too-long samples: none (drop) | turns"})
     max_drop_ratio: float = field(default=0.01, metadata={"help": "stop when more samples than this would be dropped"})
     check_images: str = field(default="exists", metadata={"help": "validation: full | exists | none"})
+    allow_absolute_image_paths: bool = field(default=False, metadata={
+        "help": "accept absolute image paths in the data (each must resolve to a regular file)"})
 
 
 @dataclass

@@ -24,10 +24,16 @@ def build_sources(data_args) -> list[Source]:
         if "image_root" in options:  # Basic-VLM's train.sh: the image map's `path` fields say where images are
             print(f"data: no --image_folder; images are found at the image map's 'path' folders (under {folder})",
                   flush=True)
-        return [Source(path=data_args.captions_file, image_folder=folder, format="basic_vlm", options=options)]
+        return [Source(path=data_args.captions_file, image_folder=folder, format="basic_vlm", options=options,
+                       allow_absolute_images=data_args.allow_absolute_image_paths)]
     if not data_args.data_path:
         raise ValueError("no training data: pass --data_path (and --image_folder), or --captions_file/--image_map")
-    return parse_sources(data_args.data_path, data_args.image_folder, data_format=data_args.data_format)
+    sources = parse_sources(data_args.data_path, data_args.image_folder, data_format=data_args.data_format)
+    if data_args.allow_absolute_image_paths:
+        import dataclasses
+
+        sources = [dataclasses.replace(s, allow_absolute_images=True) for s in sources]
+    return sources
 
 
 def build_train_dataset(data_args, training_args, tokenizer, image_processor, num_image_tokens: int,

@@ -1,0 +1,189 @@
+"""Faults planted in data read at run time (issue 10, points 5, 8, 13, 14): `vlm generate`'s bad lines and
+image paths, corrupt images met during training, absolute image paths."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import pytest
+
+from inference_helpers import save_tiny_folder, write_image
+from vlm.batch import BadLine, answer_file, read_questions
+from vlm.batch import main as batch_main
+from vlm.data.errors import SampleError
+from vlm.data.paths import ImageFolder
+from vlm.generate import GenerationSettings, load_generator
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    return save_tiny_folder(tmp_path_factory.mktemp("model"), "clip", "qwen2", template="chatml", seed=1)
+
+
+@pytest.fixture(scope="module")
+def generator(model_dir):
+    return load_generator(str(model_dir), settings=GenerationSettings(max_new_tokens=6))
+
+
+# -- point 5 + 8: vlm generate answers every good line, reports every bad one, stays in --image_folder ------
+
+
+def _questions_with_faults(tmp_path: Path) -> tuple[Path, Path, list[dict]]:
+    """12 lines: line 2 is not JSON, line 5 escapes the folder with '..', line 7 is an absolute path outside it,
+    line 11 is an image that cannot be decoded; the 8 others are good."""
+    images = tmp_path / "img"
+    images.mkdir()
+    write_image(images / "red.png")
+    write_image(images / "blue.png", (40, 80, 220), (30, 50))
+    (images / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    secret = write_image(tmp_path / "secret.png")  # beside the folder, not in it
+    lines: list[str] = []
+    good: list[dict] = []
+    for number in range(1, 13):
+        record = {"id": f"q{number}", "image": "red.png" if number % 2 else "blue.png",
+                  "question": "What color is the circle?" if number % 3 else "How many shapes are there?"}
+        if number == 2:
+            lines.append('{"id": "q2", "image": "red.png", "question": "cut off')
+            continue
+        if number == 5:
+            record["image"] = "../secret.png"
+        elif number == 7:
+            record["image"] = str(secret)
+        elif number == 11:
+            record["image"] = "broken.png"
+        elif number == 9:
+            record["image"] = str(images / "blue.png")  # absolute, but inside the folder: allowed
+        else:
+            good.append(record)
+        if number == 9:
+            good.append(record)
+        lines.append(json.dumps(record))
+    good.sort(key=lambda r: int(r["id"][1:]))
+    questions = tmp_path / "q.jsonl"
+    questions.write_text("\n".join(lines) + "\n")
+    return questions, images, good
+
+
+def test_generate_answers_the_good_lines_and_reports_every_bad_one(model_dir, generator, tmp_path, capsys):
+    questions, images, good = _questions_with_faults(tmp_path)
+    out = tmp_path / "answers.jsonl"
+    argv = ["--model", str(model_dir), "--input", str(questions), "--output", str(out), "--image_folder", str(images),
+            "--batch_size", "3", "--max_new_tokens", "6", "--no-progress"]
+    assert batch_main(argv) == 1
+    err = capsys.readouterr().err.splitlines()
+    skipped = [line for line in err if line.startswith("vlm generate: skipped ")]
+    assert len(skipped) == 4  # planted 4 bad lines, 4 reported
+    assert f"{questions} line 2: bad_json: not valid JSON" in skipped[0]
+    assert f"{questions} line 5 (id 'q5'): unsafe_path: image path '../secret.png' leaves --image_folder" in skipped[1]
+    assert f"{questions} line 7 (id 'q7'): unsafe_path:" in skipped[2] and "outside --image_folder" in skipped[2]
+    assert f"{questions} line 11 (id 'q11'): unreadable_image:" in skipped[3] and "broken.png" in skipped[3]
+    assert err[-1].startswith(f"vlm generate: 8 answers written to {out}; 4 bad line(s) skipped (")
+    assert "lines 2, 5, 7, 11" in err[-1] and "unsafe_path=2" in err[-1]
+    written = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [w["id"] for w in written] == [r["id"] for r in good]  # input order, the 8 good ones
+    for w, r in zip(written, good):
+        image = r["image"] if r["image"].startswith("/") else str(images / r["image"])
+        assert w["answer"] == generator.answer(r["question"], image)
+
+
+def test_generate_without_image_folder_keeps_relative_to_the_input(model_dir, tmp_path, capsys):
+    questions, images, _ = _questions_with_faults(tmp_path)
+    parsed = read_questions(str(questions))  # no --image_folder: relative to the input's folder, absolute as given
+    assert {r["_line"]: r["_image_path"] for r in parsed.records}[7] == str(tmp_path / "secret.png")
+    assert {b.line: b.reason for b in parsed.bad}[5] == "missing_image"  # tmp_path/../secret.png: none there
+    parsed = read_questions(str(questions), str(images))
+    assert [(b.line, b.reason) for b in parsed.bad] == [(2, "bad_json"), (5, "unsafe_path"), (7, "unsafe_path")]
+
+
+def test_generate_writes_each_batch_as_it_is_answered(tmp_path):
+    """A crash in batch 3 keeps batches 1 and 2 on disk: the file is written and flushed per batch."""
+    questions = tmp_path / "q.jsonl"
+    questions.write_text("".join(json.dumps({"id": str(i), "question": f"q{i}"}) + "\n" for i in range(7)))
+    parsed = read_questions(str(questions))
+    out_path = tmp_path / "a.jsonl"
+
+    class Crashes:
+        calls = 0
+
+        def answer_batch(self, qs, images, batch_size):
+            self.calls += 1
+            if self.calls == 3:
+                assert [json.loads(line)["id"] for line in out_path.read_text().splitlines()] == list("0123")
+                raise MemoryError("planted")
+            return [q.upper() for q in qs]
+
+    with open(out_path, "w", encoding="utf-8") as out, pytest.raises(MemoryError):
+        answer_file(Crashes(), parsed, parsed.records, out, model="m", batch_size=2)
+    assert [json.loads(line)["answer"] for line in out_path.read_text().splitlines()] == ["Q0", "Q1", "Q2", "Q3"]
+
+
+def test_a_question_the_model_cannot_take_is_one_bad_line(tmp_path):
+    questions = tmp_path / "q.jsonl"
+    questions.write_text("".join(json.dumps({"id": str(i), "question": "long " * 50 if i == 1 else f"q{i}"}) + "\n"
+                                 for i in range(3)))
+    parsed = read_questions(str(questions))
+
+    class TooLong:
+        def answer_batch(self, qs, images, batch_size):
+            if any(len(q) > 100 for q in qs):
+                raise ValueError("the prompt is 300 tokens, which leaves no room to answer")
+            return [q.upper() for q in qs]
+
+    out = io.StringIO()
+    bad = answer_file(TooLong(), parsed, parsed.records, out, model="m", batch_size=8)
+    assert bad == [BadLine(2, "1", "bad_question", "the prompt is 300 tokens, which leaves no room to answer")]
+    assert [json.loads(line)["id"] for line in out.getvalue().splitlines()] == ["0", "2"]
+
+
+# -- point 14: absolute image paths refused naming the opt-in, accepted with it ---------------------------
+
+
+def test_absolute_paths_are_refused_naming_the_flag_and_accepted_with_it(data_image_folder, tmp_path):
+    absolute = str(data_image_folder / "ok.png")
+    with pytest.raises(SampleError, match="--allow_absolute_image_paths") as refused:
+        ImageFolder(data_image_folder).resolve(absolute)
+    assert refused.value.reason == "unsafe_path"
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    write_image(elsewhere / "x.png")
+    folder = ImageFolder(data_image_folder, allow_absolute=True)
+    assert folder.resolve(str(elsewhere / "x.png")) == elsewhere / "x.png"
+    assert folder.resolve(absolute) == data_image_folder / "ok.png"
+    assert ImageFolder(None, allow_absolute=True).resolve(str(elsewhere / "x.png")) == elsewhere / "x.png"
+    # the same checks as relative paths: missing, not a regular file, and `..` inside the folder still refused
+    with pytest.raises(SampleError, match="not found") as missing:
+        folder.resolve(str(elsewhere / "gone.png"))
+    assert missing.value.reason == "missing_image"
+    with pytest.raises(SampleError, match="not a regular file"):
+        folder.resolve(str(elsewhere))
+    with pytest.raises(SampleError, match="not a regular file"):
+        folder.resolve("/dev/null")
+    with pytest.raises(SampleError, match="leaves --image_folder"):
+        folder.resolve("../elsewhere/x.png")
+    # a symlink under the image folder pointing out of it is refused even with the opt-in
+    (data_image_folder / "link.png").symlink_to(elsewhere / "x.png")
+    with pytest.raises(SampleError, match="symlink"):
+        folder.resolve(str(data_image_folder / "link.png"))
+    with pytest.raises(SampleError, match="unreadable|cannot"):
+        folder.check(str(data_image_folder / "corrupt.png"), "full")
+
+
+def test_data_check_allow_absolute_image_paths(data_image_folder, write_data, make_llava_record, tmp_path, capsys):
+    from vlm.data.cli import main as data_main
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    write_image(elsewhere / "x.png")
+    data = write_data("abs.json", [make_llava_record("rel"), make_llava_record("abs", image=str(elsewhere / "x.png"))])
+    report = tmp_path / "report.json"
+    argv = ["check", "--data_path", str(data), "--image_folder", str(data_image_folder), "--report", str(report),
+            "--max_drop_ratio", "0"]
+    assert data_main(argv) == 1
+    problems = json.loads(report.read_text())["problems"]
+    assert [(p["id"], p["reason"]) for p in problems] == [("abs", "unsafe_path")]
+    assert "--allow_absolute_image_paths" in problems[0]["detail"]
+    capsys.readouterr()
+    assert data_main([*argv, "--allow_absolute_image_paths"]) == 0
+    assert json.loads(report.read_text())["kept"] == 2

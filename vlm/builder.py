@@ -58,9 +58,8 @@ def folder_kind(folder: str) -> str:
             f"model folder {folder!r} has no config.json; expected a vlm model folder, a vlm LoRA run "
             "(adapter_config.json), an original LLaVA-1.5 folder or a llava-hf folder"
         )
-    from vlm.config import read_json_object
-
-    data = read_json_object(path)  # ValueError naming the file when it is not a JSON object
+    with open(path, encoding="utf-8") as f:
+        data = json.load(f)
     kind = config_kind(data)
     if kind is not None:
         return kind
@@ -166,15 +165,17 @@ def resolve_model_path(model_path: str | os.PathLike, *, cache_dir: str | None =
         ) from None
 
 
-def load_tokenizer(folder: str):
-    from transformers import AutoTokenizer
+def load_tokenizer(folder: str, *, trust_remote_code: bool = False):
+    """The folder's tokenizer; a folder whose files declare their own code (`auto_map`) is refused unless
+    `trust_remote_code` (see `vlm.hub.check_remote_code`)."""
+    from vlm.hub import auto_tokenizer
 
     if not any(os.path.isfile(os.path.join(folder, name)) for name in TOKENIZER_FILES):
         raise FileNotFoundError(
             f"model folder {folder!r} has no tokenizer files ({', '.join(TOKENIZER_FILES)}); save the model with "
             "vlm.checkpoint.save_model_folder(folder, model, tokenizer=...)"
         )
-    return AutoTokenizer.from_pretrained(folder)
+    return auto_tokenizer(folder, trust_remote_code=trust_remote_code)
 
 
 def load_image_processor(folder: str, model, *, aspect_ratio: str | None = None, fallback: str | None = None,
@@ -195,7 +196,6 @@ def load_image_processor(folder: str, model, *, aspect_ratio: str | None = None,
         processor = ImageProcessor.from_vision_config(model.vlm_config.vision.hf_config, aspect_ratio=aspect_ratio or "pad")
     if aspect_ratio is not None and processor.config.aspect_ratio != aspect_ratio:
         processor = ImageProcessor(dataclasses.replace(processor.config, aspect_ratio=aspect_ratio))
-    processor.check_fits(model.vision_tower.image_size, os.path.join(folder, PREPROCESSOR_CONFIG_NAME))
     return processor
 
 
@@ -222,7 +222,8 @@ def quantization_bits(load_8bit: bool, load_4bit: bool) -> int | None:
 
 def load_pretrained_model(model_path: str | os.PathLike, model_base: str | None = None, load_8bit: bool = False,
                           load_4bit: bool = False, device: str | torch.device = "cpu",
-                          dtype: str | torch.dtype | None = None, cache_dir: str | None = None, **kwargs: Any):
+                          dtype: str | torch.dtype | None = None, cache_dir: str | None = None,
+                          trust_remote_code: bool = False, force_base: bool = False, **kwargs: Any):
     """Load any supported model folder for inference.
 
     Args:
@@ -236,6 +237,10 @@ def load_pretrained_model(model_path: str | os.PathLike, model_base: str | None 
             as LLaVA). When quantising it is also the 4-bit compute dtype.
         cache_dir: the Hugging Face hub cache every Hub id is read from (the model, a LoRA run's base, an original
             LLaVA folder's `mm_vision_tower` and its image processor); None: the default cache (`HF_HUB_CACHE`).
+        trust_remote_code: let a folder whose files declare `auto_map` run its own code through transformers;
+            False (default): such a folder is refused, naming the file (`vlm.hub.check_remote_code`).
+        force_base: merge a LoRA run onto a base whose weights differ from the one it was trained on
+            (`vlm.lora.check_base_fingerprint`).
         kwargs: `vision_tower=` overrides LLaVA's `mm_vision_tower` (a local copy of the tower).
 
     Returns:
@@ -253,13 +258,19 @@ def load_pretrained_model(model_path: str | os.PathLike, model_base: str | None 
             f"--model-base is only used with LoRA runs, but {folder!r} is a full {kind} model folder; drop --model-base"
         )
     check_folder_files(folder, kind)
-    tokenizer = load_tokenizer(folder)
+    from vlm.checkpoint import check_weight_index
+    from vlm.hub import check_remote_code
+
+    check_remote_code(folder, trust_remote_code)
+    check_weight_index(folder)
+    tokenizer = load_tokenizer(folder, trust_remote_code=trust_remote_code)
     aspect_ratio, fallback = None, None
     if kind == "lora":
         from vlm.lora import load_lora_run, merge_lora
 
         if bits is None:
-            model = merge_lora(load_lora_run(folder, model_base, dtype=dtype, cache_dir=cache_dir))
+            model = merge_lora(load_lora_run(folder, model_base, dtype=dtype, cache_dir=cache_dir,
+                                             trust_remote_code=trust_remote_code, force_base=force_base))
         else:
             from vlm.config import VLMConfig
             from vlm.model import resolve_dtype
@@ -268,7 +279,8 @@ def load_pretrained_model(model_path: str | os.PathLike, model_base: str | None 
             recipe = load_quantization_record(folder, bits, resolve_dtype(dtype or VLMConfig.load(folder).dtype))
             # The injected (unmerged) adapters stay: the quantised base + LoRA is the model the run trained.
             model = load_lora_run(folder, model_base, dtype=dtype, device=device, quantization=recipe,
-                                  cache_dir=cache_dir).get_base_model()
+                                  cache_dir=cache_dir, trust_remote_code=trust_remote_code,
+                                  force_base=force_base).get_base_model()
     elif kind == "vlm":
         from vlm.model import from_pretrained
 

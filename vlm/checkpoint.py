@@ -12,6 +12,7 @@ import json
 import os
 import re
 from collections import defaultdict
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -82,6 +83,59 @@ def save_state_dict(state_dict: dict[str, torch.Tensor], folder: str | os.PathLi
     return names
 
 
+INDEX_NAMES = (WEIGHTS_INDEX_NAME, "pytorch_model.bin.index.json")
+
+
+def _in_hub_cache_blobs(folder: str, target: str) -> bool:
+    """A Hub cache snapshot (`.../snapshots/<rev>/`) links its files to `.../blobs/`: that is not an escape."""
+    snapshots = os.path.dirname(os.path.realpath(folder))
+    if os.path.basename(snapshots) != "snapshots":
+        return False
+    blobs = os.path.join(os.path.dirname(snapshots), "blobs")
+    return os.path.commonpath([target, blobs]) == blobs
+
+
+def shard_path(folder: str | os.PathLike, shard: Any, index: str) -> str:
+    """The path of one shard an index file names, refused (ValueError naming the index and the shard) unless it
+    stays inside `folder`: a plain relative name, no absolute path, no `..`, no symlink leading out of the folder.
+    A model folder is data: its index must not make us read (or later write) files elsewhere."""
+    folder = str(folder)
+    why = None
+    if not isinstance(shard, str) or not shard:
+        why = "is not a file name"
+    elif os.path.isabs(shard) or shard.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", shard):
+        why = "is an absolute path"
+    elif ".." in re.split(r"[/\\]", shard):
+        why = "goes up with '..'"
+    else:
+        path = os.path.join(folder, shard)
+        root, target = os.path.realpath(folder), os.path.realpath(path)
+        if os.path.commonpath([root, target]) != root and not _in_hub_cache_blobs(folder, target):
+            why = f"is a symlink that leads out of the folder (to {target!r})"
+    if why is not None:
+        raise ValueError(f"{index}: shard {shard!r} {why}; shards must be files inside the model folder "
+                         f"{folder!r}; fix or remove the index file")
+    return os.path.join(folder, shard)
+
+
+def check_weight_index(folder: str | os.PathLike) -> None:
+    """Every shard named by the folder's index files (safetensors and torch) stays inside the folder
+    (see `shard_path`); ValueError naming the index file and the shard otherwise. A no-op without index files."""
+    for name in INDEX_NAMES:
+        index = os.path.join(str(folder), name)
+        if not os.path.isfile(index):
+            continue
+        try:
+            with open(index, encoding="utf-8") as f:
+                weight_map = json.load(f)["weight_map"]
+            shards = set(weight_map.values())
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise ValueError(f"{index} is not a weight index ({type(exc).__name__}: {exc}); expected "
+                             '{"weight_map": {tensor: shard file}}; fix or remove it') from None
+        for shard in sorted(shards, key=str):
+            shard_path(folder, shard, index)
+
+
 def load_state_dict(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Read `model.safetensors` or the shards named by `model.safetensors.index.json`."""
     single = os.path.join(folder, WEIGHTS_NAME)
@@ -93,7 +147,7 @@ def load_state_dict(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
             weight_map = json.load(f)["weight_map"]
         state: dict[str, torch.Tensor] = {}
         for shard in sorted(set(weight_map.values())):
-            path = os.path.join(folder, shard)
+            path = shard_path(folder, shard, index)
             if not os.path.isfile(path):
                 raise FileNotFoundError(f"shard {shard!r} listed in {index} is missing")
             state.update(load_file(path))

@@ -118,15 +118,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--force-template", "--force_template", dest="force_template", action="store_true",
                         help="use --template even when the model folder records another template")
     parser.add_argument("--batch_size", type=int, default=64)
+    parser.add_argument("--trust-remote-code", "--trust_remote_code", dest="trust_remote_code", action="store_true",
+                        help="let a model folder whose configs declare auto_map run its own code (default: refused)")
     parser.add_argument("--output", help="write the result JSON here")
     args = parser.parse_args(argv)
-    from transformers import AutoTokenizer
-
     import vlm
+    from vlm.hub import auto_tokenizer
     from vlm.visual.processor import ImageProcessor
 
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
     try:
+        tokenizer = auto_tokenizer(args.model, trust_remote_code=args.trust_remote_code)
         if args.template is None:
             template = default_template(args.model, tokenizer)
         else:

@@ -326,15 +326,17 @@ class Generator:
 
 def load_generator(model_path: str, *, model_base: str | None = None, conv_mode: str | None = None,
                    settings: GenerationSettings | None = None, device: str = "cpu", dtype=None,
-                   load_8bit: bool = False, load_4bit: bool = False, force_template: bool = False) -> Generator:
+                   load_8bit: bool = False, load_4bit: bool = False, force_template: bool = False,
+                   trust_remote_code: bool = False, force_base: bool = False) -> Generator:
     """`load_pretrained_model` plus the chat template (`conv_mode`, else `default_template`). A `conv_mode`
     that prompts differently from the template the folder records is a ValueError unless `force_template`
-    (`check_template`)."""
+    (`check_template`); `trust_remote_code` and `force_base` are `load_pretrained_model`'s."""
     from vlm.builder import load_pretrained_model, resolve_model_path
 
     folder = resolve_model_path(model_path)
     tokenizer, model, image_processor, context_len = load_pretrained_model(
-        folder, model_base, load_8bit=load_8bit, load_4bit=load_4bit, device=device, dtype=dtype)
+        folder, model_base, load_8bit=load_8bit, load_4bit=load_4bit, device=device, dtype=dtype,
+        trust_remote_code=trust_remote_code, force_base=force_base)
     if conv_mode:
         check_template(folder, conv_mode, tokenizer, force=force_template)
     template = conv_mode or default_template(folder, tokenizer)
@@ -369,6 +371,11 @@ def add_model_arguments(parser, *, required: bool = True) -> None:
                        help="load the LLM in 8 bits with bitsandbytes, CUDA or CPU (pip install 'vlm-kit[qlora]')")
     group.add_argument("--load-4bit", "--load_4bit", dest="load_4bit", action="store_true",
                        help="load the LLM in 4 bits (nf4) with bitsandbytes, CUDA or CPU (pip install 'vlm-kit[qlora]')")
+    group.add_argument("--trust-remote-code", "--trust_remote_code", dest="trust_remote_code", action="store_true",
+                       help="let a model folder whose configs declare auto_map run its own Python code (default: "
+                            "such a folder is refused)")
+    group.add_argument("--force-base", "--force_base", dest="force_base", action="store_true",
+                       help="merge a LoRA run onto a base whose weights differ from the base it was trained on")
 
 
 def add_decoding_arguments(parser, *, max_new_tokens: int = 256) -> None:
@@ -391,7 +398,8 @@ def generator_from_args(args) -> Generator:
         model_base = _basic_vlm_base(args.model, model_base, language_model)
     generator = load_generator(args.model, model_base=model_base, conv_mode=args.conv_mode, settings=settings,
                                device=device, dtype=args.dtype, load_8bit=args.load_8bit, load_4bit=args.load_4bit,
-                               force_template=args.force_template)
+                               force_template=args.force_template, trust_remote_code=args.trust_remote_code,
+                               force_base=args.force_base)
     if language_model is not None and model_base is None:
         _check_language_model(generator.model, language_model)
     tower = generator.model.vlm_config.vision.name_or_path
@@ -418,7 +426,7 @@ def _check_language_model(model, language_model: str) -> None:
     from vlm.lora import BASE_FIELDS
 
     try:
-        other = AutoConfig.from_pretrained(language_model).get_text_config().to_dict()
+        other = AutoConfig.from_pretrained(language_model, trust_remote_code=False).get_text_config().to_dict()
     except (OSError, ValueError):
         print(f"note: --base_language_model {language_model!r} cannot be read here; the model folder carries its own "
               "LLM, which is used", file=sys.stderr)

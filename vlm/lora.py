@@ -22,11 +22,15 @@ LoRA run folder layout (written by `save_lora_run`):
                                       embeddings when the vocabulary differs from the base LLM's
     config.json                       the VLMConfig of the full model (vocabulary after resizing)
     quantization_config.json          only for QLoRA runs: the BitsAndBytesConfig the LLM was trained under
+    base_fingerprint.json             sha256 of a few frozen base tensors (and a sample of their values): loading
+                                      or merging onto a base with other weights is refused unless forced
     tokenizer files, preprocessor_config.json
 
 `load_lora_run(run, model_base)` rebuilds the architecture from `config.json`, loads the base weights
 (by default the adapter's recorded base; any folder or Hub id `vlm.builder.model_kind` knows, or an LLM), overlays the non-LoRA
-trainables, checks that the base matches the run (dimensions and vocabulary) and attaches the adapter.
+trainables, checks that the base matches the run (dimensions, vocabulary, and the weights themselves through
+`base_fingerprint.json`: a same-shaped but different base would merge silently into a wrong model) and attaches
+the adapter.
 `merge_lora` folds the adapters into the weights (W + alpha/r * B @ A) and gives back a plain VLM.
 """
 
@@ -34,6 +38,8 @@ from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
+import json
 import os
 import re
 import sys
@@ -47,6 +53,9 @@ from torch import nn
 NON_LORA_NAME = "non_lora_trainables.safetensors"
 ADAPTER_CONFIG_NAME = "adapter_config.json"
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
+BASE_FINGERPRINT_NAME = "base_fingerprint.json"
+_FINGERPRINT_TENSORS = 3
+_FINGERPRINT_SAMPLE = 32
 _NOT_LLM = ("vision_tower.", "mm_projector.")
 _REGEX_CHARS = set("|()[]{}*+?^$\\")
 # Qwen-1 (`QWenLMHeadModel`) layer names -> the layers doing the same job in Qwen2/Qwen2.5/LLaMA-style
@@ -234,8 +243,9 @@ def _base_vocab_size(name_or_path: str | None, cache_dir: str | None = None) -> 
         return None
     from transformers import AutoConfig
 
-    try:
-        return AutoConfig.from_pretrained(name_or_path, cache_dir=cache_dir).get_text_config().vocab_size
+    try:  # only the vocabulary size is read: the folder's own code (auto_map) is never needed for that
+        return AutoConfig.from_pretrained(name_or_path, cache_dir=cache_dir,
+                                          trust_remote_code=False).get_text_config().vocab_size
     except (OSError, ValueError):
         return None
 
@@ -295,10 +305,84 @@ def save_lora_run(model, folder: str | os.PathLike, *, tokenizer=None, image_pro
     config.vision.hf_config = vlm_model.vision_tower.model.config.to_dict()
     config.vision.frozen = vlm_model.vision_tower.frozen
     config.save(folder)
+    fingerprint = base_fingerprint(model)
+    if fingerprint is not None:
+        fingerprint["base"] = next(iter(model.peft_config.values())).base_model_name_or_path
+        with open(os.path.join(folder, BASE_FINGERPRINT_NAME), "w", encoding="utf-8") as f:
+            json.dump(fingerprint, f, indent=2)
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
     if image_processor is not None:
         image_processor.save_pretrained(folder)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The base a run was trained on
+
+
+def _tensor_record(tensor: torch.Tensor) -> dict[str, Any]:
+    t = tensor.detach().cpu().contiguous()
+    index = torch.linspace(0, t.numel() - 1, min(_FINGERPRINT_SAMPLE, t.numel())).long()
+    return {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch."),
+            "sha256": hashlib.sha256(t.reshape(-1).view(torch.uint8).numpy().tobytes()).hexdigest(),
+            "sample": t.reshape(-1)[index].float().tolist()}
+
+
+def base_fingerprint(model) -> dict[str, Any] | None:
+    """What identifies the base weights of a LoRA `PeftModel`: a few frozen LLM tensors the run does not save
+    (first, middle and last in model order, 2-D ones preferred), each with its sha256 and a sample of values.
+    Quantised (integer) and partitioned (empty) tensors are skipped; None when nothing is left."""
+    saved = set(non_lora_state(model).keys()) if any(p.requires_grad for p in model.parameters()) else set()
+    candidates = []
+    for name, p in model.get_base_model().named_parameters():
+        plain = _plain_name(name)
+        if ("lora_" in name or name.startswith(_NOT_LLM) or plain in saved or p.requires_grad
+                or not p.dtype.is_floating_point or p.numel() == 0):
+            continue
+        candidates.append((plain, p))
+    preferred = [c for c in candidates if c[1].dim() == 2] or candidates
+    if not preferred:
+        return None
+    n = len(preferred)
+    picks = sorted({round(i * (n - 1) / max(_FINGERPRINT_TENSORS - 1, 1)) for i in range(_FINGERPRINT_TENSORS)})
+    return {"tensors": {preferred[i][0]: _tensor_record(preferred[i][1]) for i in picks}}
+
+
+def _same_tensor(record: dict[str, Any], tensor: torch.Tensor) -> bool:
+    """Bitwise equal in the recorded dtype; a base loaded in another dtype (e.g. a bfloat16 run merged in float32)
+    is compared on the sampled values, within that lower precision's rounding."""
+    if list(tensor.shape) != record["shape"]:
+        return False
+    dtype = getattr(torch, record["dtype"], None)
+    if dtype is not None and _tensor_record(tensor.to(dtype))["sha256"] == record["sha256"]:
+        return True
+    if dtype is None or dtype == tensor.dtype:
+        return False
+    ours = torch.tensor(_tensor_record(tensor)["sample"])
+    theirs = torch.tensor(record["sample"])
+    return bool(torch.allclose(ours, theirs, rtol=1e-2, atol=1e-2 * float(theirs.abs().max())))
+
+
+def check_base_fingerprint(run: str, state: dict[str, torch.Tensor], base: str, *, force: bool = False) -> None:
+    """ValueError naming the run's recorded base and `base` when `state` (the base's weights, vlm key layout)
+    is not the base the run was trained on (`base_fingerprint.json`); a printed note instead when `force`.
+    Runs saved before fingerprints existed are not checked."""
+    path = os.path.join(run, BASE_FINGERPRINT_NAME)
+    if not os.path.isfile(path):
+        return
+    with open(path, encoding="utf-8") as f:
+        record = json.load(f)
+    differ = [name for name, tensor_record in record["tensors"].items()
+              if name in state and not _same_tensor(tensor_record, state[name])]
+    if not differ:
+        return
+    trained_on = record.get("base") or "(unrecorded)"
+    message = (f"the LoRA run {run!r} was trained on base {trained_on!r}, but the weights of base {base!r} differ "
+               f"({differ[0]} has another sha256 than {BASE_FINGERPRINT_NAME} records)")
+    if force:
+        print(f"note: {message}; merging anyway (--force-base)", file=sys.stderr, flush=True)
+        return
+    raise ValueError(f"{message}; pass the base it was trained on with --model-base, or --force-base to use this one")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -326,7 +410,7 @@ def _check_base_matches(run_llm: dict[str, Any], base_llm: dict[str, Any], run: 
 
 
 def _base_state(config, model_base: str | None, run: str, dtype: torch.dtype | None,
-                cache_dir: str | None = None) -> tuple[dict, str]:
+                cache_dir: str | None = None, trust_remote_code: bool = False) -> tuple[dict, str]:
     """Weights of the base (vlm key layout) and the name it was loaded from (a Hub id read through `cache_dir`)."""
     from vlm.builder import load_pretrained_model, model_kind
     from vlm.checkpoint import load_state_dict
@@ -338,30 +422,37 @@ def _base_state(config, model_base: str | None, run: str, dtype: torch.dtype | N
             f"the LoRA run {run!r} records no base LLM (llm.name_or_path is empty); pass --model-base "
             "(a vlm model folder, an LLM folder or a hub id)"
         )
+    from vlm.checkpoint import check_weight_index
+    from vlm.hub import check_remote_code
+
     kind, where = model_kind(base, cache_dir=cache_dir)
+    if os.path.isdir(where):
+        check_remote_code(where, trust_remote_code)
+        check_weight_index(where)
     if kind == "vlm":
         base_config = VLMConfig.load(where)
         _check_base_matches(config.llm.hf_config, base_config.llm.hf_config, run, base)
         return load_state_dict(where), base
     if kind in ("llava", "llava-hf", "lora"):  # converted (or merged) to a vlm model first, as for inference
-        _, base_model, _, _ = load_pretrained_model(where, dtype=dtype, cache_dir=cache_dir)
+        _, base_model, _, _ = load_pretrained_model(where, dtype=dtype, cache_dir=cache_dir,
+                                                    trust_remote_code=trust_remote_code)
         _check_base_matches(config.llm.hf_config, base_model.vlm_config.llm.hf_config, run, base)
         return base_model.state_dict(), base
     from transformers import AutoConfig, AutoModelForCausalLM
 
     try:
-        base_hf = AutoConfig.from_pretrained(base, cache_dir=cache_dir).get_text_config()
+        base_hf = AutoConfig.from_pretrained(base, cache_dir=cache_dir,
+                                             trust_remote_code=trust_remote_code).get_text_config()
     except OSError as exc:
         raise FileNotFoundError(f"cannot read the model base {base!r} of LoRA run {run!r}: {exc}") from None
     _check_base_matches(config.llm.hf_config, base_hf.to_dict(), run, base)
-    llm = AutoModelForCausalLM.from_pretrained(base, dtype=dtype, cache_dir=cache_dir)
+    llm = AutoModelForCausalLM.from_pretrained(base, dtype=dtype, cache_dir=cache_dir,
+                                               trust_remote_code=trust_remote_code)
     return llm.state_dict(), base
 
 
 def recorded_base(run: str | os.PathLike) -> str | None:
     """The base a LoRA run records (`adapter_config.json`'s `base_model_name_or_path`), or None."""
-    import json
-
     path = os.path.join(run, ADAPTER_CONFIG_NAME)
     if not os.path.isfile(path):
         return None
@@ -371,7 +462,8 @@ def recorded_base(run: str | os.PathLike) -> str | None:
 
 def load_lora_run(folder: str | os.PathLike, model_base: str | None = None, *,
                   dtype: str | torch.dtype | None = None, device: str | torch.device | None = None,
-                  quantization=None, cache_dir: str | None = None):
+                  quantization=None, cache_dir: str | None = None, trust_remote_code: bool = False,
+                  force_base: bool = False):
     """Rebuild a LoRA run as a `PeftModel` (adapters unmerged), in eval mode.
 
     Args:
@@ -382,10 +474,13 @@ def load_lora_run(folder: str | os.PathLike, model_base: str | None = None, *,
         quantization: a `BitsAndBytesConfig`: the base LLM is quantised (after the full-precision base and
             the non-LoRA trainables are loaded) and the adapters sit on top unmerged, as in QLoRA training.
         cache_dir: the Hugging Face hub cache a Hub-id base is read from (None: the default cache).
+        trust_remote_code: let a base folder with `auto_map` run its code (refused otherwise).
+        force_base: accept a base whose weights differ from the fingerprint the run recorded (a note is printed).
 
     Raises:
         FileNotFoundError: run files missing, base unreadable.
-        ValueError: the base does not match the run (dimensions, vocabulary), or weights do not fit.
+        ValueError: the base does not match the run (dimensions, vocabulary, fingerprint of its weights), or
+            weights do not fit.
     """
     from peft import PeftModel
     from peft.utils import get_peft_model_state_dict
@@ -403,7 +498,8 @@ def load_lora_run(folder: str | os.PathLike, model_base: str | None = None, *,
     if dtype is not None:
         config.dtype = dtype_name(dtype)
     torch_dtype = resolve_dtype(config.dtype)
-    state, base = _base_state(config, model_base, folder, torch_dtype, cache_dir)
+    state, base = _base_state(config, model_base, folder, torch_dtype, cache_dir, trust_remote_code)
+    check_base_fingerprint(folder, state, base, force=force_base)
     non_lora = load_file(os.path.join(folder, NON_LORA_NAME))
 
     with no_init_weights():
@@ -448,7 +544,8 @@ def merge_lora(model):
 
 
 def merge_lora_run(folder: str | os.PathLike, output: str | os.PathLike, model_base: str | None = None, *,
-                   dtype: str | torch.dtype | None = None):
+                   dtype: str | torch.dtype | None = None, trust_remote_code: bool = False,
+                   force_base: bool = False):
     """Load a LoRA run, merge it and write a vlm model folder (weights, config, tokenizer, processor) to `output`.
 
     The adapters are merged onto the full-precision base, also for runs trained on a quantised LLM (QLoRA):
@@ -456,17 +553,18 @@ def merge_lora_run(folder: str | os.PathLike, output: str | os.PathLike, model_b
     """
     from vlm.checkpoint import save_model_folder
 
-    merged = merge_lora(load_lora_run(folder, model_base, dtype=dtype))
-    tokenizer, processor = _run_tokenizer(folder), _run_processor(folder)
+    merged = merge_lora(load_lora_run(folder, model_base, dtype=dtype, trust_remote_code=trust_remote_code,
+                                      force_base=force_base))
+    tokenizer, processor = _run_tokenizer(folder, trust_remote_code), _run_processor(folder)
     save_model_folder(output, merged, tokenizer=tokenizer, image_processor=processor)
     return merged
 
 
-def _run_tokenizer(folder: str | os.PathLike):
-    from transformers import AutoTokenizer
+def _run_tokenizer(folder: str | os.PathLike, trust_remote_code: bool = False):
+    from vlm.hub import auto_tokenizer
 
     has_files = any(os.path.isfile(os.path.join(folder, n)) for n in ("tokenizer.json", "tokenizer_config.json"))
-    return AutoTokenizer.from_pretrained(str(folder)) if has_files else None
+    return auto_tokenizer(folder, trust_remote_code=trust_remote_code) if has_files else None
 
 
 def _run_processor(folder: str | os.PathLike):
@@ -487,9 +585,15 @@ def main(argv: list[str] | None = None) -> int:
                         help="folder to write the merged vlm model to")
     parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                         help="dtype of the merged weights (default: the run's)")
+    parser.add_argument("--force-base", "--force_base", dest="force_base", action="store_true",
+                        help="merge onto --model-base even when its weights differ from the base the run was "
+                             "trained on (base_fingerprint.json)")
+    parser.add_argument("--trust-remote-code", "--trust_remote_code", dest="trust_remote_code", action="store_true",
+                        help="let a folder whose configs declare auto_map run its own code (default: refused)")
     args = parser.parse_args(argv)
     try:
-        merge_lora_run(args.model_path, args.output, args.model_base, dtype=args.dtype)
+        merge_lora_run(args.model_path, args.output, args.model_base, dtype=args.dtype,
+                       trust_remote_code=args.trust_remote_code, force_base=args.force_base)
     except (FileNotFoundError, ValueError) as exc:
         print(f"vlm merge-lora: {exc}", file=sys.stderr)
         return 1

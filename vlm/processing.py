@@ -92,12 +92,13 @@ class VLMProcessor:
 
     @classmethod
     def from_pretrained(cls, folder: str | os.PathLike, *, template: str | None = None,
-                        num_image_tokens: int | None = None) -> VLMProcessor:
+                        num_image_tokens: int | None = None, trust_remote_code: bool = False) -> VLMProcessor:
         """Read the processor saved in a model folder (or a Hub id of one).
 
         Args:
             template: overrides the folder's recorded template (`--conv-mode`).
             num_image_tokens: default: the folder's `config.json` (a vlm model folder).
+            trust_remote_code: allow a tokenizer whose files declare `auto_map` (refused otherwise).
         """
         from vlm.builder import load_tokenizer, model_kind
         from vlm.config import VLMConfig
@@ -110,7 +111,7 @@ class VLMProcessor:
                 f"{str(folder)!r} has no {PREPROCESSOR_CONFIG_NAME}; save the processor there with "
                 "VLMProcessor.save_pretrained(folder), or load any model folder with vlm.load(folder)"
             )
-        tokenizer = load_tokenizer(local)
+        tokenizer = load_tokenizer(local, trust_remote_code=trust_remote_code)
         if num_image_tokens is None and kind == "vlm":
             num_image_tokens = VLMConfig.load(local).num_image_tokens
         return cls(tokenizer, ImageProcessor.from_pretrained(local), template or default_template(local, tokenizer),
@@ -217,17 +218,20 @@ def _batch(text: Any, images: Any) -> tuple[list[Conversation], list[list]]:
 
 def load(model_path: str | os.PathLike, *, template: str | None = None, model_base: str | None = None,
          device: str = "cpu", dtype: str | torch.dtype | None = None, load_8bit: bool = False,
-         load_4bit: bool = False) -> tuple[Any, VLMProcessor]:
+         load_4bit: bool = False, trust_remote_code: bool = False,
+         force_base: bool = False) -> tuple[Any, VLMProcessor]:
     """(model, VLMProcessor) of any folder `vlm.load_pretrained_model` reads: vlm model folder, vlm LoRA run
     (merged; `model_base` as `--model-base`), LLaVA-1.5, llava-hf, or a Hub id of one.
 
     `template` overrides the one the folder records (`--conv-mode`); the other arguments are
-    `load_pretrained_model`'s.
+    `load_pretrained_model`'s (`trust_remote_code`: let a folder with `auto_map` run its code; `force_base`:
+    accept a LoRA base whose weights differ from the recorded one).
     """
     from vlm.generate import load_generator
 
     generator = load_generator(str(model_path), model_base=model_base, conv_mode=template, device=device,
-                               dtype=dtype, load_8bit=load_8bit, load_4bit=load_4bit)
+                               dtype=dtype, load_8bit=load_8bit, load_4bit=load_4bit,
+                               trust_remote_code=trust_remote_code, force_base=force_base)
     processor = VLMProcessor(generator.tokenizer, generator.image_processor, generator.template,
                              num_image_tokens=generator.num_image_tokens)
     return generator.model, processor

@@ -256,7 +256,7 @@ def export_llava_hf(model, folder: str | os.PathLike, *, tokenizer, image_proces
     hf_model.save_pretrained(folder)
 
     (folder / "preprocessor_config.json").write_text(json.dumps(_hf_image_processor_dict(image_processor), indent=2))
-    hf_image_processor = AutoImageProcessor.from_pretrained(str(folder))
+    hf_image_processor = AutoImageProcessor.from_pretrained(str(folder), trust_remote_code=False)  # the file just written
     tower_config = hf_config.vision_config
     processor = LlavaProcessor(
         image_processor=hf_image_processor,

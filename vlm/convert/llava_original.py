@@ -77,7 +77,7 @@ def vlm_config_from_llava_original(data: dict[str, Any], where: str = "config.js
 
 def read_checkpoint(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
     """All tensors of a folder: safetensors (single or sharded) or `pytorch_model*.bin` (weights only)."""
-    from vlm.checkpoint import WEIGHTS_INDEX_NAME, WEIGHTS_NAME, load_state_dict
+    from vlm.checkpoint import WEIGHTS_INDEX_NAME, WEIGHTS_NAME, load_state_dict, shard_path
 
     folder = str(folder)
     if os.path.isfile(os.path.join(folder, WEIGHTS_NAME)) or os.path.isfile(os.path.join(folder, WEIGHTS_INDEX_NAME)):
@@ -88,7 +88,7 @@ def read_checkpoint(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
             files = sorted(set(json.load(f)["weight_map"].values()))
     state: dict[str, torch.Tensor] = {}
     for name in files:
-        path = os.path.join(folder, name)
+        path = shard_path(folder, name, os.path.join(folder, _TORCH_INDEX))
         if not os.path.isfile(path):
             raise FileNotFoundError(
                 f"no weights in LLaVA folder {folder!r}: expected model.safetensors(.index.json) or "

@@ -77,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--report", default="report.json", help="report file to write (default report.json)")
     tokens = check.add_argument_group("tokenisation (as in training)")
     tokens.add_argument("--tokenizer", default=None, help="tokenizer folder; default: a stand-in, no length check")
+    tokens.add_argument("--trust_remote_code", "--trust-remote-code", dest="trust_remote_code", action="store_true",
+                        help="let a --tokenizer folder whose tokenizer_config.json declares auto_map run its own code "
+                             "(default: refused)")
     tokens.add_argument("--template", "--version", dest="template", default=None,
                         help="chat template or LLaVA --version (default: the tokenizer's own chat template when it has "
                              "one, else vicuna_v1, as training chooses)")
@@ -136,11 +139,10 @@ def _check(args: argparse.Namespace) -> int:
     )]
     tokenizer = None
     if args.tokenizer:
-        from transformers import AutoTokenizer
-
         from vlm.data.tokenizer import ensure_image_token
+        from vlm.hub import auto_tokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+        tokenizer = auto_tokenizer(args.tokenizer, trust_remote_code=args.trust_remote_code)
         ensure_image_token(tokenizer)  # as training does; the model's embeddings grow to match
     if args.template is None:
         from vlm.data.templates import default_template_name

@@ -72,8 +72,8 @@ def _same_tower(flag: str, folder_name: str | None, folder_tower: dict, *, cache
 
     if flag == folder_name:
         return True
-    try:
-        config = AutoConfig.from_pretrained(flag, cache_dir=cache_dir)
+    try:  # only compared, never run: the folder's own code (auto_map) is not needed for that
+        config = AutoConfig.from_pretrained(flag, cache_dir=cache_dir, trust_remote_code=False)
     except (OSError, ValueError):
         return False
     config = getattr(config, "vision_config", None) or config  # a full CLIP/SigLIP config holds the vision part
@@ -110,19 +110,28 @@ def load_projector_weights(model, path: str) -> None:
 
 
 def build_for_training(model_args, data_args, training_args):
-    """Returns (model, tokenizer, image_processor), with trainable parameters set for the stage."""
-    from transformers import AutoTokenizer
+    """Returns (model, tokenizer, image_processor), with trainable parameters set for the stage.
 
-    dtype, cache_dir = _run_dtype(training_args), training_args.cache_dir
+    A start folder, LLM folder or vision-tower folder whose configs declare their own code (`auto_map`) is refused
+    unless `--trust_remote_code`; index files naming shards outside their folder are refused."""
+    from vlm.checkpoint import check_weight_index
+    from vlm.hub import auto_tokenizer, check_remote_code
+
+    dtype, cache_dir, trust = _run_dtype(training_args), training_args.cache_dir, model_args.trust_remote_code
+    for path in (model_args.model_name_or_path, model_args.vision_tower, model_args.model_weights):
+        if path and os.path.isdir(path):
+            check_remote_code(path, trust)
+            check_weight_index(path)
     kind, folder = _start_kind(model_args.model_name_or_path, cache_dir)
     if kind == "vlm":
         model = from_pretrained(folder, dtype=dtype, attn_implementation=model_args.attn_implementation)
-        tokenizer = AutoTokenizer.from_pretrained(folder)
+        tokenizer = auto_tokenizer(folder, trust_remote_code=trust)
         image_processor = ImageProcessor.from_pretrained(folder)
     elif kind in ("llava", "llava-hf", "lora"):
         from vlm.builder import load_pretrained_model
 
-        tokenizer, model, image_processor, _ = load_pretrained_model(folder, dtype=dtype, cache_dir=cache_dir)
+        tokenizer, model, image_processor, _ = load_pretrained_model(folder, dtype=dtype, cache_dir=cache_dir,
+                                                                     trust_remote_code=trust)
     else:
         from vlm.builder import check_readable
 
@@ -131,8 +140,7 @@ def build_for_training(model_args, data_args, training_args):
         if not model_args.model_name_or_path or not model_args.vision_tower:
             raise ValueError("a new model needs --model_name_or_path (the LLM) and --vision_tower "
                              "(run `python train.py` with no arguments for the embedded demo)")
-        tokenizer = AutoTokenizer.from_pretrained(model_args.model_name_or_path,
-                                                  trust_remote_code=model_args.trust_remote_code, cache_dir=cache_dir)
+        tokenizer = auto_tokenizer(model_args.model_name_or_path, trust_remote_code=trust, cache_dir=cache_dir)
         select_layer, projector = model_args.mm_vision_select_layer, model_args.mm_projector_type
         config = VLMConfig(
             vision=VisionConfig(name_or_path=model_args.vision_tower,

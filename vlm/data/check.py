@@ -8,7 +8,8 @@ Report: `{"total", "kept", "dropped": {reason: count}, "problems": [{"index", "i
 "notes": {...}}`. `dropped` lists the reasons that occurred, in `REASONS` order; `problems` has one
 entry per dropped sample (its first failing check). `notes` is ours, not part of the contract:
 `image_prepended` (samples with one image and no `<image>`, fixed as LLaVA does, not dropped), the
-sources with their detected formats, the settings, and the checks that were skipped.
+sources with their formats (and what detection saw), the settings, the checks that were skipped,
+`duplicate_ids` and `special_tokens` (below).
 
 Design choices:
 - Checks run in order, cheapest first, and stop at the first failure: the reader's verdict
@@ -21,6 +22,14 @@ Design choices:
   record are checked once.
 - Tokenising dominates the time (~1 ms per LLaVA-665K-like sample on one core), so large sets are
   checked in forked worker processes (`num_workers`), results gathered in order.
+- Two things are noted, never dropped: `duplicate_ids` (records sharing an id with an earlier
+  record; repeats of one record in the mix are not duplicates) and `special_tokens` (message text
+  holding a special-token string of the tokenizer or the template, such as `<|im_end|>` or `</s>`,
+  other than `<image>`: the tokenizer turns it into the real control token, so the text ends a turn
+  or the sequence where the data meant plain text). There is no escaping option: the rendered
+  conversation is tokenised as one string so template markers and data text share one tokenizer
+  call, and splitting special tokens for the data alone would change how every sample tokenises;
+  the note names the samples so the data can be fixed.
 - Without a tokenizer the token checks still run on a stand-in tokenizer trained on the data's own
   text (`build_tokenizer`), which decides placeholders and supervision exactly, but token counts
   would be meaningless, so `too_long` is skipped and `notes.skipped` says so. Pass the model's
@@ -32,6 +41,7 @@ from __future__ import annotations
 import itertools
 import multiprocessing
 import os
+import re
 import signal
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
@@ -42,13 +52,15 @@ from vlm.data.errors import REASONS, SampleError
 from vlm.data.mix import MixedRecords, Source
 from vlm.data.paths import CHECK_MODES, ImageFolder
 from vlm.data.sample import validate_sample
-from vlm.data.tokenizer import build_tokenizer
+from vlm.data.templates import Template, get_template
+from vlm.data.tokenizer import IMAGE_TOKEN, build_tokenizer
 from vlm.visual.processor import PIL_DEFAULT_MAX_IMAGE_PIXELS
 
 _STAND_IN_SAMPLES = 2000  # samples whose text trains the stand-in tokenizer
 _TOP_PROBLEMS = 5  # problems quoted in the max-drop-ratio error
 _PARALLEL_FROM = 2000
 _PROGRESS_FROM = 2000  # smaller sets check in a moment: no progress bar
+_NOTE_EXAMPLES = 5  # duplicate ids / samples with special tokens named in the notes
 _HINTS = {  # the usual cause of a reason, quoted when it makes training stop
     "missing_image": "missing_image: is --image_folder the folder the image paths are relative to?",
     "too_long": "too_long: raise --model_max_length, or truncate='turns' to keep the first turns.",
@@ -153,7 +165,7 @@ def check_dataset(
     problems: list[dict] = []
     prepended = 0
     for index in range(len(records)):
-        problem, was_prepended = results[records.record_of(index)]
+        problem, was_prepended, _, _ = results[records.record_of(index)]
         if problem is None:
             kept.append(index)
             prepended += was_prepended
@@ -168,6 +180,7 @@ def check_dataset(
         "notes": {
             "image_prepended": prepended,
             "sources": records.describe(),
+            "format_detection": records.format_detection() if isinstance(records, MixedRecords) else [],
             "settings": {
                 "template": getattr(template, "name", template),
                 "num_image_tokens": num_image_tokens,
@@ -176,9 +189,62 @@ def check_dataset(
                 "check_images": mode,
             },
             "skipped": skipped,
+            "duplicate_ids": _duplicate_ids(first_index, results),
+            "special_tokens": _special_tokens_note(first_index, results, checker.special_strings),
         },
     }
     return kept, report
+
+
+def _duplicate_ids(first_index: dict[int, int], results: dict[int, tuple]) -> dict[str, Any]:
+    """Records whose id an earlier record already has (a note: ids are not used for training)."""
+    seen: dict[str, list[int]] = {}
+    for record, index in first_index.items():
+        sample_id = results[record][2]
+        if sample_id is not None:
+            seen.setdefault(sample_id, []).append(index)
+    shared = {i: at for i, at in seen.items() if len(at) > 1}
+    return {
+        "samples": sum(len(at) - 1 for at in shared.values()),
+        "ids": len(shared),
+        "examples": [{"id": i, "indices": at[:5]} for i, at in itertools.islice(shared.items(), _NOTE_EXAMPLES)],
+    }
+
+
+def _special_tokens_note(first_index: dict[int, int], results: dict[int, tuple], strings: list[str]) -> dict[str, Any]:
+    """Samples whose text holds special-token strings, with counts per string (a note, not a drop)."""
+    counts: Counter = Counter()
+    examples, samples = [], 0
+    for record, index in first_index.items():
+        found = results[record][3]
+        if found:
+            samples += 1
+            counts.update(dict(found))
+            if len(examples) < _NOTE_EXAMPLES:
+                examples.append({"index": index, "id": results[record][2], "tokens": dict(found)})
+    note: dict[str, Any] = {"samples": samples, "counts": dict(counts.most_common()), "examples": examples,
+                            "looked_for": strings}
+    if samples:
+        note["why"] = ("these strings tokenise as the real control tokens (ending a turn or the text), not as the "
+                       "characters; remove or rewrite them in the data if they are meant as text")
+    return note
+
+
+def special_token_strings(tokenizer: Any, template: Any) -> list[str]:
+    """Special-token strings of `tokenizer` and the markers of `template`, except `<image>` (placed on purpose)."""
+    found = set(getattr(tokenizer, "all_special_tokens", ()) or ())
+    for added in (getattr(tokenizer, "added_tokens_decoder", None) or {}).values():
+        if getattr(added, "special", False):
+            found.add(str(added))
+    try:
+        bare = template if isinstance(template, Template) else get_template(template)
+    except (TypeError, ValueError):
+        bare = None
+    if bare is not None:
+        found.update(bare.markers)
+        if bare.end_of_turn_is_token and bare.end_of_turn:
+            found.add(bare.end_of_turn)
+    return sorted(t for t in found if isinstance(t, str) and t and t != IMAGE_TOKEN)
 
 
 class _Checker:
@@ -191,23 +257,34 @@ class _Checker:
         self.encode_options = dict(num_image_tokens=num_image_tokens, max_length=max_length, truncate=truncate)
         self.mode = mode
         self.max_image_pixels = max_image_pixels
+        self.special_strings = special_token_strings(tokenizer, template)
+        self._special = re.compile("|".join(map(re.escape, self.special_strings))) if self.special_strings else None
 
-    def __call__(self, index: int) -> tuple[dict | None, bool]:
-        """(problem without its index, or None; whether `<image>` was prepended)."""
+    def __call__(self, index: int) -> tuple[dict | None, bool, str | None, tuple | None]:
+        """(problem without its index, or None; whether `<image>` was prepended; the sample's id;
+        the special-token strings in its text as ((string, count), ...), or None)."""
         item, folder, where = self.records[index]
+        sample_id = item.get("id") if isinstance(item, dict) and isinstance(item.get("id"), str) else None
+        specials = None
         try:
             if isinstance(item, SampleError):
                 raise item
             validate_sample(item)
+            specials = self._specials(item)
             for image in item["images"]:
                 folder.check(image, self.mode, max_image_pixels=self.max_image_pixels)
             encoded = encode_sample(item, self.tokenizer, self.template, **self.encode_options)
         except SampleError as e:
-            sample_id = item.get("id") if isinstance(item, dict) and isinstance(item.get("id"), str) else e.sample_id
             from_reader = e is item  # a reader's error already names its file and record
             detail = f"{e.detail} ({where})" if where and not from_reader else e.detail
-            return {"id": sample_id, "reason": e.reason, "detail": detail}, False
-        return None, encoded.image_prepended
+            return {"id": sample_id or e.sample_id, "reason": e.reason, "detail": detail}, False, sample_id, specials
+        return None, encoded.image_prepended, sample_id, specials
+
+    def _specials(self, sample: dict) -> tuple | None:
+        if self._special is None:
+            return None
+        found = Counter(t for m in sample["messages"] for t in self._special.findall(m["content"]))
+        return tuple(sorted(found.items())) or None
 
 
 # Set in each worker process (never in the parent) by `_init_worker`; the fork start method hands
@@ -222,12 +299,12 @@ def _init_worker(checker: _Checker) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def _check_positions(positions: list[int]) -> list[tuple[dict | None, bool]]:
+def _check_positions(positions: list[int]) -> list[tuple]:
     assert _worker_checker is not None, "worker not initialised"
     return [_worker_checker(p) for p in positions]
 
 
-def _run(checker: _Checker, positions: list[int], num_workers: int | None) -> list[tuple[dict | None, bool]]:
+def _run(checker: _Checker, positions: list[int], num_workers: int | None) -> list[tuple]:
     """`checker` over `positions`, in order; in `num_workers` forked processes when that is worth it.
 
     A progress bar (stderr) shows for sets of at least `_PROGRESS_FROM` samples."""
@@ -272,9 +349,10 @@ def stand_in_tokenizer(records: Sequence) -> Any:
 
 
 def enforce_max_drop_ratio(report: dict, max_drop_ratio: float = 0.01, *, report_path: str | None = None) -> None:
-    """Raise ValueError when more than `max_drop_ratio` of the samples would be dropped (or there are none).
+    """Raise ValueError when more than `max_drop_ratio` of the samples would be dropped, or none is left
+    (even with `max_drop_ratio` 1: there is nothing to train on).
 
-    The message gives the counts by reason, the first problems and where the full report is.
+    The message (one line) gives the counts by reason, the first problems and where the full report is.
     """
     if not 0 <= max_drop_ratio <= 1:
         raise ValueError(f"max_drop_ratio must be in [0, 1], got {max_drop_ratio}")
@@ -282,13 +360,18 @@ def enforce_max_drop_ratio(report: dict, max_drop_ratio: float = 0.01, *, report
     where = f"; full report: {report_path}" if report_path else ""
     if total == 0:
         raise ValueError(f"the dataset has no samples{where}")
-    if dropped / total <= max_drop_ratio:
+    if dropped / total <= max_drop_ratio and report["kept"] > 0:
         return
     by_reason = ", ".join(f"{reason}={count}" for reason, count in report["dropped"].items())
     top = "; ".join(
         f"[{p['index']}] {p['id']!r} {p['reason']}: {p['detail']}" for p in itertools.islice(report["problems"], _TOP_PROBLEMS)
     )
     hints = "".join(f" {_HINTS[r]}" for r in report["dropped"] if r in _HINTS)
+    if report["kept"] == 0:
+        raise ValueError(
+            f"all {total} samples would be dropped ({by_reason}), nothing is left to train on. First problems: "
+            f"{top}{where}.{hints} Fix the data (see `vlm data check`)."
+        )
     raise ValueError(
         f"{dropped} of {total} samples ({dropped / total:.1%}) would be dropped, more than --max_drop_ratio "
         f"{max_drop_ratio}: {by_reason}. First problems: {top}{where}.{hints} Fix the data (see `vlm data check`) "

@@ -159,6 +159,15 @@ def _check(args: argparse.Namespace) -> int:
           f"image_prepended={report['notes']['image_prepended']}; report: {args.report}")
     for note in report["notes"]["skipped"]:
         print(f"skipped: {note}")
+    duplicates, specials = report["notes"]["duplicate_ids"], report["notes"]["special_tokens"]
+    if duplicates["samples"]:
+        shown = ", ".join(repr(e["id"]) for e in duplicates["examples"])
+        print(f"note: {duplicates['samples']} samples reuse the id of an earlier one ({duplicates['ids']} ids, e.g. "
+              f"{shown}); kept, see notes.duplicate_ids")
+    if specials["samples"]:
+        counts = ", ".join(f"{t}={n}" for t, n in specials["counts"].items())
+        print(f"note: {specials['samples']} samples hold special-token text ({counts}) that tokenises as control "
+              "tokens; kept, see notes.special_tokens")
     try:
         enforce_max_drop_ratio(report, args.max_drop_ratio, report_path=args.report)
     except ValueError as e:

@@ -41,7 +41,7 @@ from typing import Any, Iterator, Sequence
 import yaml
 
 from vlm.data.errors import SampleError
-from vlm.data.formats import detect_format, read_opened, reader_options, resolve_format
+from vlm.data.formats import detect_format, detection_summary, format_votes, read_opened, reader_options, resolve_format
 from vlm.data.formats.source import open_source
 from vlm.data.paths import ImageFolder
 
@@ -144,8 +144,19 @@ def load_mix_file(path: str | Path, *, shared_options: dict[str, Any] | None = N
     the mix file's folder. A mapping with a `sources` list is accepted too.
     """
     path = Path(path)
-    with open(path, encoding="utf-8") as f:
-        spec = yaml.safe_load(f)
+    if not path.is_file():
+        raise ValueError(f"mix file {str(path)!r} not found (check --data_path)")
+    try:
+        spec = yaml.safe_load(path.read_bytes().decode("utf-8-sig"))
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 (byte {e.start}); re-save the mix file as UTF-8") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ValueError(f"{path}: not valid YAML{where}: {problem}; fix the mix file (a list of {{path, image_folder, ...}})") from None
+    except RecursionError:
+        raise ValueError(f"{path}: nested too deeply to read; a mix file is a flat list of sources") from None
     if isinstance(spec, dict) and set(spec) == {"sources"}:
         spec = spec["sources"]
     if not isinstance(spec, list) or not spec:
@@ -157,14 +168,21 @@ def load_mix_file(path: str | Path, *, shared_options: dict[str, Any] | None = N
             raise ValueError(f"{path}: source {k} must be a mapping with a 'path', got {entry!r:.100}")
         if "weight" in entry and "repeat" in entry:
             raise ValueError(f"{path}: source {k} gives both 'weight' and 'repeat'; they mean the same, give one")
+        where = f"{path}: source {k} ({entry['path']})"
+        for key in ("image_folder", "format"):
+            if key in entry and not isinstance(entry[key], str):
+                raise ValueError(f"{where}: '{key}' must be a string, got {entry[key]!r:.80}")
         options = {key: value for key, value in entry.items() if key not in _SOURCE_KEYS}
         for key in ("image_map", "captions_file"):
             if isinstance(options.get(key), str):
                 options[key] = str(base / options[key])
         folder = entry.get("image_folder")
-        sources.append(
-            Source(
-                path=str(base / entry["path"]),
+        data_file = base / entry["path"]
+        if not data_file.is_file():
+            raise ValueError(f"{where}: data file {str(data_file)!r} not found (paths are relative to the mix file's folder)")
+        try:
+            source = Source(
+                path=str(data_file),
                 image_folder=None if folder is None else str(base / folder),
                 format=entry.get("format", "auto"),
                 repeat=entry.get("weight", entry.get("repeat", 1.0)),
@@ -172,7 +190,9 @@ def load_mix_file(path: str | Path, *, shared_options: dict[str, Any] | None = N
                 options=options,
                 shared_options=dict(shared_options or {}),
             )
-        )
+        except ValueError as e:
+            raise ValueError(f"{where}: {str(e).removeprefix(str(data_file) + ': ')}") from None
+        sources.append(source)
     return sources
 
 
@@ -181,16 +201,25 @@ def iter_source(source: Source, *, seed: int | None = None) -> tuple[str, Iterat
 
     `seed` is passed on to a reader that takes one (caption sampling) unless the source sets its own.
     """
+    fmt, samples, _ = open_source_records(source, seed=seed)
+    return fmt, samples
+
+
+def open_source_records(source: Source, *, seed: int | None = None) -> tuple[str, Iterator[dict | SampleError], str]:
+    """`iter_source`, plus in words how the format was chosen (what detection saw, or "given")."""
     src = open_source(source.path)
     if source.format == "auto":
-        fmt = detect_format(src, **{**source.shared_options, **source.options})
+        options = {**source.shared_options, **source.options}
+        fmt = detect_format(src, **options)
+        how = f"detected: {detection_summary(src, format_votes(src, **options))}"
     else:
         fmt = resolve_format(src, source.format, {})
+        how = "given"
     kwargs = source.reader_kwargs(fmt)
     resolve_format(src, fmt, kwargs)  # rejects per-source options the reader does not take
     if seed is not None and "seed" in reader_options(fmt):
         kwargs.setdefault("seed", seed)
-    return fmt, read_opened(src, fmt, kwargs)
+    return fmt, read_opened(src, fmt, kwargs), how
 
 
 def check_shared_options(sources: Sequence[Source], formats: Sequence[str]) -> None:
@@ -232,11 +261,12 @@ class MixedRecords(Sequence):
         self._record_source = array("H")
         self._record_pos = array("q")  # position of the record within its source
         self._num_images = array("H")
-        opened = [iter_source(s, seed=seed) for s in self.sources]  # detect every format before reading any
-        self.formats = [fmt for fmt, _ in opened]
+        opened = [open_source_records(s, seed=seed) for s in self.sources]  # detect every format before reading any
+        self.formats = [fmt for fmt, _, _ in opened]
+        self.format_origins = [how for _, _, how in opened]
         check_shared_options(self.sources, self.formats)
         order = array("q")
-        for k, (source, (_, samples)) in enumerate(zip(self.sources, opened)):
+        for k, (source, (_, samples, _)) in enumerate(zip(self.sources, opened)):
             first = len(self._blobs)
             for pos, item in enumerate(samples):
                 self._add(item, k, pos, keep_meta)
@@ -252,7 +282,14 @@ class MixedRecords(Sequence):
         else:
             if not keep_meta and "meta" in item:
                 item = {k: v for k, v in item.items() if k != "meta"}
-            self._blobs.append(_COMPACT_JSON.encode(item).encode())
+            try:
+                blob = _COMPACT_JSON.encode(item).encode()
+            except UnicodeEncodeError:  # a lone surrogate from a reader that does not check (object files)
+                error = SampleError("bad_schema", f"{self.sources[source].path} record {pos}: a string holds a lone "
+                                    "surrogate (e.g. \\ud800), not text", sample_id=item.get("id"))
+                self._add(error, source, pos, keep_meta)
+                return
+            self._blobs.append(blob)
             images = item.get("images")
             self._num_images.append(min(len(images), 65535) if isinstance(images, list) else 0)
         self._record_source.append(source)
@@ -300,3 +337,8 @@ class MixedRecords(Sequence):
             {"path": s.path, "image_folder": s.image_folder, "format": f, "records": n, "in_mix": m}
             for s, f, n, m in zip(self.sources, self.formats, self.source_counts, in_mix)
         ]
+
+    def format_detection(self) -> list[dict[str, str]]:
+        """Per source: its format and how it was chosen (given, or what detection saw)."""
+        return [{"path": s.path, "format": f, "how": how}
+                for s, f, how in zip(self.sources, self.formats, self.format_origins)]

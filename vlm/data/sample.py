@@ -5,7 +5,8 @@
 plus an optional `"meta": {field: scalar}` that readers fill with the record's other fields.
 
 Rules, checked in this order, the first failure raised as a `SampleError`:
-- `bad_schema`: not this structure (wrong types, missing keys, no messages);
+- `bad_schema`: not this structure (wrong types, missing keys, no messages, an image path with a
+  NUL character);
 - `bad_roles`: an unknown role; a system message anywhere but first; user and assistant not
   alternating starting with user; a conversation that does not end with an assistant reply (the
   trailing question would be trained on nothing);
@@ -61,6 +62,8 @@ def _schema_problem(sample: Any) -> str | None:
     images = sample["images"]
     if not isinstance(images, list) or not all(isinstance(p, str) and p for p in images):
         return f"'images' must be a list of relative paths, got {images!r:.100}"
+    if any("\x00" in p for p in images):  # no file system takes it; os calls would raise for the whole run
+        return f"an image path holds a NUL character: {next(p for p in images if chr(0) in p)!r:.100}"
     messages = sample["messages"]
     if not isinstance(messages, list) or not messages:
         return "'messages' must be a non-empty list"

@@ -6,38 +6,64 @@
 Every reader module has `NAME`, `detect(src, **options) -> bool` and
 `read(src, **options) -> Iterator[sample | SampleError]` (one item per raw record, or several for
 caption files with several captions per image). Detection looks at the file's container (JSON
-array / object / lines, CSV) and its first record; it never guesses: when no format or more than one
-format matches, `ValueError` names the file and the formats tried, and `format=` (`--data_format`)
-chooses explicitly. Reader options (`prompt`, `caption_mode`, ...) are checked against the chosen
+array / object / lines, CSV) and its first readable records (up to 20): each reader votes on each
+record and the format that matches the most records wins, so a broken or misspelt first record does
+not decide for the whole file (that record is then reported by the reader). It never guesses: when
+no format matches any record, or several tie, `ValueError` names the file, the formats tried and
+what it saw, and `format=` (`--data_format`) chooses explicitly. `detection_summary` says in words
+what was seen (it goes into the validation report's notes). Reader options (`prompt`, `caption_mode`, ...) are checked against the chosen
 reader's signature, so a misspelt or misplaced option is an error, not a silent default.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from pathlib import Path
 from typing import Any, Iterator
 
 from vlm.data.errors import SampleError
 from vlm.data.formats import ai_challenger, basic_vlm, coco, llava, qa_table, xtuner
-from vlm.data.formats.source import SourceFile, open_source
+from vlm.data.formats.source import _DETECT_RECORDS, SourceFile, open_source
 
 READERS = {m.NAME: m for m in (llava, xtuner, coco, ai_challenger, qa_table, basic_vlm)}
 FORMATS: tuple[str, ...] = tuple(READERS)
 
 
+def format_votes(src: SourceFile, **options: Any) -> dict[str, int]:
+    """How many of the file's first readable records (`src.sample`) each format's `detect` accepts."""
+    votes = dict.fromkeys(READERS, 0)
+    for record in src.sample:
+        view = dataclasses.replace(src, first=record)  # readers' detect look at `first`
+        for name, reader in READERS.items():
+            votes[name] += bool(reader.detect(view, **options))
+    return {name: n for name, n in votes.items() if n}
+
+
+def detection_summary(src: SourceFile, votes: dict[str, int]) -> str:
+    """In words: what detection looked at and what each format matched."""
+    looked = f"{len(src.sample)} readable record(s) of its first {_DETECT_RECORDS}" if src.kind != "object" else "its object"
+    matched = ", ".join(f"{name} {n}" for name, n in sorted(votes.items(), key=lambda kv: -kv[1])) or "none"
+    return f"{src.kind} file; looked at {looked}; records matching each format: {matched}"
+
+
 def detect_format(src: SourceFile | str | Path, **options: Any) -> str:
-    """The one format whose `detect` accepts the file; ValueError when none or several do."""
+    """The format that matches the most of the file's first records; ValueError when none does or several tie."""
     if not isinstance(src, SourceFile):
         src = open_source(src)
-    matches = [name for name, reader in READERS.items() if reader.detect(src, **options)]
+    votes = format_votes(src, **options)
+    best = max(votes.values(), default=0)
+    matches = [name for name, n in votes.items() if n == best and n]
     if len(matches) == 1:
         return matches[0]
     first = src.first if src.kind != "object" else {k: "..." for k in list(src.first)[:8]}
     found = "no format matches" if not matches else f"several formats match ({', '.join(matches)})"
+    keys = sorted({k for r in src.sample if isinstance(r, dict) for k in r})[:12] if src.kind != "object" else []
+    seen = f"; keys seen: {keys}" if keys else ""
     raise ValueError(
         f"cannot detect the format of {str(src.path)!r}: {found}; tried {', '.join(FORMATS)} on its "
-        f"{src.kind} content (first record: {first!r:.200}). Pass format= / --data_format with one of {FORMATS}"
+        f"{detection_summary(src, votes)}{seen} (first record: {first!r:.200}). "
+        f"Pass format= / --data_format with one of {FORMATS}"
     )
 
 
@@ -86,4 +112,4 @@ def read_opened(src: SourceFile, format: str, options: dict[str, Any]) -> Iterat
         raise ValueError(f"{src.path} read as {format!r}: {e}") from e
 
 
-__all__ = ["FORMATS", "READERS", "detect_format", "read_opened", "read_source", "reader_options", "resolve_format"]
+__all__ = ["FORMATS", "READERS", "detect_format", "detection_summary", "format_votes", "read_opened", "read_source", "reader_options", "resolve_format"]

@@ -49,6 +49,8 @@ def conversation_record(
     sample_id = record_id(record.get("id"), src.path, index)
     key = next((k for k in keys if k in record), keys[0])
     turns = record.get(key)
+    if key not in record:
+        return bad(f"no '{key}' list (the record's keys: {sorted(map(str, record))[:10]})", src.path, index, sample_id)
     if not isinstance(turns, list) or not turns:
         return bad(f"'{key}' must be a non-empty list", src.path, index, sample_id)
     try:

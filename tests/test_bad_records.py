@@ -250,3 +250,40 @@ def test_duplicate_ids_and_special_token_text_are_counted_in_notes(tmp_path, dat
     assert code == 0
     assert "note: 3 samples reuse the id of an earlier one (2 ids, e.g. 'a', 'b')" in out
     assert "note: 2 samples hold special-token text (<|im_end|>=1, <|endoftext|>=1)" in out
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory) -> tuple[str, str]:
+    from vlm.testing import save_tiny_components
+
+    return save_tiny_components(tmp_path_factory.mktemp("models"), ["What color is the circle?", "red"])
+
+
+def test_training_with_everything_dropped_is_one_line(tiny_models, tmp_path, capsys, make_llava_record):
+    """train.py: the same refusal (not torch's `num_samples=0`), one line, exit 2, before any step."""
+    from vlm.train.cli import main as train_main
+
+    llm, vision = tiny_models
+    path = tmp_path / "data.jsonl"
+    write_lines(path, good_lines(make_llava_record))
+    out = tmp_path / "run"
+    code = train_main(["--model_name_or_path", llm, "--vision_tower", vision, "--data_path", str(path),
+                       "--image_folder", str(tmp_path / "no_images"), "--check_images", "exists",
+                       "--max_drop_ratio", "1", "--output_dir", str(out), "--report_to", "none",
+                       "--use_cpu", "True", "--max_steps", "1", "--dataloader_num_workers", "0"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err[-1].startswith("train.py: error: all 5 samples would be dropped (missing_image=5)"), err
+    assert "Traceback" not in "\n".join(err) and (out / "data_report.json").is_file()
+    assert not list(out.glob("checkpoint-*"))
+
+
+def test_training_with_a_broken_mix_file_is_one_line(tiny_models, tmp_path, capsys):
+    from vlm.train.cli import main as train_main
+
+    mix = tmp_path / "mix.yaml"
+    mix.write_text("- path: a.json\n  image_folder: [unclosed\n", encoding="utf-8")
+    code = train_main(["--model_name_or_path", tiny_models[0], "--vision_tower", tiny_models[1], "--data_path", str(mix),
+                       "--output_dir", str(tmp_path / "run"), "--report_to", "none", "--use_cpu", "True"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and "Traceback" not in "\n".join(err), err  # above it: the model loading's progress bars
+    assert err[-1].startswith(f"train.py: error: {mix}: not valid YAML at line 3"), err

@@ -48,7 +48,7 @@ from concurrent.futures import ProcessPoolExecutor
 from typing import Any, Iterable, Sequence
 
 from vlm.data.conversation import encode_sample
-from vlm.data.errors import REASONS, SampleError
+from vlm.data.errors import REASONS, DataError, SampleError
 from vlm.data.mix import MixedRecords, Source
 from vlm.data.paths import CHECK_MODES, ImageFolder
 from vlm.data.sample import validate_sample
@@ -349,7 +349,7 @@ def stand_in_tokenizer(records: Sequence) -> Any:
 
 
 def enforce_max_drop_ratio(report: dict, max_drop_ratio: float = 0.01, *, report_path: str | None = None) -> None:
-    """Raise ValueError when more than `max_drop_ratio` of the samples would be dropped, or none is left
+    """Raise DataError (a ValueError) when more than `max_drop_ratio` of the samples would be dropped, or none is left
     (even with `max_drop_ratio` 1: there is nothing to train on).
 
     The message (one line) gives the counts by reason, the first problems and where the full report is.
@@ -359,7 +359,7 @@ def enforce_max_drop_ratio(report: dict, max_drop_ratio: float = 0.01, *, report
     total, dropped = report["total"], report["total"] - report["kept"]
     where = f"; full report: {report_path}" if report_path else ""
     if total == 0:
-        raise ValueError(f"the dataset has no samples{where}")
+        raise DataError(f"the dataset has no samples{where}")
     if dropped / total <= max_drop_ratio and report["kept"] > 0:
         return
     by_reason = ", ".join(f"{reason}={count}" for reason, count in report["dropped"].items())
@@ -368,11 +368,11 @@ def enforce_max_drop_ratio(report: dict, max_drop_ratio: float = 0.01, *, report
     )
     hints = "".join(f" {_HINTS[r]}" for r in report["dropped"] if r in _HINTS)
     if report["kept"] == 0:
-        raise ValueError(
+        raise DataError(
             f"all {total} samples would be dropped ({by_reason}), nothing is left to train on. First problems: "
             f"{top}{where}.{hints} Fix the data (see `vlm data check`)."
         )
-    raise ValueError(
+    raise DataError(
         f"{dropped} of {total} samples ({dropped / total:.1%}) would be dropped, more than --max_drop_ratio "
         f"{max_drop_ratio}: {by_reason}. First problems: {top}{where}.{hints} Fix the data (see `vlm data check`) "
         "or raise --max_drop_ratio to train on the rest."

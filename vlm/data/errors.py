@@ -1,4 +1,5 @@
-"""Why a sample is rejected: one exception type and the closed set of reasons (DESIGN.md, Validation report)."""
+"""Why a sample is rejected: one exception type and the closed set of reasons (DESIGN.md, Validation report);
+and `DataError`, for data that cannot be used at all."""
 
 from __future__ import annotations
 
@@ -14,6 +15,12 @@ REASONS: tuple[str, ...] = (
     "no_supervised_tokens",
     "template_mismatch",
 )
+
+
+class DataError(ValueError):
+    """The data as a whole cannot be used (a file that cannot be read, a broken mix file, nothing left to
+    train on): a user's mistake, said in one line naming the file and the way out. A ValueError, so callers
+    that catch those still do; command lines print it as one line instead of a traceback."""
 
 
 class SampleError(ValueError):

@@ -40,7 +40,7 @@ from typing import Any, Iterator, Sequence
 
 import yaml
 
-from vlm.data.errors import SampleError
+from vlm.data.errors import DataError, SampleError
 from vlm.data.formats import detect_format, detection_summary, format_votes, read_opened, reader_options, resolve_format
 from vlm.data.formats.source import open_source
 from vlm.data.paths import ImageFolder
@@ -76,9 +76,9 @@ class Source:
 
     def __post_init__(self) -> None:
         if isinstance(self.repeat, bool) or not isinstance(self.repeat, (int, float)) or not self.repeat >= 0:
-            raise ValueError(f"{self.path}: repeat/weight must be a number >= 0, got {self.repeat!r}")
+            raise DataError(f"{self.path}: repeat/weight must be a number >= 0, got {self.repeat!r}")
         if self.max_samples is not None and (not isinstance(self.max_samples, int) or self.max_samples < 0):
-            raise ValueError(f"{self.path}: max_samples must be an int >= 0, got {self.max_samples!r}")
+            raise DataError(f"{self.path}: max_samples must be an int >= 0, got {self.max_samples!r}")
 
     def reader_kwargs(self, format: str) -> dict[str, Any]:
         """Options for reader `format`: all of `options`, and the `shared_options` it accepts."""
@@ -111,10 +111,10 @@ def parse_sources(
     """
     paths = _split(data_path)
     if not paths:
-        raise ValueError("no --data_path given")
+        raise DataError("no --data_path given")
     if len(paths) == 1 and paths[0].lower().endswith(MIX_SUFFIXES):
         if _split(image_folder) or _split(weights) or _split(data_format) not in ([], ["auto"]):
-            raise ValueError(
+            raise DataError(
                 f"{paths[0]} is a mix file: give image folders, formats and weights inside it, not as flags"
             )
         return load_mix_file(paths[0], shared_options=options)
@@ -133,7 +133,7 @@ def _per_path(flag: str, values: list, paths: list[str], default: Any) -> list:
     if len(values) == 1:
         return values * len(paths)
     if len(values) != len(paths):
-        raise ValueError(f"{flag} has {len(values)} values for {len(paths)} --data_path entries; give one, or one per path")
+        raise DataError(f"{flag} has {len(values)} values for {len(paths)} --data_path entries; give one, or one per path")
     return values
 
 
@@ -145,33 +145,33 @@ def load_mix_file(path: str | Path, *, shared_options: dict[str, Any] | None = N
     """
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"mix file {str(path)!r} not found (check --data_path)")
+        raise DataError(f"mix file {str(path)!r} not found (check --data_path)")
     try:
         spec = yaml.safe_load(path.read_bytes().decode("utf-8-sig"))
     except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not UTF-8 (byte {e.start}); re-save the mix file as UTF-8") from None
+        raise DataError(f"{path}: not UTF-8 (byte {e.start}); re-save the mix file as UTF-8") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise ValueError(f"{path}: not valid YAML{where}: {problem}; fix the mix file (a list of {{path, image_folder, ...}})") from None
+        raise DataError(f"{path}: not valid YAML{where}: {problem}; fix the mix file (a list of {{path, image_folder, ...}})") from None
     except RecursionError:
-        raise ValueError(f"{path}: nested too deeply to read; a mix file is a flat list of sources") from None
+        raise DataError(f"{path}: nested too deeply to read; a mix file is a flat list of sources") from None
     if isinstance(spec, dict) and set(spec) == {"sources"}:
         spec = spec["sources"]
     if not isinstance(spec, list) or not spec:
-        raise ValueError(f"{path}: a mix file is a non-empty list of sources ({{path, image_folder, ...}})")
+        raise DataError(f"{path}: a mix file is a non-empty list of sources ({{path, image_folder, ...}})")
     base = path.parent
     sources = []
     for k, entry in enumerate(spec):
         if not isinstance(entry, dict) or not isinstance(entry.get("path"), str):
-            raise ValueError(f"{path}: source {k} must be a mapping with a 'path', got {entry!r:.100}")
+            raise DataError(f"{path}: source {k} must be a mapping with a 'path', got {entry!r:.100}")
         if "weight" in entry and "repeat" in entry:
-            raise ValueError(f"{path}: source {k} gives both 'weight' and 'repeat'; they mean the same, give one")
+            raise DataError(f"{path}: source {k} gives both 'weight' and 'repeat'; they mean the same, give one")
         where = f"{path}: source {k} ({entry['path']})"
         for key in ("image_folder", "format"):
             if key in entry and not isinstance(entry[key], str):
-                raise ValueError(f"{where}: '{key}' must be a string, got {entry[key]!r:.80}")
+                raise DataError(f"{where}: '{key}' must be a string, got {entry[key]!r:.80}")
         options = {key: value for key, value in entry.items() if key not in _SOURCE_KEYS}
         for key in ("image_map", "captions_file"):
             if isinstance(options.get(key), str):
@@ -179,7 +179,7 @@ def load_mix_file(path: str | Path, *, shared_options: dict[str, Any] | None = N
         folder = entry.get("image_folder")
         data_file = base / entry["path"]
         if not data_file.is_file():
-            raise ValueError(f"{where}: data file {str(data_file)!r} not found (paths are relative to the mix file's folder)")
+            raise DataError(f"{where}: data file {str(data_file)!r} not found (paths are relative to the mix file's folder)")
         try:
             source = Source(
                 path=str(data_file),
@@ -191,7 +191,7 @@ def load_mix_file(path: str | Path, *, shared_options: dict[str, Any] | None = N
                 shared_options=dict(shared_options or {}),
             )
         except ValueError as e:
-            raise ValueError(f"{where}: {str(e).removeprefix(str(data_file) + ': ')}") from None
+            raise DataError(f"{where}: {str(e).removeprefix(str(data_file) + ': ')}") from None
         sources.append(source)
     return sources
 
@@ -228,7 +228,7 @@ def check_shared_options(sources: Sequence[Source], formats: Sequence[str]) -> N
     used = {k for s, f in zip(sources, formats) for k in s.shared_options if k in reader_options(f)}
     unused = sorted(shared - used)
     if unused:
-        raise ValueError(f"reader option(s) {unused} apply to none of the sources (formats: {', '.join(formats)})")
+        raise DataError(f"reader option(s) {unused} apply to none of the sources (formats: {', '.join(formats)})")
 
 
 def mix_positions(num_records: int, source: Source, seed: int) -> list[int]:
@@ -253,7 +253,7 @@ class MixedRecords(Sequence):
 
     def __init__(self, sources: Sequence[Source], *, seed: int = 0, keep_meta: bool = False):
         if not sources:
-            raise ValueError("no data sources given")
+            raise DataError("no data sources given")
         self.sources = list(sources)
         self.folders = [ImageFolder(s.image_folder, allow_absolute=s.allow_absolute_images) for s in self.sources]
         self.source_counts: list[int] = []

@@ -22,7 +22,7 @@ import inspect
 from pathlib import Path
 from typing import Any, Iterator
 
-from vlm.data.errors import SampleError
+from vlm.data.errors import DataError, SampleError
 from vlm.data.formats import ai_challenger, basic_vlm, coco, llava, qa_table, xtuner
 from vlm.data.formats.source import _DETECT_RECORDS, SourceFile, open_source
 
@@ -60,7 +60,7 @@ def detect_format(src: SourceFile | str | Path, **options: Any) -> str:
     found = "no format matches" if not matches else f"several formats match ({', '.join(matches)})"
     keys = sorted({k for r in src.sample if isinstance(r, dict) for k in r})[:12] if src.kind != "object" else []
     seen = f"; keys seen: {keys}" if keys else ""
-    raise ValueError(
+    raise DataError(
         f"cannot detect the format of {str(src.path)!r}: {found}; tried {', '.join(FORMATS)} on its "
         f"{detection_summary(src, votes)}{seen} (first record: {first!r:.200}). "
         f"Pass format= / --data_format with one of {FORMATS}"
@@ -94,10 +94,10 @@ def resolve_format(src: SourceFile | str | Path, format: str, options: dict[str,
     if format == "auto":
         format = detect_format(src, **options)
     if format not in READERS:
-        raise ValueError(f"unknown data format {format!r}; expected 'auto' or one of {FORMATS}")
+        raise DataError(f"unknown data format {format!r}; expected 'auto' or one of {FORMATS}")
     unknown = sorted(set(options) - set(reader_options(format)))
     if unknown:
-        raise ValueError(
+        raise DataError(
             f"format {format!r} takes no option(s) {unknown}; its options are {list(reader_options(format))}"
         )
     return format
@@ -108,8 +108,10 @@ def read_opened(src: SourceFile, format: str, options: dict[str, Any]) -> Iterat
     reader = READERS[format]
     try:
         yield from reader.read(src, **options)
+    except DataError:
+        raise  # already names the file
     except ValueError as e:
-        raise ValueError(f"{src.path} read as {format!r}: {e}") from e
+        raise DataError(f"{src.path} read as {format!r}: {e}") from e
 
 
 __all__ = ["FORMATS", "READERS", "detect_format", "detection_summary", "format_votes", "read_opened", "read_source", "reader_options", "resolve_format"]

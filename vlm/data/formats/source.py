@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from vlm.data.errors import SampleError
+from vlm.data.errors import DataError, SampleError
 
 _CHUNK_CHARS = 1 << 22  # 4 Mi characters read at a time while streaming a JSON array
 _SPACE = re.compile(r"[ \t\n\r]*")
@@ -78,7 +78,7 @@ def open_source(path: str | Path) -> SourceFile:
     """Open `path` and find its container kind; ValueError when the file is missing, empty or not JSON/CSV."""
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"data file {str(path)!r} not found (check --data_path)")
+        raise DataError(f"data file {str(path)!r} not found (check --data_path)")
     if path.suffix.lower() == ".csv":
         return _streamed(path, "csv")
     if path.suffix.lower() == ".jsonl":
@@ -92,7 +92,7 @@ def open_source(path: str | Path) -> SourceFile:
             return _streamed(path, "lines")
         return SourceFile(path, "object", first=data, data=data, sample=[data])
     what = "empty" if start == "" else f"starts with {start!r}"
-    raise ValueError(f"{path}: {what}; expected a JSON array or object, JSON Lines (.jsonl) or CSV (.csv)")
+    raise DataError(f"{path}: {what}; expected a JSON array or object, JSON Lines (.jsonl) or CSV (.csv)")
 
 
 def _streamed(path: Path, kind: str) -> SourceFile:
@@ -114,7 +114,7 @@ def _first_char(path: Path) -> str:
     return head.lstrip()[:1]
 
 
-class NotUtf8Error(ValueError):
+class NotUtf8Error(DataError):
     """A data file that is not UTF-8 text (the whole file is refused, by name)."""
 
 
@@ -232,14 +232,14 @@ def iter_json_array(path: str | Path, chunk_chars: int = _CHUNK_CHARS) -> Iterat
             try:
                 value = stream.value()
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}: broken JSON in element {count} ({e.msg})") from e
+                raise DataError(f"{path}: broken JSON in element {count} ({e.msg})") from e
             except NotUtf8Error:
                 raise
             except (RecursionError, ValueError) as e:  # too deep, or a number over the digit limit
                 try:  # the cursor is still at the element's start
                     stream.skip()
                 except json.JSONDecodeError as e2:
-                    raise ValueError(f"{path}: broken JSON in element {count} ({e2.msg})") from e2
+                    raise DataError(f"{path}: broken JSON in element {count} ({e2.msg})") from e2
                 value = SampleError("bad_schema", f"{Path(path).name} element {count}: {_unparsable(e)}", index=count)
             else:
                 if stream.buf.find("\\u", stream.start, stream.pos) != -1 and _lone_surrogate(value):
@@ -250,7 +250,7 @@ def iter_json_array(path: str | Path, chunk_chars: int = _CHUNK_CHARS) -> Iterat
             if sep == "]":
                 return
             if sep != ",":
-                raise ValueError(f"{path}: expected ',' or ']' after element {count}, found {sep or 'end of file'!r}")
+                raise DataError(f"{path}: expected ',' or ']' after element {count}, found {sep or 'end of file'!r}")
             stream.pos += 1
             stream.peek()
 
@@ -268,8 +268,8 @@ def _object_or_lines(path: Path) -> tuple[str, Any]:
             if _next_line_starts(path):
                 return ("lines", None)
             if isinstance(e, json.JSONDecodeError):
-                raise ValueError(f"{path}: not valid JSON ({e})") from e
-            raise ValueError(f"{path}: {_unparsable(e)}") from None
+                raise DataError(f"{path}: not valid JSON ({e})") from e
+            raise DataError(f"{path}: {_unparsable(e)}") from None
         return ("lines", None) if stream.peek() else ("object", value)
 
 
@@ -325,7 +325,7 @@ def iter_csv(path: str | Path) -> Iterator[dict[str, str] | SampleError]:
             except csv.Error as e:
                 row = SampleError("bad_schema", f"{path.name} line {rows.reader.line_num}: {e}", index=index)
             except UnicodeDecodeError as e:
-                raise ValueError(f"{path}: not UTF-8 (byte 0x{e.object[e.start:e.start + 1].hex()} near line "
+                raise NotUtf8Error(f"{path}: not UTF-8 (byte 0x{e.object[e.start:e.start + 1].hex()} near line "
                                  f"{rows.reader.line_num + 1}); {_UTF8_HINT}") from None
             yield row
             index += 1

@@ -279,7 +279,7 @@ def test_conv_mode_mismatch_is_refused_by_chat_and_generate(model_dir, tmp_path,
     from vlm.chat import main as chat_main
 
     monkeypatch.setattr(sys, "stdin", io.StringIO("What color is the circle?\n"))
-    assert chat_main(["--model", str(model_dir), "--conv-mode", "vicuna_v1"]) == 1
+    assert chat_main(["--model", str(model_dir), "--conv-mode", "vicuna_v1"]) == 2
     assert "trained with chat template 'chatml'" in capsys.readouterr().err
     questions = tmp_path / "q.jsonl"
     questions.write_text(json.dumps({"id": "a", "question": "What color?"}) + "\n")

@@ -58,8 +58,9 @@ def folder_kind(folder: str) -> str:
             f"model folder {folder!r} has no config.json; expected a vlm model folder, a vlm LoRA run "
             "(adapter_config.json), an original LLaVA-1.5 folder or a llava-hf folder"
         )
-    with open(path, encoding="utf-8") as f:
-        data = json.load(f)
+    from vlm.config import read_json_object
+
+    data = read_json_object(path)  # ValueError naming the file when it is not a JSON object
     kind = config_kind(data)
     if kind is not None:
         return kind
@@ -196,6 +197,7 @@ def load_image_processor(folder: str, model, *, aspect_ratio: str | None = None,
         processor = ImageProcessor.from_vision_config(model.vlm_config.vision.hf_config, aspect_ratio=aspect_ratio or "pad")
     if aspect_ratio is not None and processor.config.aspect_ratio != aspect_ratio:
         processor = ImageProcessor(dataclasses.replace(processor.config, aspect_ratio=aspect_ratio))
+    processor.check_fits(model.vision_tower.image_size, os.path.join(folder, PREPROCESSOR_CONFIG_NAME))
     return processor
 
 

@@ -90,6 +90,18 @@ def _read_line(lines: IO[str], err: IO[str], *, interactive: bool, editing: bool
     return lines.readline()
 
 
+def _undecodable(line: str) -> str | None:
+    """Where `line` is not UTF-8 text ("byte 0xff at column 7"), or None. Python's stdin keeps undecodable
+    bytes as lone surrogates (`surrogateescape`, U+DC80..U+DCFF); any lone surrogate cannot be encoded."""
+    try:
+        line.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        code = ord(line[exc.start])
+        what = f"byte 0x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else f"lone surrogate U+{code:04X}"
+        return f"{what} at column {exc.start + 1}"
+    return None
+
+
 def run(session: ChatSession, lines: IO[str], out: IO[str], err: IO[str], *, stream: bool) -> int:
     """The read-answer loop over `lines` (stdin); returns the exit code."""
     from vlm.generate import USER_ERRORS
@@ -98,16 +110,28 @@ def run(session: ChatSession, lines: IO[str], out: IO[str], err: IO[str], *, str
     # input() edits lines only on the process's own terminal: stdin and stdout both ttys
     editing = interactive and lines is sys.stdin and _isatty(sys.stdout) and enable_line_editing()
     noted_no_image = False
+    number, rejected = 0, 0
     while True:
         try:
             line = _read_line(lines, err, interactive=interactive, editing=editing)
         except KeyboardInterrupt:  # Ctrl-C at the prompt: drop what was typed, ask again
             err.write("\n")
             continue
+        except UnicodeDecodeError as exc:  # a strict stdin: the rest of the stream cannot be trusted
+            err.write(f"error: input line {number + 1} is not UTF-8 text (byte 0x{exc.object[exc.start]:02x}); "
+                      "stopping: save the questions as UTF-8\n")
+            return 2
         if not line:
             if interactive:  # Ctrl-D: end the prompt's line, one word, no traceback
                 err.write("\nbye\n")
-            return 0
+            return 2 if rejected and not interactive else 0
+        number += 1
+        bad = _undecodable(line)
+        if bad is not None:  # the tokenizer would fail on it with a TypeError
+            err.write(f"error: input line {number} is not UTF-8 text ({bad}); line skipped: save the questions "
+                      "as UTF-8\n")
+            rejected += 1
+            continue
         text = line.strip()
         if not text:
             continue
@@ -158,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
         session = ChatSession(generator_from_args(args), args.image)
     except USER_ERRORS as exc:
         print(f"vlm chat: error: {exc}", file=sys.stderr)
-        return 1
+        return 2
     except KeyboardInterrupt:  # Ctrl-C while the model loads
         print("\ninterrupted", file=sys.stderr)
         return 130

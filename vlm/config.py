@@ -16,6 +16,8 @@ import dataclasses
 import json
 import os
 import re
+import types
+import typing
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,7 +29,61 @@ DTYPES = ("float32", "bfloat16", "float16")
 _PROJECTOR_TYPE = re.compile(r"^(linear|identity|mlp(\d+)x_gelu)$")
 
 
+# Sizes past these are typos or hostile files, not models: checked before anything is allocated (a 400M
+# vocabulary would ask for 102 GB at once). The largest real ones are far inside (vocabularies ~260k,
+# hidden 16k, towers of 1,024 px and 4,096 patches).
+SIZE_BOUNDS = {
+    "llm": {"vocab_size": 2**24, "hidden_size": 65_536, "intermediate_size": 262_144, "num_hidden_layers": 1_024},
+    "vision": {"hidden_size": 65_536, "intermediate_size": 262_144, "num_hidden_layers": 1_024,
+               "image_size": 8_192},
+}
+MAX_PATCHES = 65_536  # the tower's position table has one row per patch
+
+
+def _type_name(kind: Any) -> str:
+    names = {int: "an integer", str: "a string", bool: "true or false", dict: "an object"}
+    return names.get(kind, getattr(kind, "__name__", str(kind)))
+
+
+def check_field_types(obj: Any, where: str) -> None:
+    """ValueError naming `where.field` when a field's value is not of its annotated type (JSON gives any type:
+    `"image_token_id": "5"`, `"select_layer": "abc"`); bool is not accepted for an int."""
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        value, hint = getattr(obj, f.name), hints[f.name]
+        args = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+        if value is None and type(None) in args:
+            continue
+        kinds = [typing.get_origin(a) or a for a in args if a is not type(None)]
+        if any(k is Any or dataclasses.is_dataclass(k) for k in kinds):
+            continue
+        if any(isinstance(value, k) and not (k is int and isinstance(value, bool)) for k in kinds):
+            continue
+        expected = " or ".join(_type_name(k) for k in kinds) + (" or null" if type(None) in args else "")
+        raise ValueError(f"{where}{f.name}={value!r} ({type(value).__name__}) must be {expected}")
+
+
+def _check_size_bounds(hf_config: dict[str, Any] | None, section: str) -> None:
+    if not hf_config:
+        return
+    config = hf_config.get("vision_config", hf_config) if section == "vision" else hf_config
+    for key, limit in SIZE_BOUNDS[section].items():
+        value = config.get(key) if isinstance(config, dict) else None
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= limit:
+            raise ValueError(f"{section}.hf_config.{key}={value!r} is not a size a model can have (expected an "
+                             f"integer in 1..{limit:,}); fix the config")
+    if section == "vision" and isinstance(config, dict):
+        size, patch = config.get("image_size"), config.get("patch_size")
+        if isinstance(size, int) and isinstance(patch, int) and patch > 0 and (size // patch) ** 2 > MAX_PATCHES:
+            raise ValueError(f"vision.hf_config image_size={size} with patch_size={patch} makes {(size // patch) ** 2:,} "
+                             f"patches per image (at most {MAX_PATCHES:,}); fix the config")
+
+
 def _from_dict(cls: type, data: dict[str, Any], where: str) -> Any:
+    if not isinstance(data, dict):
+        raise ValueError(f"{where} must be a JSON object, got {json.dumps(data)[:40]} ({type(data).__name__})")
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
     if unknown:
@@ -51,6 +107,8 @@ class VisionConfig:
     frozen: bool = True
 
     def validate(self) -> None:
+        check_field_types(self, "vision.")
+        _check_size_bounds(self.hf_config, "vision")
         if self.name_or_path is None and self.hf_config is None:
             raise ValueError("vision: set `name_or_path` (hub id or folder) or `hf_config` (a vision config dict)")
         if self.select_feature not in SELECT_FEATURES:
@@ -70,6 +128,7 @@ class ProjectorConfig:
     output_dim: int | None = None
 
     def validate(self) -> None:
+        check_field_types(self, "projector.")
         match = _PROJECTOR_TYPE.match(self.type)
         if match is None:
             raise ValueError(
@@ -93,6 +152,8 @@ class LLMConfig:
     hf_config: dict[str, Any] | None = None
 
     def validate(self) -> None:
+        check_field_types(self, "llm.")
+        _check_size_bounds(self.hf_config, "llm")
         if self.name_or_path is None and self.hf_config is None:
             raise ValueError("llm: set `name_or_path` (hub id or folder) or `hf_config` (a decoder config dict)")
 
@@ -111,6 +172,7 @@ class VLMConfig:
     format_version: int = 1
 
     def validate(self) -> None:
+        check_field_types(self, "")
         self.vision.validate()
         self.projector.validate()
         self.llm.validate()
@@ -161,11 +223,31 @@ class VLMConfig:
         path = os.path.join(folder, CONFIG_NAME)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"no {CONFIG_NAME} in model folder {str(folder)!r}")
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
+        data = read_json_object(path)
         if "vision" not in data or "llm" not in data:
             raise ValueError(
                 f"{path} is not a vlm model config (no 'vision'/'llm' sections); for LLaVA or llava-hf "
                 "folders use vlm.load_pretrained_model, which converts them"
             )
-        return cls.from_dict(data)
+        try:
+            return cls.from_dict(data)
+        except (ValueError, TypeError) as exc:
+            raise ValueError(f"{path}: {exc}") from None
+
+
+def read_json_object(path: str | os.PathLike) -> dict[str, Any]:
+    """A JSON file holding one object; ValueError naming the file (and the line) when it is not valid UTF-8
+    JSON or not an object."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path} is not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg}); "
+                         "fix or replace the file") from None
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path} is not UTF-8 text (byte {exc.start}); it is not a JSON config") from None
+    except RecursionError:
+        raise ValueError(f"{path} nests too deeply to be a config") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a JSON object, got a {type(data).__name__}")
+    return data

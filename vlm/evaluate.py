@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import sys
 from collections import defaultdict
@@ -23,8 +24,10 @@ from typing import Any
 
 import torch
 
+from vlm.data.errors import SampleError
 from vlm.data.paths import ImageFolder
 from vlm.generate import (
+    USER_ERRORS,
     GenerationSettings,
     build_prompt,
     check_template,
@@ -107,6 +110,50 @@ def evaluate_exact_match(model, tokenizer, image_processor, records: list[dict],
     }
 
 
+def _record_problem(record: Any, folder: ImageFolder) -> str | None:
+    """Why `record` cannot be evaluated (one image, a question and an answer), or None."""
+    if not isinstance(record, dict):
+        return f"expected an object, got {type(record).__name__}"
+    turns = record.get("conversations")
+    if not isinstance(turns, list) or len(turns) < 2:
+        return "no 'conversations' list with a question and an answer"
+    if not all(isinstance(t, dict) and isinstance(t.get("value"), str) for t in turns[:2]):
+        return "the first two 'conversations' turns need a 'value' string (question, answer)"
+    if not isinstance(record.get("image"), str):
+        return f"'image' must be a relative path string, got {record.get('image')!r}"
+    try:
+        folder.resolve(record["image"])
+    except SampleError as exc:
+        return str(exc)
+    return None
+
+
+def read_eval_records(path: str, image_folder: str) -> list[dict]:
+    """The records of a LLaVA JSON evaluation set, each checked (question, answer, an image inside
+    `image_folder`); ValueError naming the file, the first bad record's index and id, and how many are bad."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--data_path {path!r} does not exist")
+    try:
+        with open(path, encoding="utf-8") as f:
+            records = json.load(f)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"--data_path {path}: not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})") from None
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"--data_path {path}: not UTF-8 text (byte {exc.start})") from None
+    if not isinstance(records, list) or not records:
+        raise ValueError(f"--data_path {path}: expected a non-empty JSON list of LLaVA records")
+    folder = ImageFolder(image_folder)
+    bad = [(i, problem) for i, record in enumerate(records) if (problem := _record_problem(record, folder))]
+    if bad:
+        index, problem = bad[0]
+        record = records[index]
+        sample_id = record.get("id") if isinstance(record, dict) else None
+        more = f" ({len(bad) - 1} more bad record(s))" if len(bad) > 1 else ""
+        raise ValueError(f"--data_path {path} record {index} (0-based, id {sample_id!r}): {problem}{more}; fix or remove it "
+                         "(`vlm data check` lists them all)")
+    return records
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="vlm eval", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, help="vlm model folder")
@@ -133,14 +180,17 @@ def main(argv: list[str] | None = None) -> int:
         else:
             check_template(args.model, args.template, tokenizer, force=args.force_template, flag="--template")
             template = args.template
-    except ValueError as exc:  # before the model is loaded: a wrong flag costs seconds, not an evaluation
+        records = read_eval_records(args.data_path, args.image_folder)
+    except USER_ERRORS as exc:  # before the model is loaded: a wrong flag or record costs seconds, not an evaluation
         print(f"vlm eval: error: {exc}", file=sys.stderr)
         return 2
     print(f"template: {template!r}", file=sys.stderr)
-    model = vlm.from_pretrained(args.model)
-    processor = ImageProcessor.from_pretrained(args.model)
-    with open(args.data_path, encoding="utf-8") as f:
-        records = json.load(f)
+    try:
+        model = vlm.from_pretrained(args.model)
+        processor = ImageProcessor.from_pretrained(args.model)
+    except USER_ERRORS as exc:
+        print(f"vlm eval: error: {exc}", file=sys.stderr)
+        return 2
     result = evaluate_exact_match(model, tokenizer, processor, records, args.image_folder, template=template,
                                   batch_size=args.batch_size)
     text = json.dumps(result, indent=2)

@@ -22,6 +22,7 @@ Design choices:
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 from dataclasses import dataclass
@@ -140,8 +141,8 @@ class GenerationSettings:
     max_new_tokens: int = 128
 
     def __post_init__(self) -> None:
-        if self.temperature < 0:
-            raise ValueError(f"temperature={self.temperature} must be >= 0 (0 = greedy)")
+        if not 0 <= self.temperature < math.inf:  # also nan, which compares false both ways
+            raise ValueError(f"temperature={self.temperature} must be a finite number >= 0 (0 = greedy)")
         if self.top_p is not None and not 0 < self.top_p <= 1:
             raise ValueError(f"top_p={self.top_p} must be in (0, 1]")
         if self.max_new_tokens < 1:
@@ -391,7 +392,7 @@ def generator_from_args(args) -> Generator:
     """Load the model the parsed flags name; the seed is set here (in main, never at import)."""
     if args.seed is not None:
         torch.manual_seed(args.seed)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = check_device(args.device) if args.device else ("cuda" if torch.cuda.is_available() else "cpu")
     settings = GenerationSettings(temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens)
     model_base, language_model = args.model_base, getattr(args, "base_language_model", None)
     if language_model is not None:
@@ -407,6 +408,25 @@ def generator_from_args(args) -> Generator:
         print(f"note: --base_value_model {args.base_value_model!r} is not used; the model carries its own vision "
               f"tower ({tower or 'saved weights'})", file=sys.stderr)
     return generator
+
+
+def check_device(name: str, flag: str = "--device") -> str:
+    """`name` when this machine has that device; ValueError naming the flag otherwise (before the model loads)."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"{flag} {name!r} is not a device; use cpu, cuda, cuda:1, mps ...") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"{flag} {name!r} but this machine has no CUDA GPU (or torch was built without CUDA); "
+                             "use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"{flag} {name!r} but only {torch.cuda.device_count()} CUDA device(s) are visible")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"{flag} {name!r} but MPS is not available here; use --device cpu")
+    elif device.type not in ("cpu", "cuda", "mps") and not hasattr(torch, device.type):
+        raise ValueError(f"{flag} {name!r}: this torch has no {device.type!r} backend; use --device cpu")
+    return name
 
 
 def _basic_vlm_base(model: str, model_base: str | None, language_model: str) -> str | None:

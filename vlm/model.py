@@ -63,9 +63,37 @@ def text_config_from_dict(data: dict[str, Any]) -> PretrainedConfig:
     return AutoConfig.for_model(model_type, **data)
 
 
+def _physical_memory() -> int | None:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # not POSIX: no estimate, no refusal
+        return None
+
+
+def check_llm_fits_memory(hf_config: dict[str, Any], dtype: torch.dtype | None, source: str = "llm.hf_config") -> None:
+    """ValueError before allocating when the decoder's weights alone (embeddings + layers, estimated from the
+    config's sizes) exceed this machine's memory: a one-line answer instead of an allocation failure or the
+    OOM killer. A rough lower bound; a model that passes may still not fit with activations."""
+    sizes = [hf_config.get(k) for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers")]
+    memory = _physical_memory()
+    if memory is None or not all(isinstance(v, int) for v in sizes):
+        return
+    vocab, hidden, inter, layers = sizes
+    tied = hf_config.get("tie_word_embeddings", True)
+    params = vocab * hidden * (1 if tied else 2) + layers * (4 * hidden * hidden + 3 * hidden * inter)
+    needed = params * torch.tensor([], dtype=dtype or torch.float32).element_size()
+    if needed > memory:
+        raise ValueError(
+            f"{source}: vocab_size={vocab:,}, hidden_size={hidden:,}, intermediate_size={inter:,}, "
+            f"num_hidden_layers={layers} need about {needed / 1e9:,.1f} GB for the weights alone, more than this "
+            f"machine's {memory / 1e9:,.1f} GB; check the config's sizes"
+        )
+
+
 def _build_llm(config: VLMConfig, *, load_weights: bool, dtype: torch.dtype | None, attn: str,
                cache_dir: str | None = None):
     if config.llm.hf_config is not None and not (load_weights and config.llm.name_or_path):
+        check_llm_fits_memory(config.llm.hf_config, dtype)
         hf_config = text_config_from_dict(config.llm.hf_config)
         hf_config._attn_implementation = attn
         model = llm_class_for(hf_config.model_type)(hf_config)
@@ -132,8 +160,11 @@ def from_pretrained(folder: str | os.PathLike, *, dtype: str | torch.dtype | Non
         raise FileNotFoundError(f"model folder {str(folder)!r} does not exist")
     config = VLMConfig.load(folder)
     saved_dtype = config.dtype
-    with no_init_weights():
-        model = build_model(config, load_weights=False, dtype=saved_dtype, attn_implementation=attn_implementation)
+    try:
+        with no_init_weights():
+            model = build_model(config, load_weights=False, dtype=saved_dtype, attn_implementation=attn_implementation)
+    except ValueError as exc:  # the folder's config describes a model that cannot be built: name the file
+        raise ValueError(f"{os.path.join(folder, 'config.json')}: {exc}") from None
     model.tie_weights()  # no_init_weights also skips tying; tied keys are saved once
     load_state_dict_strict(model, load_state_dict(folder), source=f"weights in {str(folder)!r}")
     if dtype is not None:

@@ -277,7 +277,18 @@ def _render_chat_template(messages: list[dict], tokenizer: Any, add_generation_p
     def render(msgs: list[dict], generation_prompt: bool) -> str:
         if not msgs:
             return ""
-        return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=generation_prompt)
+        import jinja2  # transformers renders chat templates with it
+
+        try:
+            return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=generation_prompt)
+        except jinja2.TemplateError as exc:  # incl. SecurityError: the sandbox blocked the template reaching out
+            where = getattr(tokenizer, "name_or_path", "") or "the tokenizer"
+            what = "was blocked by Jinja's sandbox" if isinstance(exc, jinja2.exceptions.SecurityError) else "failed"
+            raise ValueError(
+                f"the chat_template of {where} (chat_template.jinja / tokenizer_config.json) {what}: "
+                f"{type(exc).__name__}: {exc}; fix the template or use a built-in one (--conv-mode / --version chatml, "
+                "llama3, vicuna_v1)"
+            ) from None
 
     full = render(messages, add_generation_prompt)
     specials = _special_token_strings(tokenizer)

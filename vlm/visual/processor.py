@@ -259,6 +259,9 @@ def _three_floats(name: str, value: Any) -> tuple[float, float, float]:
     return numbers  # type: ignore[return-value]
 
 
+MAX_IMAGE_SIZE = 8_192  # px per side; vlm.config.SIZE_BOUNDS bounds the tower's image_size the same way
+
+
 @dataclass
 class ImageProcessorConfig:
     """How images become `pixel_values`: square output of `image_size`, normalised per channel.
@@ -278,6 +281,9 @@ class ImageProcessorConfig:
     def __post_init__(self) -> None:
         if isinstance(self.image_size, bool) or not isinstance(self.image_size, int) or self.image_size <= 0:
             raise ValueError(f"ImageProcessorConfig.image_size must be a positive int, got {self.image_size!r}")
+        if self.image_size > MAX_IMAGE_SIZE:  # checked before any image is resized to it (minutes, then MemoryError)
+            raise ValueError(f"ImageProcessorConfig.image_size={self.image_size} is beyond any vision tower's input "
+                             f"(at most {MAX_IMAGE_SIZE} px); fix the size in the image-processor config")
         self.image_mean = _three_floats("image_mean", self.image_mean)
         self.image_std = _three_floats("image_std", self.image_std)
         if min(self.image_std) <= 0:
@@ -578,7 +584,21 @@ class ImageProcessor:
             raise ValueError(f"cannot read '{path}': {exc}") from exc
         if not isinstance(values, dict):
             raise ValueError(f"'{path}' must hold a JSON object, got {type(values).__name__}")
-        return cls(config_from_hf_dict(values, source=str(path)))
+        try:
+            return cls(config_from_hf_dict(values, source=str(path)))
+        except (ValueError, TypeError) as exc:
+            message = str(exc)
+            raise ValueError(message if str(path) in message else f"{path}: {message}") from None
+
+    def check_fits(self, image_size: int, source: str = "the image processor") -> None:
+        """ValueError naming `source` when this processor's images are not the `image_size` the vision tower
+        takes (its position table has one row per patch of that size; another size fails deep in the tower)."""
+        if self.config.image_size != image_size:
+            raise ValueError(
+                f"{source} makes {self.config.image_size}x{self.config.image_size} images but the vision tower takes "
+                f"{image_size}x{image_size}; set its size and crop_size to {image_size} (or delete it to use the "
+                "tower's defaults)"
+            )
 
 
 def _field(config: Any, key: str) -> Any:

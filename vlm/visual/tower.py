@@ -149,6 +149,11 @@ class VisionTower(nn.Module):
 
     # -- forward --------------------------------------------------------------------------------
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        if pixel_values.ndim != 4 or tuple(pixel_values.shape[-2:]) != (self.image_size, self.image_size):
+            raise ValueError(  # otherwise a position-embedding size mismatch deep inside the tower
+                f"pixel_values of shape {tuple(pixel_values.shape)}; the vision tower takes (N, 3, {self.image_size}, "
+                f"{self.image_size}): use the model's own image processor (its preprocessor_config.json)"
+            )
         pixel_values = pixel_values.to(dtype=self.model.dtype)  # (N, 3, H, W)
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
             out = self.model(pixel_values, output_hidden_states=True, return_dict=True)

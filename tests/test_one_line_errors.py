@@ -1,0 +1,306 @@
+"""Issue 10, point 10: a user mistake prints one line naming the thing (file, field, flag, line) and exits 2.
+
+Each test plants one fault in a copy of a tiny model folder (or in the input) and runs the command or the
+function a user would, asserting the exit code, the one line and what it names, and that no traceback
+escaped.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+from inference_helpers import save_tiny_folder, write_image
+
+import vlm
+from vlm.config import VLMConfig
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    return save_tiny_folder(tmp_path_factory.mktemp("one_line") / "model")
+
+
+@pytest.fixture(scope="module")
+def image(tmp_path_factory) -> Path:
+    return write_image(tmp_path_factory.mktemp("one_line_images") / "img.png")
+
+
+def planted(model_dir: Path, tmp_path: Path, name: str = "config.json", *, text: str | None = None, edit=None) -> Path:
+    """A copy of the model folder with `name` replaced by `text`, or its JSON changed by `edit(data)`."""
+    folder = tmp_path / "planted"
+    shutil.copytree(model_dir, folder)
+    path = folder / name
+    if edit is not None:
+        data = json.loads(path.read_text())
+        data = edit(data) or data
+        text = json.dumps(data)
+    path.write_text(text)
+    return folder
+
+
+def one_line(err: str) -> str:
+    """The single line a command printed; fails when there are more or a traceback."""
+    assert "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+def chat_load(folder: Path, capsys, monkeypatch, *extra: str) -> tuple[int, str]:
+    """`vlm chat --model folder` with empty stdin: the model loads (or fails to) and the chat ends."""
+    from vlm.chat import main as chat_main
+
+    monkeypatch.setattr(sys, "stdin", io.StringIO(""))
+    code = chat_main(["--model", str(folder), "--max_new_tokens", "2", *extra])
+    return code, capsys.readouterr().err
+
+
+def _set(path: str, value):
+    def edit(data):
+        *parents, last = path.split(".")
+        node = data
+        for key in parents:
+            node = node[key]
+        node[last] = value
+    return edit
+
+
+# ---------------------------------------------------------------------------------------------------------
+# config.json
+
+
+CONFIG_FAULTS = {
+    "not_json": dict(text="{not json"),
+    "not_utf8": dict(text="{}"),  # rewritten below as raw bytes
+    "a_list": dict(edit=lambda data: [data]),
+    "image_token_id_str": dict(edit=_set("image_token_id", "5")),
+    "image_token_id_bool": dict(edit=_set("image_token_id", True)),
+    "projector_type_int": dict(edit=_set("projector.type", 5)),
+    "select_layer_str": dict(edit=_set("vision.select_layer", "abc")),
+    "vision_null": dict(edit=_set("vision", None)),
+    "llm_list": dict(edit=_set("llm", [1, 2])),
+    "frozen_str": dict(edit=_set("vision.frozen", "yes")),
+}
+CONFIG_NAMES = {  # what the line must name
+    "not_json": "not valid JSON (line 1, column 2",
+    "not_utf8": "not UTF-8",
+    "a_list": "must hold a JSON object, got a list",
+    "image_token_id_str": "image_token_id='5' (str) must be an integer",
+    "image_token_id_bool": "image_token_id=True (bool) must be an integer",
+    "projector_type_int": "projector.type=5 (int) must be a string",
+    "select_layer_str": "vision.select_layer='abc' (str) must be an integer",
+    "vision_null": "'vision' must be a JSON object, got null",
+    "llm_list": "'llm' must be a JSON object, got [1, 2]",
+    "frozen_str": "vision.frozen='yes' (str) must be true or false",
+}
+
+
+@pytest.mark.parametrize("fault", sorted(CONFIG_FAULTS))
+def test_bad_config_json_is_one_line_naming_the_file_and_field(fault, model_dir, tmp_path, capsys, monkeypatch):
+    folder = planted(model_dir, tmp_path, **CONFIG_FAULTS[fault])
+    if fault == "not_utf8":
+        (folder / "config.json").write_bytes(b'{"vision": "\xff"}')
+    code, err = chat_load(folder, capsys, monkeypatch)
+    line = one_line(err)
+    assert code == 2
+    assert str(folder / "config.json") in line and CONFIG_NAMES[fault] in line, line
+
+
+def test_config_types_are_checked_in_python_too():
+    from vlm.testing import tiny_vlm_config
+
+    config = tiny_vlm_config()
+    config.vision.select_layer = "abc"
+    with pytest.raises(ValueError, match=r"vision.select_layer='abc' \(str\) must be an integer"):
+        config.validate()
+    with pytest.raises(ValueError, match=r"must be a JSON object, got null"):
+        VLMConfig.from_dict({**tiny_vlm_config().to_dict(), "projector": None})
+
+
+# ---------------------------------------------------------------------------------------------------------
+# sizes: refused before anything is allocated
+
+
+SIZE_FAULTS = {
+    # 400M vocabulary: 102 GB asked of the allocator at once
+    "vocab_400M": ("config.json", _set("llm.hf_config.vocab_size", 400_000_000),
+                   "llm.hf_config.vocab_size=400000000 is not a size a model can have"),
+    # within each bound, together far beyond any machine's memory
+    "weights_beyond_memory": ("config.json", lambda d: d["llm"]["hf_config"].update(vocab_size=16_000_000,
+                                                                                      hidden_size=60_000),
+                              "for the weights alone, more than this machine's"),
+    # the tower's position table: 80 GB
+    "tower_200000px": ("config.json", _set("vision.hf_config.image_size", 200_000),
+                       "vision.hf_config.image_size=200000 is not a size a model can have"),
+    "tower_too_many_patches": ("config.json", lambda d: d["vision"]["hf_config"].update(image_size=8192, patch_size=1),
+                               "67,108,864 patches per image"),
+    # resizing an image to 200,000 px takes minutes, then MemoryError
+    "processor_200000px": ("preprocessor_config.json",
+                           lambda d: d.update(size={"shortest_edge": 200_000}, crop_size={"height": 200_000, "width": 200_000}),
+                           "image_size=200000 is beyond any vision tower's input"),
+    # fails deep in the tower with a position-embedding shape error
+    "processor_does_not_fit_tower": ("preprocessor_config.json",
+                                     lambda d: d.update(size={"shortest_edge": 48}, crop_size={"height": 48, "width": 48}),
+                                     "makes 48x48 images but the vision tower takes 32x32"),
+}
+
+
+@pytest.mark.parametrize("fault", sorted(SIZE_FAULTS))
+def test_absurd_or_mismatched_sizes_are_refused_before_allocating(fault, model_dir, tmp_path, capsys, monkeypatch):
+    import time
+
+    name, edit, expected = SIZE_FAULTS[fault]
+    folder = planted(model_dir, tmp_path, name, edit=edit)
+    start = time.perf_counter()
+    code, err = chat_load(folder, capsys, monkeypatch)
+    line = one_line(err)
+    assert code == 2 and str(folder / name) in line and expected in line, line
+    assert time.perf_counter() - start < 30  # refused, not attempted
+
+
+def test_tower_refuses_pixels_of_another_size():
+    import torch
+
+    from vlm.testing import tiny_vision_config
+    from vlm.config import VisionConfig
+    from vlm.visual.tower import VisionTower
+
+    tower = VisionTower.from_config(VisionConfig(hf_config=tiny_vision_config().to_dict()), load_weights=False)
+    assert tower(torch.zeros(1, 3, 32, 32)).shape == (1, 16, 32)
+    with pytest.raises(ValueError, match=r"pixel_values of shape \(1, 3, 48, 48\); the vision tower takes \(N, 3, 32, 32\)"):
+        tower(torch.zeros(1, 3, 48, 48))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# flags
+
+
+@pytest.mark.parametrize("flags, expected", [
+    (["--device", "banana"], "--device 'banana' is not a device"),
+    (["--temperature", "nan"], "temperature=nan must be a finite number >= 0"),
+    (["--temperature", "inf"], "temperature=inf must be a finite number >= 0"),
+    (["--top_p", "nan"], "top_p=nan must be in (0, 1]"),
+])
+def test_bad_decoding_and_device_flags(flags, expected, model_dir, capsys, monkeypatch):
+    code, err = chat_load(model_dir, capsys, monkeypatch, *flags)
+    line = one_line(err)
+    assert code == 2 and expected in line, line
+
+
+def test_cuda_without_cuda_is_one_line(model_dir, capsys, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    code, err = chat_load(model_dir, capsys, monkeypatch, "--device", "cuda")
+    line = one_line(err)
+    assert code == 2 and "--device 'cuda' but this machine has no CUDA GPU" in line and "--device cpu" in line, line
+
+
+# ---------------------------------------------------------------------------------------------------------
+# vlm chat: input that is not UTF-8
+
+
+def test_invalid_utf8_piped_into_chat_names_the_line_and_answers_the_rest(model_dir):
+    import subprocess
+
+    stdin = b"What color is the circle?\nhello \xff\xfe there\nIs there a blue square?\n"
+    proc = subprocess.run([sys.executable, "-m", "vlm", "chat", "--model", str(model_dir), "--max_new_tokens", "2"],
+                          input=stdin, capture_output=True, timeout=300)
+    err = proc.stderr.decode("utf-8", "replace")
+    assert "Traceback" not in err, err
+    bad = [line for line in err.splitlines() if line.startswith("error:")]
+    assert bad == ["error: input line 2 is not UTF-8 text (byte 0xff at column 7); line skipped: save the questions "
+                   "as UTF-8"], err
+    assert len(proc.stdout.decode("utf-8", "replace").splitlines()) == 2  # lines 1 and 3 answered
+    assert proc.returncode == 2  # piped: an answer is missing, the exit code says so
+
+
+# ---------------------------------------------------------------------------------------------------------
+# vlm generate: a too-long question, two <image> (batch.py names the line and id from our ValueError)
+
+
+def test_generate_names_line_and_id_of_two_images_and_too_long_question(model_dir, image, tmp_path, capsys):
+    from vlm.batch import main as batch_main
+
+    questions = tmp_path / "q.jsonl"
+    rows = [{"id": "ok", "image": str(image.name), "question": "What color?"},
+            {"id": "two", "image": str(image.name), "question": "<image> and <image>: what color?"},
+            {"id": "long", "image": str(image.name), "question": "word " * 3000}]
+    questions.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    shutil.copy(image, tmp_path / image.name)
+    code = batch_main(["--model", str(model_dir), "--input", str(questions), "--output", str(tmp_path / "a.jsonl"),
+                       "--no-progress", "--max_new_tokens", "2"])
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert code != 0
+    two = [line for line in err.splitlines() if "line 2 (id 'two')" in line]
+    long = [line for line in err.splitlines() if "line 3 (id 'long')" in line]
+    assert len(two) == 1 and "2 <image> placeholder(s) in the text but 1 image(s)" in two[0], err
+    assert len(long) == 1 and "leaves no room to answer in the model's context of" in long[0], err
+    assert [json.loads(line)["id"] for line in (tmp_path / "a.jsonl").read_text().splitlines()] == ["ok"]
+
+
+def test_prompt_errors_are_value_errors_for_the_entry_points(model_dir, image):
+    from vlm.generate import USER_ERRORS, load_generator
+
+    generator = load_generator(str(model_dir))
+    for question, images in [("<image> <image> what?", [str(image)]), ("word " * 3000, [str(image)])]:
+        with pytest.raises(USER_ERRORS):
+            generator.answer_batch([question], images)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# vlm eval
+
+
+EVAL_FAULTS = {
+    "dotdot": ({"id": "a", "image": "../img.png", "conversations": [{"from": "human", "value": "<image>\nq"},
+                                                                  {"from": "gpt", "value": "red"}]},
+               "record 1 (0-based, id 'a'): unsafe_path: image path '../img.png' leaves --image_folder"),
+    "no_conversations": ({"id": "b", "image": "img.png"},
+                         "record 1 (0-based, id 'b'): no 'conversations' list with a question and an answer"),
+    "image_int": ({"id": "c", "image": 5, "conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]},
+                  "record 1 (0-based, id 'c'): 'image' must be a relative path string, got 5"),
+}
+
+
+@pytest.mark.parametrize("fault", sorted(EVAL_FAULTS))
+def test_eval_bad_record_is_one_line_naming_the_record(fault, model_dir, image, tmp_path, capsys, monkeypatch):
+    import vlm.evaluate
+
+    good = {"id": "g", "image": "img.png", "conversations": [{"from": "human", "value": "<image>\nq"},
+                                                             {"from": "gpt", "value": "red"}]}
+    record, expected = EVAL_FAULTS[fault]
+    data = tmp_path / "eval.json"
+    data.write_text(json.dumps([good, record, dict(record, id="second")]))
+    folder = tmp_path / "images"
+    folder.mkdir()
+    shutil.copy(image, folder / "img.png")
+    loaded = []
+    monkeypatch.setattr(vlm, "from_pretrained", lambda *a, **k: loaded.append(a))
+    code = vlm.evaluate.main(["--model", str(model_dir), "--data_path", str(data), "--image_folder", str(folder)])
+    line = one_line(capsys.readouterr().err)
+    assert code == 2 and str(data) in line and expected in line and "(1 more bad record(s))" in line, line
+    assert loaded == []  # refused before the model loads
+
+
+# ---------------------------------------------------------------------------------------------------------
+# chat templates: a template that reaches outside Jinja's sandbox
+
+
+def test_template_escape_is_one_line_naming_the_template(model_dir, image, tmp_path, capsys, monkeypatch):
+    folder = planted(model_dir, tmp_path, "chat_template.jinja",
+                     text="{{ ''.__class__.__mro__[1].__subclasses__() }}"
+                          "{% for m in messages %}{{ m.content }}<|im_end|>{% endfor %}")
+    (folder / "vlm_generation.json").write_text(json.dumps({"template": "tokenizer"}))
+    code, err = chat_load(folder, capsys, monkeypatch)
+    line = one_line(err)
+    assert code == 2
+    assert f"the chat_template of {folder}" in line and "blocked by Jinja's sandbox: SecurityError" in line, line
+    assert "built-in" in line

@@ -283,17 +283,18 @@ def _next_line_starts(path: Path) -> bool:
 def iter_json_lines(path: str | Path) -> Iterator[Any]:
     """Yield one parsed value per non-blank line; an unparsable line yields a `bad_schema` SampleError."""
     name = Path(path).name
-    with open(path, "rb") as f:
+    # surrogateescape keeps reading past bytes that are not UTF-8 (they become lone surrogates), so one bad
+    # line is that line; ASCII lines (most) skip the check
+    with open(path, encoding="utf-8-sig", errors="surrogateescape") as f:
         index = 0
-        for lineno, raw in enumerate(f, start=1):
-            if not raw.strip():
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
                 continue
-            try:
-                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
-            except UnicodeDecodeError as e:
-                byte = raw[e.start : e.start + 1].hex()
-                yield SampleError("bad_schema", f"{name} line {lineno}: not UTF-8 (byte 0x{byte} at column "
-                                  f"{e.start + 1}); {_UTF8_HINT}", index=index)
+            bad_byte = None if line.isascii() else _escaped_byte(line)
+            if bad_byte is not None:
+                byte, column = bad_byte
+                yield SampleError("bad_schema", f"{name} line {lineno}: not UTF-8 (byte 0x{byte:02x} at column "
+                                  f"{column}); {_UTF8_HINT}", index=index)
                 index += 1
                 continue
             try:
@@ -308,6 +309,15 @@ def iter_json_lines(path: str | Path) -> Iterator[Any]:
                                         "escape (e.g. \\ud800), not text", index=index)
             yield value
             index += 1
+
+
+def _escaped_byte(line: str) -> tuple[int, int] | None:
+    """(the first byte that was not UTF-8, its 1-based column) in a line read with surrogateescape, or None."""
+    try:
+        line.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return ord(line[e.start]) - 0xDC00, e.start + 1
+    return None
 
 
 def iter_csv(path: str | Path) -> Iterator[dict[str, str] | SampleError]:

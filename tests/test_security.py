@@ -23,7 +23,7 @@ import torch
 from transformers import Qwen2ForCausalLM
 
 from inference_helpers import save_tiny_folder, write_image
-from vlm.checkpoint import WEIGHTS_INDEX_NAME, check_weight_index, load_state_dict, save_model_folder
+from vlm.checkpoint import WEIGHTS_INDEX_NAME, load_state_dict, save_model_folder
 from vlm.testing import tiny_llm_config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -251,6 +251,8 @@ def test_index_pointing_outside_the_folder_is_refused(sharded_folder, image, cap
 
 
 def test_torch_index_outside_the_folder_is_refused(tmp_path):
+    from vlm.checkpoint import check_weight_index
+
     folder = tmp_path / "llava"
     folder.mkdir()
     (folder / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": {"w": "../../etc/passwd"}}))
@@ -260,6 +262,8 @@ def test_torch_index_outside_the_folder_is_refused(tmp_path):
 
 def test_shards_inside_the_folder_and_hub_cache_snapshots_load(sharded_folder, tmp_path):
     """What must keep working: plain shard names, and a Hub cache snapshot whose files link to ../../blobs."""
+    from vlm.checkpoint import check_weight_index
+
     expected = load_state_dict(sharded_folder)
     repo = tmp_path / "hub" / "models--org--tiny"
     snapshot, blobs = repo / "snapshots" / "abc123", repo / "blobs"

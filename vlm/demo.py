@@ -156,7 +156,9 @@ def _run_demo(config: DemoConfig) -> dict:
     from vlm.data.tokenizer import build_tokenizer
     from vlm.evaluate import evaluate_exact_match
     from vlm.train.arguments import DataArguments, VLMTrainingArguments
+    from vlm.train.callbacks import METRICS_FILE, truncate_metrics
     from vlm.train.cli import fit
+    from vlm.train.run_folder import checkpoint_step
     from vlm.visual.processor import ImageProcessor
 
     start = time.perf_counter()
@@ -165,7 +167,7 @@ def _run_demo(config: DemoConfig) -> dict:
           f"{torch.get_num_threads()} torch thread(s) (--threads to change)", flush=True)
     os.makedirs(run_dir, exist_ok=True)
     resume = check_resumable(config)
-    trim_metrics(os.path.join(run_dir, "metrics.jsonl"), checkpoint_step(resume))
+    truncate_metrics(os.path.join(run_dir, METRICS_FILE), checkpoint_step(resume))
 
     data_dir = os.path.join(run_dir, "data")
     info = generate_shapes_dataset(data_dir, n_train=config.n_train, n_eval=config.n_eval,
@@ -203,6 +205,8 @@ def _run_demo(config: DemoConfig) -> dict:
         logging_steps=20, save_strategy="steps", save_steps=config.save_steps, save_total_limit=1,
         report_to="none", seed=config.seed, use_cpu=True, dataloader_num_workers=0, model_max_length=256,
         disable_tqdm=False,
+        # check_resumable has compared the settings: continue its checkpoint, or start over when there is none
+        resume_from_checkpoint=resume, overwrite_output_dir=resume is None,
     )
     model_dir = os.path.join(run_dir, "model")
     if checkpoint_step(resume) >= config.max_steps and os.path.isfile(os.path.join(model_dir, "config.json")):
@@ -244,11 +248,11 @@ def _run_demo(config: DemoConfig) -> dict:
 def check_resumable(config: DemoConfig) -> str | None:
     """The checkpoint a rerun continues from (None: start afresh), after checking it was made with the same
     settings; records the settings for the next run. Raises ValueError naming the first difference."""
-    from vlm.train.trainer import find_resume_checkpoint
+    from vlm.train.run_folder import find_resume_checkpoint
 
     settings = {k: v for k, v in asdict(config).items() if k not in _NOT_RUN_SETTINGS}
     path = os.path.join(config.run_dir, RUN_SETTINGS_FILE)
-    resume = find_resume_checkpoint(config.run_dir)
+    resume = find_resume_checkpoint(config.run_dir, set_aside=True)  # a damaged newest one: the one before
     if resume is not None and os.path.isfile(path):
         with open(path, encoding="utf-8") as f:
             saved = json.load(f)
@@ -261,21 +265,6 @@ def check_resumable(config: DemoConfig) -> str | None:
     with open(path, "w", encoding="utf-8") as f:
         json.dump(settings, f, indent=1)
     return resume
-
-
-def checkpoint_step(checkpoint: str | None) -> int:
-    """N of `.../checkpoint-N`; 0 for None."""
-    return 0 if checkpoint is None else int(os.path.basename(checkpoint.rstrip(os.sep)).rsplit("-", 1)[1])
-
-
-def trim_metrics(path: str, last_step: int) -> None:
-    """Keep the logged steps up to `last_step` (the checkpoint resumed from; 0: a fresh run keeps none)."""
-    if not os.path.exists(path):
-        return
-    with open(path, encoding="utf-8") as f:
-        kept = [line for line in f if line.strip() and json.loads(line)["step"] <= last_step]
-    with open(path, "w", encoding="utf-8") as f:
-        f.writelines(kept)
 
 
 def ensure_demo_model(run_dir: str | os.PathLike | None = None) -> str:

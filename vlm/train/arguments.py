@@ -114,6 +114,8 @@ class VLMTrainingArguments(transformers.TrainingArguments):
     evaluation_strategy: str | None = field(default=None, metadata={"help": "old name of --eval_strategy"})
     warmup_ratio: float | None = field(default=None, metadata={
         "help": "old name: warmup as a fraction of the steps (transformers 5 takes a float --warmup_steps)"})
+    overwrite_output_dir: bool = field(default=False, metadata={
+        "help": "start over: remove --output_dir's checkpoints instead of resuming"})
     cache_dir: str | None = field(default=None, metadata={"help": (
         "hub cache for every hub read of the run (LLaVA's --cache_dir; default: HF_HUB_CACHE)")})
     optim: str = field(default="adamw_torch", metadata={"help": "optimizer (TrainingArguments' names)"})

@@ -1,4 +1,10 @@
-"""Run outputs a user watches: a tqdm bar with loss, learning rate and tokens/s; `metrics.jsonl`; `loss.png`."""
+"""Run outputs a user watches: a tqdm bar with loss, learning rate and tokens/s; `metrics.jsonl`; `loss.png`.
+
+`metrics.jsonl` is appended to as the run logs, so a disk that fills mid-append can leave a torn last line:
+readers here skip unreadable lines and count them, and a run (or the demo) starting in the folder rewrites
+the file with the readable records up to the step it resumes from (`truncate_metrics`), so a resumed run
+never repeats steps. The loss plot is drawn after the final model is saved (`vlm.train.cli.fit`).
+"""
 
 from __future__ import annotations
 
@@ -40,7 +46,7 @@ class ProgressBarCallback(TrainerCallback):
 
 
 class MetricsCallback(TrainerCallback):
-    """Appends one JSON object per logged step to `<output_dir>/metrics.jsonl`; plots `loss.png` at the end."""
+    """Appends one JSON object per logged step to `<output_dir>/metrics.jsonl`."""
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or not logs or "loss" not in logs:
@@ -51,23 +57,57 @@ class MetricsCallback(TrainerCallback):
         with open(os.path.join(args.output_dir, METRICS_FILE), "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
 
-    def on_train_end(self, args, state, control, **kwargs):
-        if state.is_world_process_zero:
-            plot_loss(os.path.join(args.output_dir, METRICS_FILE), os.path.join(args.output_dir, LOSS_PLOT))
+
+def read_metrics(path: str) -> tuple[list[dict], int]:
+    """The readable records of a metrics.jsonl (objects with an int `step`) and how many lines were not."""
+    records, bad = [], 0
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError:
+                bad += 1
+                continue
+            if isinstance(record, dict) and isinstance(record.get("step"), int):
+                records.append(record)
+            else:
+                bad += 1
+    return records, bad
+
+
+def truncate_metrics(path: str, last_step: int) -> int:
+    """Keep the readable records of steps up to `last_step` (the checkpoint a run resumes from; 0: a fresh
+    run keeps none), rewriting the file atomically; returns the number of unreadable lines dropped, which
+    is also said in a notice."""
+    if not os.path.exists(path):
+        return 0
+    records, bad = read_metrics(path)
+    kept = [r for r in records if r["step"] <= last_step]
+    if bad:
+        print(f"note: {path}: skipped {bad} unreadable line(s) (a torn write?)", flush=True)
+    if len(kept) == len(records) and not bad:
+        return 0
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(r) + "\n" for r in kept)
+    os.replace(tmp, path)
+    return bad
 
 
 def plot_loss(metrics_path: str, out_path: str) -> bool:
-    """Training-loss curve from metrics.jsonl; False when there is nothing to plot."""
+    """Training-loss curve from metrics.jsonl (unreadable lines skipped, counted in a notice); False when
+    there is nothing to plot."""
     if not os.path.isfile(metrics_path):
         return False
-    steps, losses = [], []
-    with open(metrics_path, encoding="utf-8") as f:
-        for line in f:
-            record = json.loads(line)
-            steps.append(record["step"])
-            losses.append(record["loss"])
-    if not steps:
+    records, bad = read_metrics(metrics_path)
+    if bad:
+        print(f"note: {metrics_path}: skipped {bad} unreadable line(s) in the loss plot", flush=True)
+    points = [(r["step"], r["loss"]) for r in records if isinstance(r.get("loss"), (int, float))]
+    if not points:
         return False
+    steps, losses = zip(*points)
     import matplotlib
 
     matplotlib.use("Agg")

@@ -98,30 +98,94 @@ def train(model_args, data_args, training_args) -> str:
     from transformers import set_seed
 
     from vlm.train.model_setup import build_for_training
+    from vlm.train.run_folder import FolderLock, check_run_record, check_something_to_resume, run_record
 
+    # Before the model is built: a folder holding or running another run is refused in seconds, not after loading.
+    if training_args.process_index == 0:
+        FolderLock(training_args.output_dir).check()
+    check_run_record(training_args.output_dir, run_record(model_args, data_args, training_args),
+                     overwrite=training_args.overwrite_output_dir,
+                     resume_given=training_args.resume_from_checkpoint is not None)
+    check_something_to_resume(training_args.output_dir, training_args.resume_from_checkpoint,
+                              overwrite=training_args.overwrite_output_dir)
     set_seed(training_args.seed)  # new modules (the projector) start the same in every process and every run
     model, tokenizer, image_processor = build_for_training(model_args, data_args, training_args)
     fit(model, tokenizer, image_processor, data_args, training_args,
         template=template_for(data_args, model_args, tokenizer, cache_dir=training_args.cache_dir),
-        save_projector=model_args.tune_mm_mlp_adapter)
+        save_projector=model_args.tune_mm_mlp_adapter, model_args=model_args)
     return training_args.output_dir
 
 
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
 def fit(model, tokenizer, image_processor, data_args, training_args, *, template: str, save_projector: bool = False,
-        final_dir: str | None = None):
+        final_dir: str | None = None, model_args=None):
     """Validate the data, train `model` (trainable flags already set), save it to `final_dir` (default: the
-    output folder); returns the trainer."""
-    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+    output folder), then plot the loss; returns the trainer.
+
+    The output folder is checked and locked first (`vlm.train.run_folder`): a folder recording other defining
+    flags is refused, and the run's are recorded (`model_args`: None leaves the model flags out, as the demo
+    records its own). The newest intact checkpoint there is resumed; a run whose checkpoint is at its last
+    step is finished and only its final model is (re)written from that checkpoint.
+    """
+    from vlm.train.run_folder import FolderLock, check_run_record, run_record, start_run_folder
+
+    out = training_args.output_dir
+    record = run_record(model_args, data_args, training_args)
+    overwrite = training_args.overwrite_output_dir
+    check_run_record(out, record, overwrite=overwrite, resume_given=training_args.resume_from_checkpoint is not None)
+    lock = FolderLock(out) if training_args.process_index == 0 else None
+    if lock is not None:
+        lock.acquire()
+    try:
+        if lock is not None:
+            start_run_folder(out, record, overwrite=overwrite)
+        return _fit_locked(model, tokenizer, image_processor, data_args, training_args, template=template,
+                           save_projector=save_projector, final_dir=final_dir)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _fit_locked(model, tokenizer, image_processor, data_args, training_args, *, template: str, save_projector: bool,
+                final_dir: str | None):
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback, TrainerState
 
     from vlm.data.collate import DataCollator
-    from vlm.train.callbacks import MetricsCallback, ProgressBarCallback
+    from vlm.train.callbacks import LOSS_PLOT, METRICS_FILE, MetricsCallback, ProgressBarCallback, plot_loss, \
+        truncate_metrics
     from vlm.train.model_setup import count_parameters
-    from vlm.train.trainer import STAGING_DIR, VLMTrainer, find_resume_checkpoint, unwrap
+    from vlm.train.run_folder import check_checkpoint, checkpoint_step, find_resume_checkpoint, finished_step
+    from vlm.train.trainer import STAGING_DIR, VLMTrainer, unwrap
 
-    dataset = build_train_dataset(data_args, training_args, tokenizer, image_processor,
-                                  unwrap(model).vlm_config.num_image_tokens, template)
+    out = training_args.output_dir
+    main_process = training_args.process_index == 0
+    resume = training_args.resume_from_checkpoint
+    if resume is not None:
+        check_checkpoint(resume)
+    elif not training_args.overwrite_output_dir:
+        _barrier()  # overwrite's removals are done
+        if main_process:  # it sets damaged checkpoints aside before the other processes look
+            resume = find_resume_checkpoint(out, set_aside=True)
+        _barrier()
+        if not main_process:
+            resume = find_resume_checkpoint(out)
+        if resume is not None and main_process:
+            print(f"resuming from {resume} (found in --output_dir)", flush=True)
+    if main_process:
+        truncate_metrics(os.path.join(out, METRICS_FILE), checkpoint_step(resume))
+    done = finished_step(resume) if resume is not None else None
+
+    # A finished run needs no data: its model is the checkpoint's.
+    dataset = None if done else build_train_dataset(data_args, training_args, tokenizer, image_processor,
+                                                    unwrap(model).vlm_config.num_image_tokens, template)
     trainable, total = count_parameters(model)
-    if training_args.process_index == 0:
+    if main_process:
         print(f"model: {total / 1e6:.2f}M parameters, {trainable / 1e6:.2f}M trainable; template {template!r}",
               flush=True)
     if training_args.gradient_checkpointing and training_args.gradient_checkpointing_kwargs is None:
@@ -139,16 +203,21 @@ def fit(model, tokenizer, image_processor, data_args, training_args, *, template
     trainer.remove_callback(PrinterCallback)
     trainer.add_callback(ProgressBarCallback())
 
-    resume = training_args.resume_from_checkpoint
-    if resume is None:
-        resume = find_resume_checkpoint(training_args.output_dir)
-        if resume is not None and training_args.process_index == 0:
-            print(f"resuming from {resume} (found in --output_dir)", flush=True)
-    staging = os.path.join(training_args.output_dir, STAGING_DIR)
-    if training_args.process_index == 0 and os.path.isdir(staging):
+    staging = os.path.join(out, STAGING_DIR)
+    if main_process and os.path.isdir(staging):
         shutil.rmtree(staging)  # what a killed run left half-written
-    trainer.train(resume_from_checkpoint=resume)
-    trainer.save_model(final_dir or training_args.output_dir)
+    if done:
+        # transformers' Trainer resumed at its last step trains one step more: load the checkpoint instead
+        if main_process:
+            print(f"training already finished at step {done} ({resume}); writing its final model to "
+                  f"{final_dir or out} (--overwrite_output_dir to train again)", flush=True)
+        trainer._load_from_checkpoint(resume)
+        trainer.state = TrainerState.load_from_json(os.path.join(resume, "trainer_state.json"))
+    else:
+        trainer.train(resume_from_checkpoint=resume)
+    trainer.save_model(final_dir or out)  # first the model, then the plot: a plotting failure loses nothing
+    if main_process:
+        plot_loss(os.path.join(out, METRICS_FILE), os.path.join(out, LOSS_PLOT))
     return trainer
 
 
@@ -192,11 +261,12 @@ def report_interrupted(output_dir: str) -> int:
     the newest complete one in the output folder) or that there is none yet; returns the exit code, 130."""
     from tqdm import tqdm
 
-    from vlm.train.trainer import find_resume_checkpoint
+    from vlm.train.run_folder import list_checkpoints
 
     for bar in list(getattr(tqdm, "_instances", ())):  # an open bar would be redrawn at exit, after our line
         bar.close()
-    resume = find_resume_checkpoint(output_dir)
+    # the newest complete one (renamed into place when fully written); the rerun also checks it reads back
+    resume = next(iter(list_checkpoints(output_dir)), None)
     if resume is None:
         line = (f"interrupted before the first checkpoint in {output_dir} (--save_steps sets how often); "
                 "rerun the same command to start again")
@@ -224,7 +294,17 @@ def main(argv: list[str] | None = None) -> int:
         except (ValueError, ImportError, FileNotFoundError) as exc:  # a flag mistake: one line, as argparse does
             print(f"train.py: error: {exc}", file=sys.stderr)
             return 2
-        train(model_args, data_args, training_args)
+        from vlm.data.errors import DataError
+        from vlm.train.run_folder import RunFolderError
+
+        try:
+            train(model_args, data_args, training_args)
+        except DataError as exc:  # unreadable data file or mix file, nothing left to train on: one line
+            print(f"train.py: error: {exc}", file=sys.stderr)
+            return 2
+        except RunFolderError as exc:  # another run's folder, a lock, a damaged checkpoint: one line
+            print(f"train.py: error: {exc}", file=sys.stderr)
+            return 2
     except KeyboardInterrupt:  # Ctrl-C: where to pick up, not a traceback
         if training_args is None:
             print("\ninterrupted", file=sys.stderr, flush=True)

@@ -24,7 +24,7 @@ TRAINING_ARGUMENTS_DOCS = "https://huggingface.co/docs/transformers/main_classes
 GROUPS: list[tuple[str, tuple[str, ...]]] = [
     ("model", ("model_name_or_path", "vision_tower", "mm_projector_type", "mm_vision_select_layer",
                "mm_vision_select_feature", "pretrain_mm_mlp_adapter", "model_weights", "attn_implementation",
-               "trust_remote_code", "cache_dir")),
+               "trust_remote_code", "cache_dir", "overwrite_output_dir")),
     ("stages: what trains, at which learning rate", ("tune_mm_mlp_adapter", "freeze_backbone", "unfreeze_vision_tower",
                                                     "freeze_mm_mlp_adapter", "mm_projector_lr", "mm_vision_tower_lr")),
     ("LoRA and QLoRA", ("lora_enable", "lora_r", "lora_alpha", "lora_dropout", "target_modules", "lora_bias",

@@ -10,7 +10,8 @@ Changed here:
 - saving: our model folder (or LoRA run), with tokenizer and image processor, and checkpoints written
   to a staging folder and renamed when complete, so a killed run never leaves a half checkpoint that
   a resume or `save_total_limit` could pick up;
-- loading a checkpoint for resume with our strict loaders.
+- loading a checkpoint for resume with our strict loaders (which checkpoint, and whether the run is
+  already finished: `vlm.train.run_folder`).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import time
 import torch
 import torch.distributed as dist
 from transformers import Trainer
-from transformers.trainer_utils import get_last_checkpoint, rotate_checkpoints
+from transformers.trainer_utils import rotate_checkpoints
 
 from safetensors.torch import save_file
 
@@ -211,9 +212,3 @@ def load_lora_checkpoint(peft_model, folder: str, *, cache_dir: str | None = Non
         for key, value in state.items():
             params[key].copy_(value)
 
-
-def find_resume_checkpoint(output_dir: str) -> str | None:
-    """The newest complete checkpoint in `output_dir` (staged, unfinished ones are ignored)."""
-    if not os.path.isdir(output_dir):
-        return None
-    return get_last_checkpoint(output_dir)

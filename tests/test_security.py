@@ -157,6 +157,18 @@ def test_trusted_model_folder_passes_the_check(model_folder, tmp_path):
     assert model.vlm_config.image_token_id == tokenizer.convert_tokens_to_ids("<image>")
 
 
+def test_export_refuses_auto_map_and_the_flag_reaches_the_loader(model_folder, tmp_path, capsys):
+    from vlm.convert import main
+
+    folder, marker = tmp_path / "model", tmp_path / "marker.txt"
+    shutil.copytree(model_folder, folder)
+    plant_auto_map(folder, marker)
+    assert main(["--model", str(folder), str(tmp_path / "hf")]) != 0
+    assert "auto_map" in one_line_error(capsys.readouterr().err) and not marker.exists()
+    assert main(["--model", str(folder), str(tmp_path / "hf"), "--trust-remote-code"]) == 0
+    assert marker.exists() and (tmp_path / "hf" / "config.json").is_file()
+
+
 def test_eval_and_training_refuse_auto_map(evil_tokenizer, model_folder, tmp_path, capsys):
     import vlm.evaluate
     from vlm.train.arguments import ModelArguments

@@ -17,8 +17,10 @@ FORMATS = ("llava-hf",)
 
 
 def export(model_path: str | os.PathLike, output: str | os.PathLike, *, format: str = "llava-hf",
-           model_base: str | None = None, conv_mode: str | None = None) -> None:
-    """Write the model at `model_path` to `output` in `format`; ValueError for what the format cannot express."""
+           model_base: str | None = None, conv_mode: str | None = None, trust_remote_code: bool = False,
+           force_base: bool = False) -> None:
+    """Write the model at `model_path` to `output` in `format`; ValueError for what the format cannot express.
+    `trust_remote_code` and `force_base` are `vlm.builder.load_pretrained_model`'s."""
     from vlm.builder import load_pretrained_model, resolve_model_path
     from vlm.convert.llava_hf import export_llava_hf
     from vlm.generate import default_template
@@ -26,7 +28,8 @@ def export(model_path: str | os.PathLike, output: str | os.PathLike, *, format: 
     if format not in FORMATS:
         raise ValueError(f"unknown export format {format!r}; supported: {FORMATS}")
     folder = resolve_model_path(model_path)
-    tokenizer, model, image_processor, _ = load_pretrained_model(folder, model_base)
+    tokenizer, model, image_processor, _ = load_pretrained_model(folder, model_base, trust_remote_code=trust_remote_code,
+                                                                 force_base=force_base)
     template = conv_mode or default_template(folder, tokenizer)
     export_llava_hf(model, output, tokenizer=tokenizer, image_processor=image_processor, template=template)
 
@@ -41,12 +44,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model-base", "--model_base", dest="model_base", default=None, help="base of a LoRA run")
     parser.add_argument("--conv-mode", "--conv_mode", dest="conv_mode", default=None,
                         help="chat template for the exported processor (default: the one the model was trained with)")
+    parser.add_argument("--trust-remote-code", "--trust_remote_code", dest="trust_remote_code", action="store_true",
+                        help="let a model folder whose configs declare auto_map run its own code (default: refused)")
+    parser.add_argument("--force-base", "--force_base", dest="force_base", action="store_true",
+                        help="export a LoRA run merged onto a base whose weights differ from the one it was trained on")
     args = parser.parse_args(argv)
     output = args.output or args.output_flag
     if output is None:
         parser.error("give the output folder: vlm export --format llava-hf --model PATH OUT")
     try:
-        export(args.model, output, format=args.format, model_base=args.model_base, conv_mode=args.conv_mode)
+        export(args.model, output, format=args.format, model_base=args.model_base, conv_mode=args.conv_mode,
+               trust_remote_code=args.trust_remote_code, force_base=args.force_base)
     except (FileNotFoundError, ValueError, ImportError) as exc:
         print(f"vlm export: error: {exc}", file=sys.stderr)
         return 1

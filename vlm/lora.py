@@ -322,7 +322,8 @@ def save_lora_run(model, folder: str | os.PathLike, *, tokenizer=None, image_pro
 
 def _tensor_record(tensor: torch.Tensor) -> dict[str, Any]:
     t = tensor.detach().cpu().contiguous()
-    index = torch.linspace(0, t.numel() - 1, min(_FINGERPRINT_SAMPLE, t.numel())).long()
+    count = min(_FINGERPRINT_SAMPLE, t.numel())
+    index = torch.arange(count, dtype=torch.int64) * (t.numel() - 1) // max(count - 1, 1)  # exact for any size
     return {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch."),
             "sha256": hashlib.sha256(t.reshape(-1).view(torch.uint8).numpy().tobytes()).hexdigest(),
             "sample": t.reshape(-1)[index].float().tolist()}

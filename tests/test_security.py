@@ -334,6 +334,14 @@ def test_lora_run_records_its_base_fingerprint(lora_setup):
     assert all(len(t["sha256"]) == 64 and t["shape"] for t in record["tensors"].values())
 
 
+def test_fingerprint_samples_stay_in_bounds_for_large_tensors():
+    """More elements than float32 counts exactly (2**24): the sampled indices stay inside the tensor."""
+    from vlm.lora import _tensor_record
+
+    record = _tensor_record(torch.arange(2**24 + 3, dtype=torch.float32))
+    assert record["sample"][0] == 0 and record["sample"][-1] == 2**24 + 2
+
+
 def test_lora_onto_a_same_shaped_other_base_is_refused_and_forced(lora_setup, capsys, tmp_path):
     from vlm.lora import load_lora_run, main, merge_lora
 

@@ -187,3 +187,127 @@ def test_data_check_allow_absolute_image_paths(data_image_folder, write_data, ma
     capsys.readouterr()
     assert data_main([*argv, "--allow_absolute_image_paths"]) == 0
     assert json.loads(report.read_text())["kept"] == 2
+
+
+# -- point 13: an image that turns out unreadable in training is counted, replaced, reported; too many stop ---
+
+
+def test_dataset_replaces_an_unreadable_sample_by_the_next_usable_one(data_image_folder, write_data,
+                                                                       make_llava_record, tiny_tokenizer):
+    import pickle
+
+    import torch
+
+    from vlm.data.collate import DataCollator
+    from vlm.data.dataset import DATA_DROPS_KEY, SupervisedDataset
+    from vlm.visual.processor import ImageProcessor, ImageProcessorConfig
+
+    r = make_llava_record
+    data = write_data("d.json", [r("one"), r("broken", image="corrupt.png"), r("cut", image="truncated.png"),
+                                 r("two", image="sub/ok2.png")])
+    processor = ImageProcessor(ImageProcessorConfig(image_size=16, image_mean=(0.5,) * 3, image_std=(0.5,) * 3))
+    make = lambda mode: SupervisedDataset(str(data), tiny_tokenizer, "vicuna_v1", processor,  # noqa: E731
+                                          image_folder=str(data_image_folder), num_image_tokens=4, on_bad_image=mode)
+    with pytest.raises(SampleError, match="broken"):
+        make("raise")[1]
+    dataset = make("replace")
+    item = dataset[1]
+    assert [(d["index"], d["id"], d["reason"]) for d in item[DATA_DROPS_KEY]] == [
+        (1, "broken", "unreadable_image"), (2, "cut", "unreadable_image")]
+    assert "corrupt.png" in item[DATA_DROPS_KEY][0]["detail"]
+    assert torch.equal(item["pixel_values"], dataset[3]["pixel_values"])  # the next usable sample, 'two'
+    assert torch.equal(item["input_ids"], dataset[3]["input_ids"]) and DATA_DROPS_KEY not in dataset[3]
+    again = pickle.loads(pickle.dumps(make("replace")))[2]  # a fresh worker: same stand-in, drop named again
+    assert torch.equal(again["input_ids"], item["input_ids"]) and again[DATA_DROPS_KEY][0]["id"] == "cut"
+    batch = DataCollator(pad_token_id=0)([dataset[0], make("replace")[1]])
+    assert [d["id"] for d in batch[DATA_DROPS_KEY]] == ["broken", "cut"]
+    assert DATA_DROPS_KEY not in DataCollator(pad_token_id=0)([dataset[0], dataset[3]])
+
+
+@pytest.fixture(scope="module")
+def train_workspace(tmp_path_factory):
+    """Tiny LLM and vision folders and 32 synthetic samples (16 images, 2 questions each)."""
+    from vlm.data.synth import generate_shapes_dataset
+    from vlm.testing import save_tiny_components
+
+    root = tmp_path_factory.mktemp("train")
+    data = generate_shapes_dataset(root / "data", n_train=16, n_eval=2, image_size=32, seed=0)
+    records = json.loads(Path(data["train"]).read_text())
+    texts = [turn["value"] for r in records for turn in r["conversations"]]
+    llm, vision = save_tiny_components(root / "models", texts)
+    return {"root": root, "llm": llm, "vision": vision, "records": records, "images": Path(data["image_folder"])}
+
+
+def _plant_corrupt_image(ws, tmp_path: Path, bad: tuple[int, ...]) -> tuple[Path, list[str]]:
+    """A copy of the data whose image paths are absolute, samples `bad` pointing at junk files of their own
+    (they exist, so the default `--check_images exists` lets them through)."""
+    import shutil
+
+    images = tmp_path / "images"
+    shutil.copytree(ws["images"], images)
+    records = [dict(r, image=str(images / r["image"])) for r in ws["records"]]
+    for i in bad:
+        records[i]["image"] = str(images / f"junk{i}.png")
+        Path(records[i]["image"]).write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 40)
+    path = tmp_path / "train.json"
+    path.write_text(json.dumps(records))
+    return path, [records[i]["id"] for i in bad]
+
+
+def _train_flags(ws, data: Path, out: Path, *extra: str) -> list[str]:
+    return ["--model_name_or_path", ws["llm"], "--vision_tower", ws["vision"], "--data_path", str(data),
+            "--image_folder", str(data.parent / "images"), "--allow_absolute_image_paths", "True",
+            "--output_dir", str(out), "--report_to", "none", "--use_cpu", "True", "--seed", "0",
+            "--per_device_train_batch_size", "4", "--num_train_epochs", "1", "--save_strategy", "no",
+            "--logging_steps", "1", *extra]
+
+
+def test_corrupt_image_mid_run_is_counted_replaced_and_reported(train_workspace, tmp_path, capsys):
+    from vlm.train.cli import main as train_main
+
+    data, bad_ids = _plant_corrupt_image(train_workspace, tmp_path, bad=(6,))
+    out = tmp_path / "run"
+    # absolute image paths: refused naming the flag without it (before any training), accepted with it
+    flags = _train_flags(train_workspace, data, out, "--max_drop_ratio", "0.05", "--dataloader_num_workers", "1")
+    no_flag = [f for f in flags if f not in ("--allow_absolute_image_paths", "True")]
+    no_flag[no_flag.index(str(out))] = str(tmp_path / "refused")
+    assert train_main(no_flag) == 2  # too many dropped: one line (a DataError), not a traceback
+    assert "--allow_absolute_image_paths" in capsys.readouterr().err.strip().splitlines()[-1]
+    assert train_main(flags) == 0  # a DataLoader worker met the image: the count crossed processes in the batch
+    report = json.loads((out / "data_report.json").read_text())
+    assert report["total"] == 32 and report["kept"] == 31 and report["dropped"] == {"unreadable_image": 1}
+    [problem] = report["problems"]
+    assert problem["id"] == bad_ids[0] and problem["index"] == 6 and problem["in_training"] is True
+    assert problem["reason"] == "unreadable_image" and "junk6.png" in problem["detail"]
+    assert report["notes"]["dropped_in_training"] == 1
+    assert (out / "model.safetensors").is_file()  # the run completed
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 9))  # every step ran (32 samples / 4)
+    assert f"sample {bad_ids[0]!r} (index 6) replaced: unreadable_image" in capsys.readouterr().out
+
+
+def test_too_many_unreadable_images_stop_the_run_with_a_checkpoint_and_one_line(train_workspace, tmp_path, capsys):
+    from vlm.train.cli import main as train_main
+
+    data, bad_ids = _plant_corrupt_image(train_workspace, tmp_path, bad=(9,))
+    out = tmp_path / "run"
+    # 1 of 32 is 3.1%, more than the default --max_drop_ratio 0.01: stop at the step that meets it
+    assert train_main(_train_flags(train_workspace, data, out, "--dataloader_num_workers", "0")) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err[-1].startswith("train.py: error: stopped at step ")
+    assert [line for line in err if line.startswith("train.py")] == err[-1:]  # one line
+    step = int(err[-1].split("stopped at step ")[1].split(":")[0])
+    assert step < 8  # before the end of the epoch
+    assert "1 sample(s) could not be used while training (unreadable_image=1" in err[-1]
+    assert f"checkpoint {out / f'checkpoint-{step}'}" in err[-1] and "--max_drop_ratio 0.01" in err[-1]
+    assert (out / f"checkpoint-{step}" / "trainer_state.json").is_file()
+    assert not (out / "model.safetensors").exists()  # no final model for a run that did not finish
+    report = json.loads((out / "data_report.json").read_text())
+    assert report["kept"] == 31 and [p["id"] for p in report["problems"]] == bad_ids
+    # the way out the line names: fix the image, rerun the same command; it resumes from the checkpoint and ends
+    import shutil
+
+    shutil.copy(train_workspace["images"] / train_workspace["records"][9]["image"], tmp_path / "images" / "junk9.png")
+    assert train_main(_train_flags(train_workspace, data, out, "--dataloader_num_workers", "0")) == 0
+    assert f"resuming from {out / f'checkpoint-{step}'}" in capsys.readouterr().out
+    assert (out / "model.safetensors").is_file()

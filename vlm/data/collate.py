@@ -6,6 +6,9 @@ Design choices:
   text-only sample contributes nothing and a batch without images gets `pixel_values=None`.
 - Labels are padded with -100 (no loss on padding); the loss shifts, so padding needs no care here.
 - Right padding for training, left padding for generation (new tokens append at the end of every row).
+- Samples the dataset replaced (`SupervisedDataset(on_bad_image="replace")`) travel with the batch under
+  `DATA_DROPS_KEY`, present only when there are some: a collator may run in a DataLoader worker, so the
+  batch is how the count reaches the trainer, which removes the key before the forward.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from typing import Any
 import torch
 
 from .conversation import IGNORE_INDEX
+from .dataset import DATA_DROPS_KEY
 
 PADDING_SIDES = ("right", "left")
 
@@ -23,7 +27,8 @@ class DataCollator:
     """Pads a list of `{"input_ids" (T,), "labels" (T,) optional, "pixel_values" (n, 3, H, W) or None}`.
 
     Returns `{"input_ids" (B, T), "attention_mask" (B, T), "labels" (B, T) if given, "pixel_values"
-    (N, 3, H, W) or None}`. Other keys of the samples are ignored.
+    (N, 3, H, W) or None}`, and `DATA_DROPS_KEY`: the samples' drop lists joined, when any sample has one.
+    Other keys of the samples are ignored.
     """
 
     def __init__(self, pad_token_id: int, padding_side: str = "right", pad_to_multiple_of: int | None = None):
@@ -37,7 +42,7 @@ class DataCollator:
         self.padding_side = padding_side
         self.pad_to_multiple_of = pad_to_multiple_of
 
-    def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor | None]:
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
         if not features:
             raise ValueError("cannot collate an empty list of samples")
         has_labels = ["labels" in f and f["labels"] is not None for f in features]
@@ -61,6 +66,9 @@ class DataCollator:
                     raise ValueError(f"sample {i}: labels shape {tuple(label.shape)} != input_ids shape {tuple(row.shape)}")
             batch["labels"] = self._pad(labels, width, IGNORE_INDEX)  # (B, T)
         batch["pixel_values"] = _concat_images(features)  # (N, 3, H, W) or None
+        drops = [drop for f in features for drop in f.get(DATA_DROPS_KEY) or ()]
+        if drops:
+            batch[DATA_DROPS_KEY] = drops
         return batch
 
     def _pad(self, rows: list[torch.Tensor], width: int, value: int) -> torch.Tensor:

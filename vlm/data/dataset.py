@@ -16,6 +16,13 @@ Design choices:
   (`validate_sample`, `ImageFolder.open`, `encode_sample`); a failure raises the `SampleError`
   with the dataset index, the sample id and the file. Training validates up front with
   `check.py` and passes the kept indices (`indices=`), so this is the last line of defence.
+- An image that passed the up-front check but cannot be used when its batch is built (corrupt bytes
+  under the default `--check_images exists`, a file deleted or swapped since) would crash a run hours
+  in. With `on_bad_image="replace"` (training) such a sample is replaced by the next usable sample in
+  dataset order, so the step still runs and the same bad file always gets the same stand-in, and the
+  returned item carries `DATA_DROPS_KEY`: the dropped samples (position, id, reason, detail). Counting
+  happens where the batch is consumed (`vlm.train.data_drops`), because this code may run in a
+  DataLoader worker process whose memory the trainer never sees.
 - No open file handles are held and everything pickles, so DataLoader workers (fork or spawn) work.
 """
 
@@ -34,6 +41,10 @@ from vlm.data.templates import Template, get_template
 from vlm.visual.processor import PIL_DEFAULT_MAX_IMAGE_PIXELS
 
 BYTES_PER_TOKEN = 4  # for the `lengths` estimate
+DATA_DROPS_KEY = "data_drops"  # item/batch key listing samples replaced at run time
+IMAGE_REASONS = ("unreadable_image", "missing_image", "unsafe_path")  # what a file can turn into after the check
+ON_BAD_IMAGE = ("raise", "replace")
+MAX_REPLACEMENT_TRIES = 64  # consecutive unusable samples before giving up (the drop ratio stops a run long before)
 
 
 class SupervisedDataset(Dataset):
@@ -54,6 +65,8 @@ class SupervisedDataset(Dataset):
         seed: mixing seed (repeat fractions, `max_samples`).
         indices: positions of the mixed records to expose (e.g. the kept indices from `check_dataset`).
         max_image_pixels: decoding limit passed to `load_image`.
+        on_bad_image: "raise" (a `SampleError`) or "replace" (the next usable sample, reported under
+            `DATA_DROPS_KEY`; module docstring) for a sample whose image cannot be used.
 
     Attributes:
         records: the indexed `MixedRecords`.
@@ -77,7 +90,12 @@ class SupervisedDataset(Dataset):
         seed: int = 0,
         indices: Sequence[int] | None = None,
         max_image_pixels: int | None = PIL_DEFAULT_MAX_IMAGE_PIXELS,
+        on_bad_image: str = "raise",
     ):
+        if on_bad_image not in ON_BAD_IMAGE:
+            raise ValueError(f"on_bad_image={on_bad_image!r}; expected one of {ON_BAD_IMAGE}")
+        self.on_bad_image = on_bad_image
+        self._unusable: set[int] = set()  # positions found bad in this process: not tried again as stand-ins
         if isinstance(sources, MixedRecords):
             self.records = sources
         else:
@@ -106,8 +124,34 @@ class SupervisedDataset(Dataset):
     def __len__(self) -> int:
         return len(self._positions)
 
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor | None]:
-        """`{"input_ids": LongTensor (T,), "labels": LongTensor (T,), "pixel_values": FloatTensor (n, 3, H, W) | None}`."""
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        """`{"input_ids": LongTensor (T,), "labels": LongTensor (T,), "pixel_values": FloatTensor (n, 3, H, W) | None}`,
+        plus `DATA_DROPS_KEY: [{"index", "id", "reason", "detail"}, ...]` when samples were replaced."""
+        if self.on_bad_image == "raise":
+            return self._encode(index)
+        drops: list[dict[str, Any]] = []
+        for step in range(min(len(self), MAX_REPLACEMENT_TRIES)):
+            position = (index + step) % len(self)
+            if position in self._unusable:
+                continue
+            try:
+                item = self._encode(position)
+            except SampleError as e:
+                if e.reason not in IMAGE_REASONS:
+                    raise
+                self._unusable.add(position)
+                drops.append({"index": self._positions[position], "id": e.sample_id, "reason": e.reason,
+                              "detail": e.detail})
+                continue
+            if drops:
+                item[DATA_DROPS_KEY] = drops
+            return item
+        raise SampleError(drops[-1]["reason"] if drops else "unreadable_image",
+                          f"{len(drops)} consecutive samples from index {index} have unusable images (first: "
+                          f"{drops[0]['detail'] if drops else '?'}); check the image folder",
+                          index=index)
+
+    def _encode(self, index: int) -> dict[str, torch.Tensor | None]:
         item, folder, where = self.records[self._positions[index]]
         sample_id = item.get("id") if isinstance(item, dict) else item.sample_id
         try:

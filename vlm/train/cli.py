@@ -59,7 +59,8 @@ def build_train_dataset(data_args, training_args, tokenizer, image_processor, nu
               f"(report: {report_path})", flush=True)
     enforce_max_drop_ratio(report, data_args.max_drop_ratio, report_path=report_path)
     return SupervisedDataset(records, tokenizer, template, image_processor, num_image_tokens=num_image_tokens,
-                             max_length=training_args.model_max_length, truncate=data_args.truncate, indices=kept)
+                             max_length=training_args.model_max_length, truncate=data_args.truncate, indices=kept,
+                             on_bad_image="replace")  # counted and stopped by vlm.train.data_drops
 
 
 def template_for(data_args, model_args, tokenizer=None, *, cache_dir: str | None = None) -> str:
@@ -159,6 +160,7 @@ def _fit_locked(model, tokenizer, image_processor, data_args, training_args, *, 
     from vlm.data.collate import DataCollator
     from vlm.train.callbacks import LOSS_PLOT, METRICS_FILE, MetricsCallback, ProgressBarCallback, plot_loss, \
         truncate_metrics
+    from vlm.train.data_drops import data_drops_callbacks, raise_if_stopped
     from vlm.train.model_setup import count_parameters
     from vlm.train.run_folder import check_checkpoint, checkpoint_step, find_resume_checkpoint, finished_step
     from vlm.train.trainer import STAGING_DIR, VLMTrainer, unwrap
@@ -197,7 +199,8 @@ def _fit_locked(model, tokenizer, image_processor, data_args, training_args, *, 
         data_collator=DataCollator(pad_token_id=tokenizer.pad_token_id),
         image_processor=image_processor, template=template, lora=training_args.lora_enable,
         save_projector=save_projector,
-        callbacks=[MetricsCallback()],
+        callbacks=[MetricsCallback(), *data_drops_callbacks(dataset, data_args.max_drop_ratio,
+                                                            os.path.join(training_args.output_dir, "data_report.json"))],
     )
     trainer.remove_callback(ProgressCallback)
     trainer.remove_callback(PrinterCallback)
@@ -215,6 +218,7 @@ def _fit_locked(model, tokenizer, image_processor, data_args, training_args, *, 
         trainer.state = TrainerState.load_from_json(os.path.join(resume, "trainer_state.json"))
     else:
         trainer.train(resume_from_checkpoint=resume)
+        raise_if_stopped(trainer)  # too many unusable images: a checkpoint, no final model
     trainer.save_model(final_dir or out)  # first the model, then the plot: a plotting failure loses nothing
     if main_process:
         plot_loss(os.path.join(out, METRICS_FILE), os.path.join(out, LOSS_PLOT))
@@ -295,6 +299,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"train.py: error: {exc}", file=sys.stderr)
             return 2
         from vlm.data.errors import DataError
+        from vlm.train.data_drops import DataDropsExceeded
         from vlm.train.run_folder import RunFolderError
 
         try:
@@ -303,6 +308,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"train.py: error: {exc}", file=sys.stderr)
             return 2
         except RunFolderError as exc:  # another run's folder, a lock, a damaged checkpoint: one line
+            print(f"train.py: error: {exc}", file=sys.stderr)
+            return 2
+        except DataDropsExceeded as exc:  # too many images unusable mid-run: stopped at a checkpoint
             print(f"train.py: error: {exc}", file=sys.stderr)
             return 2
     except KeyboardInterrupt:  # Ctrl-C: where to pick up, not a traceback

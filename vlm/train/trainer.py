@@ -28,6 +28,7 @@ from transformers.trainer_utils import rotate_checkpoints
 from safetensors.torch import save_file
 
 from vlm.checkpoint import check_state_fits, load_state_dict, load_state_dict_strict, save_model_folder
+from vlm.train.data_drops import record_drops
 
 STAGING_DIR = ".incomplete"
 PROJECTOR_FILE = "mm_projector.safetensors"
@@ -168,6 +169,7 @@ class VLMTrainer(Trainer):
 
     # -- throughput -----------------------------------------------------------------------------
     def training_step(self, model, inputs, num_items_in_batch=None):
+        record_drops(self, inputs)  # samples the dataset replaced: counted, and off the batch before the forward
         mask = inputs.get("attention_mask")
         tokens = int(mask.sum()) if mask is not None else inputs["input_ids"].numel()
         if getattr(self, "_last_log_time", None) is None:

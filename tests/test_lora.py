@@ -241,7 +241,7 @@ def test_base_that_does_not_match_is_named(run, tmp_path):
     Qwen2ForCausalLM(tiny_llm_config("qwen2", hidden_size=32)).save_pretrained(wrong)
     with pytest.raises(ValueError, match=r"does not fit the model base .*hidden_size=64.*hidden_size=32.*--model-base"):
         load_lora_run(folder, model_base=str(wrong))
-    assert main(["--model-path", folder, "--model-base", str(wrong), "--output", str(tmp_path / "o")]) == 1
+    assert main(["--model-path", folder, "--model-base", str(wrong), "--output", str(tmp_path / "o")]) == 2
 
 
 def test_run_without_base_or_files(run, tmp_path):

@@ -350,7 +350,7 @@ def test_lora_onto_a_same_shaped_other_base_is_refused_and_forced(lora_setup, ca
         load_lora_run(run, model_base=other)
     message = str(raised.value)
     assert repr(base) in message and repr(other) in message and "--force-base" in message
-    assert main(["--model-path", run, "--model-base", other, "--output", str(tmp_path / "refused")]) != 0
+    assert main(["--model-path", run, "--model-base", other, "--output", str(tmp_path / "refused")]) == 2
     line = one_line_error(capsys.readouterr().err)
     assert repr(base) in line and repr(other) in line and not (tmp_path / "refused").exists()
 

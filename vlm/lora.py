@@ -596,7 +596,7 @@ def main(argv: list[str] | None = None) -> int:
         merge_lora_run(args.model_path, args.output, args.model_base, dtype=args.dtype,
                        trust_remote_code=args.trust_remote_code, force_base=args.force_base)
     except (FileNotFoundError, ValueError) as exc:
-        print(f"vlm merge-lora: {exc}", file=sys.stderr)
-        return 1
+        print(f"vlm merge-lora: error: {exc}", file=sys.stderr)
+        return 2  # a user mistake (the project's exit-code policy)
     print(f"merged model written to {args.output}", file=sys.stderr)
     return 0

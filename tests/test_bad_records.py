@@ -287,3 +287,18 @@ def test_training_with_a_broken_mix_file_is_one_line(tiny_models, tmp_path, caps
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and "Traceback" not in "\n".join(err), err  # above it: the model loading's progress bars
     assert err[-1].startswith(f"train.py: error: {mix}: not valid YAML at line 3"), err
+
+
+def test_lone_surrogate_in_a_whole_object_file_is_that_record(tmp_path, data_image_folder):
+    """COCO files are loaded whole (no line to blame): the mix store refuses the one sample it cannot write."""
+    from vlm.data.mix import MixedRecords
+
+    captions = ["a cat \\ud800" if k == 3 else "a cat" for k in range(GOOD + 1)]  # the raw JSON escape
+    annotations = ",".join(f'{{"id": {k}, "image_id": 1, "caption": "{c}"}}' for k, c in enumerate(captions))
+    path = tmp_path / "captions.json"
+    path.write_text(f'{{"images": [{{"id": 1, "file_name": "ok.png"}}], "annotations": [{annotations}]}}', encoding="utf-8")
+    records = MixedRecords([Source(str(path), image_folder=str(data_image_folder))])
+    kept, report = check_dataset(records, **{**CHECK, "template": "plain"})
+    assert report["kept"] == GOOD and kept == [0, 1, 2, 4, 5]
+    (problem,) = report["problems"]
+    assert problem["id"] == "3" and "captions.json record 3" in problem["detail"] and "surrogate" in problem["detail"]

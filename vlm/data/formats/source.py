@@ -224,7 +224,7 @@ def iter_json_array(path: str | Path, chunk_chars: int = _CHUNK_CHARS) -> Iterat
     with open(path, "rb") as f:
         stream = _JsonStream(f, chunk_chars)
         if stream.peek() != "[":
-            raise ValueError(f"{path}: not a JSON array")
+            raise DataError(f"{path}: not a JSON array")
         stream.pos += 1
         if stream.peek() == "]":
             return

@@ -311,3 +311,27 @@ def test_too_many_unreadable_images_stop_the_run_with_a_checkpoint_and_one_line(
     assert train_main(_train_flags(train_workspace, data, out, "--dataloader_num_workers", "0")) == 0
     assert f"resuming from {out / f'checkpoint-{step}'}" in capsys.readouterr().out
     assert (out / "model.safetensors").is_file()
+
+
+def test_drops_met_by_different_ranks_are_gathered_and_stop_every_rank_at_one_step(train_workspace, tmp_path):
+    """torchrun, 2 processes: samples 1 and 2 are bad and go to different ranks in the first step (whether the
+    batches are split by sample or by batch); both reach rank 0's report, and both ranks stop at step 1 with
+    one checkpoint and one line (a rank stopping alone would leave the other hanging in a collective)."""
+    import os
+    import subprocess
+    import sys
+
+    data, bad_ids = _plant_corrupt_image(train_workspace, tmp_path, bad=(1, 2))
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train.py"]
+    run = subprocess.run([*torchrun, *_train_flags(train_workspace, data, out, "--per_device_train_batch_size", "2",
+                                                   "--train_sampling_strategy", "sequential",
+                                                   "--dataloader_num_workers", "0")],
+                         cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode != 0
+    lines = [line for line in run.stderr.splitlines() if line.startswith("train.py: error:")]
+    assert len(lines) == 1 and lines[0].startswith("train.py: error: stopped at step 1: 2 sample(s)"), run.stderr[-3000:]
+    report = json.loads((out / "data_report.json").read_text())
+    assert sorted(p["id"] for p in report["problems"]) == sorted(bad_ids) and report["kept"] == 30
+    assert (out / "checkpoint-1").is_dir() and not (out / "model.safetensors").exists()

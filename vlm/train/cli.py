@@ -311,7 +311,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"train.py: error: {exc}", file=sys.stderr)
             return 2
         except DataDropsExceeded as exc:  # too many images unusable mid-run: stopped at a checkpoint
-            print(f"train.py: error: {exc}", file=sys.stderr)
+            if training_args.process_index == 0:  # every rank stops at the same step; one line for the run
+                print(f"train.py: error: {exc}", file=sys.stderr)
             return 2
     except KeyboardInterrupt:  # Ctrl-C: where to pick up, not a traceback
         if training_args is None:

@@ -363,6 +363,21 @@ def test_lora_onto_a_same_shaped_other_base_is_refused_and_forced(lora_setup, ca
     assert not torch.equal(forced.state_dict()[name], right.state_dict()[name])
 
 
+def test_a_reloaded_run_saved_again_keeps_its_base_fingerprint(lora_setup, tmp_path):
+    """Reloaded (eval, nothing trainable) and saved again: the same fingerprint, never the run's own resized
+    embeddings, so the copy still loads onto its base."""
+    from vlm.lora import BASE_FINGERPRINT_NAME, load_lora_run, save_lora_run
+
+    run, _, other, _ = lora_setup
+    save_lora_run(load_lora_run(run), tmp_path / "again")
+    first = json.loads((Path(run) / BASE_FINGERPRINT_NAME).read_text())
+    assert json.loads((tmp_path / "again" / BASE_FINGERPRINT_NAME).read_text()) == first
+    assert "model.embed_tokens.weight" not in first["tensors"]
+    load_lora_run(tmp_path / "again")
+    with pytest.raises(ValueError, match="--force-base"):
+        load_lora_run(tmp_path / "again", model_base=other)
+
+
 def test_the_same_base_is_accepted_by_weights_not_by_name(lora_setup):
     """A copy of the base in another folder, and the base loaded in bfloat16, are the same base."""
     from vlm.lora import load_lora_run

@@ -292,7 +292,8 @@ def save_lora_run(model, folder: str | os.PathLike, *, tokenizer=None, image_pro
         adapter_config.base_model_name_or_path = adapter_config.base_model_name_or_path or config.llm.name_or_path
     # Embeddings are handled by non_lora_trainables; "auto" would look the base up on the Hub.
     model.save_pretrained(str(folder), save_embedding_layers=False)
-    save_file(non_lora_state(model, cache_dir=cache_dir), os.path.join(folder, NON_LORA_NAME), metadata={"format": "pt"})
+    non_lora = non_lora_state(model, cache_dir=cache_dir)
+    save_file(non_lora, os.path.join(folder, NON_LORA_NAME), metadata={"format": "pt"})
     config = copy.deepcopy(config)
     config.llm.hf_config = vlm_model.config.to_dict()
     # The run describes the full-precision architecture (merge-lora rebuilds it); a quantised LLM's recipe
@@ -305,7 +306,7 @@ def save_lora_run(model, folder: str | os.PathLike, *, tokenizer=None, image_pro
     config.vision.hf_config = vlm_model.vision_tower.model.config.to_dict()
     config.vision.frozen = vlm_model.vision_tower.frozen
     config.save(folder)
-    fingerprint = base_fingerprint(model)
+    fingerprint = base_fingerprint(model, saved=set(non_lora))
     if fingerprint is not None:
         fingerprint["base"] = next(iter(model.peft_config.values())).base_model_name_or_path
         with open(os.path.join(folder, BASE_FINGERPRINT_NAME), "w", encoding="utf-8") as f:
@@ -329,11 +330,11 @@ def _tensor_record(tensor: torch.Tensor) -> dict[str, Any]:
             "sample": t.reshape(-1)[index].float().tolist()}
 
 
-def base_fingerprint(model) -> dict[str, Any] | None:
+def base_fingerprint(model, *, saved: set[str] | None = None) -> dict[str, Any] | None:
     """What identifies the base weights of a LoRA `PeftModel`: a few frozen LLM tensors the run does not save
     (first, middle and last in model order, 2-D ones preferred), each with its sha256 and a sample of values.
     Quantised (integer) and partitioned (empty) tensors are skipped; None when nothing is left."""
-    saved = set(non_lora_state(model).keys()) if any(p.requires_grad for p in model.parameters()) else set()
+    saved = set(non_lora_state(model)) if saved is None else saved  # the run's own tensors are not the base's
     candidates = []
     for name, p in model.get_base_model().named_parameters():
         plain = _plain_name(name)

@@ -304,3 +304,120 @@ def test_template_escape_is_one_line_naming_the_template(model_dir, image, tmp_p
     assert code == 2
     assert f"the chat_template of {folder}" in line and "blocked by Jinja's sandbox: SecurityError" in line, line
     assert "built-in" in line
+
+
+# ---------------------------------------------------------------------------------------------------------
+# weight files: corrupt safetensors, a pickle that would run code
+
+
+def _truncate(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+WEIGHT_FAULTS = {
+    "truncated": (_truncate, "incomplete metadata"),
+    "garbage": (lambda p: p.write_bytes(bytes(range(256)) * 3), "header too large"),
+    "huge_header": (lambda p: p.write_bytes((2**40).to_bytes(8, "little") + b"{}"), "header too large"),
+    "empty": (lambda p: p.write_bytes(b""), "header too small"),
+    "bad_header_json": (lambda p: p.write_bytes((5).to_bytes(8, "little") + b"{abc}"), "invalid JSON in header"),
+}
+
+
+@pytest.mark.parametrize("fault", sorted(WEIGHT_FAULTS))
+def test_corrupt_safetensors_is_one_line_naming_the_file(fault, model_dir, tmp_path, capsys, monkeypatch):
+    folder = planted(model_dir, tmp_path, "vlm_generation.json", text=json.dumps({"template": "chatml"}))
+    plant, reason = WEIGHT_FAULTS[fault]
+    plant(folder / "model.safetensors")
+    code, err = chat_load(folder, capsys, monkeypatch)
+    line = one_line(err)
+    assert code == 2 and f"{folder / 'model.safetensors'} is not a readable safetensors file" in line, line
+    assert reason in line and "save or download it again" in line
+
+
+class _Payload:
+    """Unpickling this runs `open(marker, "w")`: a stand-in for a malicious `pytorch_model.bin`."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_pickle_that_would_run_code_is_refused_naming_the_file_without_suggesting_weights_only_false(tmp_path):
+    import torch
+
+    from vlm.checkpoint import read_pickled_weights
+
+    marker = tmp_path / "ran"
+    evil = tmp_path / "pytorch_model.bin"
+    torch.save({"w": torch.zeros(2), "x": _Payload(str(marker))}, evil)
+    with pytest.raises(ValueError) as caught:
+        read_pickled_weights(evil)
+    message = str(caught.value)
+    assert str(evil) in message and "holds objects other than tensors" in message and "not loaded" in message
+    assert "weights_only" not in message and "\n" not in message
+    assert not marker.exists()  # nothing ran
+    plain = tmp_path / "plain.bin"
+    torch.save({"w": torch.arange(3.0)}, plain)
+    assert torch.equal(read_pickled_weights(plain)["w"], torch.arange(3.0))
+    truncated = tmp_path / "truncated.bin"
+    truncated.write_bytes(plain.read_bytes()[:40])
+    with pytest.raises(ValueError, match=r"truncated\.bin is not a readable PyTorch weights file"):
+        read_pickled_weights(truncated)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# a LoRA run whose adapter_config.json disagrees with its weights
+
+
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory) -> Path:
+    import torch
+    from transformers import Qwen2ForCausalLM
+
+    from vlm.data.tokenizer import build_tokenizer
+    from vlm.lora import apply_lora, save_lora_run
+    from vlm.testing import tiny_llm_config, tiny_vision_config
+
+    root = tmp_path_factory.mktemp("one_line_lora")
+    torch.manual_seed(0)
+    Qwen2ForCausalLM(tiny_llm_config("qwen2", vocab_size=256)).save_pretrained(root / "base")
+    tokenizer = build_tokenizer(["what color is the circle? red green blue square"] * 3, vocab_size=300)
+    config = vlm.VLMConfig(vision=vlm.VisionConfig(hf_config=tiny_vision_config().to_dict()),
+                           llm=vlm.LLMConfig(name_or_path=str(root / "base")))
+    model = apply_lora(vlm.build_model(config, tokenizer=tokenizer), r=4, alpha=8)
+    save_lora_run(model, root / "run", tokenizer=tokenizer)
+    return root / "run"
+
+
+def test_lora_rank_that_disagrees_with_the_weights_is_one_line(lora_run, tmp_path, capsys):
+    from vlm.cli import main as vlm_main
+
+    bad = planted(lora_run, tmp_path, "adapter_config.json", edit=_set("r", 8))
+    code = vlm_main(["merge-lora", "--model-path", str(bad), "--output", str(tmp_path / "merged")])
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "size mismatch" not in err
+    line = [line for line in err.splitlines() if "adapter_config.json" in line]
+    assert code == 2 and len(line) == 1, err
+    assert f"{bad / 'adapter_config.json'} says r=8 but adapter_model.safetensors holds rank-4 adapters" in line[0]
+    assert not (tmp_path / "merged").exists()
+    # the untouched run merges
+    assert vlm_main(["merge-lora", "--model-path", str(lora_run), "--output", str(tmp_path / "good")]) == 0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the `vlm` command: a ValueError a subcommand lets through is still one line and exit 2
+
+
+def test_vlm_command_turns_an_uncaught_user_error_into_one_line(monkeypatch, capsys):
+    import vlm.evaluate
+    from vlm.cli import main as vlm_main
+
+    def raising(argv):
+        raise ValueError("data.json record 3: no 'conversations'")
+
+    monkeypatch.setattr(vlm.evaluate, "main", raising)
+    assert vlm_main(["eval"]) == 2
+    assert one_line(capsys.readouterr().err) == "vlm eval: error: data.json record 3: no 'conversations'"

@@ -136,12 +136,43 @@ def check_weight_index(folder: str | os.PathLike) -> None:
             shard_path(folder, shard, index)
 
 
+def read_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The tensors of one safetensors file; ValueError naming the file when it is truncated, not safetensors
+    or has an absurd header (safetensors' own message names no file)."""
+    from safetensors import SafetensorError
+
+    try:
+        return load_file(path)
+    except SafetensorError as exc:
+        raise ValueError(f"{os.fspath(path)} is not a readable safetensors file ({exc}); it is truncated or corrupt: "
+                         "save or download it again") from None
+
+
+def read_pickled_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The tensors of a PyTorch pickle (`pytorch_model.bin`), read with `weights_only=True`, so nothing in it
+    runs. A file holding anything else is refused naming the file; torch's own message would suggest
+    `weights_only=False`, i.e. running the file's code, which we never do."""
+    import pickle
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        blocked = re.search(r"unsupported GLOBAL (\S+)", str(exc))
+        what = f" (it asks for {blocked.group(1)})" if blocked else ""
+        raise ValueError(f"{os.fspath(path)} holds objects other than tensors{what}, code a pickle can run; it was "
+                         "not loaded. Use a safetensors copy of these weights from a source you trust") from None
+    except (RuntimeError, EOFError) as exc:  # truncated or not a torch file ("failed finding central directory")
+        first = str(exc).split(". ")[0]
+        raise ValueError(f"{os.fspath(path)} is not a readable PyTorch weights file ({first}); it is truncated or "
+                         "corrupt: download it again") from None
+
+
 def load_state_dict(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Read `model.safetensors` or the shards named by `model.safetensors.index.json`."""
     single = os.path.join(folder, WEIGHTS_NAME)
     index = os.path.join(folder, WEIGHTS_INDEX_NAME)
     if os.path.isfile(single):
-        return load_file(single)
+        return read_safetensors(single)
     if os.path.isfile(index):
         with open(index, encoding="utf-8") as f:
             weight_map = json.load(f)["weight_map"]
@@ -150,7 +181,7 @@ def load_state_dict(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
             path = shard_path(folder, shard, index)
             if not os.path.isfile(path):
                 raise FileNotFoundError(f"shard {shard!r} listed in {index} is missing")
-            state.update(load_file(path))
+            state.update(read_safetensors(path))
         return state
     raise FileNotFoundError(
         f"no weights in {str(folder)!r}: expected {WEIGHTS_NAME} or {WEIGHTS_INDEX_NAME} (vlm saves safetensors only)"

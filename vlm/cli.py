@@ -44,6 +44,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback (train and demo say where to resume)
         print(f"\nvlm {name}: interrupted", file=sys.stderr, flush=True)
         return 130
+    except (ValueError, FileNotFoundError) as exc:  # a user mistake a subcommand did not catch: still one line
+        print(f"vlm {name}: error: {exc}", file=sys.stderr, flush=True)
+        return 2
     return int(result or 0)
 
 

@@ -47,8 +47,10 @@ from collections import defaultdict
 from typing import Any, Sequence
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
+
+from vlm.checkpoint import read_safetensors
 
 NON_LORA_NAME = "non_lora_trainables.safetensors"
 ADAPTER_CONFIG_NAME = "adapter_config.json"
@@ -221,7 +223,7 @@ def load_adapter_weights(peft_model, folder: str | os.PathLike) -> None:
                                 "adapter folder (a vlm LoRA run or PeftModel.save_pretrained output)")
     from vlm.checkpoint import check_state_fits
 
-    saved = load_file(path)
+    saved = read_safetensors(path)
     check_state_fits(saved, get_peft_model_state_dict(peft_model, save_embedding_layers=False),
                      source=f"the adapter in --lora_weight_path {str(folder)!r}",
                      hint="; use the same --lora_r, --target_modules and --lora_bias as the run that saved it")
@@ -502,7 +504,7 @@ def load_lora_run(folder: str | os.PathLike, model_base: str | None = None, *,
     torch_dtype = resolve_dtype(config.dtype)
     state, base = _base_state(config, model_base, folder, torch_dtype, cache_dir, trust_remote_code)
     check_base_fingerprint(folder, state, base, force=force_base)
-    non_lora = load_file(os.path.join(folder, NON_LORA_NAME))
+    non_lora = read_safetensors(os.path.join(folder, NON_LORA_NAME))
 
     with no_init_weights():
         model = build_model(config, load_weights=False)
@@ -524,8 +526,9 @@ def load_lora_run(folder: str | os.PathLike, model_base: str | None = None, *,
 
         model = quantize_llm(model, quantization, device=device or "cpu")
 
+    saved = read_safetensors(os.path.join(folder, ADAPTER_WEIGHTS_NAME))
+    check_adapter_rank(folder, saved)  # else peft fails with a page of "size mismatch" lines
     peft_model = PeftModel.from_pretrained(model, folder)
-    saved = load_file(os.path.join(folder, ADAPTER_WEIGHTS_NAME))
     loaded = get_peft_model_state_dict(peft_model, save_embedding_layers=False)
     if saved.keys() != loaded.keys():
         raise ValueError(
@@ -535,6 +538,26 @@ def load_lora_run(folder: str | os.PathLike, model_base: str | None = None, *,
     if device is not None and quantization is None:  # a quantised LLM is placed when it is loaded
         peft_model = peft_model.to(device)
     return peft_model.eval()
+
+
+def check_adapter_rank(folder: str | os.PathLike, saved: dict[str, torch.Tensor]) -> None:
+    """ValueError naming both files when `adapter_config.json`'s rank `r` (or its `rank_pattern`) disagrees with
+    the rank of the `lora_A` matrices in the adapter weights (files of two different runs)."""
+    from vlm.config import read_json_object
+
+    path = os.path.join(folder, ADAPTER_CONFIG_NAME)
+    config = read_json_object(path)
+    r, pattern = config.get("r"), config.get("rank_pattern") or {}
+    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+        raise ValueError(f"{path}: r={r!r} must be a positive integer (the LoRA rank)")
+    allowed = {r, *(v for v in pattern.values() if isinstance(v, int))} if isinstance(pattern, dict) else {r}
+    for key, tensor in saved.items():
+        if key.endswith("lora_A.weight") and tensor.shape[0] not in allowed:
+            raise ValueError(
+                f"{path} says r={r} but {ADAPTER_WEIGHTS_NAME} holds rank-{tensor.shape[0]} adapters ({key}: "
+                f"{tuple(tensor.shape)}); the two files come from different runs: restore the run's "
+                f"{ADAPTER_CONFIG_NAME} (r={tensor.shape[0]})"
+            )
 
 
 def merge_lora(model):

@@ -77,7 +77,7 @@ def vlm_config_from_llava_original(data: dict[str, Any], where: str = "config.js
 
 def read_checkpoint(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
     """All tensors of a folder: safetensors (single or sharded) or `pytorch_model*.bin` (weights only)."""
-    from vlm.checkpoint import WEIGHTS_INDEX_NAME, WEIGHTS_NAME, load_state_dict, shard_path
+    from vlm.checkpoint import WEIGHTS_INDEX_NAME, WEIGHTS_NAME, load_state_dict, read_pickled_weights, shard_path
 
     folder = str(folder)
     if os.path.isfile(os.path.join(folder, WEIGHTS_NAME)) or os.path.isfile(os.path.join(folder, WEIGHTS_INDEX_NAME)):
@@ -94,7 +94,7 @@ def read_checkpoint(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
                 f"no weights in LLaVA folder {folder!r}: expected model.safetensors(.index.json) or "
                 f"pytorch_model.bin(.index.json); {name} is missing"
             )
-        state.update(torch.load(path, map_location="cpu", weights_only=True))
+        state.update(read_pickled_weights(path))  # weights_only=True; refusals name the file
     return state
 
 

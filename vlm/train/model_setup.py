@@ -25,9 +25,8 @@ from __future__ import annotations
 import os
 
 import torch
-from safetensors.torch import load_file
 
-from vlm.checkpoint import load_state_dict, load_state_dict_strict
+from vlm.checkpoint import load_state_dict, load_state_dict_strict, read_pickled_weights, read_safetensors
 from vlm.config import LLMConfig, ProjectorConfig, VisionConfig, VLMConfig
 from vlm.model import build_model, from_pretrained
 from vlm.visual.processor import ImageProcessor
@@ -100,10 +99,7 @@ def load_projector_weights(model, path: str) -> None:
         path = next((c for c in candidates if os.path.isfile(c)), candidates[0])
     if not os.path.isfile(path):
         raise FileNotFoundError(f"--pretrain_mm_mlp_adapter: {path!r} not found")
-    if path.endswith(".safetensors"):
-        state = load_file(path)
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+    state = read_safetensors(path) if path.endswith(".safetensors") else read_pickled_weights(path)
     # Accept ours (mm_projector.0.weight), LLaVA's (model.mm_projector.0.weight) and bare (0.weight).
     state = {k.split("mm_projector.", 1)[-1]: v for k, v in state.items()}
     load_state_dict_strict(model.mm_projector, state, source=f"projector weights {path!r}")

@@ -83,6 +83,19 @@ def test_rerun_of_a_finished_run_only_rewrites_its_model(ws, reference, tmp_path
     assert checkpoints(out) == ["checkpoint-2", "checkpoint-4"]
 
 
+def test_rerun_of_a_finished_lora_run_only_rewrites_its_adapter(ws, tmp_path, capsys):
+    out = tmp_path / "lora"
+    lora = ("--lora_enable", "True", "--lora_r", "4", "--lora_alpha", "8", "--mm_projector_lr", "1e-3")
+    assert train_main(flags(ws, out, *lora, steps=2)) == 0
+    saved = {n: (out / n).read_bytes() for n in ("adapter_model.safetensors", "non_lora_trainables.safetensors")}
+    (out / "adapter_model.safetensors").unlink()  # killed during the final save
+    capsys.readouterr()
+    assert train_main(flags(ws, out, *lora, steps=2)) == 0
+    assert "training already finished at step 2" in capsys.readouterr().out
+    assert checkpoints(out) == ["checkpoint-2"]
+    assert {n: (out / n).read_bytes() for n in saved} == saved
+
+
 # -- 2. another run's folder; the lock --------------------------------------------------------------
 
 def test_another_runs_folder_is_refused_naming_the_flags(ws, reference, tmp_path, capsys):
@@ -115,6 +128,14 @@ def test_another_runs_folder_is_refused_naming_the_flags(ws, reference, tmp_path
     assert record["learning_rate"] == 5e-3 and record["seed"] == 1 and record["max_steps"] == 2
     assert [r["step"] for r in read_metrics(out / "metrics.jsonl")[0]] == [1, 2]
     assert (out / "model.safetensors").read_bytes() != before
+
+
+def test_a_folder_where_nothing_was_saved_takes_new_flags(ws, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()  # a first attempt that stopped before its first checkpoint (a data error, say)
+    (out / "vlm_run.json").write_text(json.dumps({"learning_rate": 0.5, "data_path": "typo.json"}))
+    assert train_main(flags(ws, out, steps=2)) == 0
+    assert json.loads((out / "vlm_run.json").read_text())["learning_rate"] == 1e-2
 
 
 def test_a_second_run_into_a_locked_folder_is_refused_and_a_stale_lock_taken_over(ws, tmp_path, capsys):

@@ -4,7 +4,7 @@ A rerun of the same command continues the run in `--output_dir`; these checks ma
 - the run record (`vlm_run.json`, written at the start) holds the run's *defining* flags, those that change
   what is trained (model, data, template, learning rates, seed, batch, steps/epochs, schedule, optimizer,
   LoRA/QLoRA). A folder recording other values is refused naming the flags that differ, with
-  `--overwrite_output_dir` to start over. Logging, saving cadence, workers, reporting and the output folder
+  `--overwrite_output_dir` to start over (a folder where no checkpoint or model was saved yet is simply reused). Logging, saving cadence, workers, reporting and the output folder
   itself are not defining: changing them continues the run.
 - a lock file (`.lock`, the writer's pid) keeps a second process out while the first runs; a lock whose pid
   is gone (the run was killed) is taken over with a notice.
@@ -103,7 +103,10 @@ def check_run_record(output_dir: str, record: dict, *, overwrite: bool, resume_g
         raise RunFolderError(f"run record {path} is unreadable ({exc}): pass --overwrite_output_dir to start over, "
                              "or another --output_dir") from None
     differ = [k for k in sorted(set(saved) | set(record)) if saved.get(k) != record.get(k)]
-    if differ:
+    # a run that stopped before saving anything (a data error, say) holds nothing to protect: started afresh
+    saved_work = list_checkpoints(output_dir) or any(
+        os.path.isfile(os.path.join(output_dir, name)) for name in ("config.json", "adapter_config.json"))
+    if differ and saved_work:
         shown = ", ".join(f"--{k} {saved.get(k)!r} (now {record.get(k)!r})" for k in differ[:4])
         more = f" and {len(differ) - 4} more" if len(differ) > 4 else ""
         raise RunFolderError(

@@ -15,6 +15,11 @@ loads the LLM's linear layers through bitsandbytes, on CUDA or on the CPU (bitsa
 the vision tower, projector, embeddings and lm_head stay in 16/32 bits, as LLaVA. A LoRA run loaded
 quantised is not merged: its adapters sit unmerged on the quantised base (quantised with the recipe the
 run recorded), which is the model it was trained as; merging into 4-bit weights would be lossy.
+
+A model folder is data, never code: one whose configs declare `auto_map` is refused unless the caller passes
+`trust_remote_code=True` (`--trust-remote-code`; `vlm.hub.check_remote_code`), weight index files may only
+name shards inside the folder (`vlm.checkpoint.check_weight_index`), and a LoRA run is refused on a base whose
+weights differ from the one it recorded (`vlm.lora.check_base_fingerprint`) unless `force_base=True`.
 """
 
 from __future__ import annotations

@@ -200,11 +200,23 @@ class FolderLock:
 
 # -- checkpoints --------------------------------------------------------------------------------------
 
+_checked: dict[tuple, str | None] = {}  # a checkpoint is read through once per process, not once per look
+
+
 def checkpoint_problem(folder: str) -> str | None:
-    """None when every file of the checkpoint reads back, else '<file>: <reason>'."""
+    """None when every file of the checkpoint reads back, else '<file>: <reason>'. Reads every byte of the
+    torch files (their CRCs), so a result is kept for the same files (names, sizes, mtimes)."""
+    names = set(os.listdir(folder))
+    key = (os.path.abspath(folder), *sorted((n, s.st_size, s.st_mtime_ns) for n in names
+                                            if (s := os.stat(os.path.join(folder, n)))))
+    if key not in _checked:
+        _checked[key] = _checkpoint_problem(folder, names)
+    return _checked[key]
+
+
+def _checkpoint_problem(folder: str, names: set[str]) -> str | None:
     from safetensors import safe_open
 
-    names = set(os.listdir(folder))
     if "trainer_state.json" not in names:
         return f"{os.path.join(folder, 'trainer_state.json')}: missing"
     weights = {"model.safetensors", "model.safetensors.index.json", "adapter_model.safetensors"}
@@ -267,10 +279,14 @@ def check_something_to_resume(output_dir: str, resume: str | None, *, overwrite:
     if resume is not None:
         check_checkpoint(resume)
         return
-    found = [] if overwrite else list_checkpoints(output_dir)
-    problems = [checkpoint_problem(folder) for folder in found]
-    if found and all(problems):
-        raise RunFolderError(f"no intact checkpoint to resume in {output_dir}: {problems[0]}; pass "
+    first_problem = None
+    for folder in [] if overwrite else list_checkpoints(output_dir):
+        problem = checkpoint_problem(folder)
+        if problem is None:
+            return
+        first_problem = first_problem or problem
+    if first_problem is not None:
+        raise RunFolderError(f"no intact checkpoint to resume in {output_dir}: {first_problem}; pass "
                              "--resume_from_checkpoint with an intact one, or --overwrite_output_dir to start over")
 
 

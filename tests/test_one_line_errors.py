@@ -421,3 +421,41 @@ def test_vlm_command_turns_an_uncaught_user_error_into_one_line(monkeypatch, cap
     monkeypatch.setattr(vlm.evaluate, "main", raising)
     assert vlm_main(["eval"]) == 2
     assert one_line(capsys.readouterr().err) == "vlm eval: error: data.json record 3: no 'conversations'"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# disk full
+
+
+def test_eval_prints_the_result_before_a_full_disk_refuses_the_output(model_dir, image, tmp_path, capsys, monkeypatch):
+    import vlm.evaluate
+
+    if not Path("/dev/full").exists():
+        pytest.skip("needs /dev/full (Linux) to fill the disk")
+    data = tmp_path / "eval.json"
+    data.write_text(json.dumps([{"id": "g", "image": "img.png", "conversations": [
+        {"from": "human", "value": "<image>\nq"}, {"from": "gpt", "value": "red"}]}]))
+    shutil.copy(image, tmp_path / "img.png")
+    result = {"accuracy": 1.0, "blind_accuracy": 0.0, "n": 1, "per_question_type": {}}
+    monkeypatch.setattr(vlm.evaluate, "evaluate_exact_match", lambda *a, **k: result)
+    code = vlm.evaluate.main(["--model", str(model_dir), "--data_path", str(data), "--image_folder", str(tmp_path),
+                              "--output", "/dev/full"])
+    out, err = capsys.readouterr()
+    assert code == 2 and "accuracy=1.0000 blind_accuracy=0.0000" in out
+    assert one_line(err.replace("template: 'chatml'\n", "")) == ("vlm eval: error: no space left on device writing --output '/dev/full'; the result is "
+                             "printed above: free space or choose another --output")
+
+
+def test_vlm_command_names_the_file_when_the_disk_is_full(monkeypatch, capsys):
+    import errno
+
+    import vlm.evaluate
+    from vlm.cli import main as vlm_main
+
+    def full(argv):
+        raise OSError(errno.ENOSPC, "No space left on device", "runs/x/checkpoint-5/model.safetensors")
+
+    monkeypatch.setattr(vlm.evaluate, "main", full)
+    assert vlm_main(["eval"]) == 2
+    line = one_line(capsys.readouterr().err)
+    assert line.startswith("vlm eval: error: no space left on device writing 'runs/x/checkpoint-5/model.safetensors'")

@@ -6,6 +6,7 @@ dependency of one subcommand never breaks another.
 
 from __future__ import annotations
 
+import errno
 import importlib
 import sys
 
@@ -46,6 +47,13 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except (ValueError, FileNotFoundError) as exc:  # a user mistake a subcommand did not catch: still one line
         print(f"vlm {name}: error: {exc}", file=sys.stderr, flush=True)
+        return 2
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        where = f" writing {exc.filename!r}" if exc.filename else ""
+        print(f"vlm {name}: error: no space left on device{where}; free space (or write elsewhere) and run the "
+              "command again", file=sys.stderr, flush=True)
         return 2
     return int(result or 0)
 

@@ -15,6 +15,7 @@ not like a wrong flag, and is reported and compared long after any warning has s
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import random
@@ -37,6 +38,9 @@ from vlm.generate import (
     pad_id,
     stop_token_ids,
 )
+
+
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
 def normalise(text: str) -> str:
@@ -194,11 +198,17 @@ def main(argv: list[str] | None = None) -> int:
     result = evaluate_exact_match(model, tokenizer, processor, records, args.image_folder, template=template,
                                   batch_size=args.batch_size)
     text = json.dumps(result, indent=2)
-    if args.output:
-        with open(args.output, "w", encoding="utf-8") as f:
-            f.write(text + "\n")
-    print(text)
+    print(text)  # first: a full disk or a bad --output must not cost the evaluation
     print(f"accuracy={result['accuracy']:.4f} blind_accuracy={result['blind_accuracy']:.4f}")
+    if args.output:
+        try:
+            with open(args.output, "w", encoding="utf-8") as f:
+                f.write(text + "\n")
+        except OSError as exc:
+            reason = "no space left on device" if exc.errno in DISK_FULL else (exc.strerror or str(exc))
+            print(f"vlm eval: error: {reason} writing --output {args.output!r}; the result is printed above: free "
+                  "space or choose another --output", file=sys.stderr)
+            return 2
     return 0
 
 

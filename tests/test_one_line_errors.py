@@ -459,3 +459,26 @@ def test_vlm_command_names_the_file_when_the_disk_is_full(monkeypatch, capsys):
     assert vlm_main(["eval"]) == 2
     line = one_line(capsys.readouterr().err)
     assert line.startswith("vlm eval: error: no space left on device writing 'runs/x/checkpoint-5/model.safetensors'")
+
+
+def test_vlm_command_says_disk_full_when_safetensors_cannot_write(monkeypatch, capsys):
+    """What a full disk looks like mid-training (measured on a 400 KiB tmpfs: save_file raises this)."""
+    from safetensors import SafetensorError
+
+    import vlm.evaluate
+    from vlm.cli import main as vlm_main
+
+    def full(argv):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(vlm.evaluate, "main", full)
+    assert vlm_main(["eval", "--output", "runs/x/eval.json"]) == 2
+    assert one_line(capsys.readouterr().err).startswith(
+        "vlm eval: error: no space left on device under --output 'runs/x/eval.json'; free space")
+
+    def other(argv):
+        raise SafetensorError("Error while deserializing header: header too large")
+
+    monkeypatch.setattr(vlm.evaluate, "main", other)
+    with pytest.raises(SafetensorError):  # not a full disk: not called one
+        vlm_main(["eval"])

@@ -30,6 +30,25 @@ def _usage() -> str:
     return "\n".join(lines)
 
 
+def _disk_full(exc: BaseException) -> bool:
+    """ENOSPC/EDQUOT, also as safetensors reports it when saving (a SafetensorError "... (os error 28)")."""
+    if isinstance(exc, OSError):
+        return exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    return type(exc).__name__ == "SafetensorError" and f"(os error {errno.ENOSPC})" in str(exc)
+
+
+def _output_flag(argv: list[str]) -> str:
+    """' under --output_dir X' (or --output) from the command's flags: where the writes went when the error
+    names no file (safetensors' does not)."""
+    for i, arg in enumerate(argv):
+        for flag in ("--output_dir", "--output"):
+            if arg == flag and i + 1 < len(argv):
+                return f" under {flag} {argv[i + 1]!r}"
+            if arg.startswith(flag + "="):
+                return f" under {flag} {arg.split('=', 1)[1]!r}"
+    return ""
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
@@ -48,10 +67,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as exc:  # a user mistake a subcommand did not catch: still one line
         print(f"vlm {name}: error: {exc}", file=sys.stderr, flush=True)
         return 2
-    except OSError as exc:
-        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+    except Exception as exc:
+        if not _disk_full(exc):
             raise
-        where = f" writing {exc.filename!r}" if exc.filename else ""
+        where = f" writing {exc.filename!r}" if getattr(exc, "filename", None) else _output_flag(rest)
         print(f"vlm {name}: error: no space left on device{where}; free space (or write elsewhere) and run the "
               "command again", file=sys.stderr, flush=True)
         return 2

@@ -290,6 +290,14 @@ def test_eval_bad_record_is_one_line_naming_the_record(fault, model_dir, image, 
     assert loaded == []  # refused before the model loads
 
 
+def test_eval_batch_size_zero_is_a_flag_error(model_dir, tmp_path, capsys):
+    import vlm.evaluate
+
+    with pytest.raises(SystemExit) as exited:
+        vlm.evaluate.main(["--model", str(model_dir), "--data_path", "x.json", "--image_folder", ".", "--batch_size", "0"])
+    assert exited.value.code == 2 and "--batch_size=0 must be >= 1" in capsys.readouterr().err
+
+
 # ---------------------------------------------------------------------------------------------------------
 # chat templates: a template that reaches outside Jinja's sandbox
 

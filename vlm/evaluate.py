@@ -173,6 +173,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="let a model folder whose configs declare auto_map run its own code (default: refused)")
     parser.add_argument("--output", help="write the result JSON here")
     args = parser.parse_args(argv)
+    if args.batch_size < 1:
+        parser.error(f"--batch_size={args.batch_size} must be >= 1")
     import vlm
     from vlm.hub import auto_tokenizer
     from vlm.visual.processor import ImageProcessor

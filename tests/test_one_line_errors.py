@@ -490,3 +490,29 @@ def test_vlm_command_says_disk_full_when_safetensors_cannot_write(monkeypatch, c
     monkeypatch.setattr(vlm.evaluate, "main", other)
     with pytest.raises(SafetensorError):  # not a full disk: not called one
         vlm_main(["eval"])
+
+
+def test_train_py_says_disk_full_in_one_line(monkeypatch, capsys, tmp_path):
+    """`python train.py` (not only `vlm train`): a save that runs out of space is one line naming the output
+    folder and how to resume, exit 2; any other error keeps its traceback."""
+    from safetensors import SafetensorError
+
+    import vlm.train.cli as train_cli
+
+    def full(*args):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(train_cli, "train", full)
+    argv = ["--model_name_or_path", "x", "--vision_tower", "y", "--data_path", "d.json",
+            "--output_dir", str(tmp_path / "run")]
+    assert train_cli.main(argv) == 2
+    line = one_line(capsys.readouterr().err)
+    assert line.startswith(f"train.py: error: no space left on device under --output_dir '{tmp_path / 'run'}'")
+    assert "resume" in line
+
+    def bug(*args):
+        raise RuntimeError("a bug, not a user mistake")
+
+    monkeypatch.setattr(train_cli, "train", bug)
+    with pytest.raises(RuntimeError):
+        train_cli.main(argv)

@@ -30,14 +30,14 @@ def _usage() -> str:
     return "\n".join(lines)
 
 
-def _disk_full(exc: BaseException) -> bool:
+def is_disk_full(exc: BaseException) -> bool:
     """ENOSPC/EDQUOT, also as safetensors reports it when saving (a SafetensorError "... (os error 28)")."""
     if isinstance(exc, OSError):
         return exc.errno in (errno.ENOSPC, errno.EDQUOT)
     return type(exc).__name__ == "SafetensorError" and f"(os error {errno.ENOSPC})" in str(exc)
 
 
-def _output_flag(argv: list[str]) -> str:
+def output_flag(argv: list[str]) -> str:
     """' under --output_dir X' (or --output) from the command's flags: where the writes went when the error
     names no file (safetensors' does not)."""
     for i, arg in enumerate(argv):
@@ -68,9 +68,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"vlm {name}: error: {exc}", file=sys.stderr, flush=True)
         return 2
     except Exception as exc:
-        if not _disk_full(exc):
+        if not is_disk_full(exc):
             raise
-        where = f" writing {exc.filename!r}" if getattr(exc, "filename", None) else _output_flag(rest)
+        where = f" writing {exc.filename!r}" if getattr(exc, "filename", None) else output_flag(rest)
         print(f"vlm {name}: error: no space left on device{where}; free space (or write elsewhere) and run the "
               "command again", file=sys.stderr, flush=True)
         return 2

@@ -314,6 +314,16 @@ def main(argv: list[str] | None = None) -> int:
             if training_args.process_index == 0:  # every rank stops at the same step; one line for the run
                 print(f"train.py: error: {exc}", file=sys.stderr)
             return 2
+        except Exception as exc:
+            from vlm.cli import is_disk_full, output_flag
+
+            if not is_disk_full(exc):
+                raise
+            # a save that ran out of space leaves only the staged .incomplete folder, never a torn checkpoint
+            where = f" writing {exc.filename!r}" if getattr(exc, "filename", None) else output_flag(argv)
+            print(f"train.py: error: no space left on device{where}; free space and rerun the same command to "
+                  "resume from the last complete checkpoint", file=sys.stderr)
+            return 2
     except KeyboardInterrupt:  # Ctrl-C: where to pick up, not a traceback
         if training_args is None:
             print("\ninterrupted", file=sys.stderr, flush=True)

@@ -107,17 +107,23 @@ class Template:
     image_first: bool = False
     markers: tuple[str, ...] = ()
     use_chat_template: bool = False
+    # Set by `bind`: what the template was bound to, and the BOS ids that tokenizer adds. Binding renders the
+    # tokenizer's chat template and tokenises a probe, so a bound template is not bound again per sample.
+    bound_to: int | None = dataclasses.field(default=None, compare=False, repr=False)
+    bos_ids: tuple[int, ...] = dataclasses.field(default=(), compare=False, repr=False)
 
     def bind(self, tokenizer: Any) -> Template:
         """This template checked against `tokenizer`, with `end_of_turn` (and a tokenizer-given default
-        system) resolved; ValueError if they do not fit."""
+        system) resolved; ValueError if they do not fit. Binding a template bound to `tokenizer` is free."""
+        if self.bound_to == id(tokenizer):
+            return self
         if self.use_chat_template:
             if not getattr(tokenizer, "chat_template", None):
                 raise ValueError(
                     f"template 'tokenizer' needs tokenizer.chat_template, but {type(tokenizer).__name__} has none; "
                     f"pick a built-in template ({', '.join(n for n in TEMPLATES if n != 'tokenizer')})"
                 )
-            return self
+            return dataclasses.replace(self, bound_to=id(tokenizer))
         end_of_turn = self.end_of_turn if self.end_of_turn is not None else tokenizer.eos_token
         if end_of_turn is None:
             raise ValueError(f"template {self.name!r} ends replies with eos, but the tokenizer has no eos_token")
@@ -134,10 +140,13 @@ class Template:
             found, system = _default_system_of(bound, tokenizer)
             if found:
                 bound = dataclasses.replace(bound, default_system=system)
-        return bound
+        return dataclasses.replace(bound, bound_to=id(tokenizer), bos_ids=tuple(self._tokenizer_bos(tokenizer)))
 
     def leading_ids(self, tokenizer: Any) -> list[int]:
         """Ids before the rendered text: the BOS the tokenizer adds itself, when the template asks for it."""
+        return list(self.bind(tokenizer).bos_ids)
+
+    def _tokenizer_bos(self, tokenizer: Any) -> list[int]:
         if not self.add_bos_token or tokenizer.bos_token_id is None:
             return []
         probe = tokenizer("a", add_special_tokens=True)["input_ids"]

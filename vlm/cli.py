@@ -49,6 +49,14 @@ def output_flag(argv: list[str]) -> str:
     return ""
 
 
+def disk_full_reason(exc: BaseException, argv: list[str]) -> str | None:
+    """'no space left on device writing F' (or 'under --output_dir X') when `exc` is a full disk, else None."""
+    if not is_disk_full(exc):
+        return None
+    where = f" writing {exc.filename!r}" if getattr(exc, "filename", None) else output_flag(argv)
+    return f"no space left on device{where}"
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
@@ -68,11 +76,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"vlm {name}: error: {exc}", file=sys.stderr, flush=True)
         return 2
     except Exception as exc:
-        if not is_disk_full(exc):
+        reason = disk_full_reason(exc, rest)
+        if reason is None:
             raise
-        where = f" writing {exc.filename!r}" if getattr(exc, "filename", None) else output_flag(rest)
-        print(f"vlm {name}: error: no space left on device{where}; free space (or write elsewhere) and run the "
-              "command again", file=sys.stderr, flush=True)
+        print(f"vlm {name}: error: {reason}; free space (or write elsewhere) and run the command again",
+              file=sys.stderr, flush=True)
         return 2
     return int(result or 0)
 

@@ -159,6 +159,8 @@ def read_eval_records(path: str, image_folder: str) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from vlm.hub import add_trust_remote_code_argument
+
     parser = argparse.ArgumentParser(prog="vlm eval", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, help="vlm model folder")
     parser.add_argument("--data_path", required=True, help="LLaVA JSON with one question and answer per record")
@@ -169,8 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--force-template", "--force_template", dest="force_template", action="store_true",
                         help="use --template even when the model folder records another template")
     parser.add_argument("--batch_size", type=int, default=64)
-    parser.add_argument("--trust-remote-code", "--trust_remote_code", dest="trust_remote_code", action="store_true",
-                        help="let a model folder whose configs declare auto_map run its own code (default: refused)")
+    add_trust_remote_code_argument(parser)
     parser.add_argument("--output", help="write the result JSON here")
     args = parser.parse_args(argv)
     if args.batch_size < 1:

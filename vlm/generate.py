@@ -350,6 +350,9 @@ def load_generator(model_path: str, *, model_base: str | None = None, conv_mode:
 
 
 def add_model_arguments(parser, *, required: bool = True) -> None:
+    from vlm.hub import add_trust_remote_code_argument
+    from vlm.lora import add_force_base_argument
+
     group = parser.add_argument_group("model")
     group.add_argument("--model", "--model-path", "--model_path", "--model_weights", dest="model", required=required,
                        help="vlm model folder, vlm LoRA run, LLaVA-1.5 or llava-hf folder (or a Hub id)")
@@ -372,11 +375,8 @@ def add_model_arguments(parser, *, required: bool = True) -> None:
                        help="load the LLM in 8 bits with bitsandbytes, CUDA or CPU (pip install 'vlm-kit[qlora]')")
     group.add_argument("--load-4bit", "--load_4bit", dest="load_4bit", action="store_true",
                        help="load the LLM in 4 bits (nf4) with bitsandbytes, CUDA or CPU (pip install 'vlm-kit[qlora]')")
-    group.add_argument("--trust-remote-code", "--trust_remote_code", dest="trust_remote_code", action="store_true",
-                       help="let a model folder whose configs declare auto_map run its own Python code (default: "
-                            "such a folder is refused)")
-    group.add_argument("--force-base", "--force_base", dest="force_base", action="store_true",
-                       help="merge a LoRA run onto a base whose weights differ from the base it was trained on")
+    add_trust_remote_code_argument(group)
+    add_force_base_argument(group)
 
 
 def add_decoding_arguments(parser, *, max_new_tokens: int = 256) -> None:

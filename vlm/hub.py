@@ -8,12 +8,19 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from transformers import AutoConfig, PretrainedConfig
+if TYPE_CHECKING:  # transformers is imported where a config is read: `vlm data --help` stays light
+    from transformers import PretrainedConfig
 
 # The files through which a folder asks `transformers` to import its own Python code (`auto_map`).
 REMOTE_CODE_FILES = ("config.json", "tokenizer_config.json", "preprocessor_config.json", "processor_config.json")
+
+
+def add_trust_remote_code_argument(parser: Any, what: str = "a model folder") -> None:
+    """`--trust-remote-code` (also `--trust_remote_code`) on an argparse parser or group; see `check_remote_code`."""
+    parser.add_argument("--trust-remote-code", "--trust_remote_code", dest="trust_remote_code", action="store_true",
+                        help=f"let {what} whose configs declare auto_map run its own Python code (default: refused)")
 
 
 def remote_code_entries(folder: str | os.PathLike) -> list[tuple[str, Any]]:
@@ -66,6 +73,8 @@ def pretrained_config(name_or_path: str, *, what: str, cache_dir: str | None = N
     and the cache looked in when it cannot be read (transformers' own message is several lines about networking).
     `trust_remote_code` is passed explicitly; refusing an `auto_map` folder is the entry points' job
     (`check_remote_code`), as they know whether the user trusted it."""
+    from transformers import AutoConfig
+
     try:
         return AutoConfig.from_pretrained(name_or_path, cache_dir=cache_dir, trust_remote_code=trust_remote_code)
     except OSError as exc:

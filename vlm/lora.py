@@ -239,6 +239,13 @@ def _plain_name(name: str) -> str:
     return name.replace(".base_layer.", ".")
 
 
+def add_force_base_argument(parser: Any) -> None:
+    """`--force-base`: use a LoRA run's base even when its weights differ from the recorded fingerprint."""
+    parser.add_argument("--force-base", "--force_base", dest="force_base", action="store_true",
+                        help="use a base whose weights differ from the one the LoRA run was trained on "
+                             "(base_fingerprint.json)")
+
+
 def _base_vocab_size(name_or_path: str | None, cache_dir: str | None = None) -> int | None:
     """The base LLM's vocabulary size, or None when the base is unknown or cannot be read offline."""
     if not name_or_path:
@@ -601,6 +608,8 @@ def _run_processor(folder: str | os.PathLike):
 
 def main(argv: list[str] | None = None) -> int:
     """`vlm merge-lora --model-path RUN --model-base BASE --output OUT`."""
+    from vlm.hub import add_trust_remote_code_argument
+
     parser = argparse.ArgumentParser(prog="vlm merge-lora", description="Merge a LoRA run into its base model.")
     parser.add_argument("--model-path", "--model_path", dest="model_path", required=True, help="LoRA run folder")
     parser.add_argument("--model-base", "--model_base", dest="model_base", default=None,
@@ -610,11 +619,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="folder to write the merged vlm model to")
     parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                         help="dtype of the merged weights (default: the run's)")
-    parser.add_argument("--force-base", "--force_base", dest="force_base", action="store_true",
-                        help="merge onto --model-base even when its weights differ from the base the run was "
-                             "trained on (base_fingerprint.json)")
-    parser.add_argument("--trust-remote-code", "--trust_remote_code", dest="trust_remote_code", action="store_true",
-                        help="let a folder whose configs declare auto_map run its own code (default: refused)")
+    add_force_base_argument(parser)
+    add_trust_remote_code_argument(parser)
     args = parser.parse_args(argv)
     try:
         merge_lora_run(args.model_path, args.output, args.model_base, dtype=args.dtype,

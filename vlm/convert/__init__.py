@@ -35,6 +35,9 @@ def export(model_path: str | os.PathLike, output: str | os.PathLike, *, format: 
 
 
 def main(argv: list[str] | None = None) -> int:
+    from vlm.hub import add_trust_remote_code_argument
+    from vlm.lora import add_force_base_argument
+
     parser = argparse.ArgumentParser(prog="vlm export", description="Export a model folder to another format.")
     parser.add_argument("output", nargs="?", default=None, help="folder to write")
     parser.add_argument("--output", dest="output_flag", default=None, help="same as the positional OUT")
@@ -44,10 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model-base", "--model_base", dest="model_base", default=None, help="base of a LoRA run")
     parser.add_argument("--conv-mode", "--conv_mode", dest="conv_mode", default=None,
                         help="chat template for the exported processor (default: the one the model was trained with)")
-    parser.add_argument("--trust-remote-code", "--trust_remote_code", dest="trust_remote_code", action="store_true",
-                        help="let a model folder whose configs declare auto_map run its own code (default: refused)")
-    parser.add_argument("--force-base", "--force_base", dest="force_base", action="store_true",
-                        help="export a LoRA run merged onto a base whose weights differ from the one it was trained on")
+    add_trust_remote_code_argument(parser)
+    add_force_base_argument(parser)
     args = parser.parse_args(argv)
     output = args.output or args.output_flag
     if output is None:

@@ -69,6 +69,8 @@ def _add_data_arguments(parser: argparse.ArgumentParser, *, mixing: bool) -> Non
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from vlm.hub import add_trust_remote_code_argument
+
     parser = argparse.ArgumentParser(prog="vlm data", description="Check, convert, filter or synthesise datasets.")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -77,9 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--report", default="report.json", help="report file to write (default report.json)")
     tokens = check.add_argument_group("tokenisation (as in training)")
     tokens.add_argument("--tokenizer", default=None, help="tokenizer folder; default: a stand-in, no length check")
-    tokens.add_argument("--trust_remote_code", "--trust-remote-code", dest="trust_remote_code", action="store_true",
-                        help="let a --tokenizer folder whose tokenizer_config.json declares auto_map run its own code "
-                             "(default: refused)")
+    add_trust_remote_code_argument(tokens, "a --tokenizer folder")
     tokens.add_argument("--template", "--version", dest="template", default=None,
                         help="chat template or LLaVA --version (default: the tokenizer's own chat template when it has "
                              "one, else vicuna_v1, as training chooses)")

@@ -315,14 +315,14 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"train.py: error: {exc}", file=sys.stderr)
             return 2
         except Exception as exc:
-            from vlm.cli import is_disk_full, output_flag
+            from vlm.cli import disk_full_reason
 
-            if not is_disk_full(exc):
+            reason = disk_full_reason(exc, argv)
+            if reason is None:
                 raise
             # a save that ran out of space leaves only the staged .incomplete folder, never a torn checkpoint
-            where = f" writing {exc.filename!r}" if getattr(exc, "filename", None) else output_flag(argv)
-            print(f"train.py: error: no space left on device{where}; free space and rerun the same command to "
-                  "resume from the last complete checkpoint", file=sys.stderr)
+            print(f"train.py: error: {reason}; free space and rerun the same command to resume from the last "
+                  "complete checkpoint", file=sys.stderr)
             return 2
     except KeyboardInterrupt:  # Ctrl-C: where to pick up, not a traceback
         if training_args is None:

@@ -10,7 +10,10 @@ Flags: `python test.py --help`.
 
 import sys
 
-from vlm.ask import main
+from functools import partial
+
+from vlm.cli import run
+from vlm.cli.ask import main
 
 if __name__ == "__main__":
-    sys.exit(main(prog="test.py"))
+    sys.exit(run("test.py", partial(main, prog="test.py")))

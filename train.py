@@ -10,7 +10,8 @@ See `python train.py --help`.
 
 import sys
 
-from vlm.train.cli import main
+from vlm.cli import run
+from vlm.cli.train import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run("train.py", main))

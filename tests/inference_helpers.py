@@ -8,10 +8,10 @@ import torch
 from PIL import Image
 
 import vlm
-from vlm.checkpoint import save_model_folder
+from vlm.folders.weights import save_model_folder
 from vlm.data.tokenizer import build_tokenizer
-from vlm.generate import save_generation_defaults
-from vlm.testing import tiny_vlm_config
+from vlm.generate.generator import save_generation_defaults
+from vlm.tiny import tiny_vlm_config
 from vlm.visual.processor import ImageProcessor
 
 CORPUS = ["What color is the circle? red green blue yellow. What shape is it? circle square triangle. "

@@ -13,7 +13,7 @@ import json
 import pytest
 
 from vlm.data.check import check_dataset, enforce_max_drop_ratio
-from vlm.data.cli import main as data_main
+from vlm.cli.data import main as data_main
 from vlm.data.conversation import encode_sample
 from vlm.data.formats import detect_format
 from vlm.data.mix import Source
@@ -254,14 +254,14 @@ def test_duplicate_ids_and_special_token_text_are_counted_in_notes(tmp_path, dat
 
 @pytest.fixture(scope="module")
 def tiny_models(tmp_path_factory) -> tuple[str, str]:
-    from vlm.testing import save_tiny_components
+    from vlm.tiny import save_tiny_components
 
     return save_tiny_components(tmp_path_factory.mktemp("models"), ["What color is the circle?", "red"])
 
 
 def test_training_with_everything_dropped_is_one_line(tiny_models, tmp_path, capsys, make_llava_record):
     """train.py: the same refusal (not torch's `num_samples=0`), one line, exit 2, before any step."""
-    from vlm.train.cli import main as train_main
+    from vlm.cli.train import main as train_main
 
     llm, vision = tiny_models
     path = tmp_path / "data.jsonl"
@@ -278,7 +278,7 @@ def test_training_with_everything_dropped_is_one_line(tiny_models, tmp_path, cap
 
 
 def test_training_with_a_broken_mix_file_is_one_line(tiny_models, tmp_path, capsys):
-    from vlm.train.cli import main as train_main
+    from vlm.cli.train import main as train_main
 
     mix = tmp_path / "mix.yaml"
     mix.write_text("- path: a.json\n  image_folder: [unclosed\n", encoding="utf-8")

@@ -14,10 +14,10 @@ from safetensors.torch import load_file
 from transformers import Qwen2ForCausalLM
 
 from inference_helpers import write_image
-from vlm.lora import load_lora_run, translate_qwen1_targets
-from vlm.testing import save_tiny_components
+from vlm.folders.lora import load_lora_run, translate_qwen1_targets
+from vlm.tiny import save_tiny_components
 from vlm.train.arguments import parse_args
-from vlm.train.cli import main as train_main
+from vlm.cli.train import main as train_main
 
 ROOT = Path(__file__).resolve().parents[1]
 COLOURS = {"red": (220, 40, 40), "green": (40, 200, 40), "blue": (40, 40, 220)}
@@ -132,7 +132,7 @@ def test_script():
 @pytest.mark.parametrize("which", ["lora", "full"])
 def test_test_sh_line_answers(basic_vlm_data, lora_run, full_run, test_script, capsys, which):
     """Basic-VLM's test.sh: --base_language_model B --base_value_model V --model_weights RUN --image_path I."""
-    from vlm.generate import load_generator
+    from vlm.generate.generator import load_generator
 
     run = str(lora_run[0] if which == "lora" else full_run)
     prompt = "这张图片是什么颜色？<|extra_0|>"
@@ -161,7 +161,7 @@ def test_test_sh_line_answers(basic_vlm_data, lora_run, full_run, test_script, c
 def test_base_language_model_that_is_not_the_full_runs_llm_is_refused(basic_vlm_data, full_run, test_script,
                                                                       tmp_path, capsys):
     other = tmp_path / "other_llm"
-    from vlm.testing import tiny_llm_config
+    from vlm.tiny import tiny_llm_config
 
     Qwen2ForCausalLM(tiny_llm_config("qwen2", hidden_size=32)).save_pretrained(other)
     argv = ["--base_language_model", str(other), "--model_weights", str(full_run),
@@ -174,7 +174,7 @@ def test_base_language_model_that_is_not_the_full_runs_llm_is_refused(basic_vlm_
 def test_data_check_finds_the_images_training_finds(basic_vlm_data, tmp_path, data_path_is, capsys):
     """`vlm data check` on Basic-VLM's pair without --image_folder uses the map's `path` folders, as training
     does (before: every sample `missing_image`)."""
-    from vlm.data.cli import main as data_main
+    from vlm.cli.data import main as data_main
 
     report = tmp_path / "report.json"
     if data_path_is == "captions":

@@ -12,10 +12,10 @@ from transformers import Qwen2ForCausalLM
 
 import vlm
 from inference_helpers import save_tiny_folder, tiny_tokenizer
-from vlm.builder import folder_kind, load_pretrained_model
-from vlm.checkpoint import save_model_folder
-from vlm.lora import apply_lora, save_lora_run
-from vlm.testing import tiny_llm_config, tiny_vision_config
+from vlm.folders.load import folder_kind, load_pretrained_model
+from vlm.folders.weights import save_model_folder
+from vlm.folders.lora import apply_lora, save_lora_run
+from vlm.tiny import tiny_llm_config, tiny_vision_config
 from vlm.visual.processor import ImageProcessor
 
 

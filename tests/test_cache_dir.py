@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from test_convert import llava_folder  # noqa: F401  (a fixture: a tiny original LLaVA-1.5 folder)
 from test_start_points import add_to_hub_cache
 from vlm.data.synth import generate_shapes_dataset
-from vlm.testing import save_tiny_components
+from vlm.tiny import save_tiny_components
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -28,8 +28,8 @@ import json, sys, traceback
 sys.path.insert(0, sys.argv[2])  # tests/: the cache-writing helper
 from test_start_points import add_to_hub_cache
 from pathlib import Path
-from vlm.builder import load_pretrained_model
-from vlm.train.cli import main as train_main
+from vlm.folders.load import load_pretrained_model
+from vlm.cli.train import main as train_main
 
 args = json.loads(sys.argv[1])
 cache, out = args["cache"], {}

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 
 from inference_helpers import save_tiny_folder, write_image
-from vlm.batch import main as batch_main
-from vlm.chat import ChatSession, run
-from vlm.generate import GenerationSettings, load_generator
+from vlm.generate.batch import main as batch_main
+from vlm.generate.chat import ChatSession, run
+from vlm.generate.generator import GenerationSettings, load_generator
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -66,7 +66,7 @@ def test_test_py_prints_only_the_answer(test_script, capsys, generator, model_di
 
 def test_test_py_streams_to_a_terminal(test_script, capsys, monkeypatch, generator, model_dir, image):
     """Through StreamToFile (pieces as they come: tests/test_generate.py), not printed a second time."""
-    from vlm.generate import StreamToFile
+    from vlm.generate.generator import StreamToFile
 
     streamed = []
     monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
@@ -90,7 +90,7 @@ def test_no_arguments_uses_the_demo_model_and_example_image(test_script, capsys,
     """Wiring only (decoding is tested above): the demo folder ($VLM_DEMO_DIR), the bundled image and its
     question, read from the package's assets (not from the repository)."""
     import vlm.assets
-    from vlm.generate import Generator
+    from vlm.generate.generator import Generator
 
     demo_dir = tmp_path / "demo"
     demo_dir.mkdir()
@@ -180,7 +180,7 @@ def test_chat_keeps_history_resets_and_switches_images(generator, image, tmp_pat
 
 
 def test_chat_command_reads_stdin(monkeypatch, capsys, model_dir, image, generator):
-    from vlm.chat import main as chat_main
+    from vlm.generate.chat import main as chat_main
 
     monkeypatch.setattr(sys, "stdin", io.StringIO("What color is the circle?\n/exit\n"))
     assert chat_main(["--model", str(model_dir), "--image", image, "--max_new_tokens", "8"]) == 0
@@ -190,7 +190,7 @@ def test_chat_command_reads_stdin(monkeypatch, capsys, model_dir, image, generat
 
 
 def test_chat_context_overflow_leaves_history_unchanged(generator, image):
-    from vlm.generate import Generator
+    from vlm.generate.generator import Generator
 
     short = Generator(**{**generator.__dict__, "context_len": 60})
     session = ChatSession(short, image)
@@ -255,28 +255,28 @@ def _eval_set(folder: Path) -> list[str]:
 
 
 def test_vlm_eval_uses_the_models_template_and_refuses_another_unless_forced(tmp_path, monkeypatch, capsys):
-    import vlm.evaluate
+    import vlm.eval.evaluate
 
     folder = save_tiny_folder(tmp_path / "m", "clip", "qwen2", template="vicuna_v1", seed=1)
     argv = ["--model", str(folder), *_eval_set(tmp_path)]
-    used, real = [], vlm.evaluate.evaluate_exact_match
-    monkeypatch.setattr(vlm.evaluate, "evaluate_exact_match",
+    used, real = [], vlm.eval.evaluate.evaluate_exact_match
+    monkeypatch.setattr(vlm.eval.evaluate, "evaluate_exact_match",
                         lambda *a, template, **k: used.append(template) or real(*a, template=template, **k))
-    assert vlm.evaluate.main(argv) == 0
+    assert vlm.eval.evaluate.main(argv) == 0
     assert used == ["vicuna_v1"]  # the folder's own, no longer a fixed chatml
     assert "template: 'vicuna_v1'" in capsys.readouterr().err
-    assert vlm.evaluate.main([*argv, "--template", "chatml"]) == 2
+    assert vlm.eval.evaluate.main([*argv, "--template", "chatml"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "'vicuna_v1'" in err and "--template 'chatml'" in err and "--force-template" in err
     assert used == ["vicuna_v1"]  # refused before evaluating
-    assert vlm.evaluate.main([*argv, "--template", "chatml", "--force-template"]) == 0
+    assert vlm.eval.evaluate.main([*argv, "--template", "chatml", "--force-template"]) == 0
     assert used == ["vicuna_v1", "chatml"] and "warning:" in capsys.readouterr().err
-    assert vlm.evaluate.main([*argv, "--template", "v1"]) == 0  # LLaVA's name for the same template
+    assert vlm.eval.evaluate.main([*argv, "--template", "v1"]) == 0  # LLaVA's name for the same template
     assert used[-1] == "v1"
 
 
 def test_conv_mode_mismatch_is_refused_by_chat_and_generate(model_dir, tmp_path, capsys, monkeypatch):
-    from vlm.chat import main as chat_main
+    from vlm.generate.chat import main as chat_main
 
     monkeypatch.setattr(sys, "stdin", io.StringIO("What color is the circle?\n"))
     assert chat_main(["--model", str(model_dir), "--conv-mode", "vicuna_v1"]) == 2
@@ -343,7 +343,7 @@ def test_chat_ctrl_c_clears_the_line_or_stops_the_answer_and_ctrl_d_says_bye():
 
 
 def test_chat_notes_once_that_no_image_is_attached(image):
-    from vlm.chat import NO_IMAGE
+    from vlm.generate.chat import NO_IMAGE
 
     err = io.StringIO()
     run(ChatSession(ScriptedGenerator()), io.StringIO("one\ntwo\n"), io.StringIO(), err, stream=False)
@@ -354,7 +354,7 @@ def test_chat_notes_once_that_no_image_is_attached(image):
 
 
 def test_chat_reads_through_readline_only_at_a_terminal(monkeypatch):
-    from vlm.chat import PROMPT
+    from vlm.generate.chat import PROMPT
 
     monkeypatch.delitem(sys.modules, "readline", raising=False)
     run(ChatSession(ScriptedGenerator()), io.StringIO("hi\n"), io.StringIO(), io.StringIO(), stream=False)
@@ -409,7 +409,7 @@ def test_vlm_generate_reads_llava_question_files_and_writes_llava_answer_files(m
 
 
 def test_llava_model_id_and_chunks_follow_llava():
-    from vlm.batch import chunk, model_id
+    from vlm.generate.batch import chunk, model_id
 
     assert model_id("runs/llava-v1.5-13b/checkpoint-5000") == "llava-v1.5-13b_checkpoint-5000"
     assert model_id("liuhaotian/llava-v1.5-7b/") == "llava-v1.5-7b"

@@ -20,17 +20,17 @@ from transformers import (
 )
 
 from inference_helpers import CORPUS, save_tiny_folder, tiny_model, tiny_tokenizer, write_image
-from vlm.builder import load_pretrained_model
-from vlm.convert import export, main as export_main
-from vlm.convert.keymap import (
+from vlm.folders.load import load_pretrained_model
+from vlm.folders.export import export, main as export_main
+from vlm.folders.keymap import (
     LLAVA_HF_TO_VLM,
     LLAVA_ORIGINAL_TO_VLM,
     VLM_TO_LLAVA_HF,
     VLM_TO_LLAVA_ORIGINAL,
     rename_keys,
 )
-from vlm.generate import GenerationSettings, generate_ids, load_generator
-from vlm.testing import tiny_llm_config, tiny_vision_config
+from vlm.generate.generator import GenerationSettings, generate_ids, load_generator
+from vlm.tiny import tiny_llm_config, tiny_vision_config
 
 PARITY_TOL = 1e-5  # fp32; measured max abs diff 0.0 for every case below
 

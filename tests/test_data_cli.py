@@ -1,4 +1,4 @@
-"""`vlm data check|convert|filter` end to end, in-process through `vlm.data.cli.main`."""
+"""`vlm data check|convert|filter` end to end, in-process through `vlm.cli.data.main`."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 import pytest
 from PIL import Image
 
-from vlm.data.cli import main
+from vlm.cli.data import main
 from vlm.data.formats import read_source
 
 RS_SUBSETS = ("NWPU", "RSICD", "UAV", "UCM", "LR", "DOTA")

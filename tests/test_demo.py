@@ -55,7 +55,7 @@ class _Stop(Exception):
 def _record_threads_in_fit(monkeypatch) -> list[int]:
     import torch
 
-    import vlm.train.cli
+    import vlm.cli.train
 
     seen = []
 
@@ -63,7 +63,7 @@ def _record_threads_in_fit(monkeypatch) -> list[int]:
         seen.append(torch.get_num_threads())
         raise _Stop
 
-    monkeypatch.setattr(vlm.train.cli, "fit", fit)
+    monkeypatch.setattr(vlm.cli.train, "fit", fit)
     return seen
 
 
@@ -83,13 +83,13 @@ def test_demo_threads_flag_reaches_torch_and_is_restored(tmp_path, monkeypatch, 
 
 def test_train_py_without_arguments_runs_the_demo_with_the_default_threads(tmp_path, monkeypatch):
     import vlm.demo
-    import vlm.train.cli
+    import vlm.cli.train
 
     configs = []
     monkeypatch.setattr(vlm.demo, "run_demo", configs.append)
     monkeypatch.setenv("VLM_DEMO_DIR", str(tmp_path / "elsewhere"))
-    assert vlm.train.cli.main([]) == 0
-    assert vlm.train.cli.main(["--demo", "--threads", "2", "--max_steps", "7"]) == 0
+    assert vlm.cli.train.main([]) == 0
+    assert vlm.cli.train.main(["--demo", "--threads", "2", "--max_steps", "7"]) == 0
     assert [(c.threads, c.max_steps) for c in configs] == [(vlm.demo.DEFAULT_THREADS, 8000), (2, 7)]
     assert vlm.demo.DEFAULT_THREADS == 1  # bench/RESULTS.md: 2 threads collapse on a busy machine
     assert vlm.demo.demo_dir(configs[0].run_dir) == str(tmp_path / "elsewhere")
@@ -131,9 +131,9 @@ def test_ctrl_c_during_data_generation_is_one_line_and_exit_130(tmp_path, monkey
 
 
 def test_ctrl_c_in_train_py_and_vlm_command(tmp_path, monkeypatch, capsys):
-    import vlm.evaluate
+    import vlm.eval.evaluate
     import vlm.train.arguments
-    import vlm.train.cli
+    import vlm.cli.train
     from vlm.cli import main as vlm_main
 
     (tmp_path / "checkpoint-5").mkdir()
@@ -144,12 +144,12 @@ def test_ctrl_c_in_train_py_and_vlm_command(tmp_path, monkeypatch, capsys):
     def interrupted(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(vlm.train.cli, "train", interrupted)
-    assert vlm.train.cli.main(["--output_dir", str(tmp_path)]) == 130
+    monkeypatch.setattr(vlm.cli.train, "train", interrupted)
+    assert vlm.cli.train.main(["--output_dir", str(tmp_path)]) == 130
     err = capsys.readouterr().err
     assert err.strip() == f"interrupted; rerun the same command to resume from {tmp_path / 'checkpoint-5'}"
 
-    monkeypatch.setattr(vlm.evaluate, "main", interrupted)
+    monkeypatch.setattr(vlm.eval.evaluate, "main", interrupted)
     assert vlm_main(["eval"]) == 130
     assert capsys.readouterr().err.strip() == "vlm eval: interrupted"
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from inference_helpers import save_tiny_folder, write_image
-from vlm.generate import (
+from vlm.generate.generator import (
     GenerationSettings,
     Generator,
     StreamToFile,

@@ -19,10 +19,10 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast
 from transformers.utils import logging as hf_logging
 
 import vlm
-from vlm.checkpoint import save_model_folder
+from vlm.folders.weights import save_model_folder
 from vlm.config import VLMConfig
-from vlm.lora import NON_LORA_NAME, apply_lora, save_lora_run
-from vlm.testing import tiny_vlm_config
+from vlm.folders.lora import NON_LORA_NAME, apply_lora, save_lora_run
+from vlm.tiny import tiny_vlm_config
 from vlm.train.trainer import load_lora_checkpoint
 
 # transformers only looks for the Mistral regex problem in tokenizers with more than 100,000 entries

@@ -16,7 +16,7 @@ from vlm.data.mix import Source
 from vlm.data.templates import CHATML_SYSTEM, get_template
 from vlm.data.tokenizer import build_tokenizer, get_image_token_id
 from vlm.train.arguments import parse_args
-from vlm.train.cli import template_for
+from vlm.cli.train import template_for
 
 DATA = Path(__file__).parent / "data"
 N_IMG = 4
@@ -140,7 +140,7 @@ def test_version_help_says_which_models_the_templates_match():
 
 def test_start_folder_template_is_kept(tmp_path, qwen25_tokenizer):
     """Continuing from a model folder: the template it records, not the tokenizer's."""
-    from vlm.generate import save_generation_defaults
+    from vlm.generate.generator import save_generation_defaults
     from inference_helpers import save_tiny_folder
 
     folder = save_tiny_folder(tmp_path / "m", "clip", "qwen2", template="vicuna_v1")

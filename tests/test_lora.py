@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from transformers import Qwen2ForCausalLM, Trainer, TrainingArguments
 
 import vlm
-from vlm.lora import (
+from vlm.folders.lora import (
     ADAPTER_CONFIG_NAME,
     NON_LORA_NAME,
     apply_lora,
@@ -22,7 +22,7 @@ from vlm.lora import (
     merge_lora,
     save_lora_run,
 )
-from vlm.testing import tiny_llm_config, tiny_vision_config
+from vlm.tiny import tiny_llm_config, tiny_vision_config
 
 MERGE_TOL = 1e-4  # fp32; measured max abs diff ~4e-7
 
@@ -222,7 +222,7 @@ def test_merge_lora_command_writes_a_full_model_folder(run, tmp_path):
 def test_vlm_folder_as_model_base(run, tokenizer, tmp_path):
     """A stage-1 style vlm folder works as the base too; its projector is replaced by the run's."""
     model, folder = run
-    from vlm.checkpoint import save_model_folder
+    from vlm.folders.weights import save_model_folder
 
     other = make_vlm(model.get_base_model().vlm_config.llm.name_or_path, tokenizer)
     other.mm_projector[0].weight.data.zero_()

@@ -9,11 +9,11 @@ import torch
 from transformers import AutoModelForCausalLM, LlavaConfig, LlavaForConditionalGeneration
 
 import vlm
-from vlm.checkpoint import WEIGHTS_INDEX_NAME, load_state_dict_strict
-from vlm.convert.keymap import VLM_TO_LLAVA_HF, rename_keys
+from vlm.folders.weights import WEIGHTS_INDEX_NAME, load_state_dict_strict
+from vlm.folders.keymap import VLM_TO_LLAVA_HF, rename_keys
 from vlm.llm.splice import scatter_image_features
 from vlm.model import text_config_from_dict
-from vlm.testing import tiny_vlm_config
+from vlm.tiny import tiny_vlm_config
 from vlm.visual.tower import vision_config_from_dict
 
 IMAGE_TOKEN_ID = 5

@@ -54,7 +54,7 @@ def one_line(err: str) -> str:
 
 def chat_load(folder: Path, capsys, monkeypatch, *extra: str) -> tuple[int, str]:
     """`vlm chat --model folder` with empty stdin: the model loads (or fails to) and the chat ends."""
-    from vlm.chat import main as chat_main
+    from vlm.generate.chat import main as chat_main
 
     monkeypatch.setattr(sys, "stdin", io.StringIO(""))
     code = chat_main(["--model", str(folder), "--max_new_tokens", "2", *extra])
@@ -113,7 +113,7 @@ def test_bad_config_json_is_one_line_naming_the_file_and_field(fault, model_dir,
 
 
 def test_config_types_are_checked_in_python_too():
-    from vlm.testing import tiny_vlm_config
+    from vlm.tiny import tiny_vlm_config
 
     config = tiny_vlm_config()
     config.vision.select_layer = "abc"
@@ -167,7 +167,7 @@ def test_absurd_or_mismatched_sizes_are_refused_before_allocating(fault, model_d
 def test_tower_refuses_pixels_of_another_size():
     import torch
 
-    from vlm.testing import tiny_vision_config
+    from vlm.tiny import tiny_vision_config
     from vlm.config import VisionConfig
     from vlm.visual.tower import VisionTower
 
@@ -226,7 +226,7 @@ def test_invalid_utf8_piped_into_chat_names_the_line_and_answers_the_rest(model_
 
 
 def test_generate_names_line_and_id_of_two_images_and_too_long_question(model_dir, image, tmp_path, capsys):
-    from vlm.batch import main as batch_main
+    from vlm.generate.batch import main as batch_main
 
     questions = tmp_path / "q.jsonl"
     rows = [{"id": "ok", "image": str(image.name), "question": "What color?"},
@@ -247,7 +247,7 @@ def test_generate_names_line_and_id_of_two_images_and_too_long_question(model_di
 
 
 def test_prompt_errors_are_value_errors_for_the_entry_points(model_dir, image):
-    from vlm.generate import USER_ERRORS, load_generator
+    from vlm.generate.generator import USER_ERRORS, load_generator
 
     generator = load_generator(str(model_dir))
     for question, images in [("<image> <image> what?", [str(image)]), ("word " * 3000, [str(image)])]:
@@ -272,7 +272,7 @@ EVAL_FAULTS = {
 
 @pytest.mark.parametrize("fault", sorted(EVAL_FAULTS))
 def test_eval_bad_record_is_one_line_naming_the_record(fault, model_dir, image, tmp_path, capsys, monkeypatch):
-    import vlm.evaluate
+    import vlm.eval.evaluate
 
     good = {"id": "g", "image": "img.png", "conversations": [{"from": "human", "value": "<image>\nq"},
                                                              {"from": "gpt", "value": "red"}]}
@@ -284,17 +284,17 @@ def test_eval_bad_record_is_one_line_naming_the_record(fault, model_dir, image, 
     shutil.copy(image, folder / "img.png")
     loaded = []
     monkeypatch.setattr(vlm, "from_pretrained", lambda *a, **k: loaded.append(a))
-    code = vlm.evaluate.main(["--model", str(model_dir), "--data_path", str(data), "--image_folder", str(folder)])
+    code = vlm.eval.evaluate.main(["--model", str(model_dir), "--data_path", str(data), "--image_folder", str(folder)])
     line = one_line(capsys.readouterr().err)
     assert code == 2 and str(data) in line and expected in line and "(1 more bad record(s))" in line, line
     assert loaded == []  # refused before the model loads
 
 
 def test_eval_batch_size_zero_is_a_flag_error(model_dir, tmp_path, capsys):
-    import vlm.evaluate
+    import vlm.eval.evaluate
 
     with pytest.raises(SystemExit) as exited:
-        vlm.evaluate.main(["--model", str(model_dir), "--data_path", "x.json", "--image_folder", ".", "--batch_size", "0"])
+        vlm.eval.evaluate.main(["--model", str(model_dir), "--data_path", "x.json", "--image_folder", ".", "--batch_size", "0"])
     assert exited.value.code == 2 and "--batch_size=0 must be >= 1" in capsys.readouterr().err
 
 
@@ -356,7 +356,7 @@ class _Payload:
 def test_pickle_that_would_run_code_is_refused_naming_the_file_without_suggesting_weights_only_false(tmp_path):
     import torch
 
-    from vlm.checkpoint import read_pickled_weights
+    from vlm.folders.weights import read_pickled_weights
 
     marker = tmp_path / "ran"
     evil = tmp_path / "pytorch_model.bin"
@@ -386,8 +386,8 @@ def lora_run(tmp_path_factory) -> Path:
     from transformers import Qwen2ForCausalLM
 
     from vlm.data.tokenizer import build_tokenizer
-    from vlm.lora import apply_lora, save_lora_run
-    from vlm.testing import tiny_llm_config, tiny_vision_config
+    from vlm.folders.lora import apply_lora, save_lora_run
+    from vlm.tiny import tiny_llm_config, tiny_vision_config
 
     root = tmp_path_factory.mktemp("one_line_lora")
     torch.manual_seed(0)
@@ -420,13 +420,13 @@ def test_lora_rank_that_disagrees_with_the_weights_is_one_line(lora_run, tmp_pat
 
 
 def test_vlm_command_turns_an_uncaught_user_error_into_one_line(monkeypatch, capsys):
-    import vlm.evaluate
+    import vlm.eval.evaluate
     from vlm.cli import main as vlm_main
 
     def raising(argv):
         raise ValueError("data.json record 3: no 'conversations'")
 
-    monkeypatch.setattr(vlm.evaluate, "main", raising)
+    monkeypatch.setattr(vlm.eval.evaluate, "main", raising)
     assert vlm_main(["eval"]) == 2
     assert one_line(capsys.readouterr().err) == "vlm eval: error: data.json record 3: no 'conversations'"
 
@@ -436,7 +436,7 @@ def test_vlm_command_turns_an_uncaught_user_error_into_one_line(monkeypatch, cap
 
 
 def test_eval_prints_the_result_before_a_full_disk_refuses_the_output(model_dir, image, tmp_path, capsys, monkeypatch):
-    import vlm.evaluate
+    import vlm.eval.evaluate
 
     if not Path("/dev/full").exists():
         pytest.skip("needs /dev/full (Linux) to fill the disk")
@@ -445,8 +445,8 @@ def test_eval_prints_the_result_before_a_full_disk_refuses_the_output(model_dir,
         {"from": "human", "value": "<image>\nq"}, {"from": "gpt", "value": "red"}]}]))
     shutil.copy(image, tmp_path / "img.png")
     result = {"accuracy": 1.0, "blind_accuracy": 0.0, "n": 1, "per_question_type": {}}
-    monkeypatch.setattr(vlm.evaluate, "evaluate_exact_match", lambda *a, **k: result)
-    code = vlm.evaluate.main(["--model", str(model_dir), "--data_path", str(data), "--image_folder", str(tmp_path),
+    monkeypatch.setattr(vlm.eval.evaluate, "evaluate_exact_match", lambda *a, **k: result)
+    code = vlm.eval.evaluate.main(["--model", str(model_dir), "--data_path", str(data), "--image_folder", str(tmp_path),
                               "--output", "/dev/full"])
     out, err = capsys.readouterr()
     assert code == 2 and "accuracy=1.0000 blind_accuracy=0.0000" in out
@@ -457,13 +457,13 @@ def test_eval_prints_the_result_before_a_full_disk_refuses_the_output(model_dir,
 def test_vlm_command_names_the_file_when_the_disk_is_full(monkeypatch, capsys):
     import errno
 
-    import vlm.evaluate
+    import vlm.eval.evaluate
     from vlm.cli import main as vlm_main
 
     def full(argv):
         raise OSError(errno.ENOSPC, "No space left on device", "runs/x/checkpoint-5/model.safetensors")
 
-    monkeypatch.setattr(vlm.evaluate, "main", full)
+    monkeypatch.setattr(vlm.eval.evaluate, "main", full)
     assert vlm_main(["eval"]) == 2
     line = one_line(capsys.readouterr().err)
     assert line.startswith("vlm eval: error: no space left on device writing 'runs/x/checkpoint-5/model.safetensors'")
@@ -473,13 +473,13 @@ def test_vlm_command_says_disk_full_when_safetensors_cannot_write(monkeypatch, c
     """What a full disk looks like mid-training (measured on a 400 KiB tmpfs: save_file raises this)."""
     from safetensors import SafetensorError
 
-    import vlm.evaluate
+    import vlm.eval.evaluate
     from vlm.cli import main as vlm_main
 
     def full(argv):
         raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
 
-    monkeypatch.setattr(vlm.evaluate, "main", full)
+    monkeypatch.setattr(vlm.eval.evaluate, "main", full)
     assert vlm_main(["eval", "--output", "runs/x/eval.json"]) == 2
     assert one_line(capsys.readouterr().err).startswith(
         "vlm eval: error: no space left on device under --output 'runs/x/eval.json'; free space")
@@ -487,7 +487,7 @@ def test_vlm_command_says_disk_full_when_safetensors_cannot_write(monkeypatch, c
     def other(argv):
         raise SafetensorError("Error while deserializing header: header too large")
 
-    monkeypatch.setattr(vlm.evaluate, "main", other)
+    monkeypatch.setattr(vlm.eval.evaluate, "main", other)
     with pytest.raises(SafetensorError):  # not a full disk: not called one
         vlm_main(["eval"])
 
@@ -497,7 +497,7 @@ def test_train_py_says_disk_full_in_one_line(monkeypatch, capsys, tmp_path):
     folder and how to resume, exit 2; any other error keeps its traceback."""
     from safetensors import SafetensorError
 
-    import vlm.train.cli as train_cli
+    import vlm.cli.train as train_cli
 
     def full(*args):
         raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")

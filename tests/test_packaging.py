@@ -16,7 +16,7 @@ import pytest
 from packaging.requirements import Requirement
 
 import vlm
-from vlm.train.cli import main as train_main
+from vlm.cli.train import main as train_main
 
 REPO = Path(__file__).resolve().parents[1]
 DIST = "vlm-kit"  # the import name is vlm; `vlm` on the package index is another project
@@ -130,7 +130,7 @@ def test_vlm_ask_help(tmp_path):
 def test_test_sh_from_another_folder_keeps_relative_paths(tmp_path):
     """Relative --model/--image are the caller's: the script must not cd into the repository."""
     from inference_helpers import save_tiny_folder, write_image
-    from vlm.generate import GenerationSettings, load_generator
+    from vlm.generate.generator import GenerationSettings, load_generator
 
     model = save_tiny_folder(tmp_path / "model", "clip", "qwen2", template="chatml", seed=1)
     write_image(tmp_path / "red.png")
@@ -163,7 +163,7 @@ def test_train_without_output_dir_is_one_line_and_writes_nothing(tmp_path, monke
 
 
 def test_output_dir_given_by_flag_or_config_passes_the_check(tmp_path):
-    from vlm.train.cli import check_output_dir_given
+    from vlm.cli.train import check_output_dir_given
 
     check_output_dir_given(["--output_dir", "trainer_output"], "trainer_output")  # explicitly asked for
     check_output_dir_given(["--output-dir=out"], "out")
@@ -178,7 +178,7 @@ def test_output_dir_given_by_flag_or_config_passes_the_check(tmp_path):
 
 def test_deepspeed_names_resolve_to_the_shipped_configs(tmp_path, monkeypatch, capsys):
     from vlm.assets import asset_path
-    from vlm.train.cli import with_shipped_deepspeed_config
+    from vlm.cli.train import with_shipped_deepspeed_config
 
     monkeypatch.chdir(tmp_path)
     shipped = str(asset_path("deepspeed/zero3.json"))
@@ -193,12 +193,12 @@ def test_deepspeed_names_resolve_to_the_shipped_configs(tmp_path, monkeypatch, c
 
 
 def test_vlm_ask_ctrl_c_is_one_line(monkeypatch, capsys, tmp_path):
-    import vlm.generate
-    from vlm.ask import main as ask_main
+    import vlm.generate.generator
+    from vlm.cli.ask import main as ask_main
 
     def interrupted(args):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(vlm.generate, "generator_from_args", interrupted)
+    monkeypatch.setattr(vlm.generate.generator, "generator_from_args", interrupted)
     assert ask_main(["--model", str(tmp_path), "--image", "x.png", "--prompt", "hi"], prog="test.py") == 130
     assert capsys.readouterr().err.strip() == "test.py: interrupted"

@@ -11,10 +11,10 @@ import torch
 
 import vlm
 from inference_helpers import tiny_model, tiny_tokenizer, write_image
-from vlm.builder import load_pretrained_model
+from vlm.folders.load import load_pretrained_model
 from vlm.data.conversation import IGNORE_INDEX, encode_sample
-from vlm.generate import GenerationSettings, generate_ids, load_generator, pad_id, stop_token_ids
-from vlm.testing import tiny_llm_config, tiny_vision_config
+from vlm.generate.generator import GenerationSettings, generate_ids, load_generator, pad_id, stop_token_ids
+from vlm.tiny import tiny_llm_config, tiny_vision_config
 
 ROOT = Path(__file__).resolve().parent.parent
 QUESTION = "What color is the circle?"

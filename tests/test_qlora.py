@@ -22,14 +22,14 @@ from safetensors.torch import load_file  # noqa: E402
 from transformers import BitsAndBytesConfig, Qwen2ForCausalLM, set_seed  # noqa: E402
 
 import vlm  # noqa: E402
-from vlm.builder import load_pretrained_model  # noqa: E402
+from vlm.folders.load import load_pretrained_model  # noqa: E402
 from vlm.data.synth import generate_shapes_dataset  # noqa: E402
-from vlm.lora import NON_LORA_NAME, load_lora_run  # noqa: E402
-from vlm.lora import main as merge_main  # noqa: E402
+from vlm.folders.lora import NON_LORA_NAME, load_lora_run  # noqa: E402
+from vlm.folders.lora import main as merge_main  # noqa: E402
 from vlm.quantization import QUANTIZATION_RECORD, bnb_config, llm_weight_bytes, quantize_llm  # noqa: E402
-from vlm.testing import save_tiny_components, tiny_llm_config, tiny_vlm_config  # noqa: E402
+from vlm.tiny import save_tiny_components, tiny_llm_config, tiny_vlm_config  # noqa: E402
 from vlm.train.arguments import parse_args  # noqa: E402
-from vlm.train.cli import fit, template_for  # noqa: E402
+from vlm.cli.train import fit, template_for  # noqa: E402
 from vlm.train.model_setup import build_for_training  # noqa: E402
 
 # Reloading quantises the same fp32 weights again (deterministic) and runs the same kernels: measured 0.0.
@@ -295,7 +295,7 @@ def test_lora_bias_trains_the_biases_peft_would(workspace, tmp_path, bias):
     assert len(expected) == {"none": 0, "all": 2 * 3, "lora_only": 2}[bias]  # Qwen2: q, k, v have biases
     assert not any(p.requires_grad for p in model.get_base_model().vision_tower.parameters())
     folder = tmp_path / "saved"
-    from vlm.lora import save_lora_run
+    from vlm.folders.lora import save_lora_run
 
     save_lora_run(model, folder, tokenizer=tokenizer)
     saved_llm_biases = {k for k in load_file(folder / "adapter_model.safetensors")
@@ -335,7 +335,7 @@ def test_lora_weight_path_initialises_the_adapter(qlora_run, workspace, tmp_path
 @pytest.mark.parametrize("flag,layer", [("load_4bit", "Linear4bit"), ("load_8bit", "Linear8bitLt")])
 def test_quantised_inference_on_cpu_answers(qlora_run, flag, layer):
     from inference_helpers import save_tiny_folder, write_image
-    from vlm.generate import GenerationSettings, load_generator
+    from vlm.generate.generator import GenerationSettings, load_generator
 
     _, run = qlora_run
     root = os.path.dirname(run)

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 
 from vlm.data.synth import generate_shapes_dataset
-from vlm.testing import save_tiny_components
+from vlm.tiny import save_tiny_components
 from vlm.train.callbacks import plot_loss, read_metrics, truncate_metrics
-from vlm.train.cli import main as train_main
+from vlm.cli.train import main as train_main
 
 
 @pytest.fixture(scope="module")

@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 
 from inference_helpers import save_tiny_folder, write_image
-from vlm.batch import BadLine, answer_file, read_questions
-from vlm.batch import main as batch_main
+from vlm.generate.batch import BadLine, answer_file, read_questions
+from vlm.generate.batch import main as batch_main
 from vlm.data.errors import SampleError
 from vlm.data.paths import ImageFolder
-from vlm.generate import GenerationSettings, load_generator
+from vlm.generate.generator import GenerationSettings, load_generator
 
 
 @pytest.fixture(scope="module")
@@ -171,7 +171,7 @@ def test_absolute_paths_are_refused_naming_the_flag_and_accepted_with_it(data_im
 
 
 def test_data_check_allow_absolute_image_paths(data_image_folder, write_data, make_llava_record, tmp_path, capsys):
-    from vlm.data.cli import main as data_main
+    from vlm.cli.data import main as data_main
 
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
@@ -228,7 +228,7 @@ def test_dataset_replaces_an_unreadable_sample_by_the_next_usable_one(data_image
 def train_workspace(tmp_path_factory):
     """Tiny LLM and vision folders and 32 synthetic samples (16 images, 2 questions each)."""
     from vlm.data.synth import generate_shapes_dataset
-    from vlm.testing import save_tiny_components
+    from vlm.tiny import save_tiny_components
 
     root = tmp_path_factory.mktemp("train")
     data = generate_shapes_dataset(root / "data", n_train=16, n_eval=2, image_size=32, seed=0)
@@ -263,7 +263,7 @@ def _train_flags(ws, data: Path, out: Path, *extra: str) -> list[str]:
 
 
 def test_corrupt_image_mid_run_is_counted_replaced_and_reported(train_workspace, tmp_path, capsys):
-    from vlm.train.cli import main as train_main
+    from vlm.cli.train import main as train_main
 
     data, bad_ids = _plant_corrupt_image(train_workspace, tmp_path, bad=(6,))
     out = tmp_path / "run"
@@ -287,7 +287,7 @@ def test_corrupt_image_mid_run_is_counted_replaced_and_reported(train_workspace,
 
 
 def test_too_many_unreadable_images_stop_the_run_with_a_checkpoint_and_one_line(train_workspace, tmp_path, capsys):
-    from vlm.train.cli import main as train_main
+    from vlm.cli.train import main as train_main
 
     data, bad_ids = _plant_corrupt_image(train_workspace, tmp_path, bad=(9,))
     out = tmp_path / "run"

@@ -23,8 +23,8 @@ import torch
 from transformers import Qwen2ForCausalLM
 
 from inference_helpers import save_tiny_folder, write_image
-from vlm.checkpoint import WEIGHTS_INDEX_NAME, load_state_dict, save_model_folder
-from vlm.testing import tiny_llm_config
+from vlm.folders.weights import WEIGHTS_INDEX_NAME, load_state_dict, save_model_folder
+from vlm.tiny import tiny_llm_config
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -93,7 +93,7 @@ def test_auto_map_tokenizer_is_refused_by_the_loader(evil_tokenizer):
 
 def test_data_check_refuses_an_auto_map_tokenizer(evil_tokenizer, write_data, data_image_folder, make_llava_record,
                                                   capsys):
-    from vlm.data.cli import main
+    from vlm.cli.data import main
 
     folder, marker = evil_tokenizer
     data = write_data("d.json", [make_llava_record("a")])
@@ -123,7 +123,7 @@ def test_trust_remote_code_flag_lets_the_code_run(evil_tokenizer, write_data, da
 
 @pytest.mark.parametrize("config_name", ["tokenizer_config.json", "config.json", "preprocessor_config.json"])
 def test_test_py_refuses_a_model_folder_with_auto_map(model_folder, image, tmp_path, capsys, config_name):
-    from vlm.ask import main
+    from vlm.cli.ask import main
 
     folder, marker = tmp_path / "model", tmp_path / "marker.txt"
     shutil.copytree(model_folder, folder)
@@ -139,8 +139,8 @@ def test_trusted_model_folder_passes_the_check(model_folder, tmp_path):
     """--trust-remote-code parses and reaches load_pretrained_model: the folder is refused without it, loaded with it."""
     import argparse
 
-    from vlm.builder import load_pretrained_model
-    from vlm.generate import add_model_arguments
+    from vlm.folders.load import load_pretrained_model
+    from vlm.generate.generator import add_model_arguments
 
     folder, marker = tmp_path / "model", tmp_path / "marker.txt"
     shutil.copytree(model_folder, folder)
@@ -158,7 +158,7 @@ def test_trusted_model_folder_passes_the_check(model_folder, tmp_path):
 
 
 def test_export_refuses_auto_map_and_the_flag_reaches_the_loader(model_folder, tmp_path, capsys):
-    from vlm.convert import main
+    from vlm.folders.export import main
 
     folder, marker = tmp_path / "model", tmp_path / "marker.txt"
     shutil.copytree(model_folder, folder)
@@ -170,14 +170,14 @@ def test_export_refuses_auto_map_and_the_flag_reaches_the_loader(model_folder, t
 
 
 def test_eval_and_training_refuse_auto_map(evil_tokenizer, model_folder, tmp_path, capsys):
-    import vlm.evaluate
+    import vlm.eval.evaluate
     from vlm.train.arguments import ModelArguments
     from vlm.train.model_setup import build_for_training
 
     folder, marker = tmp_path / "model", tmp_path / "marker.txt"
     shutil.copytree(model_folder, folder)
     plant_auto_map(folder, marker)
-    assert vlm.evaluate.main(["--model", str(folder), "--data_path", "x.json", "--image_folder", "."]) == 2
+    assert vlm.eval.evaluate.main(["--model", str(folder), "--data_path", "x.json", "--image_folder", "."]) == 2
     assert "auto_map" in one_line_error(capsys.readouterr().err)
     llm, _ = evil_tokenizer  # an "LLM folder" whose tokenizer declares its own code
     training = SimpleNamespace(bf16=False, fp16=False, cache_dir=None)
@@ -239,7 +239,7 @@ def _redirect_first_shard(folder: Path, new_name) -> str:
 
 @pytest.mark.parametrize("how", ["dotdot", "absolute", "symlink"])
 def test_index_pointing_outside_the_folder_is_refused(sharded_folder, image, capsys, how):
-    from vlm.ask import main
+    from vlm.cli.ask import main
 
     folder = sharded_folder
     if how == "dotdot":
@@ -263,7 +263,7 @@ def test_index_pointing_outside_the_folder_is_refused(sharded_folder, image, cap
 
 
 def test_torch_index_outside_the_folder_is_refused(tmp_path):
-    from vlm.checkpoint import check_weight_index
+    from vlm.folders.weights import check_weight_index
 
     folder = tmp_path / "llava"
     folder.mkdir()
@@ -274,7 +274,7 @@ def test_torch_index_outside_the_folder_is_refused(tmp_path):
 
 def test_shards_inside_the_folder_and_hub_cache_snapshots_load(sharded_folder, tmp_path):
     """What must keep working: plain shard names, and a Hub cache snapshot whose files link to ../../blobs."""
-    from vlm.checkpoint import check_weight_index
+    from vlm.folders.weights import check_weight_index
 
     expected = load_state_dict(sharded_folder)
     repo = tmp_path / "hub" / "models--org--tiny"
@@ -305,8 +305,8 @@ def lora_setup(tmp_path_factory):
     """(run folder, its base, a same-shaped base with other weights, a copy of the true base elsewhere)."""
     import vlm
     from vlm.data.tokenizer import build_tokenizer
-    from vlm.lora import apply_lora, save_lora_run
-    from vlm.testing import tiny_vision_config
+    from vlm.folders.lora import apply_lora, save_lora_run
+    from vlm.tiny import tiny_vision_config
 
     root = tmp_path_factory.mktemp("lora")
     base, other = _save_llm(root / "base", 0), _save_llm(root / "other", 5)
@@ -326,7 +326,7 @@ def lora_setup(tmp_path_factory):
 
 
 def test_lora_run_records_its_base_fingerprint(lora_setup):
-    from vlm.lora import BASE_FINGERPRINT_NAME
+    from vlm.folders.lora import BASE_FINGERPRINT_NAME
 
     run, base, _, _ = lora_setup
     record = json.loads((Path(run) / BASE_FINGERPRINT_NAME).read_text())
@@ -336,14 +336,14 @@ def test_lora_run_records_its_base_fingerprint(lora_setup):
 
 def test_fingerprint_samples_stay_in_bounds_for_large_tensors():
     """More elements than float32 counts exactly (2**24): the sampled indices stay inside the tensor."""
-    from vlm.lora import _tensor_record
+    from vlm.folders.lora import _tensor_record
 
     record = _tensor_record(torch.arange(2**24 + 3, dtype=torch.float32))
     assert record["sample"][0] == 0 and record["sample"][-1] == 2**24 + 2
 
 
 def test_lora_onto_a_same_shaped_other_base_is_refused_and_forced(lora_setup, capsys, tmp_path):
-    from vlm.lora import load_lora_run, main, merge_lora
+    from vlm.folders.lora import load_lora_run, main, merge_lora
 
     run, base, other, _ = lora_setup
     with pytest.raises(ValueError) as raised:
@@ -366,7 +366,7 @@ def test_lora_onto_a_same_shaped_other_base_is_refused_and_forced(lora_setup, ca
 def test_a_reloaded_run_saved_again_keeps_its_base_fingerprint(lora_setup, tmp_path):
     """Reloaded (eval, nothing trainable) and saved again: the same fingerprint, never the run's own resized
     embeddings, so the copy still loads onto its base."""
-    from vlm.lora import BASE_FINGERPRINT_NAME, load_lora_run, save_lora_run
+    from vlm.folders.lora import BASE_FINGERPRINT_NAME, load_lora_run, save_lora_run
 
     run, _, other, _ = lora_setup
     save_lora_run(load_lora_run(run), tmp_path / "again")
@@ -380,7 +380,7 @@ def test_a_reloaded_run_saved_again_keeps_its_base_fingerprint(lora_setup, tmp_p
 
 def test_the_same_base_is_accepted_by_weights_not_by_name(lora_setup):
     """A copy of the base in another folder, and the base loaded in bfloat16, are the same base."""
-    from vlm.lora import load_lora_run
+    from vlm.folders.lora import load_lora_run
 
     run, _, _, copy = lora_setup
     load_lora_run(run, model_base=copy)

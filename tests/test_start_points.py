@@ -16,11 +16,11 @@ import torch
 
 import vlm
 from test_convert import llava_folder, save_llava_hf  # noqa: F401  (llava_folder is a fixture)
-from vlm.builder import load_pretrained_model
+from vlm.folders.load import load_pretrained_model
 from vlm.data.synth import generate_shapes_dataset
-from vlm.lora import load_lora_run, main as merge_main
-from vlm.testing import save_tiny_components
-from vlm.train.cli import main as train_main
+from vlm.folders.lora import load_lora_run, main as merge_main
+from vlm.tiny import save_tiny_components
+from vlm.cli.train import main as train_main
 
 ROOT = Path(__file__).resolve().parents[1]
 MERGE_TOL = 1e-4  # fp32; merging W + s*B@A reorders sums (measured ~1e-6)
@@ -114,7 +114,7 @@ def test_same_tower_under_another_name_is_accepted(llava_hf_folder, tmp_path, ca
     """llava-hf folders record no tower name: a --vision_tower with the folder tower's architecture is it."""
     from transformers import CLIPVisionModel
 
-    from vlm.testing import tiny_vision_config
+    from vlm.tiny import tiny_vision_config
     from vlm.train.arguments import parse_args
     from vlm.train.model_setup import build_for_training
 
@@ -148,9 +148,9 @@ def add_to_hub_cache(cache: Path, repo_id: str, folder: Path) -> None:
 
 HUB_SCRIPT = r"""
 import json, sys, torch
-from vlm.builder import load_pretrained_model, model_kind
-from vlm.train.cli import main as train_main
-from vlm.lora import main as merge_main
+from vlm.folders.load import load_pretrained_model, model_kind
+from vlm.cli.train import main as train_main
+from vlm.folders.lora import main as merge_main
 args = json.loads(sys.argv[1])
 out = {"kinds": {repo: model_kind(repo)[0] for repo in args["repos"]}}
 _, by_id, _, _ = load_pretrained_model("tiny-org/llava-1.5-tiny-hf")

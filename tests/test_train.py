@@ -15,9 +15,9 @@ import torch
 from safetensors.torch import load_file
 
 from vlm.data.synth import generate_shapes_dataset
-from vlm.testing import save_tiny_components
+from vlm.tiny import save_tiny_components
 from vlm.train.arguments import parse_args
-from vlm.train.cli import main as train_main
+from vlm.cli.train import main as train_main
 from vlm.train.trainer import build_param_groups
 
 REPO = Path(__file__).resolve().parents[1]
@@ -138,7 +138,7 @@ def test_target_modules_regex_that_matches_nothing(workspace, tmp_path):
 
 
 def test_param_groups_lrs_and_no_decay(workspace):
-    from vlm.testing import tiny_vlm_config
+    from vlm.tiny import tiny_vlm_config
     import vlm
 
     model = vlm.build_model(tiny_vlm_config("clip", "llama"))
@@ -283,8 +283,8 @@ def test_training_starts_from_a_saved_model(workspace, tmp_path, kind):
     from inference_helpers import tiny_model
 
     import vlm
-    from vlm.checkpoint import save_model_folder
-    from vlm.convert.llava_hf import export_llava_hf
+    from vlm.folders.weights import save_model_folder
+    from vlm.folders.llava_hf import export_llava_hf
 
     model, tokenizer, processor = tiny_model("siglip", "qwen2")
     start = tmp_path / "start"

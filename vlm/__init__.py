@@ -24,7 +24,7 @@ _EXPORTS = {
     "LLMConfig": "vlm.config",
     "build_model": "vlm.model",
     "from_pretrained": "vlm.model",
-    "load_pretrained_model": "vlm.builder",
+    "load_pretrained_model": "vlm.folders.load",
     "VLMProcessor": "vlm.processing",
     "load": "vlm.processing",
     "answer": "vlm.processing",

@@ -96,7 +96,7 @@ def build_demo_model(config: DemoConfig, tokenizer):
     import torch
 
     import vlm
-    from vlm.testing import tiny_llm_config, tiny_vision_config
+    from vlm.tiny import tiny_llm_config, tiny_vision_config
 
     torch.manual_seed(config.seed)
     vision = tiny_vision_config("siglip", hidden_size=config.vision_hidden, image_size=config.image_size,
@@ -150,14 +150,14 @@ def run_demo(config: DemoConfig) -> dict:
 def _run_demo(config: DemoConfig) -> dict:
     import torch
 
-    from vlm.builder import load_tokenizer
-    from vlm.checkpoint import load_state_dict, load_state_dict_strict
+    from vlm.folders.load import load_tokenizer
+    from vlm.folders.weights import load_state_dict, load_state_dict_strict
     from vlm.data.synth import generate_shapes_dataset
     from vlm.data.tokenizer import build_tokenizer
-    from vlm.evaluate import evaluate_exact_match
+    from vlm.eval.evaluate import evaluate_exact_match
     from vlm.train.arguments import DataArguments, VLMTrainingArguments
     from vlm.train.callbacks import METRICS_FILE, truncate_metrics
-    from vlm.train.cli import fit
+    from vlm.cli.train import fit
     from vlm.train.run_folder import checkpoint_step
     from vlm.visual.processor import ImageProcessor
 
@@ -324,7 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     config = DemoConfig(**vars(args))
-    from vlm.train.cli import report_interrupted
+    from vlm.cli.train import report_interrupted
 
     try:
         run_demo(config)

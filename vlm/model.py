@@ -19,7 +19,7 @@ import torch
 from transformers import AutoConfig, PretrainedConfig
 from transformers.initialization import no_init_weights
 
-from vlm.checkpoint import load_state_dict, load_state_dict_strict
+from vlm.folders.weights import load_state_dict, load_state_dict_strict
 from vlm.config import VLMConfig
 from vlm.hub import pretrained_config
 from vlm.llm.models import llm_class_for

@@ -12,12 +12,12 @@ Design choices:
   (`input_ids`, `attention_mask`, `pixel_values`) and is saved beside the model. It writes no file of its own:
   the tokenizer's files, `preprocessor_config.json` (`vlm.visual.processor.ImageProcessor`) and the chat
   template's name in `vlm_generation.json` -- the record training writes and every loader reads
-  (`vlm.generate.save_generation_defaults` / `default_template`).
+  (`vlm.generate.generator.save_generation_defaults` / `default_template`).
 - `num_image_tokens` (how many ids each `<image>` becomes) belongs to the model and lives in its
   `config.json`; `from_pretrained` reads it there rather than storing a second copy.
-- Prompts are built by `vlm.generate.build_prompt`, i.e. `vlm.data.conversation.encode_prompt`, the code that
-  tokenises training samples; batches are left-padded as `vlm.generate` decodes them.
-- `answer` wraps the model and processor in a `vlm.generate.Generator` and asks it: one decode loop for
+- Prompts are built by `vlm.generate.generator.build_prompt`, i.e. `vlm.data.conversation.encode_prompt`, the code that
+  tokenises training samples; batches are left-padded as `vlm.generate.generator` decodes them.
+- `answer` wraps the model and processor in a `vlm.generate.generator.Generator` and asks it: one decode loop for
   Python, `test.py`, `vlm chat` and `vlm generate`.
 """
 
@@ -55,7 +55,7 @@ class VLMProcessor:
     num_image_tokens: int | None = None
 
     def __post_init__(self) -> None:
-        from vlm.generate import stop_token_ids
+        from vlm.generate.generator import stop_token_ids
 
         if not isinstance(self.image_processor, ImageProcessor):
             raise TypeError(f"image_processor must be a vlm.visual.processor.ImageProcessor, got "
@@ -100,9 +100,9 @@ class VLMProcessor:
             num_image_tokens: default: the folder's `config.json` (a vlm model folder).
             trust_remote_code: allow a tokenizer whose files declare `auto_map` (refused otherwise).
         """
-        from vlm.builder import load_tokenizer, model_kind
+        from vlm.folders.load import load_tokenizer, model_kind
         from vlm.config import VLMConfig
-        from vlm.generate import default_template
+        from vlm.generate.generator import default_template
         from vlm.visual.processor import PREPROCESSOR_CONFIG_NAME
 
         kind, local = model_kind(str(folder))
@@ -119,7 +119,7 @@ class VLMProcessor:
 
     def save_pretrained(self, folder: str | os.PathLike) -> None:
         """Write the tokenizer files, `preprocessor_config.json` and the template record into `folder`."""
-        from vlm.generate import save_generation_defaults
+        from vlm.generate.generator import save_generation_defaults
 
         os.makedirs(folder, exist_ok=True)
         self.tokenizer.save_pretrained(str(folder))
@@ -136,7 +136,7 @@ class VLMProcessor:
             text: a question (one user turn), a conversation (message dicts ending with a user turn), or a
                 list of either (a batch). `<image>` marks where an image goes; one image and no `<image>`:
                 it goes before the first user text, as in training.
-            images: for one prompt: None, an image (path, PIL image, or what `vlm.generate.load_pixels` takes)
+            images: for one prompt: None, an image (path, PIL image, or what `vlm.generate.generator.load_pixels` takes)
                 or a list of them; for a batch: None or one such entry per prompt.
             return_tensors: "pt" (the only kind: the inputs are for a torch model).
 
@@ -146,7 +146,7 @@ class VLMProcessor:
         """
         from transformers import BatchFeature
 
-        from vlm.generate import build_prompt, left_pad, load_pixels, pad_id
+        from vlm.generate.generator import build_prompt, left_pad, load_pixels, pad_id
 
         if return_tensors != "pt":
             raise ValueError(f"return_tensors={return_tensors!r}: VLMProcessor returns torch tensors only ('pt')")
@@ -227,7 +227,7 @@ def load(model_path: str | os.PathLike, *, template: str | None = None, model_ba
     `load_pretrained_model`'s (`trust_remote_code`: let a folder with `auto_map` run its code; `force_base`:
     accept a LoRA base whose weights differ from the recorded one).
     """
-    from vlm.generate import load_generator
+    from vlm.generate.generator import load_generator
 
     generator = load_generator(str(model_path), model_base=model_base, conv_mode=template, device=device,
                                dtype=dtype, load_8bit=load_8bit, load_4bit=load_4bit,
@@ -251,9 +251,9 @@ def answer(model, processor: VLMProcessor, image: Any, question: str | Conversat
         ValueError: the processor belongs to another model (image token or image-token count differ), or the
             prompt does not fit the model's context.
     """
-    from vlm.builder import context_length
+    from vlm.folders.load import context_length
     from vlm.data.tokenizer import get_image_token_id
-    from vlm.generate import GenerationSettings, Generator
+    from vlm.generate.generator import GenerationSettings, Generator
 
     config = model.vlm_config
     if processor.num_image_tokens not in (None, config.num_image_tokens) or \

@@ -13,7 +13,7 @@ Design choices:
 - A LoRA run trained on a quantised LLM records how (`quantization_config.json`); loading it
   quantised again reuses that recipe, which reproduces the training-time model exactly, because
   quantising the same full-precision weights is deterministic. Merging always happens on the
-  full-precision base (`vlm.lora.merge_lora_run`): adding LoRA deltas to 4-bit weights is lossy.
+  full-precision base (`vlm.folders.lora.merge_lora_run`): adding LoRA deltas to 4-bit weights is lossy.
 
 Reference: LLaVA's `train.py` (`BitsAndBytesConfig(load_in_4bit=..., bnb_4bit_compute_dtype=...,
 bnb_4bit_use_double_quant=..., bnb_4bit_quant_type=...)`, then `prepare_model_for_kbit_training`).

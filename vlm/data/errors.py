@@ -3,6 +3,8 @@ and `DataError`, for data that cannot be used at all."""
 
 from __future__ import annotations
 
+from vlm.errors import UserError
+
 REASONS: tuple[str, ...] = (
     "bad_schema",
     "bad_roles",
@@ -17,7 +19,7 @@ REASONS: tuple[str, ...] = (
 )
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """The data as a whole cannot be used (a file that cannot be read, a broken mix file, nothing left to
     train on): a user's mistake, said in one line naming the file and the way out. A ValueError, so callers
     that catch those still do; command lines print it as one line instead of a traceback."""

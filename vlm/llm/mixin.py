@@ -122,6 +122,6 @@ class VLMMixin:
 
     def save_pretrained(self, save_directory, state_dict: dict | None = None, **kwargs: Any) -> None:
         """Write the vlm model folder (`config.json` + safetensors); `transformers.Trainer` calls this too."""
-        from vlm.checkpoint import save_model
+        from vlm.folders.weights import save_model
 
         save_model(self, save_directory, state_dict=state_dict, max_shard_size=kwargs.get("max_shard_size", "5GB"))

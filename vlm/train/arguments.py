@@ -172,7 +172,7 @@ class VLMTrainingArguments(transformers.TrainingArguments):
         self._check_lora_and_quantization()
 
     def _check_lora_and_quantization(self) -> None:
-        from vlm.lora import LORA_BIAS
+        from vlm.folders.lora import LORA_BIAS
         from vlm.quantization import QUANT_TYPES, require_bitsandbytes
 
         if self.lora_bias not in LORA_BIAS:

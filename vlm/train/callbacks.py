@@ -3,7 +3,7 @@
 `metrics.jsonl` is appended to as the run logs, so a disk that fills mid-append can leave a torn last line:
 readers here skip unreadable lines and count them, and a run (or the demo) starting in the folder rewrites
 the file with the readable records up to the step it resumes from (`truncate_metrics`), so a resumed run
-never repeats steps. The loss plot is drawn after the final model is saved (`vlm.train.cli.fit`).
+never repeats steps. The loss plot is drawn after the final model is saved (`vlm.cli.train.fit`).
 """
 
 from __future__ import annotations

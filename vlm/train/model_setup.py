@@ -3,9 +3,9 @@
 Starting points (`--model_name_or_path`):
 - a vlm model folder (a stage-1 output or any saved vlm model): loaded whole;
 - an original LLaVA or llava-hf folder, or a vlm LoRA run (merged): loaded by
-  `vlm.builder.load_pretrained_model`;
+  `vlm.folders.load.load_pretrained_model`;
 - otherwise a decoder LLM (hub id or folder), composed with `--vision_tower` and a new projector.
-A Hub id is recognised by its files (`vlm.builder.model_kind`), like a folder. Every Hub read (the start point,
+A Hub id is recognised by its files (`vlm.folders.load.model_kind`), like a folder. Every Hub read (the start point,
 the LLM, its tokenizer, the vision tower and its image processor, a LoRA run's base) goes through `--cache_dir`
 when it is given, as LLaVA's `cache_dir=training_args.cache_dir`; the saved model never records it (it is
 a property of this machine). Starting from a model folder,
@@ -26,16 +26,16 @@ import os
 
 import torch
 
-from vlm.checkpoint import load_state_dict, load_state_dict_strict, read_pickled_weights, read_safetensors
+from vlm.folders.weights import load_state_dict, load_state_dict_strict, read_pickled_weights, read_safetensors
 from vlm.config import LLMConfig, ProjectorConfig, VisionConfig, VLMConfig
 from vlm.model import build_model, from_pretrained
 from vlm.visual.processor import ImageProcessor
 
 
 def _start_kind(path: str | None, cache_dir: str | None = None) -> tuple[str, str | None]:
-    """(kind, local folder) of the start point (`vlm.builder.model_kind`: a Hub id is read from its config),
+    """(kind, local folder) of the start point (`vlm.folders.load.model_kind`: a Hub id is read from its config),
     or ('llm', path) for a plain decoder (folder or hub id)."""
-    from vlm.builder import model_kind
+    from vlm.folders.load import model_kind
 
     return model_kind(path, cache_dir=cache_dir) if path else ("llm", path)
 
@@ -110,7 +110,7 @@ def build_for_training(model_args, data_args, training_args):
 
     A start folder, LLM folder or vision-tower folder whose configs declare their own code (`auto_map`) is refused
     unless `--trust_remote_code`; index files naming shards outside their folder are refused."""
-    from vlm.checkpoint import check_weight_index
+    from vlm.folders.weights import check_weight_index
     from vlm.hub import auto_tokenizer, check_remote_code
 
     dtype, cache_dir, trust = _run_dtype(training_args), training_args.cache_dir, model_args.trust_remote_code
@@ -124,12 +124,12 @@ def build_for_training(model_args, data_args, training_args):
         tokenizer = auto_tokenizer(folder, trust_remote_code=trust)
         image_processor = ImageProcessor.from_pretrained(folder)
     elif kind in ("llava", "llava-hf", "lora"):
-        from vlm.builder import load_pretrained_model
+        from vlm.folders.load import load_pretrained_model
 
         tokenizer, model, image_processor, _ = load_pretrained_model(folder, dtype=dtype, cache_dir=cache_dir,
                                                                      trust_remote_code=trust)
     else:
-        from vlm.builder import check_readable
+        from vlm.folders.load import check_readable
 
         if model_args.model_name_or_path:  # a Hub id that is not there: say so, not "needs --vision_tower"
             check_readable(model_args.model_name_or_path, cache_dir=cache_dir)
@@ -185,7 +185,7 @@ def quantize_for_training(model, training_args):
 
 def configure_trainable(model, model_args, training_args, *, base: str | None = None):
     """Freeze/unfreeze per stage; wrap with LoRA when asked (`base`: what the LoRA run records as its base,
-    see `vlm.lora.apply_lora`). Returns the (possibly wrapped) model."""
+    see `vlm.folders.lora.apply_lora`). Returns the (possibly wrapped) model."""
     for p in model.parameters():
         p.requires_grad_(False)
     if model_args.tune_mm_mlp_adapter:  # stage 1
@@ -194,7 +194,7 @@ def configure_trainable(model, model_args, training_args, *, base: str | None = 
         model.mm_projector.requires_grad_(True)
         return model
     if training_args.lora_enable:
-        from vlm.lora import apply_lora, load_adapter_weights
+        from vlm.folders.lora import apply_lora, load_adapter_weights
 
         model = apply_lora(model, r=training_args.lora_r, alpha=training_args.lora_alpha,
                            dropout=training_args.lora_dropout, target_modules=training_args.target_modules,

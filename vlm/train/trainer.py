@@ -27,7 +27,7 @@ from transformers.trainer_utils import rotate_checkpoints
 
 from safetensors.torch import save_file
 
-from vlm.checkpoint import check_state_fits, load_state_dict, load_state_dict_strict, save_model_folder
+from vlm.folders.weights import check_state_fits, load_state_dict, load_state_dict_strict, save_model_folder
 from vlm.train.data_drops import record_drops
 
 STAGING_DIR = ".incomplete"
@@ -116,7 +116,7 @@ class VLMTrainer(Trainer):
         os.makedirs(output_dir, exist_ok=True)
         tokenizer = self.processing_class
         if self.lora:
-            from vlm.lora import save_lora_run
+            from vlm.folders.lora import save_lora_run
 
             save_lora_run(self.accelerator.unwrap_model(self.model), output_dir, tokenizer=tokenizer,
                           image_processor=self.image_processor, cache_dir=self.args.cache_dir)
@@ -124,7 +124,7 @@ class VLMTrainer(Trainer):
             save_model_folder(output_dir, unwrap(self.model), tokenizer=tokenizer,
                               image_processor=self.image_processor, state_dict=state_dict)
         if self.template is not None:  # what test.py / chat prompt the model with
-            from vlm.generate import save_generation_defaults
+            from vlm.generate.generator import save_generation_defaults
 
             save_generation_defaults(output_dir, template=self.template)
         if self.save_projector:  # stage 1: what --pretrain_mm_mlp_adapter loads
@@ -199,7 +199,7 @@ def load_lora_checkpoint(peft_model, folder: str, *, cache_dir: str | None = Non
     from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
     from safetensors.torch import load_file
 
-    from vlm.lora import ADAPTER_WEIGHTS_NAME, NON_LORA_NAME, _plain_name, non_lora_state
+    from vlm.folders.lora import ADAPTER_WEIGHTS_NAME, NON_LORA_NAME, _plain_name, non_lora_state
 
     hint = "; resume with the flags the run was started with"
     adapter = load_file(os.path.join(folder, ADAPTER_WEIGHTS_NAME))

@@ -56,14 +56,14 @@ def read_template(folder: str | os.PathLike) -> str | None:
 
 def recorded_template(folder: str | os.PathLike) -> str | None:
     """The template a model folder (or LoRA run, or a Hub id's cached snapshot) records it was trained with."""
-    from vlm.builder import model_kind
+    from vlm.folders.load import model_kind
 
     return read_template(model_kind(str(folder))[1])
 
 
 def default_template(folder: str | os.PathLike, tokenizer) -> str:
     """The chat template to prompt a model folder with when the user names none (see the module docstring)."""
-    from vlm.builder import model_kind
+    from vlm.folders.load import model_kind
 
     kind, local = model_kind(str(folder))  # a Hub id: its cached snapshot
     recorded = read_template(local)
@@ -332,7 +332,7 @@ def load_generator(model_path: str, *, model_base: str | None = None, conv_mode:
     """`load_pretrained_model` plus the chat template (`conv_mode`, else `default_template`). A `conv_mode`
     that prompts differently from the template the folder records is a ValueError unless `force_template`
     (`check_template`); `trust_remote_code` and `force_base` are `load_pretrained_model`'s."""
-    from vlm.builder import load_pretrained_model, resolve_model_path
+    from vlm.folders.load import load_pretrained_model, resolve_model_path
 
     folder = resolve_model_path(model_path)
     tokenizer, model, image_processor, context_len = load_pretrained_model(
@@ -351,7 +351,7 @@ def load_generator(model_path: str, *, model_base: str | None = None, conv_mode:
 
 def add_model_arguments(parser, *, required: bool = True) -> None:
     from vlm.hub import add_trust_remote_code_argument
-    from vlm.lora import add_force_base_argument
+    from vlm.folders.lora import add_force_base_argument
 
     group = parser.add_argument_group("model")
     group.add_argument("--model", "--model-path", "--model_path", "--model_weights", dest="model", required=required,
@@ -431,7 +431,7 @@ def check_device(name: str, flag: str = "--device") -> str:
 
 def _basic_vlm_base(model: str, model_base: str | None, language_model: str) -> str | None:
     """`--base_language_model` is the base of a LoRA run; for a full model folder it is not a base (None)."""
-    from vlm.builder import folder_kind, resolve_model_path
+    from vlm.folders.load import folder_kind, resolve_model_path
 
     if model_base is not None and model_base != language_model:
         raise ValueError(f"--model-base {model_base!r} and --base_language_model {language_model!r} disagree; "
@@ -443,7 +443,7 @@ def _check_language_model(model, language_model: str) -> None:
     """A full folder's LLM against Basic-VLM's `--base_language_model`: an error when they differ in shape."""
     from transformers import AutoConfig
 
-    from vlm.lora import BASE_FIELDS
+    from vlm.folders.lora import BASE_FIELDS
 
     try:
         other = AutoConfig.from_pretrained(language_model, trust_remote_code=False).get_text_config().to_dict()

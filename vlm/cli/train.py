@@ -70,14 +70,14 @@ def template_for(data_args, model_args, tokenizer=None, *, cache_dir: str | None
     cache a Hub-id start point is read from (`--cache_dir`)."""
     if data_args.version:
         return data_args.version
-    from vlm.builder import model_kind
+    from vlm.folders.load import model_kind
     from vlm.data.templates import default_template_name
 
     stage1 = model_args.tune_mm_mlp_adapter
     kind, folder = (model_kind(model_args.model_name_or_path, cache_dir=cache_dir) if model_args.model_name_or_path
                     else ("llm", None))
     if kind != "llm" and not stage1:
-        from vlm.generate import default_template
+        from vlm.generate.generator import default_template
 
         try:
             name = default_template(folder, tokenizer)

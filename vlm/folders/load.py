@@ -5,7 +5,7 @@ never guessed from its name:
 
 | folder                                   | recognised by                                        |
 | ---------------------------------------- | ---------------------------------------------------- |
-| vlm LoRA run (needs the base)            | `adapter_config.json` (see `vlm.lora`)                |
+| vlm LoRA run (needs the base)            | `adapter_config.json` (see `vlm.folders.lora`)                |
 | vlm model folder                         | `config.json` with `vision` and `llm` sections       |
 | original LLaVA-1.5 (`LlavaLlamaForCausalLM`) | `config.json` with `mm_vision_tower`             |
 | llava-hf (`LlavaForConditionalGeneration`)   | `config.json` with `model_type: llava` and sub-configs |
@@ -18,8 +18,8 @@ run recorded), which is the model it was trained as; merging into 4-bit weights 
 
 A model folder is data, never code: one whose configs declare `auto_map` is refused unless the caller passes
 `trust_remote_code=True` (`--trust-remote-code`; `vlm.hub.check_remote_code`), weight index files may only
-name shards inside the folder (`vlm.checkpoint.check_weight_index`), and a LoRA run is refused on a base whose
-weights differ from the one it recorded (`vlm.lora.check_base_fingerprint`) unless `force_base=True`.
+name shards inside the folder (`vlm.folders.weights.check_weight_index`), and a LoRA run is refused on a base whose
+weights differ from the one it recorded (`vlm.folders.lora.check_base_fingerprint`) unless `force_base=True`.
 """
 
 from __future__ import annotations
@@ -37,8 +37,8 @@ DEFAULT_CONTEXT = 2048
 
 def config_kind(data: dict[str, Any]) -> str | None:
     """'vlm', 'llava' or 'llava-hf' from a `config.json`'s content; None for anything else (e.g. a plain LLM)."""
-    from vlm.convert.llava_hf import is_llava_hf_config
-    from vlm.convert.llava_original import is_llava_original_config
+    from vlm.folders.llava_hf import is_llava_hf_config
+    from vlm.folders.llava_original import is_llava_original_config
 
     if "vision" in data and "llm" in data:
         return "vlm"
@@ -51,7 +51,7 @@ def config_kind(data: dict[str, Any]) -> str | None:
 
 def folder_kind(folder: str) -> str:
     """'lora', 'vlm', 'llava' or 'llava-hf'; FileNotFoundError/ValueError naming what is missing or unknown."""
-    from vlm.lora import is_lora_run
+    from vlm.folders.lora import is_lora_run
 
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"model path {folder!r} is not a folder (and not a hub id that could be downloaded)")
@@ -120,7 +120,7 @@ def model_kind(path: str | os.PathLike, *, cache_dir: str | None = None) -> tupl
     so a plain LLM is not downloaded here), or ('llm', path) for anything else: a decoder LLM that
     `transformers` loads by that name.
     """
-    from vlm.lora import ADAPTER_CONFIG_NAME
+    from vlm.folders.lora import ADAPTER_CONFIG_NAME
 
     path = str(path)
     if os.path.isdir(path):
@@ -179,7 +179,7 @@ def load_tokenizer(folder: str, *, trust_remote_code: bool = False):
     if not any(os.path.isfile(os.path.join(folder, name)) for name in TOKENIZER_FILES):
         raise FileNotFoundError(
             f"model folder {folder!r} has no tokenizer files ({', '.join(TOKENIZER_FILES)}); save the model with "
-            "vlm.checkpoint.save_model_folder(folder, model, tokenizer=...)"
+            "vlm.folders.weights.save_model_folder(folder, model, tokenizer=...)"
         )
     return auto_tokenizer(folder, trust_remote_code=trust_remote_code)
 
@@ -247,7 +247,7 @@ def load_pretrained_model(model_path: str | os.PathLike, model_base: str | None 
         trust_remote_code: let a folder whose files declare `auto_map` run its own code through transformers;
             False (default): such a folder is refused, naming the file (`vlm.hub.check_remote_code`).
         force_base: merge a LoRA run onto a base whose weights differ from the one it was trained on
-            (`vlm.lora.check_base_fingerprint`).
+            (`vlm.folders.lora.check_base_fingerprint`).
         kwargs: `vision_tower=` overrides LLaVA's `mm_vision_tower` (a local copy of the tower).
 
     Returns:
@@ -265,7 +265,7 @@ def load_pretrained_model(model_path: str | os.PathLike, model_base: str | None 
             f"--model-base is only used with LoRA runs, but {folder!r} is a full {kind} model folder; drop --model-base"
         )
     check_folder_files(folder, kind)
-    from vlm.checkpoint import check_weight_index
+    from vlm.folders.weights import check_weight_index
     from vlm.hub import check_remote_code
 
     check_remote_code(folder, trust_remote_code)
@@ -273,7 +273,7 @@ def load_pretrained_model(model_path: str | os.PathLike, model_base: str | None 
     tokenizer = load_tokenizer(folder, trust_remote_code=trust_remote_code)
     aspect_ratio, fallback = None, None
     if kind == "lora":
-        from vlm.lora import load_lora_run, merge_lora
+        from vlm.folders.lora import load_lora_run, merge_lora
 
         if bits is None:
             model = merge_lora(load_lora_run(folder, model_base, dtype=dtype, cache_dir=cache_dir,
@@ -293,7 +293,7 @@ def load_pretrained_model(model_path: str | os.PathLike, model_base: str | None 
 
         model = from_pretrained(folder, dtype=dtype)
     elif kind == "llava":
-        from vlm.convert.llava_original import image_aspect_ratio, load_llava_original
+        from vlm.folders.llava_original import image_aspect_ratio, load_llava_original
 
         with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
             data = json.load(f)
@@ -301,7 +301,7 @@ def load_pretrained_model(model_path: str | os.PathLike, model_base: str | None 
                                     cache_dir=cache_dir)
         aspect_ratio, fallback = image_aspect_ratio(data), model.vlm_config.vision.name_or_path
     else:
-        from vlm.convert.llava_hf import load_llava_hf
+        from vlm.folders.llava_hf import load_llava_hf
 
         model = load_llava_hf(folder, dtype=dtype)
     if get_image_token_id(tokenizer) != model.vlm_config.image_token_id:

@@ -27,7 +27,7 @@ LoRA run folder layout (written by `save_lora_run`):
     tokenizer files, preprocessor_config.json
 
 `load_lora_run(run, model_base)` rebuilds the architecture from `config.json`, loads the base weights
-(by default the adapter's recorded base; any folder or Hub id `vlm.builder.model_kind` knows, or an LLM), overlays the non-LoRA
+(by default the adapter's recorded base; any folder or Hub id `vlm.folders.load.model_kind` knows, or an LLM), overlays the non-LoRA
 trainables, checks that the base matches the run (dimensions, vocabulary, and the weights themselves through
 `base_fingerprint.json`: a same-shaped but different base would merge silently into a wrong model) and attaches
 the adapter.
@@ -50,7 +50,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from vlm.checkpoint import read_safetensors
+from vlm.folders.weights import read_safetensors
 
 NON_LORA_NAME = "non_lora_trainables.safetensors"
 ADAPTER_CONFIG_NAME = "adapter_config.json"
@@ -221,7 +221,7 @@ def load_adapter_weights(peft_model, folder: str | os.PathLike) -> None:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"--lora_weight_path {str(folder)!r} has no {ADAPTER_WEIGHTS_NAME}; it must be a PEFT "
                                 "adapter folder (a vlm LoRA run or PeftModel.save_pretrained output)")
-    from vlm.checkpoint import check_state_fits
+    from vlm.folders.weights import check_state_fits
 
     saved = read_safetensors(path)
     check_state_fits(saved, get_peft_model_state_dict(peft_model, save_embedding_layers=False),
@@ -423,8 +423,8 @@ def _check_base_matches(run_llm: dict[str, Any], base_llm: dict[str, Any], run: 
 def _base_state(config, model_base: str | None, run: str, dtype: torch.dtype | None,
                 cache_dir: str | None = None, trust_remote_code: bool = False) -> tuple[dict, str]:
     """Weights of the base (vlm key layout) and the name it was loaded from (a Hub id read through `cache_dir`)."""
-    from vlm.builder import load_pretrained_model, model_kind
-    from vlm.checkpoint import load_state_dict
+    from vlm.folders.load import load_pretrained_model, model_kind
+    from vlm.folders.weights import load_state_dict
     from vlm.config import VLMConfig
 
     base = model_base or recorded_base(run) or config.llm.name_or_path
@@ -433,7 +433,7 @@ def _base_state(config, model_base: str | None, run: str, dtype: torch.dtype | N
             f"the LoRA run {run!r} records no base LLM (llm.name_or_path is empty); pass --model-base "
             "(a vlm model folder, an LLM folder or a hub id)"
         )
-    from vlm.checkpoint import check_weight_index
+    from vlm.folders.weights import check_weight_index
     from vlm.hub import check_remote_code
 
     kind, where = model_kind(base, cache_dir=cache_dir)
@@ -497,14 +497,14 @@ def load_lora_run(folder: str | os.PathLike, model_base: str | None = None, *,
     from peft.utils import get_peft_model_state_dict
     from transformers.initialization import no_init_weights
 
-    from vlm.checkpoint import load_state_dict_strict
+    from vlm.folders.weights import load_state_dict_strict
     from vlm.config import VLMConfig
     from vlm.model import build_model, dtype_name, resolve_dtype
 
     folder = str(folder)
     for name in (ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, NON_LORA_NAME, "config.json"):
         if not os.path.isfile(os.path.join(folder, name)):
-            raise FileNotFoundError(f"LoRA run folder {folder!r} has no {name}; it must be written by vlm.lora.save_lora_run")
+            raise FileNotFoundError(f"LoRA run folder {folder!r} has no {name}; it must be written by vlm.folders.lora.save_lora_run")
     config = VLMConfig.load(folder)
     if dtype is not None:
         config.dtype = dtype_name(dtype)
@@ -583,7 +583,7 @@ def merge_lora_run(folder: str | os.PathLike, output: str | os.PathLike, model_b
     The adapters are merged onto the full-precision base, also for runs trained on a quantised LLM (QLoRA):
     W + alpha/r * B @ A with W the base's own weights, not their 4-/8-bit approximation.
     """
-    from vlm.checkpoint import save_model_folder
+    from vlm.folders.weights import save_model_folder
 
     merged = merge_lora(load_lora_run(folder, model_base, dtype=dtype, trust_remote_code=trust_remote_code,
                                       force_base=force_base))

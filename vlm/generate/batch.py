@@ -19,7 +19,7 @@ loaded, and each bad line (not JSON, wrong keys, another format than the first g
 missing or outside the folder) is reported on stderr as `FILE line N (id X): reason: detail`; an image
 that cannot be decoded, or a question the model cannot take (too long), is reported the same way when
 its batch comes. The other lines are answered, in left-padded batches with the KV cache
-(`vlm.generate`), and written to `--output` as each batch finishes (flushed), so a crash or Ctrl-C
+(`vlm.generate.generator`), and written to `--output` as each batch finishes (flushed), so a crash or Ctrl-C
 keeps what was answered. Exit status: 0 every line answered; 1 some lines bad (the rest answered, a
 summary line counts them by reason) or the model could not be loaded; 2 bad flags.
 """
@@ -224,7 +224,7 @@ def answer_file(
     when given); the rest of its batch is answered."""
     from tqdm import tqdm
 
-    from vlm.generate import USER_ERRORS, as_image
+    from vlm.generate.generator import USER_ERRORS, as_image
 
     bad: list[BadLine] = []
 
@@ -264,7 +264,7 @@ def answer_file(
 
 
 def main(argv: list[str] | None = None) -> int:
-    from vlm.generate import USER_ERRORS, add_decoding_arguments, add_model_arguments, generator_from_args
+    from vlm.generate.generator import USER_ERRORS, add_decoding_arguments, add_model_arguments, generator_from_args
 
     parser = argparse.ArgumentParser(prog="vlm generate", description=__doc__.split("\n\n")[0])
     add_model_arguments(parser)

@@ -6,7 +6,7 @@ one that learned only answer priors from the question text scores the same.
 
     vlm eval --model runs/demo/model --data_path data/eval.json --image_folder data/images
 
-The chat template is the one the model folder records (`vlm.generate.default_template`); `--template`
+The chat template is the one the model folder records (`vlm.generate.generator.default_template`); `--template`
 names another, which is an error when it prompts differently from the recorded one unless
 `--force-template`: a score measured in the wrong format (6% instead of 97%) looks like a bad model,
 not like a wrong flag, and is reported and compared long after any warning has scrolled away.
@@ -27,7 +27,7 @@ import torch
 
 from vlm.data.errors import SampleError
 from vlm.data.paths import ImageFolder
-from vlm.generate import (
+from vlm.generate.generator import (
     USER_ERRORS,
     GenerationSettings,
     build_prompt,

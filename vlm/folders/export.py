@@ -1,7 +1,7 @@
 """Checkpoint interchange: original LLaVA-1.5 and llava-hf folders in (`vlm.load_pretrained_model`), llava-hf out.
 
     vlm export --format llava-hf --model runs/demo/model OUT
-    vlm.convert.export("runs/demo/model", "OUT", format="llava-hf")
+    vlm.folders.export.export("runs/demo/model", "OUT", format="llava-hf")
 
 Key maps are declarative tables in `keymap.py`; `llava_hf.py` and `llava_original.py` hold the rest.
 The source may be any folder `load_pretrained_model` reads (a LoRA run is merged first).
@@ -20,10 +20,10 @@ def export(model_path: str | os.PathLike, output: str | os.PathLike, *, format: 
            model_base: str | None = None, conv_mode: str | None = None, trust_remote_code: bool = False,
            force_base: bool = False) -> None:
     """Write the model at `model_path` to `output` in `format`; ValueError for what the format cannot express.
-    `trust_remote_code` and `force_base` are `vlm.builder.load_pretrained_model`'s."""
-    from vlm.builder import load_pretrained_model, resolve_model_path
-    from vlm.convert.llava_hf import export_llava_hf
-    from vlm.generate import default_template
+    `trust_remote_code` and `force_base` are `vlm.folders.load.load_pretrained_model`'s."""
+    from vlm.folders.load import load_pretrained_model, resolve_model_path
+    from vlm.folders.llava_hf import export_llava_hf
+    from vlm.generate.generator import default_template
 
     if format not in FORMATS:
         raise ValueError(f"unknown export format {format!r}; supported: {FORMATS}")
@@ -36,7 +36,7 @@ def export(model_path: str | os.PathLike, output: str | os.PathLike, *, format: 
 
 def main(argv: list[str] | None = None) -> int:
     from vlm.hub import add_trust_remote_code_argument
-    from vlm.lora import add_force_base_argument
+    from vlm.folders.lora import add_force_base_argument
 
     parser = argparse.ArgumentParser(prog="vlm export", description="Export a model folder to another format.")
     parser.add_argument("output", nargs="?", default=None, help="folder to write")

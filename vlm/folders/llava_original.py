@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from vlm.convert.keymap import LLAVA_ORIGINAL_IGNORED, LLAVA_ORIGINAL_TO_VLM, drop_keys, rename_keys
+from vlm.folders.keymap import LLAVA_ORIGINAL_IGNORED, LLAVA_ORIGINAL_TO_VLM, drop_keys, rename_keys
 
 # LLaVA's model_type -> the decoder's transformers model_type.
 LLAVA_MODEL_TYPES: dict[str, str] = {
@@ -77,7 +77,7 @@ def vlm_config_from_llava_original(data: dict[str, Any], where: str = "config.js
 
 def read_checkpoint(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
     """All tensors of a folder: safetensors (single or sharded) or `pytorch_model*.bin` (weights only)."""
-    from vlm.checkpoint import WEIGHTS_INDEX_NAME, WEIGHTS_NAME, load_state_dict, read_pickled_weights, shard_path
+    from vlm.folders.weights import WEIGHTS_INDEX_NAME, WEIGHTS_NAME, load_state_dict, read_pickled_weights, shard_path
 
     folder = str(folder)
     if os.path.isfile(os.path.join(folder, WEIGHTS_NAME)) or os.path.isfile(os.path.join(folder, WEIGHTS_INDEX_NAME)):
@@ -110,7 +110,7 @@ def load_llava_original(folder: str | os.PathLike, tokenizer, *, dtype=None, vis
     """
     from transformers.initialization import no_init_weights
 
-    from vlm.checkpoint import load_state_dict_strict
+    from vlm.folders.weights import load_state_dict_strict
     from vlm.data.tokenizer import ensure_image_token
     from vlm.model import build_model
 

@@ -36,9 +36,9 @@ class ChatSession:
             self.set_image(image)
 
     def set_image(self, source: Any) -> None:
-        """Load an image (as `vlm.generate.as_image` takes it) now, so a bad file is reported at once; it goes
+        """Load an image (as `vlm.generate.generator.as_image` takes it) now, so a bad file is reported at once; it goes
         with the next question."""
-        from vlm.generate import as_image
+        from vlm.generate.generator import as_image
 
         self.current_image = self.pending_image = as_image(source)
 
@@ -104,7 +104,7 @@ def _undecodable(line: str) -> str | None:
 
 def run(session: ChatSession, lines: IO[str], out: IO[str], err: IO[str], *, stream: bool) -> int:
     """The read-answer loop over `lines` (stdin); returns the exit code."""
-    from vlm.generate import USER_ERRORS
+    from vlm.generate.generator import USER_ERRORS
 
     interactive = _isatty(lines)
     # input() edits lines only on the process's own terminal: stdin and stdout both ttys
@@ -170,7 +170,7 @@ def run(session: ChatSession, lines: IO[str], out: IO[str], err: IO[str], *, str
 
 
 def main(argv: list[str] | None = None) -> int:
-    from vlm.generate import USER_ERRORS, add_decoding_arguments, add_model_arguments, generator_from_args
+    from vlm.generate.generator import USER_ERRORS, add_decoding_arguments, add_model_arguments, generator_from_args
 
     parser = argparse.ArgumentParser(prog="vlm chat", description=__doc__.split("\n\n")[0], epilog=HELP)
     add_model_arguments(parser)

@@ -21,7 +21,7 @@ import sys
 
 
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
-    from vlm.generate import add_decoding_arguments, add_model_arguments
+    from vlm.generate.generator import add_decoding_arguments, add_model_arguments
 
     parser = argparse.ArgumentParser(prog=prog, description="Answer a question about an image with a vlm / LLaVA "
                                      "model; prints only the answer.")
@@ -77,7 +77,7 @@ def fill_defaults(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None, prog: str = "vlm ask") -> int:
-    from vlm.generate import USER_ERRORS, generator_from_args
+    from vlm.generate.generator import USER_ERRORS, generator_from_args
 
     args = build_parser(prog).parse_args(sys.argv[1:] if argv is None else argv)
     try:

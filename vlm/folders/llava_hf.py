@@ -2,7 +2,7 @@
 
 Design choices:
 - The config is read with `transformers`' own `LlavaConfig`, so defaults a `config.json` leaves out are
-  the ones `transformers` would use. Keys are renamed with the tables of `vlm.convert.keymap`; loading is
+  the ones `transformers` would use. Keys are renamed with the tables of `vlm.folders.keymap`; loading is
   strict (every key consumed, every shape checked).
 - Feature selection: llava-hf's `vision_feature_select_strategy="default"` drops the first token (CLIP's
   CLS) = our `patch` on CLIP; `"full"` keeps every token = our `cls_patch` on CLIP and `patch` on SigLIP
@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from vlm.convert.keymap import LLAVA_HF_TO_VLM, VLM_TO_LLAVA_HF, rename_keys
+from vlm.folders.keymap import LLAVA_HF_TO_VLM, VLM_TO_LLAVA_HF, rename_keys
 
 IMAGE_TOKEN = "<image>"
 _HF_PROCESSOR_BY_ASPECT = {"pad": "LlavaImageProcessor", "crop": "CLIPImageProcessor", "resize": "SiglipImageProcessor"}
@@ -92,7 +92,7 @@ def build_with_state(config, state: dict[str, torch.Tensor], *, source: str, dty
     """A VLM with the architecture of `config` and exactly the tensors of `state` (strict), in eval mode."""
     from transformers.initialization import no_init_weights
 
-    from vlm.checkpoint import load_state_dict_strict
+    from vlm.folders.weights import load_state_dict_strict
     from vlm.model import build_model
 
     with no_init_weights():
@@ -104,7 +104,7 @@ def build_with_state(config, state: dict[str, torch.Tensor], *, source: str, dty
 
 def load_llava_hf(folder: str | os.PathLike, *, dtype=None):
     """A llava-hf folder as a vlm model (weights renamed, strict)."""
-    from vlm.checkpoint import load_state_dict
+    from vlm.folders.weights import load_state_dict
 
     config = vlm_config_from_llava_hf(folder)
     state = rename_keys(load_state_dict(folder), LLAVA_HF_TO_VLM, what=f"llava-hf checkpoint {str(folder)!r}")

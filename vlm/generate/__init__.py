@@ -1,0 +1,1 @@
+"""Running a model: prompts, the decode loop, chat sessions and batch answers to question files. Layer 3."""

@@ -11,6 +11,7 @@ from vlm.data.errors import REASONS, SampleError
 from vlm.data.mix import Source
 from vlm.data.paths import ImageFolder, resolve_image_path
 from vlm.data.sample import validate_sample
+from vlm.visual.processor import ImageProcessor, ImageProcessorConfig
 
 CHECK = dict(template="vicuna_v1", num_image_tokens=4, max_length=80)
 
@@ -187,3 +188,74 @@ def test_validate_sample_accepts_system_first_and_meta():
               "messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "<image>"},
                            {"role": "assistant", "content": "a"}]}
     assert validate_sample(sample) is sample
+
+
+def _turns(*pairs: tuple[str, str]) -> list[dict]:
+    return [{"from": role, "value": text} for role, text in pairs]
+
+
+# (id, record fields, the reason): one validator, so `vlm data check` and the training dataset must agree
+SAME_REASON_TABLE = [
+    ("user_user", {"conversations": _turns(("human", "<image>\nWhat?"), ("human", "Which?"))}, "bad_roles"),
+    ("user_user_assistant", {"conversations": _turns(("human", "<image>\nWhat?"), ("human", "Which?"),
+                                                     ("gpt", "red"))}, "bad_roles"),
+    ("assistant_first", {"conversations": _turns(("gpt", "red"), ("human", "<image>\nWhat?"))}, "bad_roles"),
+    ("system_not_first", {"conversations": _turns(("human", "<image>\nWhat?"), ("system", "Be brief."),
+                                                  ("gpt", "red"))}, "bad_roles"),
+    ("unknown_role", {"conversations": _turns(("human", "<image>\nWhat?"), ("bot", "red"))}, "bad_roles"),
+    ("unanswered", {"conversations": _turns(("human", "<image>\nWhat?"), ("gpt", "red"), ("human", "And?"))},
+     "bad_roles"),
+    ("question_only", {"conversations": _turns(("human", "<image>\nWhat?"))}, "no_supervised_tokens"),
+    ("empty_turn", {"conversations": _turns(("human", "<image>\nWhat?"), ("gpt", " \n"))}, "empty_turn"),
+    ("empty_and_bad_roles", {"conversations": _turns(("human", ""), ("human", "x"))}, "bad_roles"),
+    ("placeholders", {"conversations": _turns(("human", "<image> and <image>"), ("gpt", "red"))},
+     "placeholder_mismatch"),
+    ("image_in_reply", {"image": ["ok.png", "sub/ok2.png"],
+                        "conversations": _turns(("human", "<image>\nWhat?"), ("gpt", "see <image>"))},
+     "placeholder_mismatch"),
+    ("missing_and_placeholders", {"image": "nowhere.png",
+                                  "conversations": _turns(("human", "<image><image>"), ("gpt", "red"))},
+     "missing_image"),
+    ("unreadable_and_placeholders", {"image": "corrupt.png",
+                                     "conversations": _turns(("human", "<image><image>"), ("gpt", "red"))},
+     "unreadable_image"),
+    ("escape", {"image": "../ok.png", "conversations": _turns(("human", "<image>\nWhat?"), ("gpt", "red"))},
+     "unsafe_path"),
+    ("too_long", {"conversations": _turns(("human", "<image>\nWhat?"), ("gpt", "red " * 200))}, "too_long"),
+    ("kept", {"conversations": _turns(("human", "<image>\nWhat?"), ("gpt", "red"))}, None),
+]
+
+
+def test_check_and_training_give_the_same_reason(tmp_path, data_image_folder, write_data, tiny_tokenizer):
+    """Issue 9: a bad sample's reason is the same through `vlm data check` (the report) and through the training
+    dataset's validation (`SupervisedDataset[i]` raising a SampleError), since both run `check_sample`."""
+    import json
+
+    from vlm.cli import main as vlm_main
+    from vlm.data.dataset import SupervisedDataset
+
+    records = [{"id": sample_id, "image": "ok.png", **fields} for sample_id, fields, _ in SAME_REASON_TABLE]
+    data = write_data("table.json", records)
+    tokenizer_folder = tmp_path / "tokenizer"
+    tiny_tokenizer.save_pretrained(tokenizer_folder)
+    report_path = tmp_path / "report.json"
+    code = vlm_main(["data", "check", "--data_path", str(data), "--image_folder", str(data_image_folder),
+                     "--tokenizer", str(tokenizer_folder), "--template", "vicuna_v1", "--num_image_tokens", "4",
+                     "--model_max_length", "120", "--report", str(report_path), "--max_drop_ratio", "1"])
+    assert code == 0
+    report = json.loads(report_path.read_text())
+    by_check = {p["id"]: p["reason"] for p in report["problems"]}
+
+    dataset = SupervisedDataset(str(data), tiny_tokenizer, "vicuna_v1", ImageProcessor(ImageProcessorConfig(
+        image_size=16, image_mean=(0.5,) * 3, image_std=(0.5,) * 3)), image_folder=str(data_image_folder),
+        num_image_tokens=4, max_length=120)
+    by_training = {}
+    for index in range(len(dataset)):
+        try:
+            dataset[index]
+        except SampleError as e:
+            by_training[e.sample_id] = e.reason
+    expected = {sample_id: reason for sample_id, _, reason in SAME_REASON_TABLE if reason}
+    assert by_check == expected
+    assert by_training == expected
+    assert report["kept"] == 1

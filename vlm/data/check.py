@@ -47,7 +47,7 @@ from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from typing import Any, Iterable, Sequence
 
-from vlm.data.conversation import encode_sample
+from vlm.data.conversation import EncodedSample, encode_sample
 from vlm.data.errors import REASONS, DataError, SampleError
 from vlm.data.mix import MixedRecords, Source
 from vlm.data.paths import CHECK_MODES, ImageFolder
@@ -247,6 +247,33 @@ def special_token_strings(tokenizer: Any, template: Any) -> list[str]:
     return sorted(t for t in found if isinstance(t, str) and t and t != IMAGE_TOKEN)
 
 
+def check_sample(item: dict | SampleError, folder: ImageFolder, tokenizer: Any, template: Any, *,
+                 image_check: str = "exists", max_image_pixels: int | None = PIL_DEFAULT_MAX_IMAGE_PIXELS,
+                 **encode_options: Any) -> tuple[EncodedSample, list]:
+    """Every check of one sample, in the one order `vlm data check` and training (`SupervisedDataset`) share, so
+    a bad sample gets the same reason from both; raises the first failure as a `SampleError`.
+
+    The reader's verdict (`item` is a SampleError), `sample.validate_sample` (`bad_schema`, `bad_roles`,
+    `no_supervised_tokens`, `empty_turn`), each image under `image_check` (`unsafe_path`, `missing_image`,
+    `unreadable_image`; "full" decodes, "exists" looks the file up, "none" checks the path string, "open"
+    decodes and returns the images), then `conversation.encode_sample` with `encode_options`
+    (`placeholder_mismatch`, `too_long`, `no_supervised_tokens`, `template_mismatch`).
+
+    Returns:
+        (the encoded sample, the decoded RGB images in order with "open", else []).
+    """
+    if isinstance(item, SampleError):
+        raise item
+    validate_sample(item)
+    opened = []
+    for image in item["images"]:
+        if image_check == "open":
+            opened.append(folder.open(image, max_image_pixels=max_image_pixels))
+        else:
+            folder.check(image, image_check, max_image_pixels=max_image_pixels)
+    return encode_sample(item, tokenizer, template, **encode_options), opened
+
+
 class _Checker:
     """Checks the sample at one position of `records`; everything it needs travels with it to workers."""
 
@@ -265,25 +292,23 @@ class _Checker:
         the special-token strings in its text as ((string, count), ...), or None)."""
         item, folder, where = self.records[index]
         sample_id = item.get("id") if isinstance(item, dict) and isinstance(item.get("id"), str) else None
-        specials = None
+        specials = self._specials(item)
         try:
-            if isinstance(item, SampleError):
-                raise item
-            validate_sample(item)
-            specials = self._specials(item)
-            for image in item["images"]:
-                folder.check(image, self.mode, max_image_pixels=self.max_image_pixels)
-            encoded = encode_sample(item, self.tokenizer, self.template, **self.encode_options)
+            encoded, _ = check_sample(item, folder, self.tokenizer, self.template, image_check=self.mode,
+                                      max_image_pixels=self.max_image_pixels, **self.encode_options)
         except SampleError as e:
             from_reader = e is item  # a reader's error already names its file and record
             detail = f"{e.detail} ({where})" if where and not from_reader else e.detail
             return {"id": sample_id or e.sample_id, "reason": e.reason, "detail": detail}, False, sample_id, specials
         return None, encoded.image_prepended, sample_id, specials
 
-    def _specials(self, sample: dict) -> tuple | None:
-        if self._special is None:
+    def _specials(self, item: Any) -> tuple | None:
+        """The special-token strings in a sample's message text, as ((string, count), ...), or None."""
+        messages = item.get("messages") if isinstance(item, dict) else None
+        if self._special is None or not isinstance(messages, list):
             return None
-        found = Counter(t for m in sample["messages"] for t in self._special.findall(m["content"]))
+        found = Counter(t for m in messages if isinstance(m, dict) and isinstance(m.get("content"), str)
+                        for t in self._special.findall(m["content"]))
         return tuple(sorted(found.items())) or None
 
 

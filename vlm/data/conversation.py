@@ -1,4 +1,4 @@
-"""Turn a canonical sample into token ids and labels: roles checked, `<image>` expanded, replies supervised.
+"""Turn a canonical sample into token ids and labels: validated (`sample.py`), `<image>` expanded, replies supervised.
 
 Design choices:
 - The template renders the conversation into pieces already marked supervised or not
@@ -24,12 +24,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from .errors import SampleError
+from .sample import validate_messages
 from .templates import Groups, Template, get_template
 from .tokenizer import IMAGE_TOKEN, get_image_token_id
 
 IGNORE_INDEX = -100
 TRUNCATE_MODES = ("none", "turns")
-ROLES = ("system", "user", "assistant")
 
 
 @dataclass
@@ -80,7 +80,7 @@ def encode_sample(
     images = sample.get("images") or []
     if not isinstance(images, list):
         raise SampleError("bad_schema", f"'images' must be a list of paths, got {type(images).__name__}", sample_id=sample_id)
-    messages = _check_messages(sample["messages"], sample_id, for_generation=False)
+    messages = validate_messages(sample["messages"], sample_id=sample_id)
     messages, prepended = _place_images(messages, len(images), sample_id)
     groups = template.render(messages, tokenizer)
     _check_rendered_images(groups, len(images), sample_id)
@@ -139,7 +139,7 @@ def encode_prompt(
     """
     _check_num_image_tokens(num_image_tokens)
     template = _bind(template, tokenizer)
-    messages = _check_messages(messages, None, for_generation=True)
+    messages = validate_messages(messages, for_generation=True)
     if num_images is None:
         num_images = sum(m["content"].count(IMAGE_TOKEN) for m in messages)
     messages, _ = _place_images(messages, num_images, None)
@@ -159,44 +159,6 @@ def _bind(template: str | Template, tokenizer: Any) -> Template:
 def _check_num_image_tokens(num_image_tokens: int) -> None:
     if not isinstance(num_image_tokens, int) or num_image_tokens < 1:
         raise ValueError(f"num_image_tokens must be a positive int, got {num_image_tokens!r}")
-
-
-def _check_messages(messages: Any, sample_id: str | None, *, for_generation: bool) -> list[dict]:
-    """Validate roles and contents; return `{"role", "content"}` copies."""
-    if not isinstance(messages, list) or not messages:
-        raise SampleError("bad_schema", "'messages' must be a non-empty list", sample_id=sample_id)
-    checked = []
-    for i, message in enumerate(messages):
-        if not isinstance(message, dict) or not isinstance(message.get("content"), str):
-            raise SampleError("bad_schema", f"message {i} must be a dict with a string 'content'", sample_id=sample_id)
-        role = message.get("role")
-        if role not in ROLES:
-            raise SampleError("bad_roles", f"message {i} has role {role!r}; expected one of {ROLES}", sample_id=sample_id)
-        if not message["content"].strip():
-            raise SampleError("empty_turn", f"message {i} ({role}) is empty", sample_id=sample_id)
-        checked.append({"role": role, "content": message["content"]})
-    turns = checked[1:] if checked[0]["role"] == "system" else checked
-    for i, message in enumerate(turns):
-        expected = "user" if i % 2 == 0 else "assistant"
-        if message["role"] != expected:
-            roles = [m["role"] for m in checked]
-            raise SampleError(
-                "bad_roles",
-                f"roles {roles}: expected an optional leading system message, then user/assistant alternating "
-                f"starting with user; turn {i + len(checked) - len(turns)} is {message['role']!r}",
-                sample_id=sample_id,
-            )
-    if for_generation:
-        if not turns or turns[-1]["role"] != "user":
-            raise SampleError("bad_roles", "a generation prompt must end with a user message", sample_id=sample_id)
-    elif not any(m["role"] == "assistant" for m in turns):
-        raise SampleError("no_supervised_tokens", "the conversation has no assistant turn", sample_id=sample_id)
-    elif turns[-1]["role"] != "assistant":
-        raise SampleError(
-            "bad_roles", "the conversation ends with an unanswered user message; drop it or add the reply",
-            sample_id=sample_id,
-        )
-    return checked
 
 
 def _place_images(messages: list[dict], num_images: int, sample_id: str | None) -> tuple[list[dict], bool]:

@@ -12,9 +12,10 @@ Design choices:
   one token per 4 bytes of English or per Chinese character, and per-message JSON overhead standing
   in for the template's) plus `num_image_tokens` per image. `has_image` marks samples with images.
   Both feed the modality-length sampler; neither is used for truncation.
-- On access the sample goes through the same functions as `vlm data check`
-  (`validate_sample`, `ImageFolder.open`, `encode_sample`); a failure raises the `SampleError`
-  with the dataset index, the sample id and the file. Training validates up front with
+- On access the sample goes through the same function as `vlm data check`
+  (`vlm.data.check.check_sample`: one validator, one order, so the same reason; its images decoded as
+  they are checked); a failure raises the `SampleError` with the dataset index, the sample id and the
+  file. Training validates up front with
   `check.py` and passes the kept indices (`indices=`), so this is the last line of defence.
 - An image that passed the up-front check but cannot be used when its batch is built (corrupt bytes
   under the default `--check_images exists`, a file deleted or swapped since) would crash a run hours
@@ -33,10 +34,10 @@ from typing import Any, Callable, Sequence
 import torch
 from torch.utils.data import Dataset
 
-from vlm.data.conversation import encode_sample
+from vlm.data.check import check_sample
 from vlm.data.errors import SampleError
 from vlm.data.mix import MixedRecords, Source, parse_sources
-from vlm.data.sample import validate_sample, with_context
+from vlm.data.sample import with_context
 from vlm.data.templates import Template, get_template
 from vlm.visual.processor import PIL_DEFAULT_MAX_IMAGE_PIXELS
 
@@ -155,19 +156,13 @@ class SupervisedDataset(Dataset):
         item, folder, where = self.records[self._positions[index]]
         sample_id = item.get("id") if isinstance(item, dict) else item.sample_id
         try:
-            if isinstance(item, SampleError):
-                raise item
-            validate_sample(item)
-            encoded = encode_sample(
-                item,
-                self.tokenizer,
-                self.template,
-                num_image_tokens=self.num_image_tokens,
-                max_length=self.max_length,
-                truncate=self.truncate,
-            )
-            images = item["images"][: encoded.num_images]  # truncate="turns" may keep only the first images
-            pixel_values = self._pixels(images, folder) if images else None
+            # the checks of `vlm data check`, in its order; "open" decodes the images as it checks them
+            encoded, opened = check_sample(item, folder, self.tokenizer, self.template, image_check="open",
+                                           max_image_pixels=self.max_image_pixels,
+                                           num_image_tokens=self.num_image_tokens, max_length=self.max_length,
+                                           truncate=self.truncate)
+            opened = opened[: encoded.num_images]  # truncate="turns" may keep only the first images
+            pixel_values = self._pixels(opened) if opened else None
         except SampleError as e:
             where = "" if e is item else where  # a reader's error already names its file and record
             raise with_context(e, index=index, sample_id=sample_id, where=where) from None
@@ -177,14 +172,13 @@ class SupervisedDataset(Dataset):
             "pixel_values": pixel_values,
         }
 
-    def _pixels(self, images: list[str], folder) -> torch.Tensor:
+    def _pixels(self, opened: list) -> torch.Tensor:
         if self.image_processor is None:
             raise ValueError("a sample has images but the dataset was built without image_processor=")
-        opened = [folder.open(p, max_image_pixels=self.max_image_pixels) for p in images]
         pixel_values = self.image_processor(opened, return_tensors="pt")["pixel_values"]
-        if pixel_values.ndim != 4 or pixel_values.shape[0] != len(images):
+        if pixel_values.ndim != 4 or pixel_values.shape[0] != len(opened):
             raise ValueError(
-                f"image_processor returned shape {tuple(pixel_values.shape)} for {len(images)} image(s); "
+                f"image_processor returned shape {tuple(pixel_values.shape)} for {len(opened)} image(s); "
                 "expected (n, 3, H, W)"
             )
         return pixel_values

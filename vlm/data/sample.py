@@ -1,16 +1,20 @@
-"""Validation of the canonical sample (DESIGN.md): structure, role order, empty turns.
+"""The one validator of the canonical sample (DESIGN.md): structure, role order, empty turns.
 
     {"id": str, "images": [relative paths], "messages": [{"role": "system"|"user"|"assistant", "content": str}]}
 
 plus an optional `"meta": {field: scalar}` that readers fill with the record's other fields.
 
-Rules, checked in this order, the first failure raised as a `SampleError`:
+`vlm data check` and training (`vlm.data.check.check_sample`, which `SupervisedDataset` calls too) and
+the tokeniser (`vlm.data.conversation.encode_sample` / `encode_prompt`) all validate with the functions
+below, so a bad sample gets the same reason everywhere. Rules, checked in this order, the first failure
+raised as a `SampleError`:
 - `bad_schema`: not this structure (wrong types, missing keys, no messages, an image path with a
   NUL character);
 - `bad_roles`: an unknown role; a system message anywhere but first; user and assistant not
-  alternating starting with user; a conversation that does not end with an assistant reply (the
-  trailing question would be trained on nothing);
-- `no_supervised_tokens`: no assistant message at all (as `encode_sample` says it);
+  alternating starting with user (`[user, user]`, an assistant first);
+- `no_supervised_tokens`: the roles alternate but there is no assistant message at all;
+- `bad_roles`: a conversation that does not end with an assistant reply (the trailing question would
+  be trained on nothing); for a generation prompt, one that does not end with a user message;
 - `empty_turn`: a message whose content is empty or only whitespace.
 Placeholder counts and token lengths need a tokenizer and are checked by
 `vlm.data.conversation.encode_sample`; image files by `vlm.data.paths`.
@@ -29,23 +33,44 @@ _KEYS = {"id", "images", "messages", "meta"}
 def validate_sample(sample: Any, *, index: int | None = None) -> dict:
     """Return `sample` unchanged when it is a valid canonical sample; raise `SampleError` otherwise."""
     sample_id = sample.get("id") if isinstance(sample, dict) and isinstance(sample.get("id"), str) else None
+    problem = _schema_problem(sample)
+    if problem:
+        raise SampleError("bad_schema", problem, index=index, sample_id=sample_id)
+    validate_messages(sample["messages"], index=index, sample_id=sample_id)
+    return sample
+
+
+def validate_messages(messages: Any, *, for_generation: bool = False, index: int | None = None,
+                      sample_id: str | None = None) -> list[dict]:
+    """Check a conversation's messages (module docstring rules); return `{"role", "content"}` copies.
+
+    `for_generation`: a prompt, which must end with a user message instead of an assistant reply."""
 
     def fail(reason: str, detail: str) -> SampleError:
         return SampleError(reason, detail, index=index, sample_id=sample_id)
 
-    problem = _schema_problem(sample)
-    if problem:
-        raise fail("bad_schema", problem)
-    roles = [m["role"] for m in sample["messages"]]
-    if all(r in ROLES for r in roles) and "assistant" not in roles:
-        raise fail("no_supervised_tokens", f"the conversation has no assistant turn (roles: {', '.join(roles)})")
+    if not isinstance(messages, list) or not messages:
+        raise fail("bad_schema", "'messages' must be a non-empty list")
+    for k, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            raise fail("bad_schema", f"message {k} must be {{'role': str, 'content': str}}, got {m!r:.100}")
+    roles = [m["role"] for m in messages]
     problem = _role_problem(roles)
     if problem:
         raise fail("bad_roles", f"{problem} (roles: {', '.join(roles)})")
-    for k, message in enumerate(sample["messages"]):
+    turns = roles[1:] if roles[0] == "system" else roles
+    if for_generation:
+        if not turns or turns[-1] != "user":
+            raise fail("bad_roles", f"a generation prompt must end with a user message (roles: {', '.join(roles)})")
+    elif "assistant" not in turns:
+        raise fail("no_supervised_tokens", f"the conversation has no assistant turn (roles: {', '.join(roles)})")
+    elif turns[-1] != "assistant":
+        raise fail("bad_roles", "the conversation ends with an unanswered user message; drop it or add the reply "
+                                f"(roles: {', '.join(roles)})")
+    for k, message in enumerate(messages):
         if not message["content"].strip():
             raise fail("empty_turn", f"message {k} ({message['role']}) is empty")
-    return sample
+    return [{"role": m["role"], "content": m["content"]} for m in messages]
 
 
 def _schema_problem(sample: Any) -> str | None:
@@ -64,18 +89,13 @@ def _schema_problem(sample: Any) -> str | None:
         return f"'images' must be a list of relative paths, got {images!r:.100}"
     if any("\x00" in p for p in images):  # no file system takes it; os calls would raise for the whole run
         return f"an image path holds a NUL character: {next(p for p in images if chr(0) in p)!r:.100}"
-    messages = sample["messages"]
-    if not isinstance(messages, list) or not messages:
-        return "'messages' must be a non-empty list"
-    for k, m in enumerate(messages):
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-            return f"message {k} must be {{'role': str, 'content': str}}, got {m!r:.100}"
     if "meta" in sample and not isinstance(sample["meta"], dict):
         return f"'meta' must be an object, got {type(sample['meta']).__name__}"
     return None
 
 
 def _role_problem(roles: list[str]) -> str | None:
+    """Unknown roles, a misplaced system message, or user/assistant not alternating from user (None: fine)."""
     unknown = sorted({r for r in roles if r not in ROLES})
     if unknown:
         return f"unknown role(s) {unknown}; expected {ROLES}"
@@ -86,8 +106,6 @@ def _role_problem(roles: list[str]) -> str | None:
         expected = "user" if k % 2 == 0 else "assistant"
         if role != expected:
             return f"turn {k} is {role!r}, expected {expected!r} (user and assistant must alternate, user first)"
-    if turns[-1] != "assistant":
-        return "the conversation must end with an assistant reply"
     return None
 
 

@@ -10,7 +10,7 @@ from PIL import Image
 import vlm
 from vlm.folders.weights import save_model_folder
 from vlm.data.tokenizer import build_tokenizer
-from vlm.generate.generator import save_generation_defaults
+from vlm.folders.kinds import record_template
 from vlm.tiny import tiny_vlm_config
 from vlm.visual.processor import ImageProcessor
 
@@ -39,8 +39,16 @@ def save_tiny_folder(folder: Path, vision: str = "siglip", llm: str = "qwen2", *
                      seed: int = 0, **kwargs) -> Path:
     model, tokenizer, processor = tiny_model(vision, llm, seed=seed, **kwargs)
     save_model_folder(folder, model, tokenizer=tokenizer, image_processor=processor)
-    save_generation_defaults(folder, template=template)
+    record_template(folder, template)
     return folder
+
+
+def forget_template(folder: Path) -> None:
+    """Make `folder` a model folder that records no chat template (as one saved outside training)."""
+    from vlm.config import VLMConfig
+
+    VLMConfig.load(folder).replace(template=None).save(folder)
+    (Path(folder) / "vlm_generation.json").unlink(missing_ok=True)
 
 
 def write_image(path: Path, color=(220, 40, 40), size=(40, 32)) -> Path:
@@ -48,3 +56,11 @@ def write_image(path: Path, color=(220, 40, 40), size=(40, 32)) -> Path:
     image.paste(color, (5, 5, 25, 25))
     image.save(path)
     return path
+
+
+def command(name: str):
+    """`vlm <name>` as a function of argv: the subcommand's main run under `vlm.cli.run` (one line and exit 2 for a
+    user mistake), as the console command runs it."""
+    import vlm.cli
+
+    return lambda argv: vlm.cli.main([name, *argv])

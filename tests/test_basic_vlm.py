@@ -166,7 +166,7 @@ def test_base_language_model_that_is_not_the_full_runs_llm_is_refused(basic_vlm_
     Qwen2ForCausalLM(tiny_llm_config("qwen2", hidden_size=32)).save_pretrained(other)
     argv = ["--base_language_model", str(other), "--model_weights", str(full_run),
             "--image_path", basic_vlm_data["image"], "--prompt", "<|extra_0|>"]
-    assert test_script["main"](argv) == 1
+    assert test_script["main"](argv) == 2
     assert "is not the LLM of the model folder (hidden_size 64 vs 32;" in capsys.readouterr().err
 
 

@@ -56,3 +56,14 @@ def test_shell_scripts_pass_arguments_through():
         text = (REPO / script).read_text()
         assert '"$@"' in text and text.startswith("#!/usr/bin/env bash")
     assert "NPROC_PER_NODE" in (REPO / "train.sh").read_text()
+
+
+def test_commands_live_in_vlm_cli():
+    """One place for commands (layer 4): every subcommand's main is in vlm.cli (the demo is its own command), and
+    the library packages that do the work parse no flags and have no main."""
+    assert all(module.startswith("vlm.cli.") or module == "vlm.demo" for module, _ in SUBCOMMANDS.values())
+    library = [REPO / "vlm" / "processing.py"] + [path for package in ("generate", "eval", "folders")
+                                                  for path in sorted((REPO / "vlm" / package).glob("*.py"))]
+    offenders = [str(path.relative_to(REPO)) for path in library
+                 if "import argparse" in (text := path.read_text()) or "\ndef main(" in text]
+    assert offenders == []

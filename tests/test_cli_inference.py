@@ -12,10 +12,13 @@ from pathlib import Path
 
 import pytest
 
-from inference_helpers import save_tiny_folder, write_image
-from vlm.generate.batch import main as batch_main
-from vlm.generate.chat import ChatSession, run
-from vlm.generate.generator import GenerationSettings, load_generator
+from inference_helpers import command, save_tiny_folder, write_image
+from vlm.cli.chat import chat_loop
+from vlm.generate.chat import ChatSession
+from vlm.generate.decoding import GenerationSettings
+from vlm.generate.generator import load_generator
+
+batch_main = command("generate")  # `vlm generate` as the console runs it: a mistake is one line and exit 2
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -66,7 +69,7 @@ def test_test_py_prints_only_the_answer(test_script, capsys, generator, model_di
 
 def test_test_py_streams_to_a_terminal(test_script, capsys, monkeypatch, generator, model_dir, image):
     """Through StreamToFile (pieces as they come: tests/test_generate.py), not printed a second time."""
-    from vlm.generate.generator import StreamToFile
+    from vlm.generate.decoding import StreamToFile
 
     streamed = []
     monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
@@ -132,7 +135,7 @@ def test_no_model_and_no_trained_demo_refuses_instead_of_training(test_script, c
     assert f"no demo model in {elsewhere / 'model'}" in capsys.readouterr().err
 
     # --train-demo: the demo is trained in the named folder (then loading fails: the stand-in saved nothing)
-    assert test_script["main"](["--demo_dir", str(elsewhere), "--train-demo"]) == 1
+    assert test_script["main"](["--demo_dir", str(elsewhere), "--train-demo"]) == 2
     assert trained == [str(elsewhere)]
 
 
@@ -149,9 +152,9 @@ def test_quantised_loading_answers_on_cpu(test_script, capsys, model_dir, image,
 def test_unreadable_image_and_missing_model(test_script, capsys, model_dir, tmp_path):
     bad = tmp_path / "bad.jpg"
     bad.write_bytes(b"not a jpeg")
-    assert test_script["main"](["--model", str(model_dir), "--image", str(bad), "--prompt", "hi"]) == 1
+    assert test_script["main"](["--model", str(model_dir), "--image", str(bad), "--prompt", "hi"]) == 2
     assert "cannot read image" in capsys.readouterr().err
-    assert test_script["main"](["--model", str(tmp_path / "none"), "--image", str(bad), "--prompt", "hi"]) == 1
+    assert test_script["main"](["--model", str(tmp_path / "none"), "--image", str(bad), "--prompt", "hi"]) == 2
     assert "does not exist" in capsys.readouterr().err
 
 
@@ -163,7 +166,7 @@ def test_chat_keeps_history_resets_and_switches_images(generator, image, tmp_pat
     lines = io.StringIO(f"What color is the circle?\nAnd the shape?\n/reset\nWhat color?\n/image {tmp_path}/none.png\n"
                         f"/image {blue}\nWhich one?\n/bogus\n/exit\nnever asked\n")
     out, err = io.StringIO(), io.StringIO()
-    assert run(ChatSession(generator, image), lines, out, err, stream=False) == 0
+    assert chat_loop(ChatSession(generator, image), lines, out, err, stream=False) == 0
     answers = out.getvalue().splitlines()
     first = generator.reply([{"role": "user", "content": "<image>\nWhat color is the circle?"}], [image])
     history = [{"role": "user", "content": "<image>\nWhat color is the circle?"}, {"role": "assistant", "content": first},
@@ -180,8 +183,7 @@ def test_chat_keeps_history_resets_and_switches_images(generator, image, tmp_pat
 
 
 def test_chat_command_reads_stdin(monkeypatch, capsys, model_dir, image, generator):
-    from vlm.generate.chat import main as chat_main
-
+    chat_main = command("chat")
     monkeypatch.setattr(sys, "stdin", io.StringIO("What color is the circle?\n/exit\n"))
     assert chat_main(["--model", str(model_dir), "--image", image, "--max_new_tokens", "8"]) == 0
     out = capsys.readouterr()
@@ -196,7 +198,7 @@ def test_chat_context_overflow_leaves_history_unchanged(generator, image):
     session = ChatSession(short, image)
     lines = io.StringIO("What color is the circle?\n" + "word " * 80 + "\n")
     out, err = io.StringIO(), io.StringIO()
-    run(session, lines, out, err, stream=False)
+    chat_loop(session, lines, out, err, stream=False)
     assert len(out.getvalue().splitlines()) == 1
     assert "context of 60 tokens" in err.getvalue() and len(session.messages) == 2
 
@@ -255,37 +257,36 @@ def _eval_set(folder: Path) -> list[str]:
 
 
 def test_vlm_eval_uses_the_models_template_and_refuses_another_unless_forced(tmp_path, monkeypatch, capsys):
-    import vlm.eval.evaluate
+    import vlm.cli.eval
 
     folder = save_tiny_folder(tmp_path / "m", "clip", "qwen2", template="vicuna_v1", seed=1)
     argv = ["--model", str(folder), *_eval_set(tmp_path)]
-    used, real = [], vlm.eval.evaluate.evaluate_exact_match
-    monkeypatch.setattr(vlm.eval.evaluate, "evaluate_exact_match",
+    eval_main = command("eval")
+    used, real = [], vlm.cli.eval.evaluate_exact_match
+    monkeypatch.setattr(vlm.cli.eval, "evaluate_exact_match",
                         lambda *a, template, **k: used.append(template) or real(*a, template=template, **k))
-    assert vlm.eval.evaluate.main(argv) == 0
+    assert eval_main(argv) == 0
     assert used == ["vicuna_v1"]  # the folder's own, no longer a fixed chatml
     assert "template: 'vicuna_v1'" in capsys.readouterr().err
-    assert vlm.eval.evaluate.main([*argv, "--template", "chatml"]) == 2
+    assert eval_main([*argv, "--template", "chatml"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "'vicuna_v1'" in err and "--template 'chatml'" in err and "--force-template" in err
     assert used == ["vicuna_v1"]  # refused before evaluating
-    assert vlm.eval.evaluate.main([*argv, "--template", "chatml", "--force-template"]) == 0
+    assert eval_main([*argv, "--template", "chatml", "--force-template"]) == 0
     assert used == ["vicuna_v1", "chatml"] and "warning:" in capsys.readouterr().err
-    assert vlm.eval.evaluate.main([*argv, "--template", "v1"]) == 0  # LLaVA's name for the same template
+    assert eval_main([*argv, "--template", "v1"]) == 0  # LLaVA's name for the same template
     assert used[-1] == "v1"
 
 
 def test_conv_mode_mismatch_is_refused_by_chat_and_generate(model_dir, tmp_path, capsys, monkeypatch):
-    from vlm.generate.chat import main as chat_main
-
     monkeypatch.setattr(sys, "stdin", io.StringIO("What color is the circle?\n"))
-    assert chat_main(["--model", str(model_dir), "--conv-mode", "vicuna_v1"]) == 2
+    assert command("chat")(["--model", str(model_dir), "--conv-mode", "vicuna_v1"]) == 2
     assert "trained with chat template 'chatml'" in capsys.readouterr().err
     questions = tmp_path / "q.jsonl"
     questions.write_text(json.dumps({"id": "a", "question": "What color?"}) + "\n")
     argv = ["--model", str(model_dir), "--input", str(questions), "--output", str(tmp_path / "a.jsonl"),
             "--conv-mode", "vicuna_v1", "--no-progress", "--max_new_tokens", "4"]
-    assert batch_main(argv) == 1
+    assert batch_main(argv) == 2
     assert "--conv-mode 'vicuna_v1'" in capsys.readouterr().err
     assert batch_main([*argv, "--force-template"]) == 0 and "warning:" in capsys.readouterr().err
 
@@ -334,7 +335,7 @@ def test_chat_ctrl_c_clears_the_line_or_stops_the_answer_and_ctrl_d_says_bye():
     session = ChatSession(ScriptedGenerator(interrupt={1}))
     lines = ScriptedInput(KeyboardInterrupt, "first\n", "second\n", "")
     out, err = io.StringIO(), io.StringIO()
-    assert run(session, lines, out, err, stream=False) == 0
+    assert chat_loop(session, lines, out, err, stream=False) == 0
     assert out.getvalue() == "answer 2\n"
     # the interrupted question left no trace: the history is the second exchange only
     assert session.messages == [{"role": "user", "content": "second"}, {"role": "assistant", "content": "answer 2"}]
@@ -343,27 +344,27 @@ def test_chat_ctrl_c_clears_the_line_or_stops_the_answer_and_ctrl_d_says_bye():
 
 
 def test_chat_notes_once_that_no_image_is_attached(image):
-    from vlm.generate.chat import NO_IMAGE
+    from vlm.cli.chat import NO_IMAGE
 
     err = io.StringIO()
-    run(ChatSession(ScriptedGenerator()), io.StringIO("one\ntwo\n"), io.StringIO(), err, stream=False)
+    chat_loop(ChatSession(ScriptedGenerator()), io.StringIO("one\ntwo\n"), io.StringIO(), err, stream=False)
     assert err.getvalue().count(NO_IMAGE) == 1
     err = io.StringIO()
-    run(ChatSession(ScriptedGenerator(), image), io.StringIO("one\ntwo\n"), io.StringIO(), err, stream=False)
+    chat_loop(ChatSession(ScriptedGenerator(), image), io.StringIO("one\ntwo\n"), io.StringIO(), err, stream=False)
     assert NO_IMAGE not in err.getvalue()
 
 
 def test_chat_reads_through_readline_only_at_a_terminal(monkeypatch):
-    from vlm.generate.chat import PROMPT
+    from vlm.cli.chat import PROMPT
 
     monkeypatch.delitem(sys.modules, "readline", raising=False)
-    run(ChatSession(ScriptedGenerator()), io.StringIO("hi\n"), io.StringIO(), io.StringIO(), stream=False)
+    chat_loop(ChatSession(ScriptedGenerator()), io.StringIO("hi\n"), io.StringIO(), io.StringIO(), stream=False)
     assert "readline" not in sys.modules  # piped input: no line editing, nothing imported
     stdin, stdout, err = ScriptedInput("hi\n", KeyboardInterrupt, "again\n", ""), TerminalOut(), io.StringIO()
     monkeypatch.setattr(sys, "stdin", stdin)
     monkeypatch.setattr(sys, "stdout", stdout)
     generator = ScriptedGenerator()
-    assert run(ChatSession(generator), sys.stdin, sys.stdout, err, stream=False) == 0
+    assert chat_loop(ChatSession(generator), sys.stdin, sys.stdout, err, stream=False) == 0
     assert "readline" in sys.modules  # imported: input() now edits lines and keeps the session's history
     assert stdout.getvalue().count(PROMPT) == 4 and PROMPT not in err.getvalue()  # input()'s prompt, each read
     assert [m[-1]["content"] for m, _ in generator.calls] == ["hi", "again"]

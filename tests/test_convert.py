@@ -19,9 +19,10 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from inference_helpers import CORPUS, save_tiny_folder, tiny_model, tiny_tokenizer, write_image
+from inference_helpers import CORPUS, command, save_tiny_folder, tiny_model, tiny_tokenizer, write_image
 from vlm.folders.load import load_pretrained_model
-from vlm.folders.export import export, main as export_main
+from vlm.cli.export import main as export_main
+from vlm.folders.export import export
 from vlm.folders.keymap import (
     LLAVA_HF_TO_VLM,
     LLAVA_ORIGINAL_TO_VLM,
@@ -29,7 +30,8 @@ from vlm.folders.keymap import (
     VLM_TO_LLAVA_ORIGINAL,
     rename_keys,
 )
-from vlm.generate.generator import GenerationSettings, generate_ids, load_generator
+from vlm.generate.decoding import GenerationSettings, generate_ids
+from vlm.generate.generator import load_generator
 from vlm.tiny import tiny_llm_config, tiny_vision_config
 
 PARITY_TOL = 1e-5  # fp32; measured max abs diff 0.0 for every case below
@@ -281,7 +283,7 @@ def test_export_refuses_what_llava_hf_cannot_express(tmp_path, capsys, projector
     source = save_tiny_folder(tmp_path / "ours", "clip", "qwen2", projector=projector)
     with pytest.raises(ValueError, match=rf"cannot export to llava-hf: projector.type='{projector}'"):
         export(source, tmp_path / "hf")
-    assert export_main(["--model", str(source), str(tmp_path / "hf2")]) == 1
+    assert command("export")(["--model", str(source), str(tmp_path / "hf2")]) == 2
     assert "only has the mlp2x_gelu projector" in capsys.readouterr().err
     assert not (tmp_path / "hf" / "model.safetensors").exists()
 

@@ -131,7 +131,7 @@ def test_ctrl_c_during_data_generation_is_one_line_and_exit_130(tmp_path, monkey
 
 
 def test_ctrl_c_in_train_py_and_vlm_command(tmp_path, monkeypatch, capsys):
-    import vlm.eval.evaluate
+    import vlm.cli.eval
     import vlm.train.arguments
     import vlm.cli.train
     from vlm.cli import main as vlm_main
@@ -149,7 +149,7 @@ def test_ctrl_c_in_train_py_and_vlm_command(tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err
     assert err.strip() == f"interrupted; rerun the same command to resume from {tmp_path / 'checkpoint-5'}"
 
-    monkeypatch.setattr(vlm.eval.evaluate, "main", interrupted)
+    monkeypatch.setattr(vlm.cli.eval, "main", interrupted)
     assert vlm_main(["eval"]) == 130
     assert capsys.readouterr().err.strip() == "vlm eval: interrupted"
 

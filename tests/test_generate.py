@@ -7,20 +7,11 @@ import io
 import pytest
 import torch
 
-from inference_helpers import save_tiny_folder, write_image
-from vlm.generate.generator import (
-    GenerationSettings,
-    Generator,
-    StreamToFile,
-    check_template,
-    default_template,
-    generate_ids,
-    left_pad,
-    load_generator,
-    load_pixels,
-    pad_id,
-    stop_token_ids,
-)
+from inference_helpers import forget_template, save_tiny_folder, write_image
+from vlm.generate.decoding import GenerationSettings, StreamToFile, generate_ids
+from vlm.generate.generator import Generator, load_generator
+from vlm.generate.prompts import check_template
+from vlm.processing import default_template, left_pad, load_pixels, pad_id, stop_token_ids
 
 
 @pytest.fixture(scope="module")
@@ -162,7 +153,7 @@ def test_unreadable_image_is_named(generator, tmp_path):
 
 def test_default_template(tmp_path, generator):
     assert default_template(generator_folder := save_tiny_folder(tmp_path / "m", template="llama3"), generator.tokenizer) == "llama3"
-    (generator_folder / "vlm_generation.json").unlink()
+    forget_template(generator_folder)
     assert default_template(generator_folder, generator.tokenizer) == "tokenizer"  # its own chat_template
     generator.tokenizer.chat_template, saved = None, generator.tokenizer.chat_template
     try:
@@ -225,7 +216,7 @@ def test_unknown_template_is_named_as_unknown_not_as_a_mismatch(tmp_path):
 
 def test_a_folder_without_a_record_is_not_checked(tmp_path):
     folder = save_tiny_folder(tmp_path / "m", template="chatml")
-    (folder / "vlm_generation.json").unlink()
+    forget_template(folder)
     assert load_generator(str(folder), conv_mode="vicuna_v1").template == "vicuna_v1"
 
 

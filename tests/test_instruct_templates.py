@@ -16,7 +16,7 @@ from vlm.data.mix import Source
 from vlm.data.templates import CHATML_SYSTEM, get_template
 from vlm.data.tokenizer import build_tokenizer, get_image_token_id
 from vlm.train.arguments import parse_args
-from vlm.cli.train import template_for
+from vlm.train.dataset import template_for
 
 DATA = Path(__file__).parent / "data"
 N_IMG = 4
@@ -140,10 +140,10 @@ def test_version_help_says_which_models_the_templates_match():
 
 def test_start_folder_template_is_kept(tmp_path, qwen25_tokenizer):
     """Continuing from a model folder: the template it records, not the tokenizer's."""
-    from vlm.generate.generator import save_generation_defaults
+    from vlm.folders.kinds import record_template
     from inference_helpers import save_tiny_folder
 
     folder = save_tiny_folder(tmp_path / "m", "clip", "qwen2", template="vicuna_v1")
-    save_generation_defaults(folder, template="vicuna_v1")
+    record_template(folder, "vicuna_v1")
     model_args = SimpleNamespace(model_name_or_path=str(folder), tune_mm_mlp_adapter=False)
     assert template_for(SimpleNamespace(version=None), model_args, qwen25_tokenizer) == "vicuna_v1"

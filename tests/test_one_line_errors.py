@@ -7,6 +7,7 @@ escaped.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import shutil
@@ -15,10 +16,11 @@ from pathlib import Path
 
 import pytest
 
-from inference_helpers import save_tiny_folder, write_image
+from inference_helpers import command, save_tiny_folder, write_image
 
 import vlm
 from vlm.config import VLMConfig
+from vlm.folders.kinds import record_template
 
 
 @pytest.fixture(scope="module")
@@ -54,10 +56,8 @@ def one_line(err: str) -> str:
 
 def chat_load(folder: Path, capsys, monkeypatch, *extra: str) -> tuple[int, str]:
     """`vlm chat --model folder` with empty stdin: the model loads (or fails to) and the chat ends."""
-    from vlm.generate.chat import main as chat_main
-
     monkeypatch.setattr(sys, "stdin", io.StringIO(""))
-    code = chat_main(["--model", str(folder), "--max_new_tokens", "2", *extra])
+    code = command("chat")(["--model", str(folder), "--max_new_tokens", "2", *extra])
     return code, capsys.readouterr().err
 
 
@@ -116,9 +116,8 @@ def test_config_types_are_checked_in_python_too():
     from vlm.tiny import tiny_vlm_config
 
     config = tiny_vlm_config()
-    config.vision.select_layer = "abc"
     with pytest.raises(ValueError, match=r"vision.select_layer='abc' \(str\) must be an integer"):
-        config.validate()
+        config.replace(vision=dataclasses.replace(config.vision, select_layer="abc"))  # read-only: a validated copy
     with pytest.raises(ValueError, match=r"must be a JSON object, got null"):
         VLMConfig.from_dict({**tiny_vlm_config().to_dict(), "projector": None})
 
@@ -222,11 +221,11 @@ def test_invalid_utf8_piped_into_chat_names_the_line_and_answers_the_rest(model_
 
 
 # ---------------------------------------------------------------------------------------------------------
-# vlm generate: a too-long question, two <image> (batch.py names the line and id from our ValueError)
+# vlm generate: a too-long question, two <image> (batch.py names the line and id from our UserError)
 
 
 def test_generate_names_line_and_id_of_two_images_and_too_long_question(model_dir, image, tmp_path, capsys):
-    from vlm.generate.batch import main as batch_main
+    from vlm.cli.generate import main as batch_main
 
     questions = tmp_path / "q.jsonl"
     rows = [{"id": "ok", "image": str(image.name), "question": "What color?"},
@@ -246,12 +245,13 @@ def test_generate_names_line_and_id_of_two_images_and_too_long_question(model_di
     assert [json.loads(line)["id"] for line in (tmp_path / "a.jsonl").read_text().splitlines()] == ["ok"]
 
 
-def test_prompt_errors_are_value_errors_for_the_entry_points(model_dir, image):
-    from vlm.generate.generator import USER_ERRORS, load_generator
+def test_prompt_errors_are_user_errors_for_the_entry_points(model_dir, image):
+    from vlm.errors import UserError
+    from vlm.generate.generator import load_generator
 
     generator = load_generator(str(model_dir))
     for question, images in [("<image> <image> what?", [str(image)]), ("word " * 3000, [str(image)])]:
-        with pytest.raises(USER_ERRORS):
+        with pytest.raises(UserError):
             generator.answer_batch([question], images)
 
 
@@ -272,8 +272,6 @@ EVAL_FAULTS = {
 
 @pytest.mark.parametrize("fault", sorted(EVAL_FAULTS))
 def test_eval_bad_record_is_one_line_naming_the_record(fault, model_dir, image, tmp_path, capsys, monkeypatch):
-    import vlm.eval.evaluate
-
     good = {"id": "g", "image": "img.png", "conversations": [{"from": "human", "value": "<image>\nq"},
                                                              {"from": "gpt", "value": "red"}]}
     record, expected = EVAL_FAULTS[fault]
@@ -284,17 +282,17 @@ def test_eval_bad_record_is_one_line_naming_the_record(fault, model_dir, image, 
     shutil.copy(image, folder / "img.png")
     loaded = []
     monkeypatch.setattr(vlm, "from_pretrained", lambda *a, **k: loaded.append(a))
-    code = vlm.eval.evaluate.main(["--model", str(model_dir), "--data_path", str(data), "--image_folder", str(folder)])
+    code = command("eval")(["--model", str(model_dir), "--data_path", str(data), "--image_folder", str(folder)])
     line = one_line(capsys.readouterr().err)
     assert code == 2 and str(data) in line and expected in line and "(1 more bad record(s))" in line, line
     assert loaded == []  # refused before the model loads
 
 
 def test_eval_batch_size_zero_is_a_flag_error(model_dir, tmp_path, capsys):
-    import vlm.eval.evaluate
+    import vlm.cli.eval
 
     with pytest.raises(SystemExit) as exited:
-        vlm.eval.evaluate.main(["--model", str(model_dir), "--data_path", "x.json", "--image_folder", ".", "--batch_size", "0"])
+        vlm.cli.eval.main(["--model", str(model_dir), "--data_path", "x.json", "--image_folder", ".", "--batch_size", "0"])
     assert exited.value.code == 2 and "--batch_size=0 must be >= 1" in capsys.readouterr().err
 
 
@@ -306,7 +304,7 @@ def test_template_escape_is_one_line_naming_the_template(model_dir, image, tmp_p
     folder = planted(model_dir, tmp_path, "chat_template.jinja",
                      text="{{ ''.__class__.__mro__[1].__subclasses__() }}"
                           "{% for m in messages %}{{ m.content }}<|im_end|>{% endfor %}")
-    (folder / "vlm_generation.json").write_text(json.dumps({"template": "tokenizer"}))
+    record_template(folder, "tokenizer")
     code, err = chat_load(folder, capsys, monkeypatch)
     line = one_line(err)
     assert code == 2
@@ -416,17 +414,19 @@ def test_lora_rank_that_disagrees_with_the_weights_is_one_line(lora_run, tmp_pat
 
 
 # ---------------------------------------------------------------------------------------------------------
-# the `vlm` command: a ValueError a subcommand lets through is still one line and exit 2
+# the `vlm` command: a UserError a subcommand lets through is one line and exit 2
 
 
 def test_vlm_command_turns_an_uncaught_user_error_into_one_line(monkeypatch, capsys):
-    import vlm.eval.evaluate
+    import vlm.cli.eval
     from vlm.cli import main as vlm_main
 
-    def raising(argv):
-        raise ValueError("data.json record 3: no 'conversations'")
+    from vlm.errors import UserError
 
-    monkeypatch.setattr(vlm.eval.evaluate, "main", raising)
+    def raising(argv):
+        raise UserError("data.json record 3: no 'conversations'")
+
+    monkeypatch.setattr(vlm.cli.eval, "main", raising)
     assert vlm_main(["eval"]) == 2
     assert one_line(capsys.readouterr().err) == "vlm eval: error: data.json record 3: no 'conversations'"
 
@@ -436,7 +436,7 @@ def test_vlm_command_turns_an_uncaught_user_error_into_one_line(monkeypatch, cap
 
 
 def test_eval_prints_the_result_before_a_full_disk_refuses_the_output(model_dir, image, tmp_path, capsys, monkeypatch):
-    import vlm.eval.evaluate
+    import vlm.cli.eval
 
     if not Path("/dev/full").exists():
         pytest.skip("needs /dev/full (Linux) to fill the disk")
@@ -445,9 +445,9 @@ def test_eval_prints_the_result_before_a_full_disk_refuses_the_output(model_dir,
         {"from": "human", "value": "<image>\nq"}, {"from": "gpt", "value": "red"}]}]))
     shutil.copy(image, tmp_path / "img.png")
     result = {"accuracy": 1.0, "blind_accuracy": 0.0, "n": 1, "per_question_type": {}}
-    monkeypatch.setattr(vlm.eval.evaluate, "evaluate_exact_match", lambda *a, **k: result)
-    code = vlm.eval.evaluate.main(["--model", str(model_dir), "--data_path", str(data), "--image_folder", str(tmp_path),
-                              "--output", "/dev/full"])
+    monkeypatch.setattr(vlm.cli.eval, "evaluate_exact_match", lambda *a, **k: result)
+    code = command("eval")(["--model", str(model_dir), "--data_path", str(data), "--image_folder", str(tmp_path),
+                            "--output", "/dev/full"])
     out, err = capsys.readouterr()
     assert code == 2 and "accuracy=1.0000 blind_accuracy=0.0000" in out
     assert one_line(err.replace("template: 'chatml'\n", "")) == ("vlm eval: error: no space left on device writing --output '/dev/full'; the result is "
@@ -457,13 +457,13 @@ def test_eval_prints_the_result_before_a_full_disk_refuses_the_output(model_dir,
 def test_vlm_command_names_the_file_when_the_disk_is_full(monkeypatch, capsys):
     import errno
 
-    import vlm.eval.evaluate
+    import vlm.cli.eval
     from vlm.cli import main as vlm_main
 
     def full(argv):
         raise OSError(errno.ENOSPC, "No space left on device", "runs/x/checkpoint-5/model.safetensors")
 
-    monkeypatch.setattr(vlm.eval.evaluate, "main", full)
+    monkeypatch.setattr(vlm.cli.eval, "main", full)
     assert vlm_main(["eval"]) == 2
     line = one_line(capsys.readouterr().err)
     assert line.startswith("vlm eval: error: no space left on device writing 'runs/x/checkpoint-5/model.safetensors'")
@@ -473,13 +473,13 @@ def test_vlm_command_says_disk_full_when_safetensors_cannot_write(monkeypatch, c
     """What a full disk looks like mid-training (measured on a 400 KiB tmpfs: save_file raises this)."""
     from safetensors import SafetensorError
 
-    import vlm.eval.evaluate
+    import vlm.cli.eval
     from vlm.cli import main as vlm_main
 
     def full(argv):
         raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
 
-    monkeypatch.setattr(vlm.eval.evaluate, "main", full)
+    monkeypatch.setattr(vlm.cli.eval, "main", full)
     assert vlm_main(["eval", "--output", "runs/x/eval.json"]) == 2
     assert one_line(capsys.readouterr().err).startswith(
         "vlm eval: error: no space left on device under --output 'runs/x/eval.json'; free space")
@@ -487,7 +487,7 @@ def test_vlm_command_says_disk_full_when_safetensors_cannot_write(monkeypatch, c
     def other(argv):
         raise SafetensorError("Error while deserializing header: header too large")
 
-    monkeypatch.setattr(vlm.eval.evaluate, "main", other)
+    monkeypatch.setattr(vlm.cli.eval, "main", other)
     with pytest.raises(SafetensorError):  # not a full disk: not called one
         vlm_main(["eval"])
 

@@ -130,7 +130,8 @@ def test_vlm_ask_help(tmp_path):
 def test_test_sh_from_another_folder_keeps_relative_paths(tmp_path):
     """Relative --model/--image are the caller's: the script must not cd into the repository."""
     from inference_helpers import save_tiny_folder, write_image
-    from vlm.generate.generator import GenerationSettings, load_generator
+    from vlm.generate.decoding import GenerationSettings
+    from vlm.generate.generator import load_generator
 
     model = save_tiny_folder(tmp_path / "model", "clip", "qwen2", template="chatml", seed=1)
     write_image(tmp_path / "red.png")
@@ -163,7 +164,7 @@ def test_train_without_output_dir_is_one_line_and_writes_nothing(tmp_path, monke
 
 
 def test_output_dir_given_by_flag_or_config_passes_the_check(tmp_path):
-    from vlm.cli.train import check_output_dir_given
+    from vlm.train.arguments import check_output_dir_given
 
     check_output_dir_given(["--output_dir", "trainer_output"], "trainer_output")  # explicitly asked for
     check_output_dir_given(["--output-dir=out"], "out")
@@ -178,7 +179,7 @@ def test_output_dir_given_by_flag_or_config_passes_the_check(tmp_path):
 
 def test_deepspeed_names_resolve_to_the_shipped_configs(tmp_path, monkeypatch, capsys):
     from vlm.assets import asset_path
-    from vlm.cli.train import with_shipped_deepspeed_config
+    from vlm.train.arguments import with_shipped_deepspeed_config
 
     monkeypatch.chdir(tmp_path)
     shipped = str(asset_path("deepspeed/zero3.json"))
@@ -193,12 +194,13 @@ def test_deepspeed_names_resolve_to_the_shipped_configs(tmp_path, monkeypatch, c
 
 
 def test_vlm_ask_ctrl_c_is_one_line(monkeypatch, capsys, tmp_path):
-    import vlm.generate.generator
+    import vlm.cli.options
+    from vlm.cli import run
     from vlm.cli.ask import main as ask_main
 
     def interrupted(args):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(vlm.generate.generator, "generator_from_args", interrupted)
-    assert ask_main(["--model", str(tmp_path), "--image", "x.png", "--prompt", "hi"], prog="test.py") == 130
+    monkeypatch.setattr(vlm.cli.options, "generator_from_args", interrupted)
+    assert run("test.py", ask_main, ["--model", str(tmp_path), "--image", "x.png", "--prompt", "hi"]) == 130
     assert capsys.readouterr().err.strip() == "test.py: interrupted"

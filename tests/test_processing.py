@@ -13,7 +13,9 @@ import vlm
 from inference_helpers import tiny_model, tiny_tokenizer, write_image
 from vlm.folders.load import load_pretrained_model
 from vlm.data.conversation import IGNORE_INDEX, encode_sample
-from vlm.generate.generator import GenerationSettings, generate_ids, load_generator, pad_id, stop_token_ids
+from vlm.generate.decoding import GenerationSettings, generate_ids
+from vlm.generate.generator import load_generator
+from vlm.processing import pad_id, stop_token_ids
 from vlm.tiny import tiny_llm_config, tiny_vision_config
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -25,7 +25,7 @@ import vlm  # noqa: E402
 from vlm.folders.load import load_pretrained_model  # noqa: E402
 from vlm.data.synth import generate_shapes_dataset  # noqa: E402
 from vlm.folders.lora import NON_LORA_NAME, load_lora_run  # noqa: E402
-from vlm.folders.lora import main as merge_main  # noqa: E402
+from vlm.cli.merge_lora import main as merge_main  # noqa: E402
 from vlm.quantization import QUANTIZATION_RECORD, bnb_config, llm_weight_bytes, quantize_llm  # noqa: E402
 from vlm.tiny import save_tiny_components, tiny_llm_config, tiny_vlm_config  # noqa: E402
 from vlm.train.arguments import parse_args  # noqa: E402
@@ -335,7 +335,8 @@ def test_lora_weight_path_initialises_the_adapter(qlora_run, workspace, tmp_path
 @pytest.mark.parametrize("flag,layer", [("load_4bit", "Linear4bit"), ("load_8bit", "Linear8bitLt")])
 def test_quantised_inference_on_cpu_answers(qlora_run, flag, layer):
     from inference_helpers import save_tiny_folder, write_image
-    from vlm.generate.generator import GenerationSettings, load_generator
+    from vlm.generate.decoding import GenerationSettings
+    from vlm.generate.generator import load_generator
 
     _, run = qlora_run
     root = os.path.dirname(run)

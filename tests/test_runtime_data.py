@@ -11,10 +11,11 @@ import pytest
 
 from inference_helpers import save_tiny_folder, write_image
 from vlm.generate.batch import BadLine, answer_file, read_questions
-from vlm.generate.batch import main as batch_main
+from vlm.cli.generate import main as batch_main
 from vlm.data.errors import SampleError
 from vlm.data.paths import ImageFolder
-from vlm.generate.generator import GenerationSettings, load_generator
+from vlm.generate.decoding import GenerationSettings
+from vlm.generate.generator import load_generator
 
 
 @pytest.fixture(scope="module")

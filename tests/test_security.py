@@ -123,13 +123,13 @@ def test_trust_remote_code_flag_lets_the_code_run(evil_tokenizer, write_data, da
 
 @pytest.mark.parametrize("config_name", ["tokenizer_config.json", "config.json", "preprocessor_config.json"])
 def test_test_py_refuses_a_model_folder_with_auto_map(model_folder, image, tmp_path, capsys, config_name):
-    from vlm.cli.ask import main
+    from inference_helpers import command
 
+    main = command("ask")
     folder, marker = tmp_path / "model", tmp_path / "marker.txt"
     shutil.copytree(model_folder, folder)
     plant_auto_map(folder, marker, config_name)
-    code = main(["--model", str(folder), "--image", image, "--prompt", "What color?", "--max_new_tokens", "2"],
-                prog="test.py")
+    code = main(["--model", str(folder), "--image", image, "--prompt", "What color?", "--max_new_tokens", "2"])
     line = one_line_error(capsys.readouterr().err)
     assert code != 0 and f"{config_name} has auto_map" in line and "--trust_remote_code" in line
     assert not marker.exists()
@@ -140,7 +140,7 @@ def test_trusted_model_folder_passes_the_check(model_folder, tmp_path):
     import argparse
 
     from vlm.folders.load import load_pretrained_model
-    from vlm.generate.generator import add_model_arguments
+    from vlm.cli.options import add_model_arguments
 
     folder, marker = tmp_path / "model", tmp_path / "marker.txt"
     shutil.copytree(model_folder, folder)
@@ -158,8 +158,9 @@ def test_trusted_model_folder_passes_the_check(model_folder, tmp_path):
 
 
 def test_export_refuses_auto_map_and_the_flag_reaches_the_loader(model_folder, tmp_path, capsys):
-    from vlm.folders.export import main
+    from inference_helpers import command
 
+    main = command("export")
     folder, marker = tmp_path / "model", tmp_path / "marker.txt"
     shutil.copytree(model_folder, folder)
     plant_auto_map(folder, marker)
@@ -170,14 +171,14 @@ def test_export_refuses_auto_map_and_the_flag_reaches_the_loader(model_folder, t
 
 
 def test_eval_and_training_refuse_auto_map(evil_tokenizer, model_folder, tmp_path, capsys):
-    import vlm.eval.evaluate
+    from inference_helpers import command
     from vlm.train.arguments import ModelArguments
     from vlm.train.model_setup import build_for_training
 
     folder, marker = tmp_path / "model", tmp_path / "marker.txt"
     shutil.copytree(model_folder, folder)
     plant_auto_map(folder, marker)
-    assert vlm.eval.evaluate.main(["--model", str(folder), "--data_path", "x.json", "--image_folder", "."]) == 2
+    assert command("eval")(["--model", str(folder), "--data_path", "x.json", "--image_folder", "."]) == 2
     assert "auto_map" in one_line_error(capsys.readouterr().err)
     llm, _ = evil_tokenizer  # an "LLM folder" whose tokenizer declares its own code
     training = SimpleNamespace(bf16=False, fp16=False, cache_dir=None)
@@ -239,8 +240,9 @@ def _redirect_first_shard(folder: Path, new_name) -> str:
 
 @pytest.mark.parametrize("how", ["dotdot", "absolute", "symlink"])
 def test_index_pointing_outside_the_folder_is_refused(sharded_folder, image, capsys, how):
-    from vlm.cli.ask import main
+    from inference_helpers import command
 
+    main = command("ask")
     folder = sharded_folder
     if how == "dotdot":
         shard = _redirect_first_shard(folder, lambda outside, first: f"../other/{first}")
@@ -256,8 +258,7 @@ def test_index_pointing_outside_the_folder_is_refused(sharded_folder, image, cap
         load_state_dict(folder)
     message = str(raised.value)
     assert str(folder / WEIGHTS_INDEX_NAME) in message and repr(shard) in message and reason in message
-    code = main(["--model", str(folder), "--image", image, "--prompt", "What color?", "--max_new_tokens", "2"],
-                prog="test.py")
+    code = main(["--model", str(folder), "--image", image, "--prompt", "What color?", "--max_new_tokens", "2"])
     line = one_line_error(capsys.readouterr().err)
     assert code != 0 and WEIGHTS_INDEX_NAME in line and shard in line
 
@@ -343,7 +344,10 @@ def test_fingerprint_samples_stay_in_bounds_for_large_tensors():
 
 
 def test_lora_onto_a_same_shaped_other_base_is_refused_and_forced(lora_setup, capsys, tmp_path):
-    from vlm.folders.lora import load_lora_run, main, merge_lora
+    from inference_helpers import command
+    from vlm.folders.lora import load_lora_run, merge_lora
+
+    main = command("merge-lora")
 
     run, base, other, _ = lora_setup
     with pytest.raises(ValueError) as raised:

@@ -18,7 +18,8 @@ import vlm
 from test_convert import llava_folder, save_llava_hf  # noqa: F401  (llava_folder is a fixture)
 from vlm.folders.load import load_pretrained_model
 from vlm.data.synth import generate_shapes_dataset
-from vlm.folders.lora import load_lora_run, main as merge_main
+from vlm.cli.merge_lora import main as merge_main
+from vlm.folders.lora import load_lora_run
 from vlm.tiny import save_tiny_components
 from vlm.cli.train import main as train_main
 
@@ -150,7 +151,7 @@ HUB_SCRIPT = r"""
 import json, sys, torch
 from vlm.folders.load import load_pretrained_model, model_kind
 from vlm.cli.train import main as train_main
-from vlm.folders.lora import main as merge_main
+from vlm.cli.merge_lora import main as merge_main
 args = json.loads(sys.argv[1])
 out = {"kinds": {repo: model_kind(repo)[0] for repo in args["repos"]}}
 _, by_id, _, _ = load_pretrained_model("tiny-org/llava-1.5-tiny-hf")

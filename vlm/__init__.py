@@ -26,8 +26,8 @@ _EXPORTS = {
     "from_pretrained": "vlm.model",
     "load_pretrained_model": "vlm.folders.load",
     "VLMProcessor": "vlm.processing",
-    "load": "vlm.processing",
-    "answer": "vlm.processing",
+    "load": "vlm.generate.generator",
+    "answer": "vlm.generate.generator",
 }
 
 __all__ = sorted(_EXPORTS)

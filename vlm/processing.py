@@ -1,40 +1,126 @@
-"""The processor (tokenizer + image processor + chat template) and two-line inference from Python.
+"""The processor (tokenizer + image processor + chat template): questions and images -> model inputs.
 
-    model, processor = vlm.load("runs/demo/model")
-    print(vlm.answer(model, processor, "photo.jpg", "What is in the picture?"))
-
+    processor = vlm.VLMProcessor.from_pretrained("runs/demo/model")
+    inputs = processor("What is in the picture?", "photo.jpg")     # input_ids, attention_mask, pixel_values
     model = vlm.build_model(config, tokenizer=tok)                  # a new model ...
     processor = vlm.VLMProcessor.for_model(model, tok)              # ... and what prompts it
     model.save_pretrained("out"); processor.save_pretrained("out")  # a folder every loader accepts
+
+Answering is one layer up: `vlm.load` / `vlm.answer` (`vlm.generate.generator`).
 
 Design choices:
 - As transformers' processors (`LlavaProcessor`): one object turns a question and images into model inputs
   (`input_ids`, `attention_mask`, `pixel_values`) and is saved beside the model. It writes no file of its own:
   the tokenizer's files, `preprocessor_config.json` (`vlm.visual.processor.ImageProcessor`) and the chat
-  template's name in `vlm_generation.json` -- the record training writes and every loader reads
-  (`vlm.generate.generator.save_generation_defaults` / `default_template`).
+  template's name, recorded in the folder as training records it and every loader reads it
+  (`vlm.folders.kinds.record_template` / `default_template`).
 - `num_image_tokens` (how many ids each `<image>` becomes) belongs to the model and lives in its
   `config.json`; `from_pretrained` reads it there rather than storing a second copy.
-- Prompts are built by `vlm.generate.generator.build_prompt`, i.e. `vlm.data.conversation.encode_prompt`, the code that
-  tokenises training samples; batches are left-padded as `vlm.generate.generator` decodes them.
-- `answer` wraps the model and processor in a `vlm.generate.generator.Generator` and asks it: one decode loop for
-  Python, `test.py`, `vlm chat` and `vlm generate`.
+- The functions that make inputs live here, below generation (layer 2), so the processor and the decode loop
+  (`vlm.generate.decoding`) share them: prompts by `build_prompt`, i.e. `vlm.data.conversation.encode_prompt`,
+  the code that tokenises training samples (the model continues from exactly the tokens it was trained after);
+  batches left-padded (`left_pad`); images decoded by `as_image` / `load_pixels`; the ids that end an answer
+  (`stop_token_ids`).
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass, replace
-from typing import IO, TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 
+from vlm.errors import ConfigError, MissingPathError, UserError
+from vlm.folders.kinds import default_template, record_template
 from vlm.visual.processor import ImageProcessor
 
 if TYPE_CHECKING:
     from transformers import BatchFeature
 
 Conversation = list[dict]  # [{"role": "system"|"user"|"assistant", "content": str}, ...], ending with a user turn
+
+# ---------------------------------------------------------------------------------------------------------
+# Prompts and images
+
+
+def build_prompt(messages: list[dict], tokenizer, template, *, num_image_tokens: int, num_images: int) -> list[int]:
+    """Token ids of the conversation so far (ending with a user turn) plus the assistant header.
+
+    Basic-VLM's `<|extra_0|>` in a user message marks the image, as in its training data (`<image>`). A
+    conversation that cannot be prompted (placeholders and images disagree, roles out of order) is a UserError
+    here: a question the user typed, not a training sample to count and drop.
+    """
+    from vlm.data.conversation import encode_prompt
+    from vlm.data.errors import SampleError
+    from vlm.data.formats.basic_vlm import mark_image
+
+    messages = [{**m, "content": mark_image(m["content"])} if m["role"] == "user" and isinstance(m["content"], str)
+                else m for m in messages]
+    try:
+        return encode_prompt(messages, tokenizer, template, num_image_tokens=num_image_tokens, num_images=num_images)
+    except SampleError as exc:
+        raise UserError(f"the prompt cannot be built: {exc.detail}") from None
+
+
+def stop_token_ids(tokenizer, template) -> list[int]:
+    """Ids that end an answer: the template's end-of-turn token and eos."""
+    from vlm.data.templates import get_template
+    from vlm.data.tokenizer import token_id
+
+    bound = get_template(template, tokenizer) if isinstance(template, str) else template.bind(tokenizer)
+    ids = [token_id(tokenizer, bound.end_of_turn_token(tokenizer)), tokenizer.eos_token_id]
+    return [i for i in dict.fromkeys(ids) if i is not None]
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, T) ids left-padded with `pad_token_id` and the (B, T) attention mask."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        if prompt:
+            ids[row, width - len(prompt):] = torch.tensor(list(prompt), dtype=torch.long)
+            mask[row, width - len(prompt):] = 1
+    return ids, mask
+
+
+def pad_id(tokenizer) -> int:
+    """The id batches are padded with: pad, else eos, else unk, else 0 (padding is masked out)."""
+    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.unk_token_id):
+        if candidate is not None:
+            return candidate
+    return 0
+
+
+ACCEPTED_IMAGES = ("a file path, the file's bytes, a PIL.Image, or a uint8 numpy array / torch tensor shaped (H, W, 3), "
+                   "(3, H, W) or (H, W)")
+
+
+def as_image(source: Any, index: int = 0) -> Any:
+    """One image as the image processor takes it: a PIL image or a uint8 array / tensor as given, a file (path,
+    bytes, binary file object) decoded now so a bad one is named at once; TypeError naming what is accepted."""
+    import numpy as np
+    from PIL import Image
+
+    from vlm.visual.processor import load_image
+
+    if isinstance(source, (Image.Image, np.ndarray, torch.Tensor)):
+        return source  # the processor checks dtype and layout and says what to convert
+    if isinstance(source, (str, os.PathLike, bytes, bytearray, memoryview)) or hasattr(source, "read"):
+        return load_image(source)
+    raise TypeError(f"image {index} is a {type(source).__name__}; expected {ACCEPTED_IMAGES}")
+
+
+def load_pixels(images: Sequence[Any], image_processor) -> torch.Tensor | None:
+    """Images (each as `as_image` takes it) -> (N, 3, H, W), or None for no images. Errors name the file."""
+    if not images:
+        return None
+    return image_processor([as_image(image, i) for i, image in enumerate(images)], return_tensors="pt")["pixel_values"]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The processor
 
 
 @dataclass
@@ -55,13 +141,11 @@ class VLMProcessor:
     num_image_tokens: int | None = None
 
     def __post_init__(self) -> None:
-        from vlm.generate.generator import stop_token_ids
-
         if not isinstance(self.image_processor, ImageProcessor):
             raise TypeError(f"image_processor must be a vlm.visual.processor.ImageProcessor, got "
                             f"{type(self.image_processor).__name__}")
         if self.num_image_tokens is not None and (not isinstance(self.num_image_tokens, int) or self.num_image_tokens < 1):
-            raise ValueError(f"num_image_tokens={self.num_image_tokens!r} must be a positive int")
+            raise ConfigError(f"num_image_tokens={self.num_image_tokens!r} must be a positive int")
         stop_token_ids(self.tokenizer, self.template)  # an unknown template, or one the tokenizer cannot end: now
 
     # -- construction ----------------------------------------------------------------------------------
@@ -100,14 +184,13 @@ class VLMProcessor:
             num_image_tokens: default: the folder's `config.json` (a vlm model folder).
             trust_remote_code: allow a tokenizer whose files declare `auto_map` (refused otherwise).
         """
-        from vlm.folders.load import load_tokenizer, model_kind
+        from vlm.folders.kinds import load_tokenizer, model_kind
         from vlm.config import VLMConfig
-        from vlm.generate.generator import default_template
         from vlm.visual.processor import PREPROCESSOR_CONFIG_NAME
 
         kind, local = model_kind(str(folder))
         if not os.path.isfile(os.path.join(local, PREPROCESSOR_CONFIG_NAME)):
-            raise FileNotFoundError(
+            raise MissingPathError(
                 f"{str(folder)!r} has no {PREPROCESSOR_CONFIG_NAME}; save the processor there with "
                 "VLMProcessor.save_pretrained(folder), or load any model folder with vlm.load(folder)"
             )
@@ -119,12 +202,10 @@ class VLMProcessor:
 
     def save_pretrained(self, folder: str | os.PathLike) -> None:
         """Write the tokenizer files, `preprocessor_config.json` and the template record into `folder`."""
-        from vlm.generate.generator import save_generation_defaults
-
         os.makedirs(folder, exist_ok=True)
         self.tokenizer.save_pretrained(str(folder))
         self.image_processor.save_pretrained(folder)
-        save_generation_defaults(folder, template=self.template)
+        record_template(folder, self.template)
 
     # -- inputs ----------------------------------------------------------------------------------------
 
@@ -136,7 +217,7 @@ class VLMProcessor:
             text: a question (one user turn), a conversation (message dicts ending with a user turn), or a
                 list of either (a batch). `<image>` marks where an image goes; one image and no `<image>`:
                 it goes before the first user text, as in training.
-            images: for one prompt: None, an image (path, PIL image, or what `vlm.generate.generator.load_pixels` takes)
+            images: for one prompt: None, an image (path, PIL image, or what `load_pixels` takes)
                 or a list of them; for a batch: None or one such entry per prompt.
             return_tensors: "pt" (the only kind: the inputs are for a torch model).
 
@@ -146,15 +227,13 @@ class VLMProcessor:
         """
         from transformers import BatchFeature
 
-        from vlm.generate.generator import build_prompt, left_pad, load_pixels, pad_id
-
         if return_tensors != "pt":
-            raise ValueError(f"return_tensors={return_tensors!r}: VLMProcessor returns torch tensors only ('pt')")
+            raise UserError(f"return_tensors={return_tensors!r}: VLMProcessor returns torch tensors only ('pt')")
         prompts, per_prompt = _batch(text, images)
         rows = []
         for conversation, row_images in zip(prompts, per_prompt):
             if row_images and self.num_image_tokens is None:
-                raise ValueError("this processor does not know the model's num_image_tokens; load it from a model "
+                raise UserError("this processor does not know the model's num_image_tokens; load it from a model "
                                  "folder or build it with VLMProcessor.for_model(model, tokenizer)")
             rows.append(build_prompt(conversation, self.tokenizer, self.template,
                                      num_image_tokens=self.num_image_tokens or 1, num_images=len(row_images)))
@@ -207,64 +286,6 @@ def _batch(text: Any, images: Any) -> tuple[list[Conversation], list[list]]:
         return prompts, [[] for _ in prompts]
     if not isinstance(images, (list, tuple)) or len(images) != len(prompts):
         count = len(images) if isinstance(images, (list, tuple)) else "not a list"
-        raise ValueError(f"a batch of {len(prompts)} prompts needs images=None or a list of {len(prompts)} entries "
+        raise UserError(f"a batch of {len(prompts)} prompts needs images=None or a list of {len(prompts)} entries "
                          f"(None, an image or a list of images per prompt), got {count}")
     return prompts, [_as_image_list(entry) for entry in images]
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Two-line inference
-
-
-def load(model_path: str | os.PathLike, *, template: str | None = None, model_base: str | None = None,
-         device: str = "cpu", dtype: str | torch.dtype | None = None, load_8bit: bool = False,
-         load_4bit: bool = False, trust_remote_code: bool = False,
-         force_base: bool = False) -> tuple[Any, VLMProcessor]:
-    """(model, VLMProcessor) of any folder `vlm.load_pretrained_model` reads: vlm model folder, vlm LoRA run
-    (merged; `model_base` as `--model-base`), LLaVA-1.5, llava-hf, or a Hub id of one.
-
-    `template` overrides the one the folder records (`--conv-mode`); the other arguments are
-    `load_pretrained_model`'s (`trust_remote_code`: let a folder with `auto_map` run its code; `force_base`:
-    accept a LoRA base whose weights differ from the recorded one).
-    """
-    from vlm.generate.generator import load_generator
-
-    generator = load_generator(str(model_path), model_base=model_base, conv_mode=template, device=device,
-                               dtype=dtype, load_8bit=load_8bit, load_4bit=load_4bit,
-                               trust_remote_code=trust_remote_code, force_base=force_base)
-    processor = VLMProcessor(generator.tokenizer, generator.image_processor, generator.template,
-                             num_image_tokens=generator.num_image_tokens)
-    return generator.model, processor
-
-
-def answer(model, processor: VLMProcessor, image: Any, question: str | Conversation, *, temperature: float = 0.0,
-           top_p: float | None = None, max_new_tokens: int = 128, stream: IO[str] | None = None) -> str:
-    """The model's answer to `question` about `image`.
-
-    Args:
-        image: a path, a PIL image (see `VLMProcessor.__call__`), a list of them, or None (text only).
-        question: a question, or a conversation ending with a user turn.
-        temperature: 0 is greedy; top_p applies when sampling.
-        stream: a file (e.g. sys.stdout) the answer is also written to as it is generated.
-
-    Raises:
-        ValueError: the processor belongs to another model (image token or image-token count differ), or the
-            prompt does not fit the model's context.
-    """
-    from vlm.folders.load import context_length
-    from vlm.data.tokenizer import get_image_token_id
-    from vlm.generate.generator import GenerationSettings, Generator
-
-    config = model.vlm_config
-    if processor.num_image_tokens not in (None, config.num_image_tokens) or \
-            get_image_token_id(processor.tokenizer) != config.image_token_id:
-        raise ValueError(
-            f"the processor is not this model's: <image> id {get_image_token_id(processor.tokenizer)} and "
-            f"{processor.num_image_tokens} image tokens vs the model's {config.image_token_id} and "
-            f"{config.num_image_tokens}; load both from one folder (vlm.load)"
-        )
-    settings = GenerationSettings(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens)
-    generator = Generator(model, processor.tokenizer, processor.image_processor, processor.template,
-                          context_length(model, processor.tokenizer), settings)
-    messages = [{"role": "user", "content": question}] if isinstance(question, str) else question
-    return generator.reply(messages, _as_image_list(image), stream=stream)

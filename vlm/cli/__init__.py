@@ -18,11 +18,11 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "data": ("vlm.cli.data", "check, convert, filter or synthesise datasets"),
     "demo": ("vlm.demo", "train the tiny demo VLM on the synthetic shapes set and evaluate it"),
     "train": ("vlm.cli.train", "train a VLM (same flags as train.py)"),
-    "chat": ("vlm.generate.chat", "multi-turn chat about an image in the terminal"),
-    "generate": ("vlm.generate.batch", "answer a JSONL file of image questions in batches"),
-    "merge-lora": ("vlm.folders.lora", "merge a LoRA run into its base model"),
-    "export": ("vlm.folders.export", "export a model folder to another format (llava-hf)"),
-    "eval": ("vlm.eval.evaluate", "exact-match evaluation on a LLaVA JSON set"),
+    "chat": ("vlm.cli.chat", "multi-turn chat about an image in the terminal"),
+    "generate": ("vlm.cli.generate", "answer a JSONL file of image questions in batches"),
+    "merge-lora": ("vlm.cli.merge_lora", "merge a LoRA run into its base model"),
+    "export": ("vlm.cli.export", "export a model folder to another format (llava-hf)"),
+    "eval": ("vlm.cli.eval", "exact-match evaluation on a LLaVA JSON set"),
 }
 
 

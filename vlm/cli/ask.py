@@ -19,9 +19,11 @@ import argparse
 import os
 import sys
 
+from vlm.errors import UserError
+
 
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
-    from vlm.generate.generator import add_decoding_arguments, add_model_arguments
+    from vlm.cli.options import add_decoding_arguments, add_model_arguments
 
     parser = argparse.ArgumentParser(prog=prog, description="Answer a question about an image with a vlm / LLaVA "
                                      "model; prints only the answer.")
@@ -40,7 +42,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
-class MissingDemoModel(Exception):
+class MissingDemoModel(UserError):
     """No --model, and no demo model where the demo folder points: a usage mistake (exit code 2)."""
 
 
@@ -77,27 +79,14 @@ def fill_defaults(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None, prog: str = "vlm ask") -> int:
-    from vlm.generate.generator import USER_ERRORS, generator_from_args
+    """Runs under `vlm.cli.run` (`vlm ask`, test.py): a mistake is one line and exit 2, Ctrl-C one line."""
+    from vlm.cli.options import generator_from_args
 
     args = build_parser(prog).parse_args(sys.argv[1:] if argv is None else argv)
-    try:
-        fill_defaults(args)
-        generator = generator_from_args(args)
-        stream = sys.stdout if args.stream and sys.stdout.isatty() else None
-        answer = generator.answer(args.prompt, args.image, stream=stream)
-    except KeyboardInterrupt:  # Ctrl-C while loading or answering: one line, not a traceback
-        print(f"\n{prog}: interrupted", file=sys.stderr, flush=True)
-        return 130
-    except MissingDemoModel as exc:
-        print(f"{prog}: error: {exc}", file=sys.stderr)
-        return 2
-    except USER_ERRORS as exc:
-        print(f"{prog}: error: {exc}", file=sys.stderr)
-        return 1
+    fill_defaults(args)
+    generator = generator_from_args(args)
+    stream = sys.stdout if args.stream and sys.stdout.isatty() else None
+    answer = generator.answer(args.prompt, args.image, stream=stream)
     if stream is None:
         print(answer)
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,4 +1,4 @@
-"""`vlm generate --model PATH --input questions.jsonl --output answers.jsonl`: answer a file of image questions.
+"""Answering a file of image questions (`vlm generate`, whose command line is `vlm.cli.generate`).
 
 Two input formats, told apart by the first line (one format per file):
 - vlm's: `{"id": ..., "image": "path", "question": "..."}` (`image` optional; other keys are kept); each
@@ -19,14 +19,12 @@ loaded, and each bad line (not JSON, wrong keys, another format than the first g
 missing or outside the folder) is reported on stderr as `FILE line N (id X): reason: detail`; an image
 that cannot be decoded, or a question the model cannot take (too long), is reported the same way when
 its batch comes. The other lines are answered, in left-padded batches with the KV cache
-(`vlm.generate.generator`), and written to `--output` as each batch finishes (flushed), so a crash or Ctrl-C
-keeps what was answered. Exit status: 0 every line answered; 1 some lines bad (the rest answered, a
-summary line counts them by reason) or the model could not be loaded; 2 bad flags.
+(`vlm.generate.decoding`), and written to `--output` as each batch finishes (flushed), so a crash or Ctrl-C
+keeps what was answered.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -35,6 +33,8 @@ import uuid
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import IO, Any
+
+from vlm.errors import MissingPathError
 
 # format -> (the key holding the question, the key identifying the record)
 FORMATS = {"vlm": ("question", "id"), "llava": ("text", "question_id")}
@@ -85,9 +85,9 @@ class Questions:
 
 def read_questions(path: str, image_folder: str | None = None) -> Questions:
     """Every line of a JSONL questions file: a record (image resolved to `_image_path`, the question under
-    `_question`, its line number under `_line`) or a `BadLine`. FileNotFoundError when the file is missing."""
+    `_question`, its line number under `_line`) or a `BadLine`. MissingPathError when the file is missing."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"input file {path!r} does not exist")
+        raise MissingPathError(f"input file {path!r} does not exist")
     raw: list[tuple[int, Any] | BadLine] = []
     with open(path, "rb") as f:
         for number, data in enumerate(f, 1):
@@ -224,7 +224,8 @@ def answer_file(
     when given); the rest of its batch is answered."""
     from tqdm import tqdm
 
-    from vlm.generate.generator import USER_ERRORS, as_image
+    from vlm.generate.decoding import LINE_ERRORS
+    from vlm.processing import as_image
 
     bad: list[BadLine] = []
 
@@ -241,17 +242,17 @@ def answer_file(
             try:  # decoded here, one record at a time, so a bad file is charged to its own line
                 images.append(None if record.get("_image_path") is None else as_image(record["_image_path"]))
                 batch.append(record)
-            except USER_ERRORS as exc:
+            except LINE_ERRORS as exc:
                 drop(record, "unreadable_image", exc)
         answers: list[str | None]
         try:
             answers = list(generator.answer_batch([r["_question"] for r in batch], images, batch_size=len(batch) or 1))
-        except USER_ERRORS:  # one record spoils the batch (a too-long question): answer one by one to name it
+        except LINE_ERRORS:  # one record spoils the batch (a too-long question): answer one by one to name it
             answers = []
             for record, image in zip(batch, images):
                 try:
                     answers.append(generator.answer_batch([record["_question"]], [image], batch_size=1)[0])
-                except USER_ERRORS as exc:
+                except LINE_ERRORS as exc:
                     answers.append(None)
                     drop(record, "bad_question", exc)
         kept = [(r, a) for r, a in zip(batch, answers) if a is not None]
@@ -261,71 +262,3 @@ def answer_file(
         bar.update(len(records[start:start + batch_size]))
     bar.close()
     return bad
-
-
-def main(argv: list[str] | None = None) -> int:
-    from vlm.generate.generator import USER_ERRORS, add_decoding_arguments, add_model_arguments, generator_from_args
-
-    parser = argparse.ArgumentParser(prog="vlm generate", description=__doc__.split("\n\n")[0])
-    add_model_arguments(parser)
-    parser.add_argument("--input", "--question-file", "--question_file", dest="input", required=True,
-                        help="JSONL of {id, image, question}, or LLaVA's question file {question_id, image, text}")
-    parser.add_argument("--output", "--answers-file", "--answers_file", dest="output", required=True,
-                        help="JSONL to write: each record with 'answer' added, or LLaVA's answer file for LLaVA's "
-                             "questions; written as answers come")
-    parser.add_argument("--num-chunks", "--num_chunks", dest="num_chunks", type=int, default=1,
-                        help="split the questions into this many equal slices (LLaVA's; default 1)")
-    parser.add_argument("--chunk-idx", "--chunk_idx", dest="chunk_idx", type=int, default=0,
-                        help="answer only this slice, 0-based (LLaVA's; default 0)")
-    parser.add_argument("--image_folder", "--image-folder", dest="image_folder", default=None,
-                        help="folder image paths are relative to; images must stay inside it (default: the input's "
-                             "folder, unconfined)")
-    parser.add_argument("--batch_size", "--batch-size", dest="batch_size", type=int, default=8,
-                        help="questions decoded together (default 8)")
-    parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
-    add_decoding_arguments(parser, max_new_tokens=128)
-    args = parser.parse_args(argv)
-    if args.batch_size < 1:
-        parser.error(f"--batch_size={args.batch_size} must be >= 1")
-    if not 0 <= args.chunk_idx < args.num_chunks:
-        parser.error(f"--chunk-idx {args.chunk_idx} with --num-chunks {args.num_chunks}: expected 0 <= index < chunks")
-    try:
-        questions = read_questions(args.input, args.image_folder)
-    except USER_ERRORS as exc:
-        print(f"vlm generate: error: {exc}", file=sys.stderr)
-        return 1
-    # slices are taken over every line, good or bad, so --chunk-idx K names the same lines whatever is broken
-    mine = chunk(questions.entries, args.num_chunks, args.chunk_idx)
-    records = [e for e in mine if not isinstance(e, BadLine)]
-    bad = [e for e in mine if isinstance(e, BadLine)]
-
-    def report(line: BadLine) -> None:
-        print(f"vlm generate: skipped {line.message(args.input)}", file=sys.stderr, flush=True)
-
-    for line in bad:  # before the model loads: seconds, not an hour
-        report(line)
-    written = 0
-    if records:
-        try:
-            generator = generator_from_args(args)
-        except USER_ERRORS as exc:
-            print(f"vlm generate: error: {exc}", file=sys.stderr)
-            return 1
-        os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-        with open(args.output, "w", encoding="utf-8") as out:
-            late = answer_file(generator, questions, records, out, model=args.model, batch_size=args.batch_size,
-                               progress=args.progress, on_bad_line=report)
-        bad += late
-        written = len(records) - len(late)
-    else:
-        os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-        open(args.output, "w", encoding="utf-8").close()
-    kind = "LLaVA answer-file lines" if questions.format == "llava" else "answers"
-    if not bad:
-        print(f"{written} {kind} written to {args.output}", file=sys.stderr)
-        return 0
-    reasons = ", ".join(f"{r}={n}" for r, n in Counter(b.reason for b in bad).items())
-    lines = ", ".join(str(b.line) for b in sorted(bad, key=lambda b: b.line)[:10]) + (", ..." if len(bad) > 10 else "")
-    print(f"vlm generate: {written} {kind} written to {args.output}; {len(bad)} bad line(s) skipped ({reasons}; "
-          f"lines {lines}); fix them and rerun those lines", file=sys.stderr)
-    return 1

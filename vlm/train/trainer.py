@@ -124,9 +124,9 @@ class VLMTrainer(Trainer):
             save_model_folder(output_dir, unwrap(self.model), tokenizer=tokenizer,
                               image_processor=self.image_processor, state_dict=state_dict)
         if self.template is not None:  # what test.py / chat prompt the model with
-            from vlm.generate.generator import save_generation_defaults
+            from vlm.folders.kinds import record_template
 
-            save_generation_defaults(output_dir, template=self.template)
+            record_template(output_dir, self.template)
         if self.save_projector:  # stage 1: what --pretrain_mm_mlp_adapter loads
             projector = unwrap(self.model).mm_projector.state_dict()
             save_file({f"mm_projector.{k}": v.detach().contiguous() for k, v in projector.items()},

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import os
 import shutil
@@ -12,7 +14,8 @@ from transformers import Qwen2ForCausalLM
 
 import vlm
 from inference_helpers import save_tiny_folder, tiny_tokenizer
-from vlm.folders.load import folder_kind, load_pretrained_model
+from vlm.folders.kinds import folder_kind
+from vlm.folders.load import load_pretrained_model
 from vlm.folders.weights import save_model_folder
 from vlm.folders.lora import apply_lora, save_lora_run
 from vlm.tiny import tiny_llm_config, tiny_vision_config
@@ -126,7 +129,7 @@ def test_unknown_config_is_named(tmp_path):
 
 def test_tokenizer_of_another_model_is_refused(folder, tmp_path):
     model = vlm.from_pretrained(folder)
-    model.vlm_config.image_token_id = 3
+    model.vlm_config = model.vlm_config.replace(image_token_id=3)
     mixed = tmp_path / "mixed"
     save_model_folder(mixed, model, tokenizer=tiny_tokenizer())
     with pytest.raises(ValueError, match="has <image> = 9 but the model's image_token_id is 3"):

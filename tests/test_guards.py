@@ -23,7 +23,7 @@ from vlm.folders.weights import save_model_folder
 from vlm.config import VLMConfig
 from vlm.folders.lora import NON_LORA_NAME, apply_lora, save_lora_run
 from vlm.tiny import tiny_vlm_config
-from vlm.train.trainer import load_lora_checkpoint
+from vlm.folders.lora import load_lora_checkpoint
 
 # transformers only looks for the Mistral regex problem in tokenizers with more than 100,000 entries
 # (TokenizersBackend.__init__), as Qwen2.5's (151k) and Llama-3's (128k) are.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
@@ -18,10 +19,11 @@ from vlm.folders.lora import (
     apply_lora,
     llm_linear_names,
     load_lora_run,
-    main,
     merge_lora,
     save_lora_run,
 )
+from vlm.cli import run as run_command
+from vlm.cli.merge_lora import main as merge_main
 from vlm.tiny import tiny_llm_config, tiny_vision_config
 
 MERGE_TOL = 1e-4  # fp32; measured max abs diff ~4e-7
@@ -209,7 +211,7 @@ def test_merge_equals_adapter_and_independent_formula(run):
 def test_merge_lora_command_writes_a_full_model_folder(run, tmp_path):
     model, folder = run
     out = tmp_path / "merged"
-    assert main(["--model-path", folder, "--output", str(out)]) == 0
+    assert merge_main(["--model-path", folder, "--output", str(out)]) == 0
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= set(os.listdir(out))
     merged = vlm.from_pretrained(out)
     saved = model.get_base_model()
@@ -241,7 +243,8 @@ def test_base_that_does_not_match_is_named(run, tmp_path):
     Qwen2ForCausalLM(tiny_llm_config("qwen2", hidden_size=32)).save_pretrained(wrong)
     with pytest.raises(ValueError, match=r"does not fit the model base .*hidden_size=64.*hidden_size=32.*--model-base"):
         load_lora_run(folder, model_base=str(wrong))
-    assert main(["--model-path", folder, "--model-base", str(wrong), "--output", str(tmp_path / "o")]) == 2
+    argv = ["--model-path", folder, "--model-base", str(wrong), "--output", str(tmp_path / "o")]
+    assert run_command("vlm merge-lora", merge_main, argv) == 2  # a FolderError: one line, exit 2
 
 
 def test_run_without_base_or_files(run, tmp_path):
@@ -249,7 +252,7 @@ def test_run_without_base_or_files(run, tmp_path):
     with pytest.raises(FileNotFoundError, match="has no adapter_config.json"):
         load_lora_run(tmp_path)
     config = vlm.VLMConfig.load(folder)
-    config.llm.name_or_path = None
+    config = config.replace(llm=dataclasses.replace(config.llm, name_or_path=None))
     copy = tmp_path / "copy"
     copy.mkdir()
     for name in os.listdir(folder):

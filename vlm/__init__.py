@@ -23,7 +23,7 @@ _EXPORTS = {
     "ProjectorConfig": "vlm.config",
     "LLMConfig": "vlm.config",
     "build_model": "vlm.model",
-    "from_pretrained": "vlm.model",
+    "from_pretrained": "vlm.folders.build",
     "load_pretrained_model": "vlm.folders.load",
     "VLMProcessor": "vlm.processing",
     "load": "vlm.generate.generator",

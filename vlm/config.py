@@ -4,8 +4,15 @@ Design choices:
 - Each component keeps both where it came from (`name_or_path`: a hub id or a folder) and the full
   `transformers` config it was built with (`hf_config`, a plain dict). A saved model folder is then
   rebuilt from `config.json` alone, offline, whatever the original source was.
-- Derived values (`num_image_tokens`, projector dimensions) are filled in by the model builder from the
-  real sub-models and validated in one place (`VLMConfig.validate`), with errors naming the field.
+- Built and validated once, then read-only: every dataclass is frozen (assignment raises
+  `dataclasses.FrozenInstanceError`). A changed copy is `config.replace(field=value)` (or
+  `dataclasses.replace`), which validates again. Derived values (`num_image_tokens`, projector dimensions,
+  the sub-models' `hf_config`) are filled in by the model builder, which returns the completed copy as
+  `model.vlm_config`.
+- Everything that defines how to run the model is here and in `config.json`: the components, the image
+  token, and the chat template the model was trained with (`template`; folders written before it existed
+  record it in `vlm_generation.json`, read by `vlm.folders.load.folder_template`). The image aspect mode
+  is the image processor's (`preprocessor_config.json`), saved beside it.
 - The nested dataclasses serialise to plain JSON with `to_dict`/`from_dict`; unknown keys are an
   error, so a typo in a hand-written config does not pass silently.
 """
@@ -20,6 +27,8 @@ import types
 import typing
 from dataclasses import dataclass, field
 from typing import Any
+
+from vlm.errors import ConfigError, FolderError, MissingPathError
 
 CONFIG_NAME = "config.json"
 WRITER_VERSION_KEY = "transformers_version"  # in config.json, not a VLMConfig field
@@ -46,7 +55,7 @@ def _type_name(kind: Any) -> str:
 
 
 def check_field_types(obj: Any, where: str) -> None:
-    """ValueError naming `where.field` when a field's value is not of its annotated type (JSON gives any type:
+    """ConfigError naming `where.field` when a field's value is not of its annotated type (JSON gives any type:
     `"image_token_id": "5"`, `"select_layer": "abc"`); bool is not accepted for an int."""
     hints = typing.get_type_hints(type(obj))
     for f in dataclasses.fields(obj):
@@ -60,7 +69,7 @@ def check_field_types(obj: Any, where: str) -> None:
         if any(isinstance(value, k) and not (k is int and isinstance(value, bool)) for k in kinds):
             continue
         expected = " or ".join(_type_name(k) for k in kinds) + (" or null" if type(None) in args else "")
-        raise ValueError(f"{where}{f.name}={value!r} ({type(value).__name__}) must be {expected}")
+        raise ConfigError(f"{where}{f.name}={value!r} ({type(value).__name__}) must be {expected}")
 
 
 def _check_size_bounds(hf_config: dict[str, Any] | None, section: str) -> None:
@@ -72,26 +81,26 @@ def _check_size_bounds(hf_config: dict[str, Any] | None, section: str) -> None:
         if value is None:
             continue
         if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= limit:
-            raise ValueError(f"{section}.hf_config.{key}={value!r} is not a size a model can have (expected an "
+            raise ConfigError(f"{section}.hf_config.{key}={value!r} is not a size a model can have (expected an "
                              f"integer in 1..{limit:,}); fix the config")
     if section == "vision" and isinstance(config, dict):
         size, patch = config.get("image_size"), config.get("patch_size")
         if isinstance(size, int) and isinstance(patch, int) and patch > 0 and (size // patch) ** 2 > MAX_PATCHES:
-            raise ValueError(f"vision.hf_config image_size={size} with patch_size={patch} makes {(size // patch) ** 2:,} "
+            raise ConfigError(f"vision.hf_config image_size={size} with patch_size={patch} makes {(size // patch) ** 2:,} "
                              f"patches per image (at most {MAX_PATCHES:,}); fix the config")
 
 
 def _from_dict(cls: type, data: dict[str, Any], where: str) -> Any:
     if not isinstance(data, dict):
-        raise ValueError(f"{where} must be a JSON object, got {json.dumps(data)[:40]} ({type(data).__name__})")
+        raise ConfigError(f"{where} must be a JSON object, got {json.dumps(data)[:40]} ({type(data).__name__})")
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
     if unknown:
-        raise ValueError(f"unknown key(s) {unknown} in {where}; valid keys: {sorted(names)}")
+        raise ConfigError(f"unknown key(s) {unknown} in {where}; valid keys: {sorted(names)}")
     return cls(**data)
 
 
-@dataclass
+@dataclass(frozen=True)
 class VisionConfig:
     """The vision tower: a CLIP or SigLIP vision model from `transformers`.
 
@@ -110,12 +119,12 @@ class VisionConfig:
         check_field_types(self, "vision.")
         _check_size_bounds(self.hf_config, "vision")
         if self.name_or_path is None and self.hf_config is None:
-            raise ValueError("vision: set `name_or_path` (hub id or folder) or `hf_config` (a vision config dict)")
+            raise ConfigError("vision: set `name_or_path` (hub id or folder) or `hf_config` (a vision config dict)")
         if self.select_feature not in SELECT_FEATURES:
-            raise ValueError(f"vision.select_feature={self.select_feature!r}; expected one of {SELECT_FEATURES}")
+            raise ConfigError(f"vision.select_feature={self.select_feature!r}; expected one of {SELECT_FEATURES}")
 
 
-@dataclass
+@dataclass(frozen=True)
 class ProjectorConfig:
     """The projector from vision features to the LLM's embedding space (LLaVA's `mm_projector_type`).
 
@@ -131,20 +140,20 @@ class ProjectorConfig:
         check_field_types(self, "projector.")
         match = _PROJECTOR_TYPE.match(self.type)
         if match is None:
-            raise ValueError(
+            raise ConfigError(
                 f"projector.type={self.type!r} is not supported; expected 'linear', 'identity' or 'mlp<N>x_gelu'"
             )
         if match.group(2) is not None and int(match.group(2)) < 1:
-            raise ValueError(f"projector.type={self.type!r}: an MLP needs at least one layer")
+            raise ConfigError(f"projector.type={self.type!r}: an MLP needs at least one layer")
         if self.type == "identity" and None not in (self.input_dim, self.output_dim):
             if self.input_dim != self.output_dim:
-                raise ValueError(
+                raise ConfigError(
                     f"projector.type='identity' needs equal dimensions, got vision {self.input_dim} "
                     f"and LLM {self.output_dim}; use 'linear' or 'mlp2x_gelu'"
                 )
 
 
-@dataclass
+@dataclass(frozen=True)
 class LLMConfig:
     """The decoder LLM; its class is chosen from `hf_config["model_type"]` (see `vlm.llm.registry`)."""
 
@@ -155,12 +164,16 @@ class LLMConfig:
         check_field_types(self, "llm.")
         _check_size_bounds(self.hf_config, "llm")
         if self.name_or_path is None and self.hf_config is None:
-            raise ValueError("llm: set `name_or_path` (hub id or folder) or `hf_config` (a decoder config dict)")
+            raise ConfigError("llm: set `name_or_path` (hub id or folder) or `hf_config` (a decoder config dict)")
 
 
-@dataclass
+@dataclass(frozen=True)
 class VLMConfig:
-    """The whole model: components, the image token and run-time settings."""
+    """The whole model: components, the image token, the chat template and run-time settings.
+
+    `template`: the name of the chat template the model was trained with (`vlm.data.templates`), what
+    every prompt for it must use; None when unknown (a model not trained by vlm, a fresh build).
+    """
 
     vision: VisionConfig = field(default_factory=VisionConfig)
     projector: ProjectorConfig = field(default_factory=ProjectorConfig)
@@ -169,6 +182,7 @@ class VLMConfig:
     num_image_tokens: int | None = None
     attn_implementation: str = "sdpa"
     dtype: str = "float32"
+    template: str | None = None
     format_version: int = 1
 
     def validate(self) -> None:
@@ -177,16 +191,26 @@ class VLMConfig:
         self.projector.validate()
         self.llm.validate()
         if self.attn_implementation not in ATTN_IMPLEMENTATIONS:
-            raise ValueError(
+            raise ConfigError(
                 f"attn_implementation={self.attn_implementation!r}; expected one of {ATTN_IMPLEMENTATIONS}"
             )
         if self.dtype not in DTYPES:
-            raise ValueError(f"dtype={self.dtype!r}; expected one of {DTYPES}")
+            raise ConfigError(f"dtype={self.dtype!r}; expected one of {DTYPES}")
         if self.image_token_id is not None and self.image_token_id < 0:
-            raise ValueError(f"image_token_id={self.image_token_id} must be a non-negative token id")
+            raise ConfigError(f"image_token_id={self.image_token_id} must be a non-negative token id")
+        if self.template is not None:
+            from vlm.data.templates import ALIASES, TEMPLATES
+
+            if self.template not in TEMPLATES and self.template not in ALIASES:
+                raise ConfigError(f"template={self.template!r} is not a chat template; valid names: "
+                                  f"{', '.join(sorted(set(TEMPLATES) | set(ALIASES)))}")
 
     def __post_init__(self) -> None:
         self.validate()
+
+    def replace(self, **changes: Any) -> "VLMConfig":
+        """A validated copy with `changes` (this config is read-only): `config.replace(template="chatml")`."""
+        return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -222,32 +246,32 @@ class VLMConfig:
     def load(cls, folder: str | os.PathLike) -> "VLMConfig":
         path = os.path.join(folder, CONFIG_NAME)
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"no {CONFIG_NAME} in model folder {str(folder)!r}")
+            raise MissingPathError(f"no {CONFIG_NAME} in model folder {str(folder)!r}")
         data = read_json_object(path)
         if "vision" not in data or "llm" not in data:
-            raise ValueError(
+            raise FolderError(
                 f"{path} is not a vlm model config (no 'vision'/'llm' sections); for LLaVA or llava-hf "
                 "folders use vlm.load_pretrained_model, which converts them"
             )
         try:
             return cls.from_dict(data)
         except (ValueError, TypeError) as exc:
-            raise ValueError(f"{path}: {exc}") from None
+            raise ConfigError(f"{path}: {exc}") from None
 
 
 def read_json_object(path: str | os.PathLike) -> dict[str, Any]:
-    """A JSON file holding one object; ValueError naming the file (and the line) when it is not valid UTF-8
+    """A JSON file holding one object; ConfigError naming the file (and the line) when it is not valid UTF-8
     JSON or not an object."""
     try:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
     except json.JSONDecodeError as exc:
-        raise ValueError(f"{path} is not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg}); "
+        raise ConfigError(f"{path} is not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg}); "
                          "fix or replace the file") from None
     except UnicodeDecodeError as exc:
-        raise ValueError(f"{path} is not UTF-8 text (byte {exc.start}); it is not a JSON config") from None
+        raise ConfigError(f"{path} is not UTF-8 text (byte {exc.start}); it is not a JSON config") from None
     except RecursionError:
-        raise ValueError(f"{path} nests too deeply to be a config") from None
+        raise ConfigError(f"{path} nests too deeply to be a config") from None
     if not isinstance(data, dict):
-        raise ValueError(f"{path} must hold a JSON object, got a {type(data).__name__}")
+        raise ConfigError(f"{path} must hold a JSON object, got a {type(data).__name__}")
     return data

@@ -4,6 +4,7 @@
                                       llm=LLMConfig("Qwen/Qwen2.5-0.5B-Instruct")), tokenizer=tok)
     model.save_pretrained("out"); model = vlm.from_pretrained("out")
 
+Saving and loading model folders is `vlm.folders` (`vlm.from_pretrained` is `vlm.folders.build.from_pretrained`).
 The LLM class comes from the decoder config's `model_type` (`vlm.llm.LLM_CLASSES`); the tower from
 the vision config's `model_type` (`vlm.visual.tower.VISION_TOWERS`). The vision tower and projector
 are cast to the LLM's dtype.
@@ -11,16 +12,16 @@ are cast to the LLM's dtype.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import os
 from typing import Any
 
 import torch
 from transformers import AutoConfig, PretrainedConfig
-from transformers.initialization import no_init_weights
 
-from vlm.folders.weights import load_state_dict, load_state_dict_strict
 from vlm.config import VLMConfig
+from vlm.errors import ConfigError
 from vlm.hub import pretrained_config
 from vlm.llm.models import llm_class_for
 from vlm.projector import build_projector
@@ -34,7 +35,7 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     if dtype is None or isinstance(dtype, torch.dtype):
         return dtype
     if dtype not in DTYPES:
-        raise ValueError(f"dtype={dtype!r}; expected one of {sorted(DTYPES)}")
+        raise ConfigError(f"dtype={dtype!r}; expected one of {sorted(DTYPES)}")
     return DTYPES[dtype]
 
 
@@ -51,7 +52,7 @@ def check_attn_implementation(name: str) -> str:
             "install the GPU extra with `pip install 'vlm-kit[gpu]'` (CUDA only) or use 'sdpa'"
         )
     if name not in ("sdpa", "eager", "flash_attention_2"):
-        raise ValueError(f"attn_implementation={name!r}; expected 'sdpa', 'eager' or 'flash_attention_2'")
+        raise ConfigError(f"attn_implementation={name!r}; expected 'sdpa', 'eager' or 'flash_attention_2'")
     return name
 
 
@@ -59,7 +60,7 @@ def text_config_from_dict(data: dict[str, Any]) -> PretrainedConfig:
     data = dict(data)
     model_type = data.pop("model_type", None)
     if model_type is None:
-        raise ValueError("llm.hf_config has no 'model_type'; it must be a transformers decoder config dict")
+        raise ConfigError("llm.hf_config has no 'model_type'; it must be a transformers decoder config dict")
     return AutoConfig.for_model(model_type, **data)
 
 
@@ -71,7 +72,7 @@ def _physical_memory() -> int | None:
 
 
 def check_llm_fits_memory(hf_config: dict[str, Any], dtype: torch.dtype | None, source: str = "llm.hf_config") -> None:
-    """ValueError before allocating when the decoder's weights alone (embeddings + layers, estimated from the
+    """ConfigError before allocating when the decoder's weights alone (embeddings + layers, estimated from the
     config's sizes) exceed this machine's memory: a one-line answer instead of an allocation failure or the
     OOM killer. A rough lower bound; a model that passes may still not fit with activations."""
     sizes = [hf_config.get(k) for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers")]
@@ -83,7 +84,7 @@ def check_llm_fits_memory(hf_config: dict[str, Any], dtype: torch.dtype | None, 
     params = vocab * hidden * (1 if tied else 2) + layers * (4 * hidden * hidden + 3 * hidden * inter)
     needed = params * torch.tensor([], dtype=dtype or torch.float32).element_size()
     if needed > memory:
-        raise ValueError(
+        raise ConfigError(
             f"{source}: vocab_size={vocab:,}, hidden_size={hidden:,}, intermediate_size={inter:,}, "
             f"num_hidden_layers={layers} need about {needed / 1e9:,.1f} GB for the weights alone, more than this "
             f"machine's {memory / 1e9:,.1f} GB; check the config's sizes"
@@ -109,8 +110,9 @@ def build_model(config: VLMConfig, *, tokenizer=None, load_weights: bool = True,
     """Build a VLM from its config: pretrained components where `name_or_path` is set, random weights otherwise.
 
     Args:
-        config: the model config; derived fields (projector dims, `num_image_tokens`, the sub-models'
-            `hf_config`, `image_token_id` from the tokenizer) are filled in here.
+        config: the model config (read-only). The model carries the completed copy as `model.vlm_config`:
+            derived fields (projector dims, `num_image_tokens`, the sub-models' `hf_config`,
+            `image_token_id` from the tokenizer) filled in, `dtype`/`attn_implementation` overridden.
         tokenizer: when given, `<image>` is added to it if missing and the LLM's embeddings are resized.
         load_weights: False builds the architecture only (weights come from a saved folder).
         dtype: overrides `config.dtype` ("float32", "bfloat16", "float16").
@@ -118,59 +120,43 @@ def build_model(config: VLMConfig, *, tokenizer=None, load_weights: bool = True,
         cache_dir: the Hugging Face hub cache the pretrained LLM and tower are read from (`--cache_dir`);
             None: the default cache. A property of this machine, not of the model: not written to the config.
     """
+    from vlm.folders.weights import save_model
+
+    overrides = {}
     if dtype is not None:
-        config.dtype = dtype_name(dtype)
+        overrides["dtype"] = dtype_name(dtype)
     if attn_implementation is not None:
-        config.attn_implementation = attn_implementation
-    config.validate()
+        overrides["attn_implementation"] = attn_implementation
+    config = config.replace(**overrides) if overrides else config
     attn = check_attn_implementation(config.attn_implementation)
     torch_dtype = resolve_dtype(config.dtype)
 
     llm = _build_llm(config, load_weights=load_weights, dtype=torch_dtype, attn=attn, cache_dir=cache_dir)
+    image_token_id = config.image_token_id
     if tokenizer is not None:
         from vlm.data.tokenizer import ensure_image_token
 
-        config.image_token_id = ensure_image_token(tokenizer)
+        image_token_id = ensure_image_token(tokenizer)
         if len(tokenizer) > llm.get_input_embeddings().num_embeddings:
             llm.resize_token_embeddings(len(tokenizer))
-    if config.image_token_id is None:
-        raise ValueError("image_token_id is not set: pass the tokenizer to build_model or set config.image_token_id")
+    if image_token_id is None:
+        raise ConfigError("image_token_id is not set: pass the tokenizer to build_model or set config.image_token_id")
     vocab = llm.get_input_embeddings().num_embeddings
-    if not 0 <= config.image_token_id < vocab:
-        raise ValueError(f"image_token_id={config.image_token_id} is outside the LLM's vocabulary of {vocab} embeddings")
+    if not 0 <= image_token_id < vocab:
+        raise ConfigError(f"image_token_id={image_token_id} is outside the LLM's vocabulary of {vocab} embeddings")
 
     tower = VisionTower.from_config(config.vision, attn_implementation=attn, dtype=torch_dtype,
                                     load_weights=load_weights, cache_dir=cache_dir)
-    config.projector.input_dim = tower.hidden_size
-    config.projector.output_dim = llm.config.hidden_size
+    config = config.replace(  # validated again, the projector's dimensions included
+        image_token_id=image_token_id,
+        num_image_tokens=tower.num_image_tokens,
+        projector=dataclasses.replace(config.projector, input_dim=tower.hidden_size, output_dim=llm.config.hidden_size),
+        vision=dataclasses.replace(config.vision, hf_config=tower.model.config.to_dict()),
+        llm=dataclasses.replace(config.llm, hf_config=llm.config.to_dict()),
+    )
     projector = build_projector(config.projector)
     if torch_dtype is not None:
         projector = projector.to(torch_dtype)
-    config.num_image_tokens = tower.num_image_tokens
-    config.vision.hf_config = tower.model.config.to_dict()
-    config.llm.hf_config = llm.config.to_dict()
-    llm.attach_vision(tower, projector, config)
+    llm.attach_vision(tower, projector, config, save_folder=save_model)
     return llm
 
-
-def from_pretrained(folder: str | os.PathLike, *, dtype: str | torch.dtype | None = None,
-                    device: str | torch.device | None = None, attn_implementation: str | None = None):
-    """Load a vlm model folder (`config.json` + safetensors) written by `save_pretrained`; strict on keys."""
-    if not os.path.isdir(folder):
-        raise FileNotFoundError(f"model folder {str(folder)!r} does not exist")
-    config = VLMConfig.load(folder)
-    saved_dtype = config.dtype
-    try:
-        with no_init_weights():
-            model = build_model(config, load_weights=False, dtype=saved_dtype, attn_implementation=attn_implementation)
-    except ValueError as exc:  # the folder's config describes a model that cannot be built: name the file
-        raise ValueError(f"{os.path.join(folder, 'config.json')}: {exc}") from None
-    model.tie_weights()  # no_init_weights also skips tying; tied keys are saved once
-    load_state_dict_strict(model, load_state_dict(folder), source=f"weights in {str(folder)!r}")
-    if dtype is not None:
-        model = model.to(resolve_dtype(dtype))
-        config.dtype = dtype_name(dtype)
-    if device is not None:
-        model = model.to(device)
-    model.eval()
-    return model

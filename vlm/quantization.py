@@ -28,6 +28,8 @@ import os
 import torch
 from torch import nn
 
+from vlm.errors import ConfigError
+
 QUANT_TYPES = ("nf4", "fp4")
 QUANTIZATION_RECORD = "quantization_config.json"
 INSTALL_HINT = "pip install 'vlm-kit[qlora]'"
@@ -46,9 +48,9 @@ def bnb_config(bits: int, *, quant_type: str = "nf4", double_quant: bool = True,
     from transformers import BitsAndBytesConfig
 
     if bits not in (4, 8):
-        raise ValueError(f"bits={bits}: expected 4 or 8")
+        raise ConfigError(f"bits={bits}: expected 4 or 8")
     if quant_type not in QUANT_TYPES:
-        raise ValueError(f"quant_type={quant_type!r}: expected one of {QUANT_TYPES}")
+        raise ConfigError(f"quant_type={quant_type!r}: expected one of {QUANT_TYPES}")
     if bits == 8:
         return BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=6.0, llm_int8_has_fp16_weight=False)
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant_type,
@@ -78,7 +80,7 @@ def quantize_llm(model: nn.Module, config, *, device: str | torch.device = "cpu"
     if getattr(model, "vlm_config", None) is None:
         raise TypeError(f"quantize_llm expects a VLM built by vlm.build_model, got {type(model).__name__}")
     if getattr(model, "hf_quantizer", None) is not None:
-        raise ValueError("the model's LLM is already quantised")
+        raise ConfigError("the model's LLM is already quantised")
     llm_state = {k: v for k, v in model.state_dict().items() if not k.startswith(_NOT_LLM)}  # (full precision)
     hf_config = model.config.__class__.from_dict(model.config.to_dict())
     quantized = type(model).from_pretrained(
@@ -89,7 +91,8 @@ def quantize_llm(model: nn.Module, config, *, device: str | torch.device = "cpu"
 
         # Gradient checkpointing is the Trainer's to switch on (--gradient_checkpointing).
         quantized = prepare_model_for_kbit_training(quantized, use_gradient_checkpointing=False)
-    quantized.attach_vision(model.vision_tower.to(device), model.mm_projector.to(device), model.vlm_config)
+    quantized.attach_vision(model.vision_tower.to(device), model.mm_projector.to(device), model.vlm_config,
+                            save_folder=model._save_folder)
     quantized.generation_config = model.generation_config
     return quantized
 

@@ -11,23 +11,24 @@ from __future__ import annotations
 
 import os
 
+from vlm.errors import ConfigError
+
 FORMATS = ("llava-hf",)
 
 
 def export(model_path: str | os.PathLike, output: str | os.PathLike, *, format: str = "llava-hf",
            model_base: str | None = None, conv_mode: str | None = None, trust_remote_code: bool = False,
            force_base: bool = False) -> None:
-    """Write the model at `model_path` to `output` in `format`; ValueError for what the format cannot express.
+    """Write the model at `model_path` to `output` in `format`; ConfigError for what the format cannot express.
     `trust_remote_code` and `force_base` are `vlm.folders.load.load_pretrained_model`'s."""
-    from vlm.folders.load import load_pretrained_model, resolve_model_path
     from vlm.folders.llava_hf import export_llava_hf
-    from vlm.folders.kinds import default_template
+    from vlm.folders.kinds import default_template, resolve_model_path
+    from vlm.folders.load import load_pretrained_model
 
     if format not in FORMATS:
-        raise ValueError(f"unknown export format {format!r}; supported: {FORMATS}")
+        raise ConfigError(f"unknown export format {format!r}; supported: {FORMATS}")
     folder = resolve_model_path(model_path)
     tokenizer, model, image_processor, _ = load_pretrained_model(folder, model_base, trust_remote_code=trust_remote_code,
                                                                  force_base=force_base)
     template = conv_mode or default_template(folder, tokenizer)
     export_llava_hf(model, output, tokenizer=tokenizer, image_processor=image_processor, template=template)
-

@@ -13,6 +13,8 @@ import re
 
 import torch
 
+from vlm.errors import FolderError
+
 Rules = list[tuple[str, str]]
 
 # transformers' LlavaForConditionalGeneration, in-memory layout (what `state_dict()` returns in 5.x).
@@ -65,7 +67,7 @@ def drop_keys(state_dict: dict[str, torch.Tensor], patterns: list[str]) -> dict[
 
 
 def rename_keys(state_dict: dict[str, torch.Tensor], rules: Rules, *, what: str = "checkpoint") -> dict[str, torch.Tensor]:
-    """Apply the first matching rule to every key; raise ValueError listing keys no rule matches."""
+    """Apply the first matching rule to every key; raise FolderError listing keys no rule matches."""
     out: dict[str, torch.Tensor] = {}
     unmatched: list[str] = []
     compiled = [(re.compile(p), r) for p, r in rules]
@@ -77,5 +79,5 @@ def rename_keys(state_dict: dict[str, torch.Tensor], rules: Rules, *, what: str 
         else:
             unmatched.append(key)
     if unmatched:
-        raise ValueError(f"{len(unmatched)} key(s) of the {what} have no mapping: {unmatched[:20]}")
+        raise FolderError(f"{len(unmatched)} key(s) of the {what} have no mapping: {unmatched[:20]}")
     return out

@@ -27,14 +27,11 @@ from typing import Any
 
 import torch
 
+from vlm.errors import ConfigError
 from vlm.folders.keymap import LLAVA_HF_TO_VLM, VLM_TO_LLAVA_HF, rename_keys
 
 IMAGE_TOKEN = "<image>"
 _HF_PROCESSOR_BY_ASPECT = {"pad": "LlavaImageProcessor", "crop": "CLIPImageProcessor", "resize": "SiglipImageProcessor"}
-
-
-def is_llava_hf_config(data: dict[str, Any]) -> bool:
-    return data.get("model_type") == "llava" and "vision_config" in data and "text_config" in data
 
 
 def _has_cls(vision_model_type: str) -> bool:
@@ -44,7 +41,7 @@ def _has_cls(vision_model_type: str) -> bool:
 
 
 def vlm_config_from_llava_hf(folder: str | os.PathLike):
-    """The VLMConfig equivalent to a llava-hf folder's `config.json`; ValueError for what vlm cannot express."""
+    """The VLMConfig equivalent to a llava-hf folder's `config.json`; ConfigError for what vlm cannot express."""
     from transformers import LlavaConfig
 
     from vlm.config import LLMConfig, ProjectorConfig, VisionConfig, VLMConfig
@@ -53,9 +50,9 @@ def vlm_config_from_llava_hf(folder: str | os.PathLike):
     where = f"{os.path.join(folder, 'config.json')}"
     layer = hf.vision_feature_layer
     if not isinstance(layer, int):
-        raise ValueError(f"{where}: vision_feature_layer={layer!r} (several layers concatenated) is not supported by vlm")
+        raise ConfigError(f"{where}: vision_feature_layer={layer!r} (several layers concatenated) is not supported by vlm")
     if hf.projector_hidden_act != "gelu" or not getattr(hf, "multimodal_projector_bias", True):
-        raise ValueError(
+        raise ConfigError(
             f"{where}: projector_hidden_act={hf.projector_hidden_act!r}, multimodal_projector_bias="
             f"{getattr(hf, 'multimodal_projector_bias', True)}; vlm's mlp2x_gelu needs 'gelu' with biases"
         )
@@ -64,7 +61,7 @@ def vlm_config_from_llava_hf(folder: str | os.PathLike):
     has_cls = _has_cls(vision["model_type"])
     if strategy == "default":
         if not has_cls:
-            raise ValueError(
+            raise ConfigError(
                 f"{where}: vision_feature_select_strategy='default' on a {vision['model_type']} tower (no CLS token) "
                 "drops a real image patch; vlm does not support that (transformers itself fails on it)"
             )
@@ -72,7 +69,7 @@ def vlm_config_from_llava_hf(folder: str | os.PathLike):
     elif strategy == "full":
         select_feature = "cls_patch" if has_cls else "patch"
     else:
-        raise ValueError(f"{where}: unknown vision_feature_select_strategy={strategy!r}")
+        raise ConfigError(f"{where}: unknown vision_feature_select_strategy={strategy!r}")
     return VLMConfig(
         vision=VisionConfig(hf_config=vision, select_layer=layer, select_feature=select_feature),
         projector=ProjectorConfig(type="mlp2x_gelu"),
@@ -88,27 +85,15 @@ def _dtype_of(hf_config) -> str:
     return name if name in ("float32", "bfloat16", "float16") else "float32"
 
 
-def build_with_state(config, state: dict[str, torch.Tensor], *, source: str, dtype=None):
-    """A VLM with the architecture of `config` and exactly the tensors of `state` (strict), in eval mode."""
-    from transformers.initialization import no_init_weights
-
-    from vlm.folders.weights import load_state_dict_strict
-    from vlm.model import build_model
-
-    with no_init_weights():
-        model = build_model(config, load_weights=False, dtype=dtype)
-    model.tie_weights()
-    load_state_dict_strict(model, state, source=source)
-    return model.eval()
-
-
-def load_llava_hf(folder: str | os.PathLike, *, dtype=None):
-    """A llava-hf folder as a vlm model (weights renamed, strict)."""
-    from vlm.folders.weights import load_state_dict
+def load_llava_hf(folder: str | os.PathLike, *, dtype=None, attn_implementation: str | None = None):
+    """A llava-hf folder as a vlm model (weights renamed, strict: `vlm.folders.build.build_and_load`)."""
+    from vlm.folders.build import build_and_load
+    from vlm.folders.weights import load_state_dict, weights_file
 
     config = vlm_config_from_llava_hf(folder)
     state = rename_keys(load_state_dict(folder), LLAVA_HF_TO_VLM, what=f"llava-hf checkpoint {str(folder)!r}")
-    return build_with_state(config, state, source=f"llava-hf weights in {str(folder)!r}", dtype=dtype or config.dtype)
+    return build_and_load(config, state, source=weights_file(folder), dtype=dtype or config.dtype,
+                          attn_implementation=attn_implementation, config_source=os.path.join(folder, "config.json"))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -116,10 +101,10 @@ def load_llava_hf(folder: str | os.PathLike, *, dtype=None):
 
 
 def llava_hf_strategy(config) -> str:
-    """The llava-hf `vision_feature_select_strategy` equal to our selection; ValueError when there is none."""
+    """The llava-hf `vision_feature_select_strategy` equal to our selection; ConfigError when there is none."""
     has_cls = _has_cls(config.vision.hf_config["model_type"])
     if config.projector.type != "mlp2x_gelu":
-        raise ValueError(
+        raise ConfigError(
             f"cannot export to llava-hf: projector.type={config.projector.type!r}; LlavaForConditionalGeneration "
             "only has the mlp2x_gelu projector (linear_1, GELU, linear_2)"
         )
@@ -137,7 +122,7 @@ def llava_hf_feature_layer(config) -> int:
     num_layers = config.vision.hf_config["num_hidden_layers"]
     layer = config.vision.select_layer
     if not -(num_layers + 1) <= layer <= num_layers:
-        raise ValueError(f"cannot export: vision.select_layer={layer} is out of range for a tower with {num_layers} layers")
+        raise ConfigError(f"cannot export: vision.select_layer={layer} is out of range for a tower with {num_layers} layers")
     return layer if layer < 0 else layer - (num_layers + 1)
 
 
@@ -224,7 +209,7 @@ def _hf_image_processor_dict(image_processor) -> dict[str, Any]:
 def export_llava_hf(model, folder: str | os.PathLike, *, tokenizer, image_processor, template: str) -> None:
     """Write `model` as a llava-hf folder (weights, config, generation config, LlavaProcessor files).
 
-    Raises ValueError for what the format cannot express (see `llava_hf_strategy`) and when the tokenizer's
+    Raises ConfigError for what the format cannot express (see `llava_hf_strategy`) and when the tokenizer's
     `<image>` id differs from the model's.
     """
     from transformers import AutoImageProcessor, GenerationConfig, LlavaForConditionalGeneration, LlavaProcessor
@@ -235,7 +220,7 @@ def export_llava_hf(model, folder: str | os.PathLike, *, tokenizer, image_proces
     config = model.vlm_config
     hf_config = llava_hf_config(config)
     if get_image_token_id(tokenizer) != config.image_token_id:
-        raise ValueError(
+        raise ConfigError(
             f"cannot export: the tokenizer's {IMAGE_TOKEN} id is {get_image_token_id(tokenizer)} but the model's "
             f"image_token_id is {config.image_token_id}; export with the tokenizer the model was trained with"
         )

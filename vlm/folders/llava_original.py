@@ -20,12 +20,14 @@ Design choices:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from typing import Any
 
 import torch
 
+from vlm.errors import ConfigError, FolderError, MissingPathError
 from vlm.folders.keymap import LLAVA_ORIGINAL_IGNORED, LLAVA_ORIGINAL_TO_VLM, drop_keys, rename_keys
 
 # LLaVA's model_type -> the decoder's transformers model_type.
@@ -42,15 +44,11 @@ _LLAVA_KEYS = ("mm_", "image_aspect_ratio", "image_grid_pinpoints", "tune_mm", "
 _TORCH_INDEX = "pytorch_model.bin.index.json"
 
 
-def is_llava_original_config(data: dict[str, Any]) -> bool:
-    return "mm_vision_tower" in data or "mm_vision_tower" in data.get("text_config", {})
-
-
 def _refuse_unsupported(data: dict[str, Any], where: str) -> None:
     if data.get("mm_use_im_start_end"):
-        raise ValueError(f"{where}: mm_use_im_start_end=true (image start/end tokens) is not supported by vlm")
+        raise ConfigError(f"{where}: mm_use_im_start_end=true (image start/end tokens) is not supported by vlm")
     if data.get("image_aspect_ratio") == "anyres" or str(data.get("mm_patch_merge_type", "flat")) != "flat":
-        raise ValueError(
+        raise ConfigError(
             f"{where}: LLaVA-NeXT options (image_aspect_ratio={data.get('image_aspect_ratio')!r}, mm_patch_merge_type="
             f"{data.get('mm_patch_merge_type')!r}) are not supported; vlm loads LLaVA-1.5 models (flat, pad/square)"
         )
@@ -90,7 +88,7 @@ def read_checkpoint(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
     for name in files:
         path = shard_path(folder, name, os.path.join(folder, _TORCH_INDEX))
         if not os.path.isfile(path):
-            raise FileNotFoundError(
+            raise MissingPathError(
                 f"no weights in LLaVA folder {folder!r}: expected model.safetensors(.index.json) or "
                 f"pytorch_model.bin(.index.json); {name} is missing"
             )
@@ -99,7 +97,7 @@ def read_checkpoint(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 
 def load_llava_original(folder: str | os.PathLike, tokenizer, *, dtype=None, vision_tower: str | None = None,
-                        cache_dir: str | None = None):
+                        cache_dir: str | None = None, attn_implementation: str | None = None):
     """An original LLaVA-1.5 folder as a vlm model; `<image>` is added to `tokenizer` (see module docstring).
 
     Args:
@@ -108,39 +106,42 @@ def load_llava_original(folder: str | os.PathLike, tokenizer, *, dtype=None, vis
         vision_tower: load the tower from here instead of `mm_vision_tower` (e.g. a local copy).
         cache_dir: the Hugging Face hub cache a hub-id tower is read from (None: the default cache).
     """
-    from transformers.initialization import no_init_weights
-
-    from vlm.folders.weights import load_state_dict_strict
+    from vlm.config import read_json_object
     from vlm.data.tokenizer import ensure_image_token
-    from vlm.model import build_model
+    from vlm.folders.build import build_and_load
+    from vlm.folders.weights import WEIGHTS_INDEX_NAME, WEIGHTS_NAME
 
     where = os.path.join(str(folder), "config.json")
-    with open(where, encoding="utf-8") as f:
-        data = json.load(f)
+    data = read_json_object(where)
     config = vlm_config_from_llava_original(data, where, vision_tower=vision_tower)
-    config.image_token_id = ensure_image_token(tokenizer)
-    config.llm.hf_config["vocab_size"] = max(config.llm.hf_config["vocab_size"], len(tokenizer))
+    image_token_id = ensure_image_token(tokenizer)
+    llm = {**config.llm.hf_config, "vocab_size": max(config.llm.hf_config["vocab_size"], len(tokenizer))}
+    config = config.replace(image_token_id=image_token_id, llm=dataclasses.replace(config.llm, hf_config=llm))
     state = drop_keys(read_checkpoint(folder), LLAVA_ORIGINAL_IGNORED)
     state = rename_keys(state, LLAVA_ORIGINAL_TO_VLM, what=f"LLaVA checkpoint {str(folder)!r}")
-    with no_init_weights():  # the tower loads its pretrained weights; the LLM and projector come from `state`
-        model = build_model(config, dtype=dtype or _dtype(data), cache_dir=cache_dir)
-    model.tie_weights()
-    expected = model.state_dict()
-    tower_keys = {k for k in expected if k.startswith("vision_tower.")}
-    saved_tower = {k for k in state if k.startswith("vision_tower.")}
-    if saved_tower and saved_tower != tower_keys:
-        raise ValueError(
-            f"LLaVA checkpoint {str(folder)!r} holds {len(saved_tower)} of the vision tower's {len(tower_keys)} "
-            f"tensors; expected all or none (missing e.g. {sorted(tower_keys - saved_tower)[:3]})"
-        )
-    if not saved_tower:
-        state.update({k: expected[k] for k in tower_keys})
-    for key in ("model.embed_tokens.weight", "lm_head.weight"):  # rows appended for <image>: the mean row
-        if key in state and key in expected and state[key].shape[0] < expected[key].shape[0]:
-            old = state[key]
-            state[key] = torch.cat([old, old.mean(0, keepdim=True).expand(expected[key].shape[0] - old.shape[0], -1)])
-    load_state_dict_strict(model, state, source=f"LLaVA weights in {str(folder)!r}")
-    return model.eval()
+
+    def adapt(state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        tower_keys = {k for k in expected if k.startswith("vision_tower.")}
+        saved_tower = {k for k in state if k.startswith("vision_tower.")}
+        if saved_tower and saved_tower != tower_keys:
+            raise FolderError(
+                f"LLaVA checkpoint {str(folder)!r} holds {len(saved_tower)} of the vision tower's {len(tower_keys)} "
+                f"tensors; expected all or none (missing e.g. {sorted(tower_keys - saved_tower)[:3]})"
+            )
+        if not saved_tower:  # the pretrained tower of mm_vision_tower, as LLaVA loads it
+            state.update({k: expected[k] for k in tower_keys})
+        for key in ("model.embed_tokens.weight", "lm_head.weight"):  # rows appended for <image>: the mean row
+            if key in state and key in expected and state[key].shape[0] < expected[key].shape[0]:
+                old = state[key]
+                state[key] = torch.cat([old, old.mean(0, keepdim=True).expand(expected[key].shape[0] - old.shape[0], -1)])
+        return state
+
+    names = [n for n in (WEIGHTS_NAME, WEIGHTS_INDEX_NAME, _TORCH_INDEX) if os.path.isfile(os.path.join(str(folder), n))]
+    source = os.path.join(str(folder), names[0] if names else "pytorch_model.bin")
+    # the tower loads its pretrained weights; the LLM and projector come from `state`
+    return build_and_load(config, state, source=source, config_source=where, dtype=dtype or _dtype(data),
+                          attn_implementation=attn_implementation, pretrained_tower=True, cache_dir=cache_dir,
+                          adapt_state=adapt)
 
 
 def _dtype(data: dict[str, Any]) -> str:

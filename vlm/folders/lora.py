@@ -27,7 +27,7 @@ LoRA run folder layout (written by `save_lora_run`):
     tokenizer files, preprocessor_config.json
 
 `load_lora_run(run, model_base)` rebuilds the architecture from `config.json`, loads the base weights
-(by default the adapter's recorded base; any folder or Hub id `vlm.folders.load.model_kind` knows, or an LLM), overlays the non-LoRA
+(by default the adapter's recorded base; any folder or Hub id `vlm.folders.kinds.model_kind` knows, or an LLM), overlays the non-LoRA
 trainables, checks that the base matches the run (dimensions, vocabulary, and the weights themselves through
 `base_fingerprint.json`: a same-shaped but different base would merge silently into a wrong model) and attaches
 the adapter.
@@ -36,7 +36,6 @@ the adapter.
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import os
@@ -49,10 +48,11 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from vlm.errors import ConfigError, FolderError, MissingPathError
+from vlm.folders.kinds import ADAPTER_CONFIG_NAME, is_lora_run  # noqa: F401 (is_lora_run: the LoRA run format's)
 from vlm.folders.weights import read_safetensors
 
 NON_LORA_NAME = "non_lora_trainables.safetensors"
-ADAPTER_CONFIG_NAME = "adapter_config.json"
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
 BASE_FINGERPRINT_NAME = "base_fingerprint.json"
 _FINGERPRINT_TENSORS = 3
@@ -109,7 +109,7 @@ def translate_qwen1_targets(target_modules: str | Sequence[str], layer_kinds: se
 
 
 def resolve_target_modules(model: nn.Module, target_modules: str | Sequence[str] | None = None) -> list[str]:
-    """The LLM linear module names selected by `target_modules` (see the module docstring); ValueError if none.
+    """The LLM linear module names selected by `target_modules` (see the module docstring); ConfigError if none.
 
     Qwen-1 names (Basic-VLM's `"c_attn|w1|w2"`) on an LLM without them select the equivalent layers, with a
     printed note (see `translate_qwen1_targets`).
@@ -127,14 +127,14 @@ def resolve_target_modules(model: nn.Module, target_modules: str | Sequence[str]
         try:
             pattern = re.compile(rf"(?:^|\.)(?:{target_modules})$")
         except re.error as exc:
-            raise ValueError(f"target_modules={target_modules!r} is not a valid regular expression: {exc}") from None
+            raise ConfigError(f"target_modules={target_modules!r} is not a valid regular expression: {exc}") from None
         chosen = [name for name in candidates if pattern.search(name)]
     else:
         suffixes = [target_modules] if isinstance(target_modules, str) else list(target_modules)
         chosen = [name for name in candidates if any(name == s or name.endswith("." + s) for s in suffixes)]
     if not chosen:
         kinds = sorted({name.rsplit(".", 1)[-1] for name in candidates})
-        raise ValueError(
+        raise ConfigError(
             f"target_modules={target_modules!r} matches none of the LLM's linear layers; their names end in "
             f"{kinds} (e.g. {candidates[0] if candidates else 'none'}); use e.g. 'q_proj|v_proj' or omit it "
             "to adapt every linear layer"
@@ -190,9 +190,9 @@ def apply_lora(model: nn.Module, *, r: int, alpha: int, dropout: float = 0.05,
     if getattr(model, "vlm_config", None) is None:
         raise TypeError(f"apply_lora expects a VLM built by vlm.build_model, got {type(model).__name__}")
     if r < 1:
-        raise ValueError(f"lora r={r} must be a positive rank")
+        raise ConfigError(f"lora r={r} must be a positive rank")
     if bias not in LORA_BIAS:
-        raise ValueError(f"lora bias={bias!r}; expected one of {LORA_BIAS} (PEFT's LoraConfig.bias)")
+        raise ConfigError(f"lora bias={bias!r}; expected one of {LORA_BIAS} (PEFT's LoraConfig.bias)")
     chosen = resolve_target_modules(model, target_modules)
     trainable_before = {name: p.requires_grad for name, p in model.named_parameters() if name.startswith(_NOT_LLM)}
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, bias=bias, task_type="CAUSAL_LM",
@@ -211,21 +211,18 @@ def load_adapter_weights(peft_model, folder: str | os.PathLike) -> None:
     """Initialise the adapter of `peft_model` from a PEFT adapter folder (`--lora_weight_path`).
 
     Strict: the folder's adapter must hold exactly the adapter tensors of `peft_model` (same targets, rank
-    and bias mode), with the same shapes; otherwise ValueError lists what differs. Only the adapter is read:
+    and bias mode), with the same shapes; otherwise FolderError lists what differs. Only the adapter is read:
     the projector and other non-LoRA weights come from the start model.
     """
-    from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+    from peft.utils import set_peft_model_state_dict
 
     path = os.path.join(folder, ADAPTER_WEIGHTS_NAME)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"--lora_weight_path {str(folder)!r} has no {ADAPTER_WEIGHTS_NAME}; it must be a PEFT "
-                                "adapter folder (a vlm LoRA run or PeftModel.save_pretrained output)")
-    from vlm.folders.weights import check_state_fits
-
+        raise MissingPathError(f"--lora_weight_path {str(folder)!r} has no {ADAPTER_WEIGHTS_NAME}; it must be a PEFT "
+                               "adapter folder (a vlm LoRA run or PeftModel.save_pretrained output)")
     saved = read_safetensors(path)
-    check_state_fits(saved, get_peft_model_state_dict(peft_model, save_embedding_layers=False),
-                     source=f"the adapter in --lora_weight_path {str(folder)!r}",
-                     hint="; use the same --lora_r, --target_modules and --lora_bias as the run that saved it")
+    check_adapter_fits(peft_model, saved, f"the adapter in --lora_weight_path {path!r}",
+                       hint="; use the same --lora_r, --target_modules and --lora_bias as the run that saved it")
     set_peft_model_state_dict(peft_model, saved)
 
 
@@ -258,62 +255,66 @@ def _base_vocab_size(name_or_path: str | None, cache_dir: str | None = None) -> 
         return None
 
 
-def non_lora_state(model, *, cache_dir: str | None = None) -> dict[str, torch.Tensor]:
+def non_lora_state(model, *, cache_dir: str | None = None,
+                   state_dict: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """The tensors `non_lora_trainables.safetensors` holds (see the module docstring), vlm key layout
-    (`cache_dir`: the Hugging Face hub cache the base LLM's config is read from)."""
+    (`cache_dir`: the Hugging Face hub cache the base LLM's config is read from). `state_dict`: the PeftModel's
+    state dict (keys `base_model.model.*`) to take the values from, e.g. the consolidated one `transformers.Trainer`
+    hands over under DeepSpeed ZeRO-3, where the live parameters are empty shards; default the live parameters."""
     vlm_model = model.get_base_model()
-    state: dict[str, torch.Tensor] = {}
+    state: dict[str, tuple[str, torch.Tensor]] = {}  # vlm key -> (parameter name, live tensor)
     for name, p in vlm_model.named_parameters():
         if "lora_" in name:
             continue
         if name.startswith(_NOT_LLM) or p.requires_grad:
-            state[_plain_name(name)] = p
+            state[_plain_name(name)] = (name, p)
     embeddings = vlm_model.get_input_embeddings().weight
     base_vocab = _base_vocab_size(vlm_model.vlm_config.llm.name_or_path, cache_dir)
     if base_vocab != embeddings.shape[0]:
-        state["model.embed_tokens.weight"] = embeddings
+        state["model.embed_tokens.weight"] = ("model.embed_tokens.weight", embeddings)
         output = vlm_model.get_output_embeddings()
         if output is not None and output.weight is not embeddings:
-            state["lm_head.weight"] = output.weight
+            state["lm_head.weight"] = ("lm_head.weight", output.weight)
     # Tied tensors are stored once; loading ties them again.
     unique: dict[int, str] = {}
     out = {}
-    for key, tensor in state.items():
+    for key, (name, tensor) in state.items():
         if id(tensor) not in unique:
             unique[id(tensor)] = key
-            out[key] = tensor.detach().contiguous().cpu()
+            value = tensor if state_dict is None else state_dict[f"base_model.model.{name}"]
+            out[key] = value.detach().contiguous().cpu()
     return out
 
 
 def save_lora_run(model, folder: str | os.PathLike, *, tokenizer=None, image_processor=None,
-                  cache_dir: str | None = None) -> None:
+                  cache_dir: str | None = None, state_dict: dict[str, torch.Tensor] | None = None) -> None:
     """Write a LoRA run folder: PEFT adapter, non-LoRA trainables, config.json, tokenizer and processor files
-    (`cache_dir`: the Hugging Face hub cache the base LLM's config is read from)."""
+    (`cache_dir`: the Hugging Face hub cache the base LLM's config is read from). `state_dict`: the PeftModel's
+    state dict the adapter and non-LoRA tensors are taken from (see `non_lora_state`); default the live model."""
     from peft import PeftModel
 
     if not isinstance(model, PeftModel):
         raise TypeError(f"save_lora_run expects the PeftModel returned by apply_lora, got {type(model).__name__}")
+    from vlm.folders.weights import live_config
+
     vlm_model = model.get_base_model()
     config = vlm_model.vlm_config
     os.makedirs(folder, exist_ok=True)
     for adapter_config in model.peft_config.values():  # the base apply_lora recorded (a run reloaded keeps it)
         adapter_config.base_model_name_or_path = adapter_config.base_model_name_or_path or config.llm.name_or_path
     # Embeddings are handled by non_lora_trainables; "auto" would look the base up on the Hub.
-    model.save_pretrained(str(folder), save_embedding_layers=False)
-    non_lora = non_lora_state(model, cache_dir=cache_dir)
+    model.save_pretrained(str(folder), state_dict=state_dict, save_embedding_layers=False)
+    non_lora = non_lora_state(model, cache_dir=cache_dir, state_dict=state_dict)
     save_file(non_lora, os.path.join(folder, NON_LORA_NAME), metadata={"format": "pt"})
-    config = copy.deepcopy(config)
-    config.llm.hf_config = vlm_model.config.to_dict()
     # The run describes the full-precision architecture (merge-lora rebuilds it); a quantised LLM's recipe
     # is kept beside it, so loading the run quantised again gives the model it was trained as.
-    quantization = config.llm.hf_config.pop("quantization_config", None)
+    llm_config = vlm_model.config.to_dict()
+    quantization = llm_config.pop("quantization_config", None)
     if quantization is not None:
         from vlm.quantization import save_quantization_record
 
         save_quantization_record(folder, quantization)
-    config.vision.hf_config = vlm_model.vision_tower.model.config.to_dict()
-    config.vision.frozen = vlm_model.vision_tower.frozen
-    config.save(folder)
+    live_config(vlm_model, llm_config=llm_config).save(folder)
     fingerprint = base_fingerprint(model, saved=set(non_lora))
     if fingerprint is not None:
         fingerprint["base"] = next(iter(model.peft_config.values())).base_model_name_or_path
@@ -374,7 +375,7 @@ def _same_tensor(record: dict[str, Any], tensor: torch.Tensor) -> bool:
 
 
 def check_base_fingerprint(run: str, state: dict[str, torch.Tensor], base: str, *, force: bool = False) -> None:
-    """ValueError naming the run's recorded base and `base` when `state` (the base's weights, vlm key layout)
+    """FolderError naming the run's recorded base and `base` when `state` (the base's weights, vlm key layout)
     is not the base the run was trained on (`base_fingerprint.json`); a printed note instead when `force`.
     Runs saved before fingerprints existed are not checked."""
     path = os.path.join(run, BASE_FINGERPRINT_NAME)
@@ -392,27 +393,23 @@ def check_base_fingerprint(run: str, state: dict[str, torch.Tensor], base: str, 
     if force:
         print(f"note: {message}; merging anyway (--force-base)", file=sys.stderr, flush=True)
         return
-    raise ValueError(f"{message}; pass the base it was trained on with --model-base, or --force-base to use this one")
+    raise FolderError(f"{message}; pass the base it was trained on with --model-base, or --force-base to use this one")
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Loading and merging
 
 
-def is_lora_run(folder: str | os.PathLike) -> bool:
-    return os.path.isfile(os.path.join(folder, ADAPTER_CONFIG_NAME))
-
-
 def _check_base_matches(run_llm: dict[str, Any], base_llm: dict[str, Any], run: str, base: str) -> None:
     for key in BASE_FIELDS:
         if key in run_llm and key in base_llm and run_llm[key] != base_llm[key]:
-            raise ValueError(
+            raise FolderError(
                 f"the LoRA run {run!r} does not fit the model base {base!r}: the run's LLM has {key}="
                 f"{run_llm[key]!r}, the base's has {key}={base_llm[key]!r}; pass the base the run was trained "
                 "from with --model-base"
             )
     if base_llm.get("vocab_size", 0) > run_llm.get("vocab_size", 0):
-        raise ValueError(
+        raise FolderError(
             f"the LoRA run {run!r} does not fit the model base {base!r}: the base has a vocabulary of "
             f"{base_llm['vocab_size']} tokens, more than the run's {run_llm['vocab_size']}; pass the base the run "
             "was trained from with --model-base"
@@ -420,45 +417,56 @@ def _check_base_matches(run_llm: dict[str, Any], base_llm: dict[str, Any], run: 
 
 
 def _base_state(config, model_base: str | None, run: str, dtype: torch.dtype | None,
-                cache_dir: str | None = None, trust_remote_code: bool = False) -> tuple[dict, str]:
-    """Weights of the base (vlm key layout) and the name it was loaded from (a Hub id read through `cache_dir`)."""
-    from vlm.folders.load import load_pretrained_model, model_kind
-    from vlm.folders.weights import load_state_dict
-    from vlm.config import VLMConfig
+                cache_dir: str | None = None, trust_remote_code: bool = False) -> tuple[dict, str, str]:
+    """Weights of the base (vlm key layout), the name it was loaded from (a Hub id read through `cache_dir`), and
+    the file(s) they came from (named in errors). A LLaVA-1.5, llava-hf folder or LoRA run is converted (merged)
+    to a vlm model first, through the loaders of its kind."""
+    from vlm.folders.kinds import check_folder_files, load_tokenizer, model_kind
+    from vlm.folders.weights import check_weight_index, load_state_dict, weights_file
+    from vlm.hub import check_remote_code
 
     base = model_base or recorded_base(run) or config.llm.name_or_path
     if not base:
-        raise ValueError(
+        raise ConfigError(
             f"the LoRA run {run!r} records no base LLM (llm.name_or_path is empty); pass --model-base "
             "(a vlm model folder, an LLM folder or a hub id)"
         )
-    from vlm.folders.weights import check_weight_index
-    from vlm.hub import check_remote_code
-
     kind, where = model_kind(base, cache_dir=cache_dir)
     if os.path.isdir(where):
         check_remote_code(where, trust_remote_code)
         check_weight_index(where)
     if kind == "vlm":
-        base_config = VLMConfig.load(where)
-        _check_base_matches(config.llm.hf_config, base_config.llm.hf_config, run, base)
-        return load_state_dict(where), base
-    if kind in ("llava", "llava-hf", "lora"):  # converted (or merged) to a vlm model first, as for inference
-        _, base_model, _, _ = load_pretrained_model(where, dtype=dtype, cache_dir=cache_dir,
-                                                    trust_remote_code=trust_remote_code)
+        from vlm.folders.build import read_folder_config
+
+        _check_base_matches(config.llm.hf_config, read_folder_config(where).llm.hf_config, run, base)
+        return load_state_dict(where), base, weights_file(where)
+    if kind in ("llava", "llava-hf", "lora"):
+        check_folder_files(where, kind)
+        if kind == "llava":
+            from vlm.folders.llava_original import load_llava_original
+
+            base_model = load_llava_original(where, load_tokenizer(where, trust_remote_code=trust_remote_code),
+                                             dtype=dtype, cache_dir=cache_dir)
+        elif kind == "llava-hf":
+            from vlm.folders.llava_hf import load_llava_hf
+
+            base_model = load_llava_hf(where, dtype=dtype)
+        else:
+            base_model = merge_lora(load_lora_run(where, dtype=dtype, cache_dir=cache_dir,
+                                                  trust_remote_code=trust_remote_code))
         _check_base_matches(config.llm.hf_config, base_model.vlm_config.llm.hf_config, run, base)
-        return base_model.state_dict(), base
+        return base_model.state_dict(), base, f"the {kind} base {where!r}"
     from transformers import AutoConfig, AutoModelForCausalLM
 
     try:
         base_hf = AutoConfig.from_pretrained(base, cache_dir=cache_dir,
                                              trust_remote_code=trust_remote_code).get_text_config()
     except OSError as exc:
-        raise FileNotFoundError(f"cannot read the model base {base!r} of LoRA run {run!r}: {exc}") from None
+        raise MissingPathError(f"cannot read the model base {base!r} of LoRA run {run!r}: {exc}") from None
     _check_base_matches(config.llm.hf_config, base_hf.to_dict(), run, base)
     llm = AutoModelForCausalLM.from_pretrained(base, dtype=dtype, cache_dir=cache_dir,
                                                trust_remote_code=trust_remote_code)
-    return llm.state_dict(), base
+    return llm.state_dict(), base, f"the LLM base {base!r}"
 
 
 def recorded_base(run: str | os.PathLike) -> str | None:
@@ -470,10 +478,27 @@ def recorded_base(run: str | os.PathLike) -> str | None:
         return json.load(f).get("base_model_name_or_path") or None
 
 
+def _check_run_files(folder: str) -> None:
+    for name in (ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, NON_LORA_NAME, "config.json"):
+        if not os.path.isfile(os.path.join(folder, name)):
+            raise MissingPathError(f"LoRA run folder {folder!r} has no {name}; it must be written by "
+                                   "vlm.folders.lora.save_lora_run")
+
+
+def check_adapter_fits(peft_model, saved: dict[str, torch.Tensor], path: str, *, hint: str = "") -> None:
+    """FolderError naming `path` and the keys unless `saved` holds exactly the adapter tensors of `peft_model`
+    (same targets, rank and bias mode), every shape equal."""
+    from peft.utils import get_peft_model_state_dict
+
+    from vlm.folders.weights import check_state_fits
+
+    check_state_fits(saved, get_peft_model_state_dict(peft_model, save_embedding_layers=False), source=path, hint=hint)
+
+
 def load_lora_run(folder: str | os.PathLike, model_base: str | None = None, *,
                   dtype: str | torch.dtype | None = None, device: str | torch.device | None = None,
                   quantization=None, cache_dir: str | None = None, trust_remote_code: bool = False,
-                  force_base: bool = False):
+                  force_base: bool = False, attn_implementation: str | None = None):
     """Rebuild a LoRA run as a `PeftModel` (adapters unmerged), in eval mode.
 
     Args:
@@ -488,66 +513,58 @@ def load_lora_run(folder: str | os.PathLike, model_base: str | None = None, *,
         force_base: accept a base whose weights differ from the fingerprint the run recorded (a note is printed).
 
     Raises:
-        FileNotFoundError: run files missing, base unreadable.
-        ValueError: the base does not match the run (dimensions, vocabulary, fingerprint of its weights), or
-            weights do not fit.
+        MissingPathError: run files missing, base not there.
+        FolderError: the base does not match the run (dimensions, vocabulary, fingerprint of its weights), or
+            weights do not fit (the one strict path, `vlm.folders.build.build_and_load`).
     """
     from peft import PeftModel
-    from peft.utils import get_peft_model_state_dict
-    from transformers.initialization import no_init_weights
 
-    from vlm.folders.weights import load_state_dict_strict
-    from vlm.config import VLMConfig
-    from vlm.model import build_model, dtype_name, resolve_dtype
+    from vlm.folders.build import build_and_load, read_folder_config
+    from vlm.model import dtype_name, resolve_dtype
 
     folder = str(folder)
-    for name in (ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, NON_LORA_NAME, "config.json"):
-        if not os.path.isfile(os.path.join(folder, name)):
-            raise FileNotFoundError(f"LoRA run folder {folder!r} has no {name}; it must be written by vlm.folders.lora.save_lora_run")
-    config = VLMConfig.load(folder)
+    _check_run_files(folder)
+    config = read_folder_config(folder)
     if dtype is not None:
-        config.dtype = dtype_name(dtype)
-    torch_dtype = resolve_dtype(config.dtype)
-    state, base = _base_state(config, model_base, folder, torch_dtype, cache_dir, trust_remote_code)
+        config = config.replace(dtype=dtype_name(dtype))
+    state, base, base_source = _base_state(config, model_base, folder, resolve_dtype(config.dtype), cache_dir,
+                                           trust_remote_code)
     check_base_fingerprint(folder, state, base, force=force_base)
-    non_lora = read_safetensors(os.path.join(folder, NON_LORA_NAME))
+    non_lora_path = os.path.join(folder, NON_LORA_NAME)
+    non_lora = read_safetensors(non_lora_path)
 
-    with no_init_weights():
-        model = build_model(config, load_weights=False)
-    model.tie_weights()
-    expected = model.state_dict()
-    for key in ("model.embed_tokens.weight", "lm_head.weight"):
-        if key in state and key in expected and state[key].shape[0] < expected[key].shape[0]:
-            if key not in non_lora and not (key == "lm_head.weight" and model.config.tie_word_embeddings):
-                raise ValueError(
-                    f"the LoRA run {folder!r} has a vocabulary of {expected[key].shape[0]} but its base {base!r} "
-                    f"has {state[key].shape[0]}, and {NON_LORA_NAME} lacks {key}; the run is incomplete"
-                )
-            state.pop(key)
-    state.update(non_lora)
-    load_state_dict_strict(model, state, source=f"base {base!r} + {NON_LORA_NAME} of {folder!r}")
-    model.vlm_config.llm.name_or_path = config.llm.name_or_path
+    def adapt(state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        tied = config.llm.hf_config.get("tie_word_embeddings", False)
+        for key in ("model.embed_tokens.weight", "lm_head.weight"):  # the base's smaller vocabulary: the run's rows
+            if key in state and key in expected and state[key].shape[0] < expected[key].shape[0]:
+                if key not in non_lora and not (key == "lm_head.weight" and tied):
+                    raise FolderError(
+                        f"the LoRA run {folder!r} has a vocabulary of {expected[key].shape[0]} but its base {base!r} "
+                        f"has {state[key].shape[0]}, and {non_lora_path} lacks {key}; the run is incomplete"
+                    )
+                state.pop(key)
+        return {**state, **non_lora}
+
+    model = build_and_load(config, state, source=f"{base_source} + {non_lora_path}", adapt_state=adapt,
+                           attn_implementation=attn_implementation,
+                           config_source=os.path.join(folder, "config.json"))
     if quantization is not None:
         from vlm.quantization import quantize_llm
 
         model = quantize_llm(model, quantization, device=device or "cpu")
 
-    saved = read_safetensors(os.path.join(folder, ADAPTER_WEIGHTS_NAME))
+    adapter_path = os.path.join(folder, ADAPTER_WEIGHTS_NAME)
+    saved = read_safetensors(adapter_path)
     check_adapter_rank(folder, saved)  # else peft fails with a page of "size mismatch" lines
     peft_model = PeftModel.from_pretrained(model, folder)
-    loaded = get_peft_model_state_dict(peft_model, save_embedding_layers=False)
-    if saved.keys() != loaded.keys():
-        raise ValueError(
-            f"the adapter of {folder!r} does not fit the model: keys only in the file "
-            f"{sorted(saved.keys() - loaded.keys())[:10]}, only in the model {sorted(loaded.keys() - saved.keys())[:10]}"
-        )
+    check_adapter_fits(peft_model, saved, adapter_path)
     if device is not None and quantization is None:  # a quantised LLM is placed when it is loaded
         peft_model = peft_model.to(device)
     return peft_model.eval()
 
 
 def check_adapter_rank(folder: str | os.PathLike, saved: dict[str, torch.Tensor]) -> None:
-    """ValueError naming both files when `adapter_config.json`'s rank `r` (or its `rank_pattern`) disagrees with
+    """FolderError naming both files when `adapter_config.json`'s rank `r` (or its `rank_pattern`) disagrees with
     the rank of the `lora_A` matrices in the adapter weights (files of two different runs)."""
     from vlm.config import read_json_object
 
@@ -555,11 +572,11 @@ def check_adapter_rank(folder: str | os.PathLike, saved: dict[str, torch.Tensor]
     config = read_json_object(path)
     r, pattern = config.get("r"), config.get("rank_pattern") or {}
     if isinstance(r, bool) or not isinstance(r, int) or r < 1:
-        raise ValueError(f"{path}: r={r!r} must be a positive integer (the LoRA rank)")
+        raise FolderError(f"{path}: r={r!r} must be a positive integer (the LoRA rank)")
     allowed = {r, *(v for v in pattern.values() if isinstance(v, int))} if isinstance(pattern, dict) else {r}
     for key, tensor in saved.items():
         if key.endswith("lora_A.weight") and tensor.shape[0] not in allowed:
-            raise ValueError(
+            raise FolderError(
                 f"{path} says r={r} but {ADAPTER_WEIGHTS_NAME} holds rank-{tensor.shape[0]} adapters ({key}: "
                 f"{tuple(tensor.shape)}); the two files come from different runs: restore the run's "
                 f"{ADAPTER_CONFIG_NAME} (r={tensor.shape[0]})"
@@ -582,20 +599,15 @@ def merge_lora_run(folder: str | os.PathLike, output: str | os.PathLike, model_b
     The adapters are merged onto the full-precision base, also for runs trained on a quantised LLM (QLoRA):
     W + alpha/r * B @ A with W the base's own weights, not their 4-/8-bit approximation.
     """
+    from vlm.folders.kinds import TOKENIZER_FILES, load_tokenizer
     from vlm.folders.weights import save_model_folder
 
     merged = merge_lora(load_lora_run(folder, model_base, dtype=dtype, trust_remote_code=trust_remote_code,
                                       force_base=force_base))
-    tokenizer, processor = _run_tokenizer(folder, trust_remote_code), _run_processor(folder)
-    save_model_folder(output, merged, tokenizer=tokenizer, image_processor=processor)
+    has_tokenizer = any(os.path.isfile(os.path.join(folder, n)) for n in TOKENIZER_FILES)
+    tokenizer = load_tokenizer(str(folder), trust_remote_code=trust_remote_code) if has_tokenizer else None
+    save_model_folder(output, merged, tokenizer=tokenizer, image_processor=_run_processor(folder))
     return merged
-
-
-def _run_tokenizer(folder: str | os.PathLike, trust_remote_code: bool = False):
-    from vlm.hub import auto_tokenizer
-
-    has_files = any(os.path.isfile(os.path.join(folder, n)) for n in ("tokenizer.json", "tokenizer_config.json"))
-    return auto_tokenizer(folder, trust_remote_code=trust_remote_code) if has_files else None
 
 
 def _run_processor(folder: str | os.PathLike):
@@ -604,3 +616,34 @@ def _run_processor(folder: str | os.PathLike):
     path = os.path.join(folder, PREPROCESSOR_CONFIG_NAME)
     return ImageProcessor.from_pretrained(folder) if os.path.isfile(path) else None
 
+
+def load_lora_checkpoint(peft_model, folder: str | os.PathLike, *, cache_dir: str | None = None) -> None:
+    """Restore a LoRA run (a training checkpoint: resume) into the live PEFT model: adapter weights and the
+    non-LoRA trainables.
+
+    Strict both ways, through the LoRA run format's own checks: the adapter file must hold exactly the model's
+    adapter tensors, and `non_lora_trainables.safetensors` exactly what `save_lora_run` writes for this model (its
+    keys use the plain layout, `q_proj.bias` for PEFT's `q_proj.base_layer.bias`), every shape equal; otherwise a
+    FolderError names the file and the missing, unexpected or mis-shaped keys. `cache_dir`: the Hugging Face hub
+    cache the run was saved with (`--cache_dir`), so the expected tensors are the saved ones.
+    """
+    from peft.utils import set_peft_model_state_dict
+
+    from vlm.folders.weights import check_state_fits
+
+    folder = str(folder)
+    hint = "; resume with the flags the run was started with"
+    adapter_path, non_lora_path = os.path.join(folder, ADAPTER_WEIGHTS_NAME), os.path.join(folder, NON_LORA_NAME)
+    for path in (adapter_path, non_lora_path):
+        if not os.path.isfile(path):
+            raise MissingPathError(f"LoRA checkpoint {folder!r} has no {os.path.basename(path)}; resume from a "
+                                   "checkpoint of this LoRA run")
+    adapter = read_safetensors(adapter_path)
+    check_adapter_fits(peft_model, adapter, adapter_path, hint=hint)
+    state = read_safetensors(non_lora_path)
+    check_state_fits(state, non_lora_state(peft_model, cache_dir=cache_dir), source=non_lora_path, hint=hint)
+    set_peft_model_state_dict(peft_model, adapter)
+    params = {_plain_name(name): p for name, p in peft_model.get_base_model().named_parameters()}
+    with torch.no_grad():
+        for key, value in state.items():
+            params[key].copy_(value)

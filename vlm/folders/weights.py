@@ -18,6 +18,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from vlm.errors import ConfigError, FolderError, MissingPathError
+
 WEIGHTS_NAME = "model.safetensors"
 WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 
@@ -32,7 +34,7 @@ def parse_size(size: int | str) -> int:
         return size
     match = _SIZE.match(size)
     if match is None:
-        raise ValueError(f"max_shard_size={size!r}: expected a number of bytes or a size like '5GB', '500MiB'")
+        raise ConfigError(f"max_shard_size={size!r}: expected a number of bytes or a size like '5GB', '500MiB'")
     return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
 
 
@@ -113,7 +115,7 @@ def shard_path(folder: str | os.PathLike, shard: Any, index: str) -> str:
         if os.path.commonpath([root, target]) != root and not _in_hub_cache_blobs(folder, target):
             why = f"is a symlink that leads out of the folder (to {target!r})"
     if why is not None:
-        raise ValueError(f"{index}: shard {shard!r} {why}; shards must be files inside the model folder "
+        raise FolderError(f"{index}: shard {shard!r} {why}; shards must be files inside the model folder "
                          f"{folder!r}; fix or remove the index file")
     return os.path.join(folder, shard)
 
@@ -130,7 +132,7 @@ def check_weight_index(folder: str | os.PathLike) -> None:
                 weight_map = json.load(f)["weight_map"]
             shards = set(weight_map.values())
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-            raise ValueError(f"{index} is not a weight index ({type(exc).__name__}: {exc}); expected "
+            raise FolderError(f"{index} is not a weight index ({type(exc).__name__}: {exc}); expected "
                              '{"weight_map": {tensor: shard file}}; fix or remove it') from None
         for shard in sorted(shards, key=str):
             shard_path(folder, shard, index)
@@ -144,7 +146,7 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     try:
         return load_file(path)
     except SafetensorError as exc:
-        raise ValueError(f"{os.fspath(path)} is not a readable safetensors file ({exc}); it is truncated or corrupt: "
+        raise FolderError(f"{os.fspath(path)} is not a readable safetensors file ({exc}); it is truncated or corrupt: "
                          "save or download it again") from None
 
 
@@ -159,11 +161,11 @@ def read_pickled_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     except pickle.UnpicklingError as exc:
         blocked = re.search(r"unsupported GLOBAL (\S+)", str(exc))
         what = f" (it asks for {blocked.group(1)})" if blocked else ""
-        raise ValueError(f"{os.fspath(path)} holds objects other than tensors{what}, code a pickle can run; it was "
+        raise FolderError(f"{os.fspath(path)} holds objects other than tensors{what}, code a pickle can run; it was "
                          "not loaded. Use a safetensors copy of these weights from a source you trust") from None
     except (RuntimeError, EOFError) as exc:  # truncated or not a torch file ("failed finding central directory")
         first = str(exc).split(". ")[0]
-        raise ValueError(f"{os.fspath(path)} is not a readable PyTorch weights file ({first}); it is truncated or "
+        raise FolderError(f"{os.fspath(path)} is not a readable PyTorch weights file ({first}); it is truncated or "
                          "corrupt: download it again") from None
 
 
@@ -180,10 +182,10 @@ def load_state_dict(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
         for shard in sorted(set(weight_map.values())):
             path = shard_path(folder, shard, index)
             if not os.path.isfile(path):
-                raise FileNotFoundError(f"shard {shard!r} listed in {index} is missing")
+                raise MissingPathError(f"shard {shard!r} listed in {index} is missing")
             state.update(read_safetensors(path))
         return state
-    raise FileNotFoundError(
+    raise MissingPathError(
         f"no weights in {str(folder)!r}: expected {WEIGHTS_NAME} or {WEIGHTS_INDEX_NAME} (vlm saves safetensors only)"
     )
 
@@ -199,7 +201,7 @@ def _alias_groups(module: nn.Module) -> dict[str, set[str]]:
 
 def check_state_fits(state_dict: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], *,
                      source: str = "checkpoint", aliases: dict[str, set[str]] | None = None, hint: str = "") -> None:
-    """ValueError listing missing, unexpected and mis-shaped keys unless `state_dict` has exactly the keys
+    """FolderError listing missing, unexpected and mis-shaped keys unless `state_dict` has exactly the keys
     and shapes of `expected` (a key is also present when one of its `aliases`, tied names, is)."""
     aliases = aliases or {}
     missing = [k for k in expected if k not in state_dict and not (aliases.get(k, {k}) & state_dict.keys())]
@@ -211,7 +213,7 @@ def check_state_fits(state_dict: dict[str, torch.Tensor], expected: dict[str, to
     if missing or unexpected or mismatched:
         def show(items: list[str]) -> str:
             return ", ".join(items[:20]) + (f" ... (+{len(items) - 20} more)" if len(items) > 20 else "")
-        raise ValueError(
+        raise FolderError(
             f"{source} does not match the model: {len(missing)} missing key(s) [{show(missing)}], "
             f"{len(unexpected)} unexpected key(s) [{show(unexpected)}], "
             f"{len(mismatched)} shape mismatch(es) [{show(mismatched)}]{hint}"
@@ -219,20 +221,34 @@ def check_state_fits(state_dict: dict[str, torch.Tensor], expected: dict[str, to
 
 
 def load_state_dict_strict(module: nn.Module, state_dict: dict[str, torch.Tensor], *, source: str = "checkpoint") -> None:
-    """Copy every tensor into `module`; raise ValueError listing missing, unexpected and mis-shaped keys."""
+    """Copy every tensor into `module`; raise FolderError listing missing, unexpected and mis-shaped keys."""
     check_state_fits(state_dict, module.state_dict(), source=source, aliases=_alias_groups(module))
     module.load_state_dict(state_dict, strict=False)
+
+
+def live_config(model: nn.Module, *, llm_config: dict[str, Any] | None = None):
+    """The model's `vlm_config` with the sub-models' configs as they are now (the truth after e.g. resizing the
+    embeddings for `<image>`, or unfreezing the tower); `llm_config` replaces the LLM's."""
+    import dataclasses
+
+    config = model.vlm_config
+    return config.replace(
+        llm=dataclasses.replace(config.llm, hf_config=model.config.to_dict() if llm_config is None else llm_config),
+        vision=dataclasses.replace(config.vision, hf_config=model.vision_tower.model.config.to_dict(),
+                                   frozen=model.vision_tower.frozen))
+
+
+def weights_file(folder: str | os.PathLike) -> str:
+    """The file a vlm folder's weights are read from (`model.safetensors`, else the shard index), named in errors."""
+    single = os.path.join(str(folder), WEIGHTS_NAME)
+    return single if os.path.isfile(single) else os.path.join(str(folder), WEIGHTS_INDEX_NAME)
 
 
 def save_model(model: nn.Module, folder: str | os.PathLike, *, state_dict: dict[str, torch.Tensor] | None = None,
                max_shard_size: int | str = "5GB") -> None:
     """Write `config.json` (refreshed from the live sub-models) and the weights of a VLM."""
-    config = model.vlm_config
-    # The live configs are the truth (e.g. vocab_size after resizing embeddings for <image>).
-    config.llm.hf_config = model.config.to_dict()
-    config.vision.hf_config = model.vision_tower.model.config.to_dict()
-    config.vision.frozen = model.vision_tower.frozen
-    config.save(folder)
+    model.vlm_config = live_config(model)
+    model.vlm_config.save(folder)
     save_state_dict(model.state_dict() if state_dict is None else state_dict, folder, max_shard_size)
 
 

@@ -5,7 +5,7 @@ Starting points (`--model_name_or_path`):
 - an original LLaVA or llava-hf folder, or a vlm LoRA run (merged): loaded by
   `vlm.folders.load.load_pretrained_model`;
 - otherwise a decoder LLM (hub id or folder), composed with `--vision_tower` and a new projector.
-A Hub id is recognised by its files (`vlm.folders.load.model_kind`), like a folder. Every Hub read (the start point,
+A Hub id is recognised by its files (`vlm.folders.kinds.model_kind`), like a folder. Every Hub read (the start point,
 the LLM, its tokenizer, the vision tower and its image processor, a LoRA run's base) goes through `--cache_dir`
 when it is given, as LLaVA's `cache_dir=training_args.cache_dir`; the saved model never records it (it is
 a property of this machine). Starting from a model folder,
@@ -22,26 +22,28 @@ With `--bits 4|8` (QLoRA) the LLM is re-loaded through bitsandbytes before LoRA 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import torch
 
-from vlm.folders.weights import load_state_dict, load_state_dict_strict, read_pickled_weights, read_safetensors
 from vlm.config import LLMConfig, ProjectorConfig, VisionConfig, VLMConfig
-from vlm.model import build_model, from_pretrained
-from vlm.visual.processor import ImageProcessor
+from vlm.errors import ConfigError, MissingPathError
+from vlm.folders.weights import load_state_dict, load_state_dict_strict, read_pickled_weights, read_safetensors
+from vlm.model import build_model
+from vlm.visual.processor import ASPECT_RATIOS, ImageProcessor
 
 
 def _start_kind(path: str | None, cache_dir: str | None = None) -> tuple[str, str | None]:
-    """(kind, local folder) of the start point (`vlm.folders.load.model_kind`: a Hub id is read from its config),
-    or ('llm', path) for a plain decoder (folder or hub id)."""
-    from vlm.folders.load import model_kind
+    """(kind, local folder) of the start point (`vlm.folders.kinds.model_kind`: a Hub id is read from its config;
+    a path that is not there is a MissingPathError), or ('llm', path) for a plain decoder (folder or hub id)."""
+    from vlm.folders.kinds import model_kind
 
     return model_kind(path, cache_dir=cache_dir) if path else ("llm", path)
 
 
 def check_start_flags(model_args, model, start: str, *, cache_dir: str | None = None) -> None:
-    """Flags that describe the model must agree with the folder training continues from: one ValueError
+    """Flags that describe the model must agree with the folder training continues from: one ConfigError
     naming every flag, its value and the folder's."""
     config = model.vlm_config
     conflicts = []
@@ -57,7 +59,7 @@ def check_start_flags(model_args, model, start: str, *, cache_dir: str | None = 
                                                       f"{tower['num_hidden_layers']} layers")
         conflicts.append(f"--vision_tower {model_args.vision_tower!r} (the folder's: {folder_tower!r})")
     if conflicts:
-        raise ValueError(f"--model_name_or_path {start!r} is a model folder, and these flags contradict it: "
+        raise ConfigError(f"--model_name_or_path {start!r} is a model folder, and these flags contradict it: "
                          f"{'; '.join(conflicts)}. Drop them (the folder's are used), or start from the LLM")
 
 
@@ -84,6 +86,16 @@ def _same_tower(flag: str, folder_name: str | None, folder_tower: dict, *, cache
     return True
 
 
+def with_aspect_ratio(image_processor: ImageProcessor, aspect_ratio: str) -> ImageProcessor:
+    """The image processor with `--image_aspect_ratio`; ConfigError listing the choices for another value (LLaVA's
+    `anyres` is LLaVA-NeXT's tiling, which vlm does not implement)."""
+    if aspect_ratio not in ASPECT_RATIOS:
+        raise ConfigError(f"--image_aspect_ratio {aspect_ratio!r} is not supported; choose one of {', '.join(ASPECT_RATIOS)}")
+    if image_processor.config.aspect_ratio == aspect_ratio:
+        return image_processor
+    return ImageProcessor(dataclasses.replace(image_processor.config, aspect_ratio=aspect_ratio))
+
+
 def _run_dtype(training_args) -> torch.dtype:
     if training_args.bf16:
         return torch.bfloat16
@@ -98,7 +110,7 @@ def load_projector_weights(model, path: str) -> None:
         candidates = [os.path.join(path, n) for n in ("mm_projector.safetensors", "mm_projector.bin")]
         path = next((c for c in candidates if os.path.isfile(c)), candidates[0])
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"--pretrain_mm_mlp_adapter: {path!r} not found")
+        raise MissingPathError(f"--pretrain_mm_mlp_adapter: {path!r} not found")
     state = read_safetensors(path) if path.endswith(".safetensors") else read_pickled_weights(path)
     # Accept ours (mm_projector.0.weight), LLaVA's (model.mm_projector.0.weight) and bare (0.weight).
     state = {k.split("mm_projector.", 1)[-1]: v for k, v in state.items()}
@@ -119,22 +131,15 @@ def build_for_training(model_args, data_args, training_args):
             check_remote_code(path, trust)
             check_weight_index(path)
     kind, folder = _start_kind(model_args.model_name_or_path, cache_dir)
-    if kind == "vlm":
-        model = from_pretrained(folder, dtype=dtype, attn_implementation=model_args.attn_implementation)
-        tokenizer = auto_tokenizer(folder, trust_remote_code=trust)
-        image_processor = ImageProcessor.from_pretrained(folder)
-    elif kind in ("llava", "llava-hf", "lora"):
+    if kind != "llm":  # every model folder kind: the one loader (vlm.folders.load)
         from vlm.folders.load import load_pretrained_model
 
-        tokenizer, model, image_processor, _ = load_pretrained_model(folder, dtype=dtype, cache_dir=cache_dir,
-                                                                     trust_remote_code=trust)
+        tokenizer, model, image_processor, _ = load_pretrained_model(
+            folder, dtype=dtype, cache_dir=cache_dir, trust_remote_code=trust,
+            attn_implementation=model_args.attn_implementation)
     else:
-        from vlm.folders.load import check_readable
-
-        if model_args.model_name_or_path:  # a Hub id that is not there: say so, not "needs --vision_tower"
-            check_readable(model_args.model_name_or_path, cache_dir=cache_dir)
         if not model_args.model_name_or_path or not model_args.vision_tower:
-            raise ValueError("a new model needs --model_name_or_path (the LLM) and --vision_tower "
+            raise ConfigError("a new model needs --model_name_or_path (the LLM) and --vision_tower "
                              "(run `python train.py` with no arguments for the embedded demo)")
         tokenizer = auto_tokenizer(model_args.model_name_or_path, trust_remote_code=trust, cache_dir=cache_dir)
         select_layer, projector = model_args.mm_vision_select_layer, model_args.mm_projector_type
@@ -150,7 +155,7 @@ def build_for_training(model_args, data_args, training_args):
         image_processor = ImageProcessor.from_pretrained(model_args.vision_tower, cache_dir=cache_dir)
     if kind != "llm":
         check_start_flags(model_args, model, model_args.model_name_or_path, cache_dir=cache_dir)
-    image_processor.config.aspect_ratio = data_args.image_aspect_ratio
+    image_processor = with_aspect_ratio(image_processor, data_args.image_aspect_ratio)
     tokenizer.model_max_length = training_args.model_max_length
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -190,7 +195,7 @@ def configure_trainable(model, model_args, training_args, *, base: str | None = 
         p.requires_grad_(False)
     if model_args.tune_mm_mlp_adapter:  # stage 1
         if training_args.lora_enable:
-            raise ValueError("--tune_mm_mlp_adapter (stage 1) trains the projector only; drop --lora_enable")
+            raise ConfigError("--tune_mm_mlp_adapter (stage 1) trains the projector only; drop --lora_enable")
         model.mm_projector.requires_grad_(True)
         return model
     if training_args.lora_enable:

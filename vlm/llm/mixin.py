@@ -28,11 +28,15 @@ class VLMMixin:
         self.vision_tower: nn.Module | None = None
         self.mm_projector: nn.Module | None = None
         self.vlm_config = None
+        self._save_folder = None
 
-    def attach_vision(self, vision_tower: nn.Module, mm_projector: nn.Module, vlm_config) -> None:
+    def attach_vision(self, vision_tower: nn.Module, mm_projector: nn.Module, vlm_config, *, save_folder=None) -> None:
+        """`save_folder(model, folder, state_dict=, max_shard_size=)` writes the model folder: passed in by the
+        builder (`vlm.model`, layer 2: `vlm.folders.weights.save_model`), as this layer knows no folders."""
         self.vision_tower = vision_tower
         self.mm_projector = mm_projector
         self.vlm_config = vlm_config
+        self._save_folder = save_folder
 
     @property
     def image_token_id(self) -> int:
@@ -122,6 +126,6 @@ class VLMMixin:
 
     def save_pretrained(self, save_directory, state_dict: dict | None = None, **kwargs: Any) -> None:
         """Write the vlm model folder (`config.json` + safetensors); `transformers.Trainer` calls this too."""
-        from vlm.folders.weights import save_model
-
-        save_model(self, save_directory, state_dict=state_dict, max_shard_size=kwargs.get("max_shard_size", "5GB"))
+        if self._save_folder is None:
+            raise TypeError(f"{type(self).__name__} has no vision modules attached; build it with vlm.build_model")
+        self._save_folder(self, save_directory, state_dict=state_dict, max_shard_size=kwargs.get("max_shard_size", "5GB"))

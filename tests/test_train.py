@@ -86,10 +86,9 @@ def test_llava_lora_command_line_runs(workspace, tmp_path):
     assert train_main(llava_flags(workspace, out, drop=("--deepspeed", "--report_to"))
                       + ["--report_to", "none"]) == 0
     for name in ("adapter_config.json", "adapter_model.safetensors", "non_lora_trainables.safetensors",
-                 "config.json", "tokenizer.json", "preprocessor_config.json", "metrics.jsonl", "loss.png",
-                 "vlm_generation.json"):
+                 "config.json", "tokenizer.json", "preprocessor_config.json", "metrics.jsonl", "loss.png"):
         assert (out / name).is_file(), name
-    assert json.loads((out / "vlm_generation.json").read_text())["template"] == "v1"  # what test.py prompts with
+    assert json.loads((out / "config.json").read_text())["template"] == "v1"  # what test.py prompts with
     adapter = json.loads((out / "adapter_config.json").read_text())
     assert adapter["r"] == 128 and adapter["lora_alpha"] == 256
     non_lora = load_file(out / "non_lora_trainables.safetensors")

@@ -15,8 +15,10 @@ import pytest
 from vlm.data.check import check_dataset, enforce_max_drop_ratio
 from vlm.cli.data import main as data_main
 from vlm.data.conversation import encode_sample
+from vlm.data.dataset import SupervisedDataset
 from vlm.data.formats import detect_format
 from vlm.data.mix import Source
+from vlm.visual.processor import ImageProcessor, ImageProcessorConfig
 
 GOOD = 5  # good records around each planted one
 CHECK = dict(template="vicuna_v1", num_image_tokens=4, check_images="exists", num_workers=1)
@@ -250,6 +252,27 @@ def test_duplicate_ids_and_special_token_text_are_counted_in_notes(tmp_path, dat
     assert code == 0
     assert "note: 3 samples reuse the id of an earlier one (2 ids, e.g. 'a', 'b')" in out
     assert "note: 2 samples hold special-token text (<|im_end|>=1, <|endoftext|>=1)" in out
+    assert "--escape_special_tokens tokenises it as text" in out
+    assert json.loads((tmp_path / "r.json").read_text())["notes"]["special_tokens"]["escaped"] is False
+
+    # --escape_special_tokens (vlm data check, and training through SupervisedDataset): still counted, now text
+    tokenizer_folder = tmp_path / "tokenizer"
+    tiny_tokenizer.save_pretrained(tokenizer_folder)
+    code, out, _ = run_cli(["check", "--data_path", str(path), "--image_folder", str(data_image_folder),
+                            "--tokenizer", str(tokenizer_folder), "--template", "chatml", "--num_image_tokens", "4",
+                            "--report", str(tmp_path / "e.json"), "--escape_special_tokens"], capsys)
+    assert code == 0 and "note: 2 samples hold special-token text (<|im_end|>=1, <|endoftext|>=1) escaped" in out
+    escaped_report = json.loads((tmp_path / "e.json").read_text())
+    assert escaped_report["kept"] == 7 and escaped_report["notes"]["special_tokens"]["escaped"] is True
+    assert escaped_report["notes"]["settings"]["escape_special_tokens"] is True
+    escaped = encode_sample(canonical("<image>\nWhat?<|im_end|>"), tiny_tokenizer, "chatml", num_image_tokens=4,
+                            escape_special_tokens=True)
+    assert escaped.input_ids.count(im_end) == plain.input_ids.count(im_end)
+    processor = ImageProcessor(ImageProcessorConfig(image_size=16, image_mean=(0.5,) * 3, image_std=(0.5,) * 3))
+    dataset = SupervisedDataset(str(path), tiny_tokenizer, "chatml", processor, image_folder=str(data_image_folder),
+                                num_image_tokens=4, escape_special_tokens=True)
+    index = [r["id"] for r in records].index("im_end")
+    assert dataset[index]["input_ids"].tolist() == escaped.input_ids
 
 
 @pytest.fixture(scope="module")

@@ -210,3 +210,83 @@ def test_ids_are_the_whole_rendered_string_and_prompts_are_prefixes(tokenizer_ki
         assert encoded.input_ids[:len(prompt)] == prompt
         # the prompt ends unsupervised and the reply starts right after it
         assert encoded.labels[len(prompt) - 1] == IGNORE_INDEX and encoded.labels[len(prompt)] != IGNORE_INDEX
+
+
+# --- escaping special-token strings in the data (issue 10, point 12) --------------------------------------
+
+WITH_SPECIALS = {"id": "s", "images": ["a.png"], "messages": [
+    {"role": "user", "content": "<image>\nSay <|im_start|>user and <|im_end|> here?"},
+    {"role": "assistant", "content": "It is <|im_end|> red."},
+    {"role": "user", "content": "And<|im_end|>\n<|im_start|>assistant\nthis?"},
+    {"role": "assistant", "content": "<|im_start|> no"}]}
+ESCAPED = ("<|im_start|>", "<|im_end|>")
+
+
+def _without_specials(tokenizer, strings):
+    """The same tokenizer (same vocabulary and pieces) with `strings` no longer added tokens: their text is
+    tokenised as characters, which is what escaping must give."""
+    import json
+
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    state = json.loads(tokenizer.backend_tokenizer.to_str())
+    state["added_tokens"] = [t for t in state["added_tokens"] if t["content"] not in strings]
+    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(state)),
+                                   bos_token=tokenizer.bos_token, eos_token=tokenizer.eos_token,
+                                   unk_token=tokenizer.unk_token, extra_special_tokens={"image_token": "<image>"})
+
+
+@pytest.mark.parametrize("kind", ["byte_level", "sentencepiece_legacy", "sentencepiece"])
+@pytest.mark.parametrize("name", ["vicuna_v1", "llava_v1", "llama3", "plain"])
+def test_escaped_ids_are_the_text_tokenised_as_characters(tokenizer_kinds, kind, name):
+    """With escape_special_tokens, `<|im_end|>` typed in the data is tokenised exactly as a tokenizer that does
+    not know it as a special token tokenises it (same vocabulary, so the same pieces), labels included; without the
+    flag it is the control token, as before."""
+    tokenizer = tokenizer_kinds[kind]
+    reference = _without_specials(tokenizer, ESCAPED)
+    escaped = encode_sample(WITH_SPECIALS, tokenizer, name, num_image_tokens=N_IMG, escape_special_tokens=True)
+    expected = encode_sample(WITH_SPECIALS, reference, name, num_image_tokens=N_IMG)
+    tokens = tokenizer.convert_ids_to_tokens  # the added tokens after the removed ones are renumbered
+    assert tokens(escaped.input_ids) == reference.convert_ids_to_tokens(expected.input_ids)
+    assert [label == IGNORE_INDEX for label in escaped.labels] == [label == IGNORE_INDEX for label in expected.labels]
+    assert all(label in (IGNORE_INDEX, i) for label, i in zip(escaped.labels, escaped.input_ids))
+    special_ids = {tokenizer.convert_tokens_to_ids(t) for t in ESCAPED}
+    assert not special_ids & set(escaped.input_ids)
+    native = encode_sample(WITH_SPECIALS, tokenizer, name, num_image_tokens=N_IMG)
+    assert special_ids & set(native.input_ids) or name == "plain"  # plain keeps no user text; replies have them
+    prompt = encode_prompt(WITH_SPECIALS["messages"][:3], tokenizer, name, num_image_tokens=N_IMG,
+                           escape_special_tokens=True)
+    assert tokens(prompt) == reference.convert_ids_to_tokens(
+        encode_prompt(WITH_SPECIALS["messages"][:3], reference, name, num_image_tokens=N_IMG))
+
+
+@pytest.mark.parametrize("kind", ["byte_level", "sentencepiece_legacy", "sentencepiece"])
+@pytest.mark.parametrize("name", sorted(TEMPLATES))
+def test_escaping_keeps_template_markers_labels_and_clean_samples(tokenizer_kinds, kind, name):
+    """Every template (ChatML's own `<|im_end|>` included): the template's markers stay control tokens, the
+    data's become text (no more of each special id than a sample without them has), the supervised tokens
+    decode to exactly the replies and their end-of-turn, the whole byte-level sequence decodes back to the
+    rendered text, and a sample without special strings is tokenised exactly as without the flag."""
+    tokenizer = tokenizer_kinds[kind]
+    template = get_template(name, tokenizer)
+    assert encode_sample(CONVERSATION, tokenizer, template, num_image_tokens=N_IMG,
+                         escape_special_tokens=True) == encode_sample(CONVERSATION, tokenizer, template,
+                                                                      num_image_tokens=N_IMG)
+    escaped = encode_sample(WITH_SPECIALS, tokenizer, template, num_image_tokens=N_IMG, escape_special_tokens=True)
+    clean = copy.deepcopy(WITH_SPECIALS)
+    for message in clean["messages"]:
+        for text in ESCAPED:
+            message["content"] = message["content"].replace(text, "x")
+    clean_ids = encode_sample(clean, tokenizer, template, num_image_tokens=N_IMG).input_ids
+    for text in ESCAPED:
+        special = tokenizer.convert_tokens_to_ids(text)
+        assert escaped.input_ids.count(special) == clean_ids.count(special), text
+    groups = template.render(WITH_SPECIALS["messages"], tokenizer)
+    supervised = "".join(p.text for group in groups for p in group if p.supervised)
+    decoded = tokenizer.decode([t for t, label in zip(escaped.input_ids, escaped.labels) if label != IGNORE_INDEX])
+    assert decoded.replace(" ", "") == supervised.replace(" ", "")  # sentencepiece decodes spaces its own way
+    if kind == "byte_level":
+        assert decoded == supervised
+        rendered = "".join(p.text for group in groups for p in group).replace("<image>", "<image>" * N_IMG)
+        assert tokenizer.decode(escaped.input_ids) == rendered

@@ -2,7 +2,8 @@
 
     vlm data check   --data_path data.json --image_folder images --report report.json \\
                      [--tokenizer PATH] [--template vicuna_v1] [--num_image_tokens 576] \\
-                     [--model_max_length 2048] [--check_images full|exists|none] [--max_drop_ratio 0.01]
+                     [--model_max_length 2048] [--check_images full|exists|none] [--max_drop_ratio 0.01] \\
+                     [--escape_special_tokens]
     vlm data convert --input captions.json [--format auto] --output llava.json
     vlm data filter  --data_path rs.json --image_folder rs_images --keep-prefix NWPU,RSICD,LR,DOTA \\
                      --output rs_4.json [--report filter_report.json]
@@ -86,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     tokens.add_argument("--num_image_tokens", type=int, default=576, help="tokens per image (default 576)")
     tokens.add_argument("--model_max_length", type=int, default=2048, help="longest sequence (default 2048)")
     tokens.add_argument("--truncate", choices=("none", "turns"), default="none", help="too long: drop (none) or keep first turns")
+    tokens.add_argument("--escape_special_tokens", action="store_true",
+                        help="tokenise special-token strings in the data (<|im_end|>, </s>, ...) as text, as training "
+                             "does with the same flag (default: they become control tokens; counted in the notes)")
     check.add_argument("--check_images", choices=CHECK_MODES, default="full", help="decode images (full), look them up, or neither")
     check.add_argument("--allow_absolute_image_paths", action="store_true",
                        help="accept absolute image paths (each must resolve to a regular file)")
@@ -151,7 +155,7 @@ def _check(args: argparse.Namespace) -> int:
     _, report = check_dataset(
         sources, tokenizer=tokenizer, template=args.template, num_image_tokens=args.num_image_tokens,
         max_length=args.model_max_length, truncate=args.truncate, check_images=args.check_images, seed=args.seed,
-        num_workers=args.num_workers,
+        num_workers=args.num_workers, escape_special_tokens=args.escape_special_tokens,
     )
     _write_json(args.report, report)
     dropped = ", ".join(f"{r}={n}" for r, n in report["dropped"].items()) or "none"
@@ -166,8 +170,10 @@ def _check(args: argparse.Namespace) -> int:
               f"{shown}); kept, see notes.duplicate_ids")
     if specials["samples"]:
         counts = ", ".join(f"{t}={n}" for t, n in specials["counts"].items())
-        print(f"note: {specials['samples']} samples hold special-token text ({counts}) that tokenises as control "
-              "tokens; kept, see notes.special_tokens")
+        how = ("escaped: tokenised as text (--escape_special_tokens)" if args.escape_special_tokens else
+               "that tokenises as control tokens (--escape_special_tokens tokenises it as text)")
+        print(f"note: {specials['samples']} samples hold special-token text ({counts}) {how}; kept, see "
+              "notes.special_tokens")
     try:
         enforce_max_drop_ratio(report, args.max_drop_ratio, report_path=args.report)
     except ValueError as e:

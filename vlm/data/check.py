@@ -26,10 +26,10 @@ Design choices:
   record; repeats of one record in the mix are not duplicates) and `special_tokens` (message text
   holding a special-token string of the tokenizer or the template, such as `<|im_end|>` or `</s>`,
   other than `<image>`: the tokenizer turns it into the real control token, so the text ends a turn
-  or the sequence where the data meant plain text). There is no escaping option: the rendered
-  conversation is tokenised as one string so template markers and data text share one tokenizer
-  call, and splitting special tokens for the data alone would change how every sample tokenises;
-  the note names the samples so the data can be fixed.
+  or the sequence where the data meant plain text). With `escape_special_tokens` (the
+  `--escape_special_tokens` flag of training and of `vlm data check`) the tokenizer's special-token
+  strings in message text are tokenised as their characters while the template's markers stay
+  control tokens (`conversation.encode_sample`); the note still counts them and says they were escaped.
 - Without a tokenizer the token checks still run on a stand-in tokenizer trained on the data's own
   text (`build_tokenizer`), which decides placeholders and supervision exactly, but token counts
   would be meaningless, so `too_long` is skipped and `notes.skipped` says so. Pass the model's
@@ -53,7 +53,7 @@ from vlm.data.mix import MixedRecords, Source
 from vlm.data.paths import CHECK_MODES, ImageFolder
 from vlm.data.sample import validate_sample
 from vlm.data.templates import Template, get_template
-from vlm.data.tokenizer import IMAGE_TOKEN, build_tokenizer
+from vlm.data.tokenizer import IMAGE_TOKEN, build_tokenizer, special_token_strings
 from vlm.visual.processor import PIL_DEFAULT_MAX_IMAGE_PIXELS
 
 _STAND_IN_SAMPLES = 2000  # samples whose text trains the stand-in tokenizer
@@ -120,6 +120,7 @@ def check_dataset(
     max_image_pixels: int | None = PIL_DEFAULT_MAX_IMAGE_PIXELS,
     seed: int = 0,
     num_workers: int | None = None,
+    escape_special_tokens: bool = False,
 ) -> tuple[list[int], dict]:
     """Run every check on every sample; return (indices of kept samples, report).
 
@@ -136,6 +137,8 @@ def check_dataset(
         seed: mixing seed when `data` are Sources.
         num_workers: processes checking in parallel; None: one per CPU (at most 8) for more than
             2,000 samples, else 1.
+        escape_special_tokens: tokenise special-token strings in the data as text, as training will with
+            `--escape_special_tokens` (`conversation.encode_sample`); they are still noted.
 
     Returns:
         (kept indices into the data, report dict as in the module docstring).
@@ -155,7 +158,8 @@ def check_dataset(
     if mode == "none":
         skipped.append("missing_image: files not looked up (check_images=none)")
 
-    checker = _Checker(records, tokenizer, template, num_image_tokens, max_length, truncate, mode, max_image_pixels)
+    checker = _Checker(records, tokenizer, template, num_image_tokens, max_length, truncate, mode, max_image_pixels,
+                       escape_special_tokens)
     first_index: dict[int, int] = {}  # stored record -> its first mixed position (repeats share a result)
     for index in range(len(records)):
         first_index.setdefault(records.record_of(index), index)
@@ -187,10 +191,12 @@ def check_dataset(
                 "max_length": max_length,
                 "truncate": truncate,
                 "check_images": mode,
+                "escape_special_tokens": escape_special_tokens,
             },
             "skipped": skipped,
             "duplicate_ids": _duplicate_ids(first_index, results),
-            "special_tokens": _special_tokens_note(first_index, results, checker.special_strings),
+            "special_tokens": _special_tokens_note(first_index, results, checker.special_strings,
+                                                   escape_special_tokens),
         },
     }
     return kept, report
@@ -211,7 +217,8 @@ def _duplicate_ids(first_index: dict[int, int], results: dict[int, tuple]) -> di
     }
 
 
-def _special_tokens_note(first_index: dict[int, int], results: dict[int, tuple], strings: list[str]) -> dict[str, Any]:
+def _special_tokens_note(first_index: dict[int, int], results: dict[int, tuple], strings: list[str],
+                         escaped: bool) -> dict[str, Any]:
     """Samples whose text holds special-token strings, with counts per string (a note, not a drop)."""
     counts: Counter = Counter()
     examples, samples = [], 0
@@ -223,19 +230,19 @@ def _special_tokens_note(first_index: dict[int, int], results: dict[int, tuple],
             if len(examples) < _NOTE_EXAMPLES:
                 examples.append({"index": index, "id": results[record][2], "tokens": dict(found)})
     note: dict[str, Any] = {"samples": samples, "counts": dict(counts.most_common()), "examples": examples,
-                            "looked_for": strings}
-    if samples:
+                            "looked_for": strings, "escaped": escaped}
+    if samples and escaped:
+        note["why"] = ("escaped (--escape_special_tokens): the tokenizer's special-token strings among these are "
+                       "tokenised as their characters; the template's own markers stay control tokens")
+    elif samples:
         note["why"] = ("these strings tokenise as the real control tokens (ending a turn or the text), not as the "
-                       "characters; remove or rewrite them in the data if they are meant as text")
+                       "characters; pass --escape_special_tokens to tokenise them as text, or rewrite the data")
     return note
 
 
-def special_token_strings(tokenizer: Any, template: Any) -> list[str]:
+def noted_special_strings(tokenizer: Any, template: Any) -> list[str]:
     """Special-token strings of `tokenizer` and the markers of `template`, except `<image>` (placed on purpose)."""
-    found = set(getattr(tokenizer, "all_special_tokens", ()) or ())
-    for added in (getattr(tokenizer, "added_tokens_decoder", None) or {}).values():
-        if getattr(added, "special", False):
-            found.add(str(added))
+    found = set(special_token_strings(tokenizer))
     try:
         bare = template if isinstance(template, Template) else get_template(template)
     except (TypeError, ValueError):
@@ -277,14 +284,16 @@ def check_sample(item: dict | SampleError, folder: ImageFolder, tokenizer: Any, 
 class _Checker:
     """Checks the sample at one position of `records`; everything it needs travels with it to workers."""
 
-    def __init__(self, records, tokenizer, template, num_image_tokens, max_length, truncate, mode, max_image_pixels):
+    def __init__(self, records, tokenizer, template, num_image_tokens, max_length, truncate, mode, max_image_pixels,
+                 escape_special_tokens):
         self.records = records
         self.tokenizer = tokenizer
         self.template = template
-        self.encode_options = dict(num_image_tokens=num_image_tokens, max_length=max_length, truncate=truncate)
+        self.encode_options = dict(num_image_tokens=num_image_tokens, max_length=max_length, truncate=truncate,
+                                   escape_special_tokens=escape_special_tokens)
         self.mode = mode
         self.max_image_pixels = max_image_pixels
-        self.special_strings = special_token_strings(tokenizer, template)
+        self.special_strings = noted_special_strings(tokenizer, template)
         self._special = re.compile("|".join(map(re.escape, self.special_strings))) if self.special_strings else None
 
     def __call__(self, index: int) -> tuple[dict | None, bool, str | None, tuple | None]:

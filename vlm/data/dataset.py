@@ -68,6 +68,7 @@ class SupervisedDataset(Dataset):
         max_image_pixels: decoding limit passed to `load_image`.
         on_bad_image: "raise" (a `SampleError`) or "replace" (the next usable sample, reported under
             `DATA_DROPS_KEY`; module docstring) for a sample whose image cannot be used.
+        escape_special_tokens: tokenise special-token strings in message text as text (`encode_sample`).
 
     Attributes:
         records: the indexed `MixedRecords`.
@@ -92,6 +93,7 @@ class SupervisedDataset(Dataset):
         indices: Sequence[int] | None = None,
         max_image_pixels: int | None = PIL_DEFAULT_MAX_IMAGE_PIXELS,
         on_bad_image: str = "raise",
+        escape_special_tokens: bool = False,
     ):
         if on_bad_image not in ON_BAD_IMAGE:
             raise ValueError(f"on_bad_image={on_bad_image!r}; expected one of {ON_BAD_IMAGE}")
@@ -111,6 +113,7 @@ class SupervisedDataset(Dataset):
         self.num_image_tokens = num_image_tokens
         self.max_length = max_length
         self.truncate = truncate
+        self.escape_special_tokens = escape_special_tokens
         self.max_image_pixels = max_image_pixels
         self._positions = list(range(len(self.records))) if indices is None else list(indices)
         bad = [p for p in self._positions if not 0 <= p < len(self.records)]
@@ -160,7 +163,7 @@ class SupervisedDataset(Dataset):
             encoded, opened = check_sample(item, folder, self.tokenizer, self.template, image_check="open",
                                            max_image_pixels=self.max_image_pixels,
                                            num_image_tokens=self.num_image_tokens, max_length=self.max_length,
-                                           truncate=self.truncate)
+                                           truncate=self.truncate, escape_special_tokens=self.escape_special_tokens)
             opened = opened[: encoded.num_images]  # truncate="turns" may keep only the first images
             pixel_values = self._pixels(opened) if opened else None
         except SampleError as e:

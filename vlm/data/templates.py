@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from .errors import SampleError
-from .tokenizer import IMAGE_TOKEN, token_id
+from .tokenizer import IMAGE_TOKEN, special_token_strings, token_id
 
 # LLaVA-1.5's conv_vicuna_v1 (`--version v1`, and the eval conv_mode vicuna_v1).
 VICUNA_SYSTEM = (
@@ -300,7 +300,7 @@ def _render_chat_template(messages: list[dict], tokenizer: Any, add_generation_p
             ) from None
 
     full = render(messages, add_generation_prompt)
-    specials = _special_token_strings(tokenizer)
+    specials = special_token_strings(tokenizer)
     groups: Groups = [[]]
     cursor = 0
     for i, message in enumerate(messages):
@@ -341,15 +341,6 @@ def _render_chat_template(messages: list[dict], tokenizer: Any, add_generation_p
     else:
         groups[-1].append(rest)
     return groups
-
-
-def _special_token_strings(tokenizer: Any) -> list[str]:
-    """All special-token strings of `tokenizer` (named ones and added ones flagged special)."""
-    found = set(tokenizer.all_special_tokens)
-    for added in getattr(tokenizer, "added_tokens_decoder", {}).values():
-        if getattr(added, "special", False):
-            found.add(str(added))
-    return sorted(found)
 
 
 _PROBE = "\x00probe\x00"

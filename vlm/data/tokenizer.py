@@ -107,6 +107,16 @@ def token_id(tokenizer: PreTrainedTokenizerBase, token: str) -> int | None:
     return int(found)
 
 
+def special_token_strings(tokenizer: PreTrainedTokenizerBase) -> list[str]:
+    """The tokenizer's special-token strings (named ones and added ones flagged special), sorted; text holding
+    one tokenises as that control token unless `split_special_tokens` is asked for."""
+    found = set(getattr(tokenizer, "all_special_tokens", ()) or ())
+    for added in (getattr(tokenizer, "added_tokens_decoder", None) or {}).values():
+        if getattr(added, "special", False):
+            found.add(str(added))
+    return sorted(t for t in found if isinstance(t, str) and t)
+
+
 def get_image_token_id(tokenizer: PreTrainedTokenizerBase) -> int:
     """The id of `<image>` (`tokenizer.image_token_id` when set); ValueError when the tokenizer lacks it."""
     found = getattr(tokenizer, "image_token_id", None)

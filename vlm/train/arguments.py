@@ -77,7 +77,9 @@ class DataArguments:
     max_drop_ratio: float = field(default=0.01, metadata={"help": "stop when more samples than this would be dropped"})
     check_images: str = field(default="exists", metadata={"help": "validation: full | exists | none"})
     allow_absolute_image_paths: bool = field(default=False, metadata={
-        "help": "accept absolute image paths in the data (each must resolve to a regular file)"})
+        "help": "accept absolute image paths (each must resolve to a regular file)"})
+    escape_special_tokens: bool = field(default=False, metadata={
+        "help": "tokenise <|im_end|>, </s>... in the data as text, not control tokens"})
 
 
 @dataclass

@@ -31,7 +31,7 @@ GROUPS: list[tuple[str, tuple[str, ...]]] = [
                         "lora_weight_path", "bits", "quant_type", "double_quant")),
     ("data", ("data_path", "image_folder", "data_format", "version", "image_aspect_ratio", "image_map",
               "captions_file", "model_max_length", "truncate", "max_drop_ratio", "check_images",
-              "allow_absolute_image_paths", "group_by_modality_length")),
+              "allow_absolute_image_paths", "escape_special_tokens", "group_by_modality_length")),
     ("accepted for LLaVA's scripts and older transformers", ("mm_use_im_start_end", "mm_use_im_patch_token",
                                                              "lazy_preprocess", "is_multimodal",
                                                              "evaluation_strategy", "warmup_ratio")),

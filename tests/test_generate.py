@@ -250,3 +250,36 @@ def test_images_of_other_kinds_are_refused_naming_what_is_accepted(generator, im
         generator.answer("What color?", floats)
     with pytest.raises(TypeError, match=r"image 0 is a int; expected a file path.*PIL.Image.*uint8 numpy array"):
         generator.answer("What color?", 42)
+
+
+def test_one_decode_loop(tmp_path, generator, images, monkeypatch):
+    """`vlm eval` decodes through the loop every answer goes through (its own greedy loop is gone): the same
+    answers as `Generator.answer`, and no module but vlm/generate/decoding.py calls a model's generate."""
+    import pathlib
+    import shutil
+
+    import vlm.generate.generator
+    from vlm.eval.evaluate import evaluate_exact_match, normalise
+
+    folder = tmp_path / "img"
+    folder.mkdir()
+    for path in images:
+        shutil.copy(path, folder)
+    questions = ["What color is the circle?", "How many shapes are there?", "Is there a blue square?"]
+    records = [{"id": str(i), "image": pathlib.Path(path).name, "conversations": [
+        {"from": "human", "value": f"<image>\n{q}"}, {"from": "gpt", "value": "red"}]}
+        for i, (path, q) in enumerate(zip(images, questions))]
+    calls, real = [], vlm.generate.generator.decode_prompts
+    monkeypatch.setattr(vlm.generate.generator, "decode_prompts",
+                        lambda *a, **k: calls.append(len(a[3])) or real(*a, **k))
+    result = evaluate_exact_match(generator.model, generator.tokenizer, generator.image_processor, records,
+                                  str(folder), template=generator.template, batch_size=2)
+    assert calls == [3, 3]  # the answers and the blind baseline
+    short = Generator(**{**generator.__dict__, "settings": GenerationSettings(max_new_tokens=8)})
+    assert [e["answer"] for e in result["examples"]] == [normalise(short.answer(f"<image>\n{q}", path))
+                                                         for q, path in zip(questions, images)]
+    root = pathlib.Path(vlm.generate.generator.__file__).parents[1]
+    callers = sorted(str(p.relative_to(root)) for p in root.rglob("*.py")
+                     if ".generate(input_ids" in p.read_text() or "model.generate(" in p.read_text().replace(
+                         "`model.generate(**inputs)`", ""))
+    assert callers == ["generate/decoding.py"]

@@ -30,7 +30,6 @@ import math
 import os
 import sys
 import uuid
-from collections import Counter
 from dataclasses import dataclass, field
 from typing import IO, Any
 

@@ -248,10 +248,12 @@ class VLMConfig:
         if not os.path.isfile(path):
             raise MissingPathError(f"no {CONFIG_NAME} in model folder {str(folder)!r}")
         data = read_json_object(path)
-        if "vision" not in data or "llm" not in data:
+        lacking = [section for section in ("vision", "llm") if section not in data]
+        if lacking:
             raise FolderError(
-                f"{path} is not a vlm model config (no 'vision'/'llm' sections); for LLaVA or llava-hf "
-                "folders use vlm.load_pretrained_model, which converts them"
+                f"{path} is not a complete vlm model config (no {' or '.join(repr(s) for s in lacking)} section); "
+                "restore it from the run that saved the model; for LLaVA or llava-hf folders use "
+                "vlm.load_pretrained_model, which converts them"
             )
         try:
             return cls.from_dict(data)

@@ -10,6 +10,8 @@ import json
 import os
 from typing import TYPE_CHECKING, Any
 
+from vlm.errors import FolderError, MissingPathError
+
 if TYPE_CHECKING:  # transformers is imported where a config is read: `vlm data --help` stays light
     from transformers import PretrainedConfig
 
@@ -42,7 +44,7 @@ def remote_code_entries(folder: str | os.PathLike) -> list[tuple[str, Any]]:
 
 
 def check_remote_code(folder: str | os.PathLike, trust_remote_code: bool = False) -> None:
-    """ValueError naming the file and its `auto_map` when a local folder declares its own code and the user did not
+    """FolderError naming the file and its `auto_map` when a local folder declares its own code and the user did not
     pass --trust_remote_code. transformers would ask on a terminal (and run the code on "y") or, told False,
     load its built-in class instead of the one the folder means; either way the user should decide, knowingly."""
     if trust_remote_code or not os.path.isdir(str(folder)):
@@ -50,7 +52,7 @@ def check_remote_code(folder: str | os.PathLike, trust_remote_code: bool = False
     entries = remote_code_entries(folder)
     if entries:
         path, auto_map = entries[0]
-        raise ValueError(
+        raise FolderError(
             f"{path} has auto_map {json.dumps(auto_map)[:200]}: the folder ships its own Python code, which vlm "
             "does not run; pass --trust_remote_code only if you trust that code, or use a folder without auto_map"
         )
@@ -69,7 +71,7 @@ def auto_tokenizer(name_or_path: str | os.PathLike, *, trust_remote_code: bool =
 
 def pretrained_config(name_or_path: str, *, what: str, cache_dir: str | None = None,
                       trust_remote_code: bool = False) -> PretrainedConfig:
-    """`AutoConfig.from_pretrained(name_or_path, cache_dir=cache_dir)`; FileNotFoundError naming `what`, the path
+    """`AutoConfig.from_pretrained(name_or_path, cache_dir=cache_dir)`; MissingPathError naming `what`, the path
     and the cache looked in when it cannot be read (transformers' own message is several lines about networking).
     `trust_remote_code` is passed explicitly; refusing an `auto_map` folder is the entry points' job
     (`check_remote_code`), as they know whether the user trusted it."""
@@ -80,7 +82,7 @@ def pretrained_config(name_or_path: str, *, what: str, cache_dir: str | None = N
     except OSError as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         where = f"the Hub cache --cache_dir {cache_dir!r}" if cache_dir else "the default Hub cache (HF_HUB_CACHE)"
-        raise FileNotFoundError(
+        raise MissingPathError(
             f"{what} {name_or_path!r} is not found / could not be downloaded: not a readable local folder, not in "
             f"{where}, and not downloadable ({reason}); pass a local folder, or --cache_dir with the cache that holds it"
         ) from None

@@ -9,6 +9,7 @@ from __future__ import annotations
 from transformers import CLIPVisionConfig, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config, SiglipVisionConfig
 
 from vlm.config import LLMConfig, ProjectorConfig, VisionConfig, VLMConfig
+from vlm.errors import ConfigError
 
 
 def tiny_vision_config(kind: str = "siglip", *, hidden_size: int = 32, image_size: int = 32, patch_size: int = 8,
@@ -19,7 +20,7 @@ def tiny_vision_config(kind: str = "siglip", *, hidden_size: int = 32, image_siz
         return CLIPVisionConfig(**common, projection_dim=hidden_size)
     if kind == "siglip":
         return SiglipVisionConfig(**common, vision_use_head=False)
-    raise ValueError(f"kind={kind!r}; expected 'clip' or 'siglip'")
+    raise ConfigError(f"kind={kind!r}; expected 'clip' or 'siglip'")
 
 
 def tiny_llm_config(kind: str = "qwen2", *, vocab_size: int = 256, hidden_size: int = 64, num_layers: int = 2,
@@ -29,7 +30,7 @@ def tiny_llm_config(kind: str = "qwen2", *, vocab_size: int = 256, hidden_size: 
                   max_position_embeddings=2048, tie_word_embeddings=tie_word_embeddings)
     classes = {"qwen2": Qwen2Config, "qwen3": Qwen3Config, "llama": LlamaConfig, "mistral": MistralConfig}
     if kind not in classes:
-        raise ValueError(f"kind={kind!r}; expected one of {sorted(classes)}")
+        raise ConfigError(f"kind={kind!r}; expected one of {sorted(classes)}")
     extra = {"head_dim": hidden_size // num_heads} if kind == "qwen3" else {}
     return classes[kind](**common, **extra)
 

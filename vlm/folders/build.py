@@ -14,14 +14,14 @@ from typing import Callable
 
 import torch
 
-from vlm.errors import ConfigError, MissingPathError
+from vlm.errors import ConfigError, FolderError
 from vlm.folders.kinds import _legacy_template
 
 
 def build_and_load(config, state: dict[str, torch.Tensor], *, source: str, config_source: str | None = None,
                    dtype: str | torch.dtype | None = None, attn_implementation: str | None = None,
                    pretrained_tower: bool = False, cache_dir: str | None = None,
-                   adapt_state: Callable[[dict, dict], dict] | None = None):
+                   adapt_state: Callable[[dict, torch.nn.Module], dict] | None = None):
     """The model `config` describes holding exactly the tensors of `state`, in eval mode: what every loader of
     every folder kind does (vlm folders, LoRA runs, LLaVA-1.5, llava-hf).
 
@@ -34,8 +34,7 @@ def build_and_load(config, state: dict[str, torch.Tensor], *, source: str, confi
         dtype, attn_implementation: override the config's.
         pretrained_tower: load the vision tower's own pretrained weights (`vision.name_or_path`, read through
             `cache_dir`); `adapt_state` then takes the tower tensors the checkpoint lacks from the model.
-        adapt_state: `(state, expected) -> state`, run before the strict check with the skeleton's
-            `state_dict()`: a format's own rules (rows added for `<image>`, a LoRA run's non-LoRA tensors
+        adapt_state: `(state, model) -> state`, run on the skeleton before the strict check: a format's own rules (rows added for `<image>`, a LoRA run's non-LoRA tensors
             over its base's).
     """
     from transformers.initialization import no_init_weights
@@ -53,7 +52,7 @@ def build_and_load(config, state: dict[str, torch.Tensor], *, source: str, confi
         raise ConfigError(f"{config_source}: {exc}") from None
     model.tie_weights()  # no_init_weights also skips tying
     if adapt_state is not None:
-        state = adapt_state(state, model.state_dict())
+        state = adapt_state(state, model)
     load_state_dict_strict(model, state, source=source)
     return model.eval()
 
@@ -78,9 +77,13 @@ def from_pretrained(folder: str | os.PathLike, *, dtype: str | torch.dtype | Non
     from vlm.folders.weights import load_state_dict, weights_file
     from vlm.model import dtype_name, resolve_dtype
 
+    from vlm.folders.kinds import folder_kind
+
     folder = str(folder)
-    if not os.path.isdir(folder):
-        raise MissingPathError(f"model folder {folder!r} does not exist")
+    kind = folder_kind(folder)  # MissingPathError / FolderError naming what is missing or unknown
+    if kind != "vlm":
+        raise FolderError(f"{folder!r} is a {kind} folder, not a vlm model folder; load it with "
+                          "vlm.load_pretrained_model (or vlm.load), which reads every kind")
     config = read_folder_config(folder)
     state = load_state_dict(folder)
     model = build_and_load(config, state, source=weights_file(folder), attn_implementation=attn_implementation,

@@ -54,8 +54,10 @@ def config_kind(data: dict[str, Any]) -> str | None:
 
 def folder_kind(folder: str) -> str:
     """'lora', 'vlm', 'llava' or 'llava-hf'; MissingPathError/FolderError naming what is missing or unknown."""
+    if not os.path.exists(folder):
+        raise MissingPathError(f"model folder {folder!r} does not exist")
     if not os.path.isdir(folder):
-        raise MissingPathError(f"model path {folder!r} is not a folder (and not a hub id that could be downloaded)")
+        raise MissingPathError(f"model path {folder!r} is a file, not a model folder")
     if is_lora_run(folder):
         return "lora"
     path = os.path.join(folder, "config.json")
@@ -197,6 +199,30 @@ def load_tokenizer(folder: str, *, trust_remote_code: bool = False):
             "vlm.folders.weights.save_model_folder(folder, model, tokenizer=...)"
         )
     return auto_tokenizer(folder, trust_remote_code=trust_remote_code)
+
+
+def load_image_processor(folder: str, model, *, aspect_ratio: str | None = None, fallback: str | None = None,
+                         cache_dir: str | None = None):
+    """The folder's `preprocessor_config.json`, else `fallback`'s (the tower's folder or Hub id, read through
+    `cache_dir`), else the tower type's defaults."""
+    import dataclasses
+
+    from vlm.visual.processor import PREPROCESSOR_CONFIG_NAME, ImageProcessor
+
+    processor = None
+    if os.path.isfile(os.path.join(folder, PREPROCESSOR_CONFIG_NAME)):
+        processor = ImageProcessor.from_pretrained(folder)
+    elif fallback:
+        try:
+            processor = ImageProcessor.from_pretrained(fallback, cache_dir=cache_dir)
+        except FileNotFoundError:
+            processor = None
+    if processor is None:
+        processor = ImageProcessor.from_vision_config(model.vlm_config.vision.hf_config, aspect_ratio=aspect_ratio or "pad")
+    if aspect_ratio is not None and processor.config.aspect_ratio != aspect_ratio:
+        processor = ImageProcessor(dataclasses.replace(processor.config, aspect_ratio=aspect_ratio))
+    processor.check_fits(model.vision_tower.image_size, os.path.join(folder, PREPROCESSOR_CONFIG_NAME))
+    return processor
 
 
 def _legacy_template(folder: str | os.PathLike) -> str | None:

@@ -120,7 +120,8 @@ def load_llava_original(folder: str | os.PathLike, tokenizer, *, dtype=None, vis
     state = drop_keys(read_checkpoint(folder), LLAVA_ORIGINAL_IGNORED)
     state = rename_keys(state, LLAVA_ORIGINAL_TO_VLM, what=f"LLaVA checkpoint {str(folder)!r}")
 
-    def adapt(state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def adapt(state: dict[str, torch.Tensor], model) -> dict[str, torch.Tensor]:
+        expected = model.state_dict()
         tower_keys = {k for k in expected if k.startswith("vision_tower.")}
         saved_tower = {k for k in state if k.startswith("vision_tower.")}
         if saved_tower and saved_tower != tower_keys:

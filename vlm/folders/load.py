@@ -18,7 +18,6 @@ weights differ from the one it recorded (`vlm.folders.lora.check_base_fingerprin
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from typing import Any
 
@@ -26,31 +25,9 @@ import torch
 
 from vlm.errors import ConfigError, FolderError
 from vlm.folders.build import from_pretrained, read_folder_config
-from vlm.folders.kinds import check_folder_files, folder_kind, load_tokenizer, resolve_model_path
+from vlm.folders.kinds import check_folder_files, folder_kind, load_image_processor, load_tokenizer, resolve_model_path
 
 DEFAULT_CONTEXT = 2048
-
-
-def load_image_processor(folder: str, model, *, aspect_ratio: str | None = None, fallback: str | None = None,
-                         cache_dir: str | None = None):
-    """The folder's `preprocessor_config.json`, else `fallback`'s (the tower's folder or Hub id, read through
-    `cache_dir`), else the tower type's defaults."""
-    from vlm.visual.processor import PREPROCESSOR_CONFIG_NAME, ImageProcessor
-
-    processor = None
-    if os.path.isfile(os.path.join(folder, PREPROCESSOR_CONFIG_NAME)):
-        processor = ImageProcessor.from_pretrained(folder)
-    elif fallback:
-        try:
-            processor = ImageProcessor.from_pretrained(fallback, cache_dir=cache_dir)
-        except FileNotFoundError:
-            processor = None
-    if processor is None:
-        processor = ImageProcessor.from_vision_config(model.vlm_config.vision.hf_config, aspect_ratio=aspect_ratio or "pad")
-    if aspect_ratio is not None and processor.config.aspect_ratio != aspect_ratio:
-        processor = ImageProcessor(dataclasses.replace(processor.config, aspect_ratio=aspect_ratio))
-    processor.check_fits(model.vision_tower.image_size, os.path.join(folder, PREPROCESSOR_CONFIG_NAME))
-    return processor
 
 
 def context_length(model, tokenizer) -> int:

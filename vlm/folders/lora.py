@@ -270,7 +270,8 @@ def non_lora_state(model, *, cache_dir: str | None = None,
             state[_plain_name(name)] = (name, p)
     embeddings = vlm_model.get_input_embeddings().weight
     base_vocab = _base_vocab_size(vlm_model.vlm_config.llm.name_or_path, cache_dir)
-    if base_vocab != embeddings.shape[0]:
+    rows = getattr(embeddings, "ds_shape", embeddings.shape)[0]  # DeepSpeed ZeRO-3: the live tensor is a shard
+    if base_vocab != rows:
         state["model.embed_tokens.weight"] = ("model.embed_tokens.weight", embeddings)
         output = vlm_model.get_output_embeddings()
         if output is not None and output.weight is not embeddings:
@@ -533,7 +534,15 @@ def load_lora_run(folder: str | os.PathLike, model_base: str | None = None, *,
     non_lora_path = os.path.join(folder, NON_LORA_NAME)
     non_lora = read_safetensors(non_lora_path)
 
-    def adapt(state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    source = f"{base_source} + {non_lora_path}"
+
+    def adapt(state: dict[str, torch.Tensor], model) -> dict[str, torch.Tensor]:
+        from vlm.folders.weights import check_state_fits
+
+        expected = model.state_dict()
+        # The run saves its projector and tower whole: one missing there must not be filled in from the base
+        own = {name: p for name, p in model.named_parameters() if name.startswith(_NOT_LLM)}
+        check_state_fits({k: v for k, v in non_lora.items() if k in own}, own, source=source)
         tied = config.llm.hf_config.get("tie_word_embeddings", False)
         for key in ("model.embed_tokens.weight", "lm_head.weight"):  # the base's smaller vocabulary: the run's rows
             if key in state and key in expected and state[key].shape[0] < expected[key].shape[0]:
@@ -545,7 +554,7 @@ def load_lora_run(folder: str | os.PathLike, model_base: str | None = None, *,
                 state.pop(key)
         return {**state, **non_lora}
 
-    model = build_and_load(config, state, source=f"{base_source} + {non_lora_path}", adapt_state=adapt,
+    model = build_and_load(config, state, source=source, adapt_state=adapt,
                            attn_implementation=attn_implementation,
                            config_source=os.path.join(folder, "config.json"))
     if quantization is not None:
@@ -599,22 +608,18 @@ def merge_lora_run(folder: str | os.PathLike, output: str | os.PathLike, model_b
     The adapters are merged onto the full-precision base, also for runs trained on a quantised LLM (QLoRA):
     W + alpha/r * B @ A with W the base's own weights, not their 4-/8-bit approximation.
     """
-    from vlm.folders.kinds import TOKENIZER_FILES, load_tokenizer
+    from vlm.folders.kinds import TOKENIZER_FILES, load_image_processor, load_tokenizer
     from vlm.folders.weights import save_model_folder
+    from vlm.visual.processor import PREPROCESSOR_CONFIG_NAME
 
     merged = merge_lora(load_lora_run(folder, model_base, dtype=dtype, trust_remote_code=trust_remote_code,
                                       force_base=force_base))
     has_tokenizer = any(os.path.isfile(os.path.join(folder, n)) for n in TOKENIZER_FILES)
     tokenizer = load_tokenizer(str(folder), trust_remote_code=trust_remote_code) if has_tokenizer else None
-    save_model_folder(output, merged, tokenizer=tokenizer, image_processor=_run_processor(folder))
+    has_processor = os.path.isfile(os.path.join(folder, PREPROCESSOR_CONFIG_NAME))
+    processor = load_image_processor(str(folder), merged) if has_processor else None
+    save_model_folder(output, merged, tokenizer=tokenizer, image_processor=processor)
     return merged
-
-
-def _run_processor(folder: str | os.PathLike):
-    from vlm.visual.processor import PREPROCESSOR_CONFIG_NAME, ImageProcessor
-
-    path = os.path.join(folder, PREPROCESSOR_CONFIG_NAME)
-    return ImageProcessor.from_pretrained(folder) if os.path.isfile(path) else None
 
 
 def load_lora_checkpoint(peft_model, folder: str | os.PathLike, *, cache_dir: str | None = None) -> None:

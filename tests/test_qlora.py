@@ -8,6 +8,7 @@ its `merge_and_unload` on the unquantised plain LLM, and PEFT's `bias` semantics
 
 from __future__ import annotations
 
+import dataclasses
 import copy
 import json
 import os
@@ -162,8 +163,8 @@ def test_llm_weight_memory_under_4bit():
     parameters (at hidden 64 with a 300-token vocabulary, 21%, the ratio is 0.354).
     """
     config = tiny_vlm_config("siglip", "qwen2", vocab_size=320)
-    config.llm.hf_config = tiny_llm_config("qwen2", vocab_size=320, hidden_size=128).to_dict() | {
-        "intermediate_size": 384}
+    config = config.replace(llm=dataclasses.replace(config.llm, hf_config=tiny_llm_config(
+        "qwen2", vocab_size=320, hidden_size=128).to_dict() | {"intermediate_size": 384}))
     torch.manual_seed(0)
     model = vlm.build_model(config)
     fp32 = llm_weight_bytes(model)

@@ -27,7 +27,8 @@ from transformers.trainer_utils import rotate_checkpoints
 
 from safetensors.torch import save_file
 
-from vlm.folders.weights import check_state_fits, load_state_dict, load_state_dict_strict, save_model_folder
+from vlm.folders.lora import load_lora_checkpoint
+from vlm.folders.weights import load_state_dict, load_state_dict_strict, save_model_folder
 from vlm.train.data_drops import record_drops
 
 STAGING_DIR = ".incomplete"
@@ -115,6 +116,9 @@ class VLMTrainer(Trainer):
             return
         os.makedirs(output_dir, exist_ok=True)
         tokenizer = self.processing_class
+        if self.template is not None:  # what test.py / chat prompt the model with: config.json's `template`
+            vlm_model = unwrap(self.model)
+            vlm_model.vlm_config = vlm_model.vlm_config.replace(template=self.template)
         if self.lora:
             from vlm.folders.lora import save_lora_run
 
@@ -123,10 +127,6 @@ class VLMTrainer(Trainer):
         else:
             save_model_folder(output_dir, unwrap(self.model), tokenizer=tokenizer,
                               image_processor=self.image_processor, state_dict=state_dict)
-        if self.template is not None:  # what test.py / chat prompt the model with
-            from vlm.folders.kinds import record_template
-
-            record_template(output_dir, self.template)
         if self.save_projector:  # stage 1: what --pretrain_mm_mlp_adapter loads
             projector = unwrap(self.model).mm_projector.state_dict()
             save_file({f"mm_projector.{k}": v.detach().contiguous() for k, v in projector.items()},
@@ -186,31 +186,3 @@ class VLMTrainer(Trainer):
                 logs["tokens_per_s"] = round(tokens / (now - last), 1)
             self._last_log_time, self._tokens_since_log = now, 0
         super().log(logs, start_time)
-
-
-def load_lora_checkpoint(peft_model, folder: str, *, cache_dir: str | None = None) -> None:
-    """Restore a LoRA checkpoint into the live PEFT model: adapter weights and the non-LoRA trainables.
-
-    Strict both ways: the adapter file must hold exactly the model's adapter tensors, and
-    `non_lora_trainables.safetensors` exactly what `save_lora_run` writes for this model (its keys use
-    the plain layout, `q_proj.bias` for PEFT's `q_proj.base_layer.bias`), every shape equal. `cache_dir`: the
-    Hugging Face hub cache the run was saved with (`--cache_dir`), so the expected tensors are the saved ones.
-    """
-    from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
-    from safetensors.torch import load_file
-
-    from vlm.folders.lora import ADAPTER_WEIGHTS_NAME, NON_LORA_NAME, _plain_name, non_lora_state
-
-    hint = "; resume with the flags the run was started with"
-    adapter = load_file(os.path.join(folder, ADAPTER_WEIGHTS_NAME))
-    check_state_fits(adapter, get_peft_model_state_dict(peft_model, save_embedding_layers=False),
-                     source=f"{ADAPTER_WEIGHTS_NAME} in {folder!r}", hint=hint)
-    set_peft_model_state_dict(peft_model, adapter)
-
-    state = load_file(os.path.join(folder, NON_LORA_NAME))
-    check_state_fits(state, non_lora_state(peft_model, cache_dir=cache_dir), source=f"{NON_LORA_NAME} in {folder!r}", hint=hint)
-    params = {_plain_name(name): p for name, p in peft_model.get_base_model().named_parameters()}
-    with torch.no_grad():
-        for key, value in state.items():
-            params[key].copy_(value)
-

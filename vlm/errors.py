@@ -31,3 +31,7 @@ class ConfigError(UserError):
 
 class FolderError(UserError):
     """A model folder, checkpoint or run folder that is damaged, of the wrong kind, or belongs to another run."""
+
+
+class MissingDependencyError(UserError, ImportError):
+    """An optional package the user's flags need is not installed; the message names the flag and the extra."""

@@ -13,6 +13,7 @@ import json
 import pytest
 
 from vlm.data.check import check_dataset, enforce_max_drop_ratio
+from vlm.cli import run
 from vlm.cli.data import main as data_main
 from vlm.data.conversation import encode_sample
 from vlm.data.dataset import SupervisedDataset
@@ -159,7 +160,7 @@ def test_detection_ties_are_refused(tmp_path, make_llava_record):
 
 
 def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:
-    code = data_main(argv)
+    code = run("vlm data", data_main, argv)  # as the console command runs it
     out = capsys.readouterr()
     return code, out.out, out.err
 

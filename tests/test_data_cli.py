@@ -1,4 +1,4 @@
-"""`vlm data check|convert|filter` end to end, in-process through `vlm.cli.data.main`."""
+"""`vlm data check|convert|filter` end to end, in-process through `vlm.cli.run` and `vlm.cli.data.main`."""
 
 from __future__ import annotations
 
@@ -7,10 +7,16 @@ import json
 import pytest
 from PIL import Image
 
-from vlm.cli.data import main
+from vlm.cli import run
+from vlm.cli.data import main as data_main
 from vlm.data.formats import read_source
 
 RS_SUBSETS = ("NWPU", "RSICD", "UAV", "UCM", "LR", "DOTA")
+
+
+def main(argv: list[str]) -> int:
+    """`vlm data ...` as the console command runs it: under `vlm.cli.run` (a user mistake: one line, exit 2)."""
+    return run("vlm data", data_main, argv)
 
 
 def load(path) -> object:
@@ -165,3 +171,25 @@ def test_filter_by_dropped_prefix_and_by_field(tmp_path, remote_sensing):
                  "--keep-values", "nwpu,ucm", "--output", str(by_field)]) == 0
     assert [r["id"] for r in load(by_field)] == ["NWPU-0", "NWPU-1", "UCM-0", "UCM-1"]
     assert main(["filter", "--data_path", str(data), "--output", str(by_field)]) == 2  # nothing to filter by
+
+
+def test_user_mistakes_are_one_line_exit_2_through_the_runner(tmp_path, write_data, make_llava_record, capsys):
+    """vlm.errors policy: `main` raises the vlm.errors class (no catch-and-print of its own); the runner that
+    `vlm data` goes through prints `vlm data: error: ...` in one line and exits 2."""
+    from vlm.data.errors import DataError
+    from vlm.errors import ConfigError, MissingPathError
+
+    data = write_data("d.json", [make_llava_record("a")])
+    cases = [
+        (["check", "--data_path", str(tmp_path / "missing.json")], (DataError, MissingPathError), "missing.json"),
+        (["check", "--data_path", str(data), "--template", "alpaca"], ConfigError, "unknown chat template 'alpaca'"),
+        (["check", "--data_path", str(data), "--max_drop_ratio", "2"], ConfigError, "--max_drop_ratio must be in"),
+        (["check", "--data_path", str(data), "--num_image_tokens", "0"], ConfigError, "num_image_tokens must be"),
+        (["filter", "--data_path", str(data), "--output", str(tmp_path / "o.json")], ConfigError, "nothing to filter"),
+    ]
+    for argv, error, words in cases:
+        with pytest.raises(error, match=words):
+            data_main(argv)
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("vlm data: error: ") and words.split("'")[0] in err[0], err

@@ -435,3 +435,35 @@ def test_from_pretrained_reads_old_int_sizes_and_refuses_unrepresentable(tmp_pat
     empty.mkdir()
     with pytest.raises(FileNotFoundError, match="no preprocessor_config.json in folder .*empty"):
         ImageProcessor.from_pretrained(empty)
+
+
+def test_user_mistakes_are_vlm_errors(tmp_path):
+    """vlm.errors policy: a bad image-processor config is a ConfigError, a missing file or folder a
+    MissingPathError, an undecodable image a UserError (ImageLoadError); all still ValueErrors."""
+    from transformers import CLIPVisionModel
+
+    from vlm.errors import ConfigError, MissingPathError, UserError
+    from vlm.visual.processor import ImageLoadError, ImageProcessor, ImageProcessorConfig, load_image
+    from vlm.visual.tower import VisionTower
+
+    with pytest.raises(ConfigError, match="image_std must be > 0"):
+        ImageProcessorConfig(image_size=16, image_mean=(0.5,) * 3, image_std=(0.0, 0.5, 0.5))
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps({"image_processor_type": "CLIPImageProcessor",
+                                                                    "size": {"height": 16, "width": 32}}))
+    with pytest.raises(ConfigError, match="preprocessor_config.json"):
+        ImageProcessor.from_pretrained(tmp_path)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(MissingPathError, match="no preprocessor_config.json in folder"):
+        ImageProcessor.from_pretrained(tmp_path / "empty")
+    with pytest.raises(MissingPathError, match="image file not found: .*nowhere.png"):
+        load_image(tmp_path / "nowhere.png")
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    with pytest.raises(ImageLoadError) as info:
+        load_image(tmp_path / "bad.png")
+    assert isinstance(info.value, UserError)
+    tower = CLIPVisionModel(CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                             num_attention_heads=4, image_size=16, patch_size=8))
+    with pytest.raises(ConfigError, match="mm_vision_select_layer=5 is out of range"):
+        VisionTower(tower, select_layer=5)
+    with pytest.raises(ConfigError, match="mm_vision_select_feature"):
+        VisionTower(tower, select_feature="cls")

@@ -93,11 +93,11 @@ def test_auto_map_tokenizer_is_refused_by_the_loader(evil_tokenizer):
 
 def test_data_check_refuses_an_auto_map_tokenizer(evil_tokenizer, write_data, data_image_folder, make_llava_record,
                                                   capsys):
-    from vlm.cli.data import main
+    from vlm.cli import main
 
     folder, marker = evil_tokenizer
     data = write_data("d.json", [make_llava_record("a")])
-    code = main(["check", "--data_path", str(data), "--image_folder", str(data_image_folder), "--tokenizer",
+    code = main(["data", "check", "--data_path", str(data), "--image_folder", str(data_image_folder), "--tokenizer",
                  str(folder), "--num_image_tokens", "4", "--report", str(data.parent / "r.json")])
     line = one_line_error(capsys.readouterr().err)
     assert code == 2 and "auto_map" in line and "--trust_remote_code" in line and str(folder) in line

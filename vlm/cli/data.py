@@ -13,7 +13,9 @@
 optional `--data_weights` repeat factors) or a YAML mix file (`vlm/data/mix.py`). Without
 `--tokenizer`, `check` uses a stand-in tokenizer and skips the length check (`vlm/data/check.py`).
 Exit status: 0 when fine; 1 when `check` drops more than `--max_drop_ratio`, `convert` writes
-nothing, or `filter` finds kept images missing; 2 for bad arguments.
+nothing, or `filter` finds kept images missing (the command ran; its verdict is no); 2 for a user
+mistake (`vlm.errors`: bad flags, unreadable files), printed in one line by `vlm.cli.run`, which
+runs `main` (`vlm data ...`, `python -m vlm.cli.data`).
 """
 
 from __future__ import annotations
@@ -123,17 +125,13 @@ def main(argv: list[str] | None = None) -> int:
 
         return int(synth_main(argv[1:]) or 0)
     args = build_parser().parse_args(argv)
-    try:
-        return {"check": _check, "convert": _convert, "filter": _filter}[args.command](args)
-    except ValueError as e:
-        print(f"vlm data {args.command}: {e}", file=sys.stderr)
-        return 2
+    return {"check": _check, "convert": _convert, "filter": _filter}[args.command](args)
 
 
 def _check(args: argparse.Namespace) -> int:
     import dataclasses
 
-    from vlm.data.check import check_dataset, enforce_max_drop_ratio
+    from vlm.data.check import check_dataset, drop_ratio_verdict
     from vlm.data.mix import parse_sources
 
     sources = [_basic_vlm_images(dataclasses.replace(source, allow_absolute_images=args.allow_absolute_image_paths),
@@ -174,10 +172,9 @@ def _check(args: argparse.Namespace) -> int:
                "that tokenises as control tokens (--escape_special_tokens tokenises it as text)")
         print(f"note: {specials['samples']} samples hold special-token text ({counts}) {how}; kept, see "
               "notes.special_tokens")
-    try:
-        enforce_max_drop_ratio(report, args.max_drop_ratio, report_path=args.report)
-    except ValueError as e:
-        print(f"vlm data check: {e}", file=sys.stderr)
+    verdict = drop_ratio_verdict(report, args.max_drop_ratio, report_path=args.report)
+    if verdict:  # the check ran and found the data failing: its result, exit 1 (a user mistake would be 2)
+        print(f"vlm data check: {verdict}", file=sys.stderr)
         return 1
     return 0
 
@@ -232,4 +229,6 @@ def _write_json(path: str, data: dict) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from vlm.cli import run
+
+    sys.exit(run("vlm data", main))

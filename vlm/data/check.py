@@ -47,13 +47,14 @@ from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from typing import Any, Iterable, Sequence
 
-from vlm.data.conversation import EncodedSample, encode_sample
+from vlm.data.conversation import EncodedSample, check_encode_options, encode_sample
 from vlm.data.errors import REASONS, DataError, SampleError
 from vlm.data.mix import MixedRecords, Source
 from vlm.data.paths import CHECK_MODES, ImageFolder
 from vlm.data.sample import validate_sample
 from vlm.data.templates import Template, get_template
 from vlm.data.tokenizer import IMAGE_TOKEN, build_tokenizer, special_token_strings
+from vlm.errors import ConfigError
 from vlm.visual.processor import PIL_DEFAULT_MAX_IMAGE_PIXELS
 
 _STAND_IN_SAMPLES = 2000  # samples whose text trains the stand-in tokenizer
@@ -145,7 +146,8 @@ def check_dataset(
     """
     mode = ("full" if check_images else "none") if isinstance(check_images, bool) else check_images
     if mode not in CHECK_MODES:
-        raise ValueError(f"check_images={check_images!r}; expected one of {CHECK_MODES}")
+        raise ConfigError(f"check_images={check_images!r}; expected one of {CHECK_MODES}")
+    check_encode_options(num_image_tokens, truncate)
     records = as_records(data, image_folder=image_folder, seed=seed)
     skipped = []
     if tokenizer is None:
@@ -153,6 +155,9 @@ def check_dataset(
         if max_length is not None:
             skipped.append("too_long: no tokenizer given, lengths not checked (pass --tokenizer)")
         max_length = None
+    template_name = getattr(template, "name", template)
+    # a template that does not exist or does not fit the tokenizer is the user's mistake, said once, up front
+    template = get_template(template, tokenizer) if isinstance(template, str) else template.bind(tokenizer)
     if mode != "full":
         skipped.append(f"unreadable_image: images not decoded (check_images={mode})")
     if mode == "none":
@@ -186,7 +191,7 @@ def check_dataset(
             "sources": records.describe(),
             "format_detection": records.format_detection() if isinstance(records, MixedRecords) else [],
             "settings": {
-                "template": getattr(template, "name", template),
+                "template": template_name,
                 "num_image_tokens": num_image_tokens,
                 "max_length": max_length,
                 "truncate": truncate,
@@ -383,31 +388,32 @@ def stand_in_tokenizer(records: Sequence) -> Any:
 
 
 def enforce_max_drop_ratio(report: dict, max_drop_ratio: float = 0.01, *, report_path: str | None = None) -> None:
-    """Raise DataError (a ValueError) when more than `max_drop_ratio` of the samples would be dropped, or none is left
-    (even with `max_drop_ratio` 1: there is nothing to train on).
+    """Raise DataError (a UserError) when more than `max_drop_ratio` of the samples would be dropped, or none is
+    left (even with `max_drop_ratio` 1: there is nothing to train on); the message is `drop_ratio_verdict`'s."""
+    verdict = drop_ratio_verdict(report, max_drop_ratio, report_path=report_path)
+    if verdict:
+        raise DataError(verdict)
 
-    The message (one line) gives the counts by reason, the first problems and where the full report is.
-    """
+
+def drop_ratio_verdict(report: dict, max_drop_ratio: float = 0.01, *, report_path: str | None = None) -> str | None:
+    """None when training may go on with the kept samples; else why not, in one line: the counts by reason, the
+    first problems and where the full report is."""
     if not 0 <= max_drop_ratio <= 1:
-        raise ValueError(f"max_drop_ratio must be in [0, 1], got {max_drop_ratio}")
+        raise ConfigError(f"--max_drop_ratio must be in [0, 1], got {max_drop_ratio}")
     total, dropped = report["total"], report["total"] - report["kept"]
     where = f"; full report: {report_path}" if report_path else ""
     if total == 0:
-        raise DataError(f"the dataset has no samples{where}")
+        return f"the dataset has no samples{where}"
     if dropped / total <= max_drop_ratio and report["kept"] > 0:
-        return
+        return None
     by_reason = ", ".join(f"{reason}={count}" for reason, count in report["dropped"].items())
     top = "; ".join(
         f"[{p['index']}] {p['id']!r} {p['reason']}: {p['detail']}" for p in itertools.islice(report["problems"], _TOP_PROBLEMS)
     )
     hints = "".join(f" {_HINTS[r]}" for r in report["dropped"] if r in _HINTS)
     if report["kept"] == 0:
-        raise DataError(
-            f"all {total} samples would be dropped ({by_reason}), nothing is left to train on. First problems: "
-            f"{top}{where}.{hints} Fix the data (see `vlm data check`)."
-        )
-    raise DataError(
-        f"{dropped} of {total} samples ({dropped / total:.1%}) would be dropped, more than --max_drop_ratio "
-        f"{max_drop_ratio}: {by_reason}. First problems: {top}{where}.{hints} Fix the data (see `vlm data check`) "
-        "or raise --max_drop_ratio to train on the rest."
-    )
+        return (f"all {total} samples would be dropped ({by_reason}), nothing is left to train on. First problems: "
+                f"{top}{where}.{hints} Fix the data (see `vlm data check`).")
+    return (f"{dropped} of {total} samples ({dropped / total:.1%}) would be dropped, more than --max_drop_ratio "
+            f"{max_drop_ratio}: {by_reason}. First problems: {top}{where}.{hints} Fix the data (see `vlm data check`) "
+            "or raise --max_drop_ratio to train on the rest.")

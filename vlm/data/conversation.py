@@ -29,6 +29,8 @@ import weakref
 from dataclasses import dataclass
 from typing import Any
 
+from vlm.errors import ConfigError
+
 from .errors import SampleError
 from .sample import validate_messages
 from .templates import Groups, Template, get_template
@@ -80,9 +82,7 @@ def encode_sample(
             `no_supervised_tokens`, naming the sample and the values involved.
         ValueError: bad arguments (unknown template or truncate mode, template/tokenizer mismatch).
     """
-    if truncate not in TRUNCATE_MODES:
-        raise ValueError(f"truncate={truncate!r}; expected one of {TRUNCATE_MODES}")
-    _check_num_image_tokens(num_image_tokens)
+    check_encode_options(num_image_tokens, truncate)
     template = _bind(template, tokenizer)
     sample_id = sample.get("id") if isinstance(sample, dict) else None
     if not isinstance(sample, dict) or not isinstance(sample.get("messages"), list):
@@ -151,7 +151,7 @@ def encode_prompt(
     Returns:
         input_ids (T,), tokenised exactly as `encode_sample` tokenises the same turns.
     """
-    _check_num_image_tokens(num_image_tokens)
+    check_encode_options(num_image_tokens)
     template = _bind(template, tokenizer)
     messages = validate_messages(messages, for_generation=True)
     if num_images is None:
@@ -171,9 +171,12 @@ def _bind(template: str | Template, tokenizer: Any) -> Template:
     raise TypeError(f"template must be a name or a Template, got {type(template).__name__}")
 
 
-def _check_num_image_tokens(num_image_tokens: int) -> None:
-    if not isinstance(num_image_tokens, int) or num_image_tokens < 1:
-        raise ValueError(f"num_image_tokens must be a positive int, got {num_image_tokens!r}")
+def check_encode_options(num_image_tokens: int, truncate: str = "none") -> None:
+    """ConfigError for a `num_image_tokens` or `truncate` that `encode_sample` cannot take."""
+    if not isinstance(num_image_tokens, int) or isinstance(num_image_tokens, bool) or num_image_tokens < 1:
+        raise ConfigError(f"num_image_tokens must be a positive int, got {num_image_tokens!r}")
+    if truncate not in TRUNCATE_MODES:
+        raise ConfigError(f"truncate={truncate!r}; expected one of {TRUNCATE_MODES}")
 
 
 def _place_images(messages: list[dict], num_images: int, sample_id: str | None) -> tuple[list[dict], bool]:

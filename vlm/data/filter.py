@@ -32,6 +32,7 @@ from vlm.data.convert import ProblemLog, write_llava
 from vlm.data.errors import SampleError
 from vlm.data.mix import Source, iter_source
 from vlm.data.paths import ImageFolder
+from vlm.errors import ConfigError
 
 _KEEP_MISSING = 100  # missing paths listed per subset in the report
 NO_SUBSET = "(none)"
@@ -73,10 +74,10 @@ def make_rule(keep: Sequence[str] | None, drop: Sequence[str] | None, field: str
     """A rule from `--keep-*` / `--drop-*` values (at most one of them); None when both are empty."""
     what = f"--field {field} values" if field else "prefixes"
     if keep and drop:
-        raise ValueError(f"give either keep or drop {what}, not both")
+        raise ConfigError(f"give either keep or drop {what}, not both")
     if not keep and not drop:
         if field:
-            raise ValueError(f"--field {field} needs --keep-values or --drop-values")
+            raise ConfigError(f"--field {field} needs --keep-values or --drop-values")
         return None
     return SubsetRule(tuple(keep or drop), keep=bool(keep), field=field)
 
@@ -150,7 +151,7 @@ def filter_file(
     """
     rules = [r for r in (make_rule(keep_prefix, drop_prefix), make_rule(keep_values, drop_values, field)) if r]
     if not rules:
-        raise ValueError("nothing to filter by: give --keep-prefix/--drop-prefix and/or --field with --keep-values/--drop-values")
+        raise ConfigError("nothing to filter by: give --keep-prefix/--drop-prefix and/or --field with --keep-values/--drop-values")
     fmt, items = iter_source(Source(path=str(data_path), format=format, options=options), seed=seed)
     log = ProblemLog()
     layout = LayoutCheck(image_folder)

@@ -22,6 +22,7 @@ import os
 from pathlib import Path
 
 from vlm.data.errors import SampleError
+from vlm.errors import ConfigError
 from vlm.visual.processor import PIL_DEFAULT_MAX_IMAGE_PIXELS, load_image
 
 CHECK_MODES = ("full", "exists", "none")
@@ -85,7 +86,7 @@ class ImageFolder:
     def check(self, image: str, mode: str = "full", *, max_image_pixels: int | None = PIL_DEFAULT_MAX_IMAGE_PIXELS) -> None:
         """Raise the SampleError that `image` deserves under check `mode` ("full", "exists", "none")."""
         if mode not in CHECK_MODES:
-            raise ValueError(f"image check mode {mode!r}; expected one of {CHECK_MODES}")
+            raise ConfigError(f"image check mode {mode!r}; expected one of {CHECK_MODES}")
         if mode == "none":
             self.lexical(image)
             return

@@ -30,6 +30,8 @@ from typing import Sequence
 
 from PIL import Image, ImageDraw
 
+from vlm.errors import ConfigError
+
 DEFAULT_COLORS: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40),
     "green": (40, 170, 60),
@@ -149,7 +151,7 @@ def ask(
         absent = [(c, k) for c in colors for k in shapes if (c, k) not in present]
         color, kind = rng.choice(present if want_yes or not absent else absent)
         return f"Is there a {color} {kind}?", "yes" if (color, kind) in present else "no"
-    raise ValueError(f"unknown question type {question_type!r}; known: {QUESTION_TYPES}")
+    raise ConfigError(f"unknown question type {question_type!r}; known: {QUESTION_TYPES}")
 
 
 def generate_shapes_dataset(
@@ -189,7 +191,7 @@ def generate_shapes_dataset(
     palette = dict(DEFAULT_COLORS if colors is None else colors)
     _check_options(n_train, n_eval, image_size, questions_per_image, palette, shapes, max_shapes, question_types)
     if grid is not None and (grid * grid < max_shapes or image_size // grid < 8):
-        raise ValueError(f"grid={grid}: needs grid*grid >= max_shapes ({max_shapes}) and cells of at least 8 px "
+        raise ConfigError(f"grid={grid}: needs grid*grid >= max_shapes ({max_shapes}) and cells of at least 8 px "
                          f"(image_size {image_size} // grid = {image_size // max(grid, 1)})")
     settings = {"n_train": n_train, "n_eval": n_eval, "image_size": image_size, "seed": seed,
                 "questions_per_image": questions_per_image, "colors": {k: list(v) for k, v in palette.items()},
@@ -302,18 +304,18 @@ def _apart(a: tuple[int, int, int, int], b: tuple[int, int, int, int], gap: int)
 
 def _check_options(n_train, n_eval, image_size, questions_per_image, palette, shapes, max_shapes, question_types) -> None:
     if n_train < 0 or n_eval < 0:
-        raise ValueError(f"n_train ({n_train}) and n_eval ({n_eval}) must be >= 0")
+        raise ConfigError(f"n_train ({n_train}) and n_eval ({n_eval}) must be >= 0")
     if image_size < 16:
-        raise ValueError(f"image_size={image_size} is too small to draw shapes; use at least 16")
+        raise ConfigError(f"image_size={image_size} is too small to draw shapes; use at least 16")
     if questions_per_image < 1:
-        raise ValueError(f"questions_per_image={questions_per_image} must be >= 1")
+        raise ConfigError(f"questions_per_image={questions_per_image} must be >= 1")
     if len(palette) < 2 or any(not name.isalpha() or name != name.lower() for name in palette):
-        raise ValueError(f"colors {list(palette)}: give at least two lowercase one-word colour names")
+        raise ConfigError(f"colors {list(palette)}: give at least two lowercase one-word colour names")
     unknown = set(shapes) - set(DEFAULT_SHAPES)
     if not shapes or unknown:
-        raise ValueError(f"shapes {list(shapes)}: choose among {DEFAULT_SHAPES}")
+        raise ConfigError(f"shapes {list(shapes)}: choose among {DEFAULT_SHAPES}")
     if max_shapes < 1:
-        raise ValueError(f"max_shapes={max_shapes} must be >= 1")
+        raise ConfigError(f"max_shapes={max_shapes} must be >= 1")
     unknown = set(question_types) - set(QUESTION_TYPES)
     if not question_types or unknown:
-        raise ValueError(f"question_types {list(question_types)}: choose among {QUESTION_TYPES}")
+        raise ConfigError(f"question_types {list(question_types)}: choose among {QUESTION_TYPES}")

@@ -38,6 +38,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
+from vlm.errors import ConfigError
+
 from .errors import SampleError
 from .tokenizer import IMAGE_TOKEN, special_token_strings, token_id
 
@@ -119,18 +121,18 @@ class Template:
             return self
         if self.use_chat_template:
             if not getattr(tokenizer, "chat_template", None):
-                raise ValueError(
+                raise ConfigError(
                     f"template 'tokenizer' needs tokenizer.chat_template, but {type(tokenizer).__name__} has none; "
                     f"pick a built-in template ({', '.join(n for n in TEMPLATES if n != 'tokenizer')})"
                 )
             return dataclasses.replace(self, bound_to=id(tokenizer))
         end_of_turn = self.end_of_turn if self.end_of_turn is not None else tokenizer.eos_token
         if end_of_turn is None:
-            raise ValueError(f"template {self.name!r} ends replies with eos, but the tokenizer has no eos_token")
+            raise ConfigError(f"template {self.name!r} ends replies with eos, but the tokenizer has no eos_token")
         needed = (*self.markers, end_of_turn) if self.end_of_turn_is_token else self.markers
         missing = [m for m in needed if token_id(tokenizer, m) is None]
         if missing:
-            raise ValueError(
+            raise ConfigError(
                 f"template {self.name!r} needs the special token(s) {missing} but tokenizer "
                 f"{type(tokenizer).__name__} lacks them; use the template that matches your LLM (--version) "
                 "or 'tokenizer' to use its own chat_template"
@@ -266,7 +268,7 @@ def get_template(name: str, tokenizer: Any = None) -> Template:
     key = ALIASES.get(name, name)
     if key not in TEMPLATES:
         valid = sorted(set(TEMPLATES) | set(ALIASES))
-        raise ValueError(f"unknown chat template {name!r}; valid names: {', '.join(valid)}")
+        raise ConfigError(f"unknown chat template {name!r}; valid names: {', '.join(valid)}")
     template = TEMPLATES[key]
     return template if tokenizer is None else template.bind(tokenizer)
 
@@ -293,7 +295,7 @@ def _render_chat_template(messages: list[dict], tokenizer: Any, add_generation_p
         except jinja2.TemplateError as exc:  # incl. SecurityError: the sandbox blocked the template reaching out
             where = getattr(tokenizer, "name_or_path", "") or "the tokenizer"
             what = "was blocked by Jinja's sandbox" if isinstance(exc, jinja2.exceptions.SecurityError) else "failed"
-            raise ValueError(
+            raise ConfigError(
                 f"the chat_template of {where} (chat_template.jinja / tokenizer_config.json) {what}: "
                 f"{type(exc).__name__}: {exc}; fix the template or use a built-in one (--conv-mode / --version chatml, "
                 "llama3, vicuna_v1)"
@@ -327,7 +329,7 @@ def _render_chat_template(messages: list[dict], tokenizer: Any, add_generation_p
         tail = upto[end:]
         hits = [(tail.find(s), s) for s in specials if s in tail]
         if not hits:
-            raise ValueError(
+            raise ConfigError(
                 f"the tokenizer's chat_template closes assistant replies with no special token (after the reply: "
                 f"{tail!r}), so the model could not learn to stop; use a built-in template instead"
             )

@@ -21,6 +21,8 @@ from typing import Iterable
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
+from vlm.errors import ConfigError
+
 IMAGE_TOKEN = "<image>"
 EOS_TOKEN = "<|endoftext|>"
 
@@ -76,7 +78,7 @@ def build_tokenizer(
     """
     minimum = 256 + len(SPECIAL_TOKENS) + 1
     if vocab_size < minimum:
-        raise ValueError(f"vocab_size={vocab_size} is too small for a byte-level BPE; use at least {minimum}")
+        raise ConfigError(f"vocab_size={vocab_size} is too small for a byte-level BPE; use at least {minimum}")
     core = Tokenizer(models.BPE())
     core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     core.decoder = decoders.ByteLevel()

@@ -49,6 +49,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from vlm.errors import ConfigError, MissingPathError, UserError
+
 if TYPE_CHECKING:
     from transformers import BatchFeature
 
@@ -98,7 +100,7 @@ _PROCESSOR_BY_MODEL_TYPE = {
 # Loading
 
 
-class ImageLoadError(ValueError):
+class ImageLoadError(UserError):
     """An image file that exists but cannot be decoded (corrupt, truncated, not an image)."""
 
     def __init__(self, source: str, reason: str):
@@ -131,9 +133,9 @@ def _pixel_limit(max_image_pixels: int | None) -> Iterator[None]:
             Image.MAX_IMAGE_PIXELS = previous
 
 
-def _too_large(name: str, pixels: int | None, limit: int | None) -> ValueError:
+def _too_large(name: str, pixels: int | None, limit: int | None) -> UserError:
     count = f"{pixels} pixels" if pixels is not None else "too many pixels"
-    return ValueError(
+    return UserError(
         f"image {name!r} has {count}, more than the limit max_image_pixels={limit} (Pillow's "
         "decompression-bomb guard); if you trust the file, raise the limit with "
         "load_image(..., max_image_pixels=<larger>) or disable it with max_image_pixels=None"
@@ -165,11 +167,12 @@ def load_image(
 
     Raises:
         FileNotFoundError: the path does not exist.
-        ValueError: the image has more than `max_image_pixels` pixels.
-        ImageLoadError (a ValueError): the file cannot be decoded; names the file and Pillow's reason.
+        UserError: the image has more than `max_image_pixels` pixels.
+        MissingPathError: no such file.
+        ImageLoadError (a UserError, so a ValueError): the file cannot be decoded; names the file and Pillow's reason.
     """
     if max_image_pixels is not None and (isinstance(max_image_pixels, bool) or max_image_pixels <= 0):
-        raise ValueError(f"max_image_pixels must be a positive int or None, got {max_image_pixels!r}")
+        raise ConfigError(f"max_image_pixels must be a positive int or None, got {max_image_pixels!r}")
     name, opened = _describe_source(source)
     with _pixel_limit(max_image_pixels), _pillow_errors(name, max_image_pixels):
         image = Image.open(opened)  # reads the header only
@@ -192,7 +195,7 @@ def _pillow_errors(name: str, max_image_pixels: int | None) -> Iterator[None]:
         found = re.search(r"\((\d+) pixels\)", str(exc))
         raise _too_large(name, int(found.group(1)) if found else None, max_image_pixels) from None
     except FileNotFoundError:
-        raise FileNotFoundError(f"image file not found: {name!r}") from None
+        raise MissingPathError(f"image file not found: {name!r}") from None
     except Exception as exc:  # Pillow reports bad files as OSError, SyntaxError, ValueError, EOFError ...
         raise ImageLoadError(name, f"{type(exc).__name__}: {exc}") from exc
 
@@ -249,13 +252,13 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 def _three_floats(name: str, value: Any) -> tuple[float, float, float]:
     if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or len(value) != 3:
-        raise ValueError(f"ImageProcessorConfig.{name} must be 3 numbers (one per RGB channel), got {value!r}")
+        raise ConfigError(f"ImageProcessorConfig.{name} must be 3 numbers (one per RGB channel), got {value!r}")
     try:
         numbers = tuple(float(v) for v in value)
     except (TypeError, ValueError):
-        raise ValueError(f"ImageProcessorConfig.{name} must be 3 numbers, got {value!r}") from None
+        raise ConfigError(f"ImageProcessorConfig.{name} must be 3 numbers, got {value!r}") from None
     if not all(math.isfinite(v) for v in numbers):
-        raise ValueError(f"ImageProcessorConfig.{name} must be finite, got {value!r}")
+        raise ConfigError(f"ImageProcessorConfig.{name} must be finite, got {value!r}")
     return numbers  # type: ignore[return-value]
 
 
@@ -280,26 +283,26 @@ class ImageProcessorConfig:
 
     def __post_init__(self) -> None:
         if isinstance(self.image_size, bool) or not isinstance(self.image_size, int) or self.image_size <= 0:
-            raise ValueError(f"ImageProcessorConfig.image_size must be a positive int, got {self.image_size!r}")
+            raise ConfigError(f"ImageProcessorConfig.image_size must be a positive int, got {self.image_size!r}")
         if self.image_size > MAX_IMAGE_SIZE:  # checked before any image is resized to it (minutes, then MemoryError)
-            raise ValueError(f"ImageProcessorConfig.image_size={self.image_size} is beyond any vision tower's input "
+            raise ConfigError(f"ImageProcessorConfig.image_size={self.image_size} is beyond any vision tower's input "
                              f"(at most {MAX_IMAGE_SIZE} px); fix the size in the image-processor config")
         self.image_mean = _three_floats("image_mean", self.image_mean)
         self.image_std = _three_floats("image_std", self.image_std)
         if min(self.image_std) <= 0:
-            raise ValueError(f"ImageProcessorConfig.image_std must be > 0 per channel, got {self.image_std}")
+            raise ConfigError(f"ImageProcessorConfig.image_std must be > 0 per channel, got {self.image_std}")
         if self.aspect_ratio not in ASPECT_RATIOS:
-            raise ValueError(
+            raise ConfigError(
                 f"ImageProcessorConfig.aspect_ratio must be one of {ASPECT_RATIOS}, got {self.aspect_ratio!r}"
             )
         if self.resample not in RESAMPLE:
-            raise ValueError(f"ImageProcessorConfig.resample must be one of {tuple(RESAMPLE)}, got {self.resample!r}")
+            raise ConfigError(f"ImageProcessorConfig.resample must be one of {tuple(RESAMPLE)}, got {self.resample!r}")
         factor = self.rescale_factor
         if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not 0 < factor < math.inf:
-            raise ValueError(f"ImageProcessorConfig.rescale_factor must be a positive number, got {factor!r}")
+            raise ConfigError(f"ImageProcessorConfig.rescale_factor must be a positive number, got {factor!r}")
         self.rescale_factor = float(factor)
         if self.aspect_ratio == "pad" and not all(0 <= m / factor <= 255 for m in self.image_mean):
-            raise ValueError(
+            raise ConfigError(
                 f"ImageProcessorConfig.image_mean {self.image_mean} / rescale_factor {factor} is not a colour in "
                 "0..255, so it cannot fill the padding of aspect_ratio='pad'; use 'resize' or 'crop'"
             )
@@ -325,10 +328,10 @@ class ImageProcessorConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
-            raise ValueError(f"unknown ImageProcessorConfig keys {unknown}; expected some of {sorted(known)}")
+            raise ConfigError(f"unknown ImageProcessorConfig keys {unknown}; expected some of {sorted(known)}")
         missing = [name for name in ("image_size", "image_mean", "image_std") if name not in values]
         if missing:
-            raise ValueError(f"ImageProcessorConfig needs {missing}; got keys {sorted(values)}")
+            raise ConfigError(f"ImageProcessorConfig needs {missing}; got keys {sorted(values)}")
         return cls(**values)
 
 
@@ -505,7 +508,7 @@ class ImageProcessor:
         model_type = _field(hf_vision_config, "model_type")
         processor_type = _PROCESSOR_BY_MODEL_TYPE.get(model_type)
         if processor_type is None:
-            raise ValueError(
+            raise ConfigError(
                 f"no image processor defaults for vision config model_type {model_type!r}; supported: "
                 f"{sorted(_PROCESSOR_BY_MODEL_TYPE)}. Build ImageProcessor(ImageProcessorConfig(...)) explicitly."
             )
@@ -567,34 +570,34 @@ class ImageProcessor:
         if folder.is_dir():
             path = folder / PREPROCESSOR_CONFIG_NAME
             if not path.is_file():
-                raise FileNotFoundError(f"no {PREPROCESSOR_CONFIG_NAME} in folder '{folder}'")
+                raise MissingPathError(f"no {PREPROCESSOR_CONFIG_NAME} in folder '{folder}'")
         else:
             from huggingface_hub import hf_hub_download
 
             try:
                 path = Path(hf_hub_download(str(folder_or_hub_id), PREPROCESSOR_CONFIG_NAME, cache_dir=cache_dir))
             except Exception as exc:
-                raise FileNotFoundError(
+                raise MissingPathError(
                     f"'{folder_or_hub_id}' is neither a folder nor a Hub model id whose "
                     f"{PREPROCESSOR_CONFIG_NAME} could be fetched ({type(exc).__name__}: {exc})"
                 ) from exc
         try:
             values = json.loads(path.read_text())
         except (OSError, ValueError) as exc:
-            raise ValueError(f"cannot read '{path}': {exc}") from exc
+            raise ConfigError(f"cannot read '{path}': {exc}") from exc
         if not isinstance(values, dict):
-            raise ValueError(f"'{path}' must hold a JSON object, got {type(values).__name__}")
+            raise ConfigError(f"'{path}' must hold a JSON object, got {type(values).__name__}")
         try:
             return cls(config_from_hf_dict(values, source=str(path)))
         except (ValueError, TypeError) as exc:
             message = str(exc)
-            raise ValueError(message if str(path) in message else f"{path}: {message}") from None
+            raise ConfigError(message if str(path) in message else f"{path}: {message}") from None
 
     def check_fits(self, image_size: int, source: str = "the image processor") -> None:
-        """ValueError naming `source` when this processor's images are not the `image_size` the vision tower
+        """ConfigError naming `source` when this processor's images are not the `image_size` the vision tower
         takes (its position table has one row per patch of that size; another size fails deep in the tower)."""
         if self.config.image_size != image_size:
-            raise ValueError(
+            raise ConfigError(
                 f"{source} makes {self.config.image_size}x{self.config.image_size} images but the vision tower takes "
                 f"{image_size}x{image_size}; set its size and crop_size to {image_size} (or delete it to use the "
                 "tower's defaults)"
@@ -612,7 +615,7 @@ def _square_side(size: Any, what: str, source: str) -> int:
         return size
     if isinstance(size, dict) and set(size) == {"height", "width"} and size["height"] == size["width"]:
         return size["height"]
-    raise ValueError(f"{source}: {what} {size!r} is not a square; ImageProcessorConfig makes square images only")
+    raise ConfigError(f"{source}: {what} {size!r} is not a square; ImageProcessorConfig makes square images only")
 
 
 def config_from_hf_dict(values: dict[str, Any], source: str = "preprocessor_config.json") -> ImageProcessorConfig:
@@ -630,10 +633,10 @@ def config_from_hf_dict(values: dict[str, Any], source: str = "preprocessor_conf
             return values[key]
         if key in defaults:
             return defaults[key]
-        raise ValueError(f"{source}: no '{key}' and no default known for image_processor_type {kind!r}")
+        raise ConfigError(f"{source}: no '{key}' and no default known for image_processor_type {kind!r}")
 
     if values.get("do_resize", True) is not True:
-        raise ValueError(f"{source}: do_resize={values['do_resize']!r} is not supported; images are always resized")
+        raise ConfigError(f"{source}: do_resize={values['do_resize']!r} is not supported; images are always resized")
     size = get("size")
     if isinstance(size, (list, tuple)) and len(size) == 2:
         size = {"height": size[0], "width": size[1]}
@@ -642,10 +645,10 @@ def config_from_hf_dict(values: dict[str, Any], source: str = "preprocessor_conf
     center_crop = bool(values.get("do_center_crop", defaults.get("do_center_crop", False)))
     if isinstance(size, dict) and set(size) == {"shortest_edge"}:
         if not center_crop:
-            raise ValueError(f"{source}: size {size} without do_center_crop gives non-square images; not supported")
+            raise ConfigError(f"{source}: size {size} without do_center_crop gives non-square images; not supported")
         image_size = _square_side(get("crop_size"), "crop_size", source)
         if image_size != size["shortest_edge"]:
-            raise ValueError(
+            raise ConfigError(
                 f"{source}: resizing the shortest edge to {size['shortest_edge']} then cropping {image_size} "
                 "is not supported; the two must be equal"
             )
@@ -653,18 +656,18 @@ def config_from_hf_dict(values: dict[str, Any], source: str = "preprocessor_conf
     else:
         image_size = _square_side(size, "size", source)
         if center_crop and _square_side(get("crop_size"), "crop_size", source) != image_size:
-            raise ValueError(f"{source}: crop_size {values.get('crop_size')} differs from size {size}; not supported")
+            raise ConfigError(f"{source}: crop_size {values.get('crop_size')} differs from size {size}; not supported")
         aspect_ratio = "resize"
     if values.get("do_pad"):
         if kind != "LlavaImageProcessor":
-            raise ValueError(f"{source}: do_pad=True of {kind or 'an unknown processor'} is not supported")
+            raise ConfigError(f"{source}: do_pad=True of {kind or 'an unknown processor'} is not supported")
         aspect_ratio = "pad"
     aspect_ratio = values.get("image_aspect_ratio", aspect_ratio)
 
     resample = get("resample")
     if isinstance(resample, int) and not isinstance(resample, bool):
         if resample not in _RESAMPLE_NAME_BY_CODE:
-            raise ValueError(f"{source}: unknown PIL resample code {resample}; known: {_RESAMPLE_NAME_BY_CODE}")
+            raise ConfigError(f"{source}: unknown PIL resample code {resample}; known: {_RESAMPLE_NAME_BY_CODE}")
         resample = _RESAMPLE_NAME_BY_CODE[resample]
     normalize = values.get("do_normalize", True)
     return ImageProcessorConfig(

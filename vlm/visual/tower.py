@@ -27,6 +27,7 @@ from transformers import (
 )
 
 from vlm.config import VisionConfig
+from vlm.errors import ConfigError
 from vlm.hub import pretrained_config
 
 
@@ -41,7 +42,7 @@ VISION_TOWERS: dict[str, tuple[type[PreTrainedModel], type[PretrainedConfig], bo
 
 def _tower_entry(model_type: str) -> tuple[type[PreTrainedModel], type[PretrainedConfig], bool]:
     if model_type not in VISION_TOWERS:
-        raise ValueError(
+        raise ConfigError(
             f"vision tower of type {model_type!r} is not supported; supported config types: {sorted(VISION_TOWERS)}"
         )
     return VISION_TOWERS[model_type]
@@ -72,12 +73,12 @@ class VisionTower(nn.Module):
         num_layers = model.config.num_hidden_layers
         # hidden_states has num_layers + 1 entries (the embeddings first).
         if not -(num_layers + 1) <= select_layer <= num_layers:
-            raise ValueError(
+            raise ConfigError(
                 f"mm_vision_select_layer={select_layer} is out of range for a tower with {num_layers} layers "
                 f"(valid: {-(num_layers + 1)}..{num_layers})"
             )
         if select_feature not in ("patch", "cls_patch"):
-            raise ValueError(f"mm_vision_select_feature={select_feature!r}; expected 'patch' or 'cls_patch'")
+            raise ConfigError(f"mm_vision_select_feature={select_feature!r}; expected 'patch' or 'cls_patch'")
         self.select_layer = select_layer
         self.select_feature = select_feature
         self.set_trainable(not frozen)

@@ -23,7 +23,7 @@ import os
 from pathlib import Path
 from typing import Any, Iterator
 
-from vlm.data.errors import SampleError
+from vlm.data.errors import DataError, SampleError
 from vlm.data.formats.common import (
     IMAGE,
     bad,
@@ -148,13 +148,13 @@ def read(
     else:
         found = image_map_path(src, image_map)
         if found is None:
-            raise ValueError(
+            raise DataError(
                 f"{src.path}: a Basic-VLM captions file needs its image map; pass image_map= "
                 f"(--image_map) or put {IMAGE_MAP_FILE} beside it"
             )
         map_src, captions_src = open_source(found), src
     if map_src.kind != "object":
-        raise ValueError(f"{map_src.path}: a Basic-VLM image map must be a JSON object of image id -> file")
+        raise DataError(f"{map_src.path}: a Basic-VLM image map must be a JSON object of image id -> file")
     options = dict(caption_mode=caption_mode, seed=seed, system=system)
     if _is_qa_captions(captions_src):
         yield from _read_qa(map_src, captions_src, prompt=prompt, image_root=image_root, **options)
@@ -196,7 +196,7 @@ def _read_list(map_src: SourceFile, captions_src: SourceFile, *, prompt: str, im
     """The simple layout: one record per captions entry, its image looked up in the map by `image_id`."""
     files: dict = map_src.data
     if captions_src.kind == "object":
-        raise ValueError(
+        raise DataError(
             f"{captions_src.path}: expected Basic-VLM captions ({{id: {{q, a}}}}) or a list of {{image_id, caption}}"
         )
     for index, record in enumerate(captions_src.records()):

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from vlm.data.errors import SampleError
+from vlm.errors import ConfigError
 
 IMAGE = "<image>"
 CAPTION_MODES = ("each", "sample")
@@ -101,4 +102,4 @@ def caption_list(value: Any) -> list[str]:
 
 def check_caption_mode(caption_mode: str) -> None:
     if caption_mode not in CAPTION_MODES:
-        raise ValueError(f"caption_mode must be one of {CAPTION_MODES}, got {caption_mode!r}")
+        raise ConfigError(f"caption_mode must be one of {CAPTION_MODES}, got {caption_mode!r}")

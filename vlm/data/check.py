@@ -12,12 +12,12 @@ sources with their formats (and what detection saw), the settings, the checks th
 `duplicate_ids` and `special_tokens` (below).
 
 Design choices:
-- Checks run in order, cheapest first, and stop at the first failure: the reader's verdict
-  (`bad_schema`...), `sample.validate_sample` (`bad_schema`, `bad_roles`, `empty_turn`), image paths
-  (`unsafe_path`, `missing_image`; `unreadable_image` with `check_images="full"`), then
-  `conversation.encode_sample` with the training template and tokenizer (`placeholder_mismatch`,
-  `too_long`, `no_supervised_tokens`) — the same function training calls, so check and training
-  cannot disagree.
+- Checks run in order, cheapest first, and stop at the first failure (`check_sample`): the reader's
+  verdict (`bad_schema`...), `sample.validate_sample` (`bad_schema`, `bad_roles`,
+  `no_supervised_tokens`, `empty_turn`), image paths (`unsafe_path`, `missing_image`;
+  `unreadable_image` with `check_images="full"`), then `conversation.encode_sample` with the training
+  template and tokenizer (`placeholder_mismatch`, `too_long`, `no_supervised_tokens`) —
+  `SupervisedDataset` runs the same `check_sample`, so check and training cannot disagree.
 - Indices are positions in the mixed dataset (what `SupervisedDataset` indexes); the repeats of one
   record are checked once.
 - Tokenising dominates the time (~1 ms per LLaVA-665K-like sample on one core), so large sets are

@@ -3,7 +3,9 @@
 `VLMMixin` is mixed in front of a `transformers` causal-LM class (`class X(VLMMixin,
 Qwen2ForCausalLM)`), as original LLaVA subclasses `LlamaForCausalLM`. Its forward embeds the ids,
 replaces the image placeholder embeddings with projected image features, and hands `inputs_embeds`
-to the parent's forward, which does everything else (attention, cache, loss) unchanged.
+to the parent's forward, which does everything else (attention, cache) unchanged. The training loss (labels
+given, train mode) is computed at the supervised positions only (`vlm.llm.loss`): the same value and
+gradients as the parent's, without (B, T, V) logits.
 
 Generation needs nothing extra: `transformers`' `prepare_inputs_for_generation` forwards
 `pixel_values` at prefill only, so images are encoded once per `generate` call, never per step.
@@ -16,6 +18,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from vlm.llm.loss import supervised_lm_loss
 from vlm.llm.splice import image_token_mask, scatter_image_features
 
 
@@ -29,6 +34,10 @@ class VLMMixin:
         self.mm_projector: nn.Module | None = None
         self.vlm_config = None
         self._save_folder = None
+        # Training loss (labels given, train mode): head + cross-entropy at supervised positions only (vlm.llm.loss),
+        # no (B, T, V) logits; False: the parent's full-logits loss. Set from --supervised_only_loss/--loss_chunk_size.
+        self.supervised_only_loss = True
+        self.loss_chunk_size: int | None = None
 
     def attach_vision(self, vision_tower: nn.Module, mm_projector: nn.Module, vlm_config, *, save_folder=None) -> None:
         """`save_folder(model, folder, state_dict=, max_shard_size=)` writes the model folder: passed in by the
@@ -112,6 +121,15 @@ class VLMMixin:
                 inputs_embeds = inputs_embeds + self._zero_vision_contribution(inputs_embeds)
         elif pixel_values is not None:
             raise ValueError("pass pixel_values with input_ids, not with inputs_embeds (the splice needs the ids)")
+        if past_key_values is None and attention_mask is None and position_ids is not None:
+            # Packed rows (vlm.data.collate.PackingCollator): transformers builds the block-diagonal mask from
+            # position ids only when there is no cache, and the model would create an empty one (use_cache).
+            use_cache = False
+            if inputs_embeds.shape[0] > 1 and "flash" in str(self.config._attn_implementation):
+                # flash-attn's varlen path reads packed position ids in one row only; more rows would attend across
+                return self._forward_as_one_row(inputs_embeds, position_ids, labels, kwargs)
+        if labels is not None and self.training and self.supervised_only_loss:
+            return self._forward_supervised_loss(inputs_embeds, attention_mask, position_ids, labels, kwargs)
         return super().forward(
             input_ids=None,
             attention_mask=attention_mask,
@@ -123,6 +141,32 @@ class VLMMixin:
             logits_to_keep=logits_to_keep,
             **kwargs,
         )
+
+    def _forward_supervised_loss(self, inputs_embeds, attention_mask, position_ids, labels, kwargs):
+        """The training forward without (B, T, V) logits: `logits` is None, `loss` equals the parent's.
+
+        Only in train mode: evaluation (`Trainer.prediction_step`, which returns logits unless
+        `prediction_loss_only`) and generation take the parent's path and get full logits.
+        """
+        num_items_in_batch = kwargs.pop("num_items_in_batch", None)
+        shift_labels = kwargs.pop("shift_labels", None)
+        outputs = self.model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
+                             use_cache=False, **kwargs)
+        loss = supervised_lm_loss(outputs.last_hidden_state, labels, self.lm_head, shift_labels=shift_labels,
+                                  num_items_in_batch=num_items_in_batch, chunk_size=self.loss_chunk_size)
+        return CausalLMOutputWithPast(loss=loss, logits=None, hidden_states=outputs.hidden_states,
+                                      attentions=outputs.attentions)
+
+    def _forward_as_one_row(self, inputs_embeds, position_ids, labels, kwargs):
+        """Packed rows (B, T) run as one row (1, B*T): each row starts a new sample, so nothing changes but the
+        shape; logits come back as (B, T, V)."""
+        rows, width = inputs_embeds.shape[:2]
+        flat = {"labels": labels.reshape(1, -1) if labels is not None else None}
+        out = self.forward(inputs_embeds=inputs_embeds.reshape(1, rows * width, -1),
+                           position_ids=position_ids.expand(rows, -1).reshape(1, -1), **flat, **kwargs)
+        if out.logits is not None:
+            out.logits = out.logits.reshape(rows, width, -1)
+        return out
 
     def save_pretrained(self, save_directory, state_dict: dict | None = None, **kwargs: Any) -> None:
         """Write the vlm model folder (`config.json` + safetensors); `transformers.Trainer` calls this too."""

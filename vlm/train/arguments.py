@@ -90,6 +90,11 @@ class VLMTrainingArguments(transformers.TrainingArguments):
     mm_vision_tower_lr: float | None = field(default=None, metadata={"help": "vision tower learning rate"})
     group_by_modality_length: bool = field(default=False, metadata={
         "help": "image and text-only samples in separate batches, similar lengths together"})
+    packing: bool = field(default=False, metadata=_alias(
+        "--padding_free", help="padding-free: a batch's samples joined into rows of up to --model_max_length "
+                               "tokens, attention within each sample; same loss, no padding computed"))
+    supervised_only_loss: bool = field(default=True, metadata={
+        "help": "LM head and loss only at labelled tokens (same loss, less time and memory); False: full logits"})
     lora_enable: bool | None = field(default=None, metadata={
         "nargs": "?", "const": True,  # a bare --lora_enable is True, as for the plain bool flags
         "help": "train the LLM with LoRA (default: True when a LoRA flag below is given, as Basic-VLM's train.sh "

@@ -1,0 +1,172 @@
+"""Padding-free packing (vlm.data.collate.PackingCollator, `--packing`, issue 12 point 2).
+
+A packed batch gives each sample the logits, loss terms and gradients it gets when run alone (float32; logits
+and loss within 1e-5, gradients within 1e-5 relative + 1e-6 absolute: the attention sums run over other shapes),
+with SDPA and eager attention, on Qwen2 and LLaMA, also when the model's config says `use_cache=True` (the case
+where transformers would otherwise skip its block-diagonal mask). Changing one sample changes no other sample's
+logits. Through `train.py`: packed + gradient accumulation ends at the same weights as the padded large batch,
+with `--group_by_modality_length` and with LoRA, and the loss goes down.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import vlm
+from tests.inference_helpers import tiny_model, tiny_tokenizer
+from vlm.data.collate import DataCollator, PackingCollator
+from vlm.tiny import tiny_vlm_config
+
+TOL = dict(rtol=1e-5, atol=1e-5)
+GRAD_TOL = dict(rtol=1e-5, atol=1e-6)
+
+
+def _model(llm: str, attn: str):
+    tokenizer = tiny_tokenizer()
+    torch.manual_seed(0)
+    config = tiny_vlm_config("siglip", llm, vocab_size=len(tokenizer))
+    config.llm.hf_config["tie_word_embeddings"] = False
+    return vlm.build_model(config, tokenizer=tokenizer, attn_implementation=attn)
+
+
+def _samples(model, lengths=((12, 1), (20, 0), (9, 2), (15, 1)), seed: int = 0) -> list[dict]:
+    """Samples of (text tokens, images) with an answer span and the first token labelled; images after token 1."""
+    g = torch.Generator().manual_seed(seed)
+    cfg = model.vlm_config
+    size = cfg.vision.hf_config["image_size"]
+    out = []
+    for text, images in lengths:
+        ids = torch.randint(10, model.config.vocab_size, (text,), generator=g)
+        ids[ids == cfg.image_token_id] = 11
+        ids = torch.cat([ids[:1], torch.full((images * cfg.num_image_tokens,), cfg.image_token_id), ids[1:]])
+        labels = torch.full_like(ids, -100)
+        labels[-text // 2:] = ids[-text // 2:]
+        labels[0] = ids[0]  # never a target alone; packed, it would be the previous sample's last target
+        pixels = torch.randn(images, 3, size, size, generator=g) if images else None
+        out.append({"input_ids": ids, "labels": labels, "pixel_values": pixels})
+    return out
+
+
+def _grads(model) -> dict[str, torch.Tensor]:
+    return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
+def _one_by_one(model, samples, num_items: int):
+    """Each sample alone (batch of one): its logits, and loss and gradients summed over the samples."""
+    model.zero_grad(set_to_none=True)
+    logits, loss = [], 0.0
+    for s in samples:
+        batch = DataCollator(pad_token_id=0)([s])
+        out = model(**batch, num_items_in_batch=torch.tensor(num_items))
+        out.loss.backward()
+        loss += out.loss.item()
+        with torch.no_grad():
+            model.eval()
+            logits.append(model(**{k: v for k, v in batch.items() if k != "labels"}).logits[0])
+            model.train()
+    return logits, loss, _grads(model)
+
+
+def _packed_logits(model, batch: dict, rows: list[list[int]], samples) -> list[torch.Tensor]:
+    """Each sample's logits cut out of the packed rows, in sample order."""
+    model.eval()
+    with torch.no_grad():
+        logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+    model.train()
+    out = {}
+    for r, row in enumerate(rows):
+        start = 0
+        for i in row:
+            n = samples[i]["input_ids"].numel()
+            out[i] = logits[r, start:start + n]
+            start += n
+    return [out[i] for i in range(len(samples))]
+
+
+@pytest.mark.parametrize("llm,attn", [("qwen2", "sdpa"), ("qwen2", "eager"), ("llama", "sdpa")])
+def test_packed_batch_equals_the_samples_one_by_one(llm, attn):
+    model = _model(llm, attn)
+    assert model.config.use_cache and model.config._attn_implementation == attn
+    model.train()
+    for p in model.parameters():
+        p.requires_grad_(True)
+    samples = _samples(model)
+    collator = PackingCollator(pad_token_id=0, max_length=model.vlm_config.num_image_tokens * 2 + 30)
+    batch = collator(samples)
+    rows = collator.rows([s["input_ids"].numel() for s in samples])
+    assert len(rows) == 2 and "attention_mask" not in batch  # two rows: padding tail on one, several samples each
+    num_items = sum(int((s["labels"][1:] != -100).sum()) for s in samples)
+
+    logits, loss, grads = _one_by_one(model, samples, num_items)
+    model.zero_grad(set_to_none=True)
+    packed = model(**batch, num_items_in_batch=torch.tensor(num_items))
+    packed.loss.backward()
+    for i, (alone, in_row) in enumerate(zip(logits, _packed_logits(model, batch, rows, samples))):
+        torch.testing.assert_close(in_row, alone, **TOL, msg=f"sample {i}")
+    torch.testing.assert_close(packed.loss.item(), loss, **TOL)
+    packed_grads = _grads(model)
+    assert packed_grads.keys() == grads.keys() and len(grads) > 20
+    for name in grads:
+        torch.testing.assert_close(packed_grads[name], grads[name], **GRAD_TOL, msg=name)
+    # The mean (no num_items_in_batch) is over every supervised token of the packed batch, as the padded batch's.
+    padded = model(**DataCollator(pad_token_id=0)(samples)).loss
+    torch.testing.assert_close(model(**batch).loss, padded, **TOL)
+
+
+def test_no_token_attends_across_a_sample_boundary():
+    model, _, _ = tiny_model()
+    samples = _samples(model, lengths=((10, 1), (14, 0), (8, 1)))
+    collator = PackingCollator(pad_token_id=0, max_length=1000)
+    rows = collator.rows([s["input_ids"].numel() for s in samples])
+    assert rows == [[0, 1, 2]]  # one row
+    before = _packed_logits(model, collator(samples), rows, samples)
+    changed = [dict(s) for s in samples]
+    changed[1]["input_ids"] = samples[1]["input_ids"].flip(0)  # sample 1: other tokens, same length
+    changed[0]["pixel_values"] = samples[0]["pixel_values"] + 1  # sample 0: another image
+    after = _packed_logits(model, collator(changed), rows, changed)
+    assert not torch.allclose(before[0], after[0]) and not torch.allclose(before[1], after[1])
+    torch.testing.assert_close(after[2], before[2], rtol=0, atol=1e-6)  # after both, untouched
+    changed = [dict(s) for s in samples]
+    changed[2]["input_ids"] = samples[2]["input_ids"].flip(0)
+    after = _packed_logits(model, collator(changed), rows, changed)
+    torch.testing.assert_close(after[0], before[0], rtol=0, atol=1e-6)  # before it, untouched (causal and masked)
+    torch.testing.assert_close(after[1], before[1], rtol=0, atol=1e-6)
+
+
+def test_rows_positions_labels_and_images():
+    def feature(n, fill, images=0):
+        ids = torch.arange(n) + 100 * fill
+        return {"input_ids": ids, "labels": ids.clone(), "pixel_values": torch.full((images, 3, 2, 2), float(fill))
+                if images else None}
+
+    features = [feature(3, 1, images=1), feature(6, 2), feature(4, 3, images=2), feature(2, 4, images=1)]
+    collator = PackingCollator(pad_token_id=0, max_length=8)
+    # first fit, longest first: 6 -> row 0; 4 -> row 1; 3 -> row 1; 2 -> row 0; each row in sample order
+    assert collator.rows([3, 6, 4, 2]) == [[1, 3], [0, 2]]
+    batch = collator(features)
+    assert batch["input_ids"].tolist() == [[200, 201, 202, 203, 204, 205, 400, 401],
+                                           [100, 101, 102, 300, 301, 302, 303, 0]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 4, 5, 0, 1], [0, 1, 2, 0, 1, 2, 3, 0]]
+    assert batch["labels"].tolist() == [[-100, 201, 202, 203, 204, 205, -100, 401],
+                                        [-100, 101, 102, -100, 301, 302, 303, -100]]
+    assert batch["pixel_values"][:, 0, 0, 0].tolist() == [4.0, 1.0, 3.0, 3.0]  # images in the rows' order
+    # a sample longer than a row gets a row of its own, never cut
+    assert PackingCollator(0, max_length=4).rows([3, 6, 1]) == [[1], [0, 2]]
+    assert "labels" not in collator([{"input_ids": torch.arange(3)}])
+
+
+def test_flash_attention_runs_packed_rows_as_one_row():
+    """flash-attn's varlen path reads packed position ids only in a batch of one row: the model joins the rows.
+    Checked with SDPA (no flash-attn on CPU): the joined forward gives the rows' logits and loss."""
+    model, _, _ = tiny_model()
+    samples = _samples(model)
+    batch = PackingCollator(pad_token_id=0, max_length=model.vlm_config.num_image_tokens * 2 + 30)(samples)
+    model.eval()
+    with torch.no_grad():
+        rows = model(**batch)
+        embeds = model.embed_multimodal(batch["input_ids"], batch["pixel_values"])
+        joined = model._forward_as_one_row(embeds, batch["position_ids"], batch["labels"], {})
+    assert batch["input_ids"].shape[0] == 2 and joined.logits.shape == rows.logits.shape
+    torch.testing.assert_close(joined.logits, rows.logits, **TOL)
+    torch.testing.assert_close(joined.loss, rows.loss, **TOL)

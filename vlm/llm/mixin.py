@@ -34,6 +34,8 @@ class VLMMixin:
         self.mm_projector: nn.Module | None = None
         self.vlm_config = None
         self._save_folder = None
+        # True under DeepSpeed ZeRO-3 and FSDP (set by vlm.train.trainer.VLMTrainer): `_zero_vision_contribution`
+        self.vision_on_text_only = False
         # Training loss (labels given, train mode): head + cross-entropy at supervised positions only (vlm.llm.loss),
         # no (B, T, V) logits; False: the parent's full-logits loss. Set from --supervised_only_loss/--loss_chunk_size.
         self.supervised_only_loss = True
@@ -79,14 +81,27 @@ class VLMMixin:
         return inputs_embeds
 
     def _zero_vision_contribution(self, inputs_embeds: torch.Tensor) -> torch.Tensor | float:
-        """0 x (trainable vision path), so a text-only batch still gives every trainable parameter a gradient.
+        """0 x (vision path), added to a text-only batch's embeddings: an exact zero that changes no value.
 
-        Under DDP a rank whose batch has no image would otherwise leave the projector without a
-        gradient and the gradient all-reduce waiting for it. Adding an exact zero changes no value.
+        Two paths, chosen by `vision_on_text_only`:
+        - False (single process, DDP): the cheap one. Only the trainable part runs (the projector on one
+          zero feature, or the whole path when the tower trains), so every trainable parameter gets a
+          (zero) gradient; under DDP a rank whose batch has no image would otherwise leave the projector
+          without one and the gradient all-reduce waiting for it.
+        - True (DeepSpeed ZeRO-3 or FSDP, where parameters, frozen ones included, are sharded and gathered
+          by collectives as their module runs): a zero image through the whole vision tower and projector,
+          so a text-only rank gathers the same parameters in the same order as a rank with images;
+          otherwise the ranks' all-gathers mismatch and training hangs or aborts.
         """
-        if self.mm_projector is None or not any(p.requires_grad for p in self.mm_projector.parameters()):
+        if self.mm_projector is None:
             return 0.0
-        if not self.vision_tower.frozen:
+        if self.vision_on_text_only:
+            whole_path = True
+        elif any(p.requires_grad for p in self.mm_projector.parameters()):
+            whole_path = not self.vision_tower.frozen
+        else:
+            return 0.0
+        if whole_path:
             size = self.vision_tower.image_size
             dummy = self.encode_images(inputs_embeds.new_zeros(1, 3, size, size))
         else:
@@ -117,7 +132,9 @@ class VLMMixin:
                 raise ValueError("pass input_ids (or inputs_embeds)")
             prefill = past_key_values is None or past_key_values.get_seq_length() == 0
             inputs_embeds = self.embed_multimodal(input_ids, pixel_values, prefill=prefill)
-            if pixel_values is None and self.training and torch.is_grad_enabled():
+            # ZeRO-3: in every forward that could have run the vision path (eval too, not decoding steps)
+            needs_zero = self.vision_on_text_only and prefill or self.training and torch.is_grad_enabled()
+            if pixel_values is None and needs_zero:
                 inputs_embeds = inputs_embeds + self._zero_vision_contribution(inputs_embeds)
         elif pixel_values is not None:
             raise ValueError("pass pixel_values with input_ids, not with inputs_embeds (the splice needs the ids)")

@@ -7,9 +7,12 @@ Changed here:
 - optimizer parameter groups: projector and vision tower on their own learning rates, no weight
   decay on biases, norms and other 1-D parameters;
 - the modality/length-grouped sampler (LLaVA-1.5's `group_by_modality_length`);
-- saving: our model folder (or LoRA run), with tokenizer and image processor, and checkpoints written
-  to a staging folder and renamed when complete, so a killed run never leaves a half checkpoint that
-  a resume or `save_total_limit` could pick up;
+- saving: our model folder (or LoRA run), with tokenizer and image processor, built from the state dict
+  the Trainer hands over (under DeepSpeed ZeRO-3 the live parameters are empty shards); checkpoints
+  written through `vlm.train.checkpointing.staged_folder` (a staging folder renamed when complete), so a
+  killed run never leaves a half checkpoint that a resume or `save_total_limit` could pick up;
+- DeepSpeed ZeRO-3 and FSDP: the model runs its vision path on text-only batches too
+  (`vision_on_text_only`), as every rank must gather the same sharded parameters;
 - loading a checkpoint for resume with our strict loaders (which checkpoint, and whether the run is
   already finished: `vlm.train.run_folder`).
 """
@@ -17,21 +20,22 @@ Changed here:
 from __future__ import annotations
 
 import os
-import shutil
 import time
 
 import torch
-import torch.distributed as dist
 from transformers import Trainer
-from transformers.trainer_utils import rotate_checkpoints
+from transformers.trainer import TRAINER_STATE_NAME
+from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+from transformers.trainer_callback import ExportableState
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from safetensors.torch import save_file
 
 from vlm.folders.lora import load_lora_checkpoint
 from vlm.folders.weights import load_state_dict, load_state_dict_strict, save_model_folder
+from vlm.train.checkpointing import STAGING_DIR, staged_folder  # noqa: F401 (STAGING_DIR: the committed vlm/cli/train.py's)
 from vlm.train.data_drops import record_drops
 
-STAGING_DIR = ".incomplete"
 PROJECTOR_FILE = "mm_projector.safetensors"
 
 
@@ -75,6 +79,52 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
+def projector_state(model: torch.nn.Module, state_dict: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
+    """`mm_projector.*` tensors (what `--pretrain_mm_mlp_adapter` loads) from `state_dict` (any wrapper's key
+    prefix) or, when None, from the live model."""
+    if state_dict is None:
+        state_dict = {f"mm_projector.{k}": v for k, v in unwrap(model).mm_projector.state_dict().items()}
+    return {key[key.index("mm_projector."):]: v.detach().contiguous().cpu()
+            for key, v in state_dict.items() if "mm_projector." in key}
+
+
+class TokenRate:
+    """Tokens per second over the steps between two logs, for all processes (this one's count x world size)."""
+
+    def __init__(self):
+        self.tokens = 0
+        self.since: float | None = None  # when counting started: the first step after the previous log
+
+    def count(self, tokens: int) -> None:
+        if self.since is None:
+            self.since = time.perf_counter()
+        self.tokens += tokens
+
+    def take(self, world_size: int) -> float | None:
+        """The rate since the previous `take` (None before any step), and start counting afresh."""
+        now = time.perf_counter()
+        rate = None
+        if self.since is not None and now > self.since:
+            rate = round(self.tokens * world_size / (now - self.since), 1)
+        self.since, self.tokens = now, 0
+        return rate
+
+
+def init_deepspeed_comm(training_args) -> None:
+    """Start DeepSpeed's communication before the model is built (a no-op without `--deepspeed`).
+
+    ZeRO-3 shards parameters as `from_pretrained` creates them (`deepspeed.zero.Init`), which needs the world
+    size. accelerate starts DeepSpeed's communication itself on GPUs, not with `--use_cpu` (DeepSpeed's CPU
+    accelerator): `zero.Init` then takes one process for the whole run and fails its batch-size check.
+    """
+    if not training_args.deepspeed:
+        return
+    import deepspeed
+
+    if not deepspeed.comm.is_initialized():
+        deepspeed.init_distributed(dist_backend="gloo" if training_args.use_cpu else None)
+
+
 class VLMTrainer(Trainer):
     def __init__(self, *args, image_processor=None, template: str | None = None, lora: bool = False,
                  save_projector: bool = False, **kwargs):
@@ -83,7 +133,9 @@ class VLMTrainer(Trainer):
         self.template = template
         self.lora = lora
         self.save_projector = save_projector
-        self._staging = False
+        self.token_rate = TokenRate()
+        # ZeRO-3 (and FSDP) shard parameters: a rank without images must still run (and gather) the vision path.
+        unwrap(self.model).vision_on_text_only = is_deepspeed_zero3_enabled() or self.is_fsdp_enabled
 
     # -- optimizer ------------------------------------------------------------------------------
     def create_optimizer(self, model=None):
@@ -111,7 +163,10 @@ class VLMTrainer(Trainer):
 
     # -- saving ---------------------------------------------------------------------------------
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        """Our model folder or LoRA run, from `state_dict` when the Trainer hands one over (DeepSpeed, FSDP:
+        the consolidated weights; on the processes that do not save it may be empty). Runs on every process."""
         output_dir = output_dir if output_dir is not None else self.args.output_dir
+        state_dict = self._with_frozen_lora_tensors(state_dict)  # a collective: before the non-saving ranks leave
         if not self.args.should_save:
             return
         os.makedirs(output_dir, exist_ok=True)
@@ -123,40 +178,70 @@ class VLMTrainer(Trainer):
             from vlm.folders.lora import save_lora_run
 
             save_lora_run(self.accelerator.unwrap_model(self.model), output_dir, tokenizer=tokenizer,
-                          image_processor=self.image_processor, cache_dir=self.args.cache_dir)
+                          image_processor=self.image_processor, cache_dir=self.args.cache_dir, state_dict=state_dict)
         else:
             save_model_folder(output_dir, unwrap(self.model), tokenizer=tokenizer,
                               image_processor=self.image_processor, state_dict=state_dict)
         if self.save_projector:  # stage 1: what --pretrain_mm_mlp_adapter loads
-            projector = unwrap(self.model).mm_projector.state_dict()
-            save_file({f"mm_projector.{k}": v.detach().contiguous() for k, v in projector.items()},
-                      os.path.join(output_dir, PROJECTOR_FILE), metadata={"format": "pt"})
+            save_file(projector_state(self.model, state_dict), os.path.join(output_dir, PROJECTOR_FILE),
+                      metadata={"format": "pt"})
 
-    def _get_output_dir(self, trial) -> str:
-        out = super()._get_output_dir(trial)
-        return os.path.join(out, STAGING_DIR) if self._staging else out
+    def _with_frozen_lora_tensors(self, state_dict: dict | None) -> dict | None:
+        """Under ZeRO-3 the Trainer hands a PEFT model only its trainable tensors (`exclude_frozen_parameters`),
+        but a LoRA run also saves frozen ones: a frozen vision tower and projector, resized embeddings. Those are
+        gathered here from their shards, on every process (a collective), kept by the saving one."""
+        if not (self.lora and is_deepspeed_zero3_enabled()):  # (the dict is None on the processes that do not save)
+            return state_dict
+        import deepspeed
+
+        peft_model = self.accelerator.unwrap_model(self.model)
+        vlm_model = peft_model.get_base_model()
+        modules = [vlm_model.vision_tower, vlm_model.mm_projector, vlm_model.get_input_embeddings(),
+                   vlm_model.get_output_embeddings()]
+        wanted = {id(p) for m in modules if m is not None for p in m.parameters()}
+        # what `exclude_frozen_parameters` left out; decided from the model alone, the same on every process
+        missing = [(name, p) for name, p in peft_model.named_parameters() if id(p) in wanted and not p.requires_grad]
+        with deepspeed.zero.GatheredParameters([p for _, p in missing]):
+            if self.args.should_save:
+                state_dict = {**state_dict, **{name: p.detach().clone().cpu() for name, p in missing}}
+        return state_dict
 
     def _save_checkpoint(self, model, trial) -> None:
-        """Write into `<output_dir>/.incomplete/checkpoint-N`, then rename it into place."""
-        self._staging = True
-        try:
-            super()._save_checkpoint(model, trial)
-        finally:
-            self._staging = False
-        run_dir = self._get_output_dir(trial)
-        name = f"checkpoint-{self.state.global_step}"
-        distributed = dist.is_available() and dist.is_initialized()
-        if distributed:
-            dist.barrier()
+        """transformers' checkpoint (model, optimizer, scheduler, scaler, RNG, trainer state), written by every
+        process into a staging folder that `staged_folder` renames to `<output_dir>/checkpoint-N` once complete.
+
+        The same steps as `Trainer._save_checkpoint` except the Hub push; the best checkpoint is looked up
+        after the rename, so `best_model_checkpoint` names the final folder.
+        """
+        if self.hp_search_backend is None and trial is None:
+            self.store_flos()
+        run_dir = self._get_output_dir(trial=trial)
+        final = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        with staged_folder(final, is_writer=self.args.should_save) as folder:
+            self.save_model(folder, _internal_call=True)
+            if not self.args.save_only_model:
+                self._save_optimizer_and_scheduler(folder)
+                self._save_scaler(folder)
+                self._save_rng_state(folder)
+            if self.args.should_save:
+                self._export_callback_states()
+                self.state.save_to_json(os.path.join(folder, TRAINER_STATE_NAME))
+        if self.state.best_global_step:
+            best = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.best_global_step}")
+            if os.path.exists(best):
+                self.state.best_model_checkpoint = best
         if self.args.should_save:
-            final = os.path.join(run_dir, name)
-            if os.path.isdir(final):
-                shutil.rmtree(final)
-            os.replace(os.path.join(run_dir, STAGING_DIR, name), final)
             rotate_checkpoints(output_dir=run_dir, save_total_limit=self.args.save_total_limit,
                                best_model_checkpoint=self.state.best_model_checkpoint)
-        if distributed:
-            dist.barrier()
+
+    def _export_callback_states(self) -> None:
+        """Stateful callbacks (early stopping, ...) and the control flags into `self.state`, as the Trainer does."""
+        for cb in [cb for cb in self.callback_handler.callbacks + [self.control] if isinstance(cb, ExportableState)]:
+            name = cb.__class__.__name__
+            if isinstance(self.state.stateful_callbacks[name], list):
+                self.state.stateful_callbacks[name].append(cb.state())
+            else:
+                self.state.stateful_callbacks[name] = cb.state()
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         model = self.model if model is None else model
@@ -171,18 +256,12 @@ class VLMTrainer(Trainer):
     def training_step(self, model, inputs, num_items_in_batch=None):
         record_drops(self, inputs)  # samples the dataset replaced: counted, and off the batch before the forward
         mask = inputs.get("attention_mask")
-        tokens = int(mask.sum()) if mask is not None else inputs["input_ids"].numel()
-        if getattr(self, "_last_log_time", None) is None:
-            self._last_log_time = time.perf_counter()
-        self._tokens_since_log = getattr(self, "_tokens_since_log", 0) + tokens
+        self.token_rate.count(int(mask.sum()) if mask is not None else inputs["input_ids"].numel())
         return super().training_step(model, inputs, num_items_in_batch)
 
     def log(self, logs: dict, start_time: float | None = None) -> None:
         if "loss" in logs:
-            now = time.perf_counter()
-            last = getattr(self, "_last_log_time", None)
-            tokens = getattr(self, "_tokens_since_log", 0) * self.args.world_size
-            if last is not None and now > last:
-                logs["tokens_per_s"] = round(tokens / (now - last), 1)
-            self._last_log_time, self._tokens_since_log = now, 0
+            rate = self.token_rate.take(self.args.world_size)
+            if rate is not None:
+                logs["tokens_per_s"] = rate
         super().log(logs, start_time)

@@ -217,3 +217,13 @@ def test_template_is_in_config_json_and_old_folders_keep_theirs(folders, tmp_pat
     shutil.copytree(folders["vlm"], stale)
     shutil.copy(tmp_path / "stale.json", stale / "vlm_generation.json")
     assert folder_template(stale) == "chatml"
+
+
+def test_a_plain_llm_folder_is_an_llm_not_a_vlm(tmp_path):
+    from vlm.tiny import save_tiny_components
+
+    llm, _ = save_tiny_components(tmp_path)
+    assert model_kind(llm) == ("llm", llm)  # a start point of training or a LoRA base (tests/test_lora.py)
+    for load in (vlm.from_pretrained, vlm.load_pretrained_model):
+        with pytest.raises(FolderError, match=r"config.json describes none of the supported models \(model_type='qwen2'"):
+            load(llm)

@@ -162,8 +162,10 @@ def build_for_training(model_args, data_args, training_args):
     tokenizer.padding_side = "right"
 
     if model_args.model_weights:
+        from vlm.folders.weights import weights_file
+
         load_state_dict_strict(model, load_state_dict(model_args.model_weights),
-                               source=f"--model_weights {model_args.model_weights!r}")
+                               source=f"--model_weights {weights_file(model_args.model_weights)}")
     if model_args.pretrain_mm_mlp_adapter:
         load_projector_weights(model, model_args.pretrain_mm_mlp_adapter)
     if training_args.bits in (4, 8):

@@ -26,16 +26,19 @@ def _text_batch(tokenizer):
 
 
 def _loss_logits_grads(model, ids, labels):
+    """Loss, gradients and vision-tower calls of a training forward with labels, and the logits of one without
+    (with labels the training forward computes the loss without full logits, vlm.llm.loss)."""
     model.zero_grad(set_to_none=True)
     calls = []
     hook = model.vision_tower.register_forward_hook(lambda *_: calls.append(1))
     try:
-        out = model(input_ids=ids, labels=labels)
-        out.loss.backward()
+        loss = model(input_ids=ids, labels=labels).loss
+        loss.backward()
     finally:
         hook.remove()
     grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
-    return out.loss.detach(), out.logits.detach(), grads, len(calls)
+    logits = model(input_ids=ids).logits.detach()
+    return loss.detach(), logits, grads, len(calls)
 
 
 @pytest.mark.parametrize("tower", ["frozen", "trainable"])

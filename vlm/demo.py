@@ -150,7 +150,7 @@ def run_demo(config: DemoConfig) -> dict:
 def _run_demo(config: DemoConfig) -> dict:
     import torch
 
-    from vlm.folders.load import load_tokenizer
+    from vlm.folders.kinds import load_tokenizer
     from vlm.folders.weights import load_state_dict, load_state_dict_strict
     from vlm.data.synth import generate_shapes_dataset
     from vlm.data.tokenizer import build_tokenizer

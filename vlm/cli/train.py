@@ -70,7 +70,7 @@ def template_for(data_args, model_args, tokenizer=None, *, cache_dir: str | None
     cache a Hub-id start point is read from (`--cache_dir`)."""
     if data_args.version:
         return data_args.version
-    from vlm.folders.load import model_kind
+    from vlm.folders.kinds import model_kind
     from vlm.data.templates import default_template_name
 
     stage1 = model_args.tune_mm_mlp_adapter

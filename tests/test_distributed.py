@@ -232,3 +232,34 @@ def test_zero3_lora_run_saves_the_real_adapter(workspace, tmp_path):
     assert lora_b and all(v.abs().max() > 0 for v in lora_b)  # trained (PEFT starts B at zero), not empty shards
     non_lora = load_file(zero3 / "non_lora_trainables.safetensors")
     assert any(k.startswith("vision_tower.") for k in non_lora)  # frozen tensors, gathered from their shards
+
+
+@pytest.mark.parametrize("engine", [("--deepspeed", "zero3"), ("--fsdp", "full_shard")], ids=["zero3", "fsdp"])
+def test_two_process_checkpoint_resume_is_bitwise_equal(workspace, tmp_path, engine):
+    """Every rank writes into the staged checkpoint (RNG states, DeepSpeed's shards); a rerun after losing
+    the last checkpoint resumes from the one before and ends bitwise equal."""
+    import shutil
+
+    if engine[0] == "--deepspeed":
+        pytest.importorskip("deepspeed", reason="DeepSpeed is in the dev extra (pip install -e .[dev])")
+    saving = ("--save_strategy", "steps", "--save_steps", "1", "--save_total_limit", "2")  # the last flag wins
+    full = _two_processes(workspace, tmp_path / "full", *engine, *saving)
+    checkpoint = full / "checkpoint-3"
+    assert {"rng_state_0.pth", "rng_state_1.pth", "trainer_state.json", "model.safetensors"} <= set(
+        os.listdir(checkpoint))
+    if engine[0] == "--deepspeed":
+        assert len(list((checkpoint / "global_step3").glob("*optim_states.pt"))) == 2  # one shard per rank
+    assert os.listdir(full / ".incomplete") == []
+
+    resumed = tmp_path / "resumed"
+    shutil.copytree(full, resumed)
+    for name in ("checkpoint-3", "model.safetensors", "config.json"):
+        path = resumed / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    proc = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train.py",
+                 *_flags(workspace, resumed, "--per_device_train_batch_size", "1", *engine, *saving)])
+    assert "resuming from" in proc.stdout
+    a, b = load_file(full / "model.safetensors"), load_file(resumed / "model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key

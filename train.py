@@ -5,13 +5,13 @@ the configs shipped with the package.
 
 Flags: LLaVA's (`--model_name_or_path --vision_tower --tune_mm_mlp_adapter --lora_enable ...`),
 transformers' TrainingArguments, and Basic-VLM's (`--lora_rank --feature_proj_lr --target_modules ...`).
-See `python train.py --help`.
+See `python train.py --help`. The work is `vlm.train.run.run(config)`; this file parses and exits
+(`vlm.cli.train.main`, under the error policy of `vlm.errors`).
 """
 
 import sys
 
-from vlm.cli import run
 from vlm.cli.train import main
 
 if __name__ == "__main__":
-    sys.exit(run("train.py", main))
+    sys.exit(main())

@@ -29,7 +29,12 @@ sys.path.insert(0, sys.argv[2])  # tests/: the cache-writing helper
 from test_start_points import add_to_hub_cache
 from pathlib import Path
 from vlm.folders.load import load_pretrained_model
-from vlm.cli.train import main as train_main
+from vlm.train.config import RunConfig
+from vlm.train.run import run
+
+def train_main(argv):  # the run itself: its errors propagate (python train.py prints them in one line)
+    run(RunConfig.from_flags(argv))
+    return 0
 
 args = json.loads(sys.argv[1])
 cache, out = args["cache"], {}

@@ -55,7 +55,7 @@ class _Stop(Exception):
 def _record_threads_in_fit(monkeypatch) -> list[int]:
     import torch
 
-    import vlm.cli.train
+    import vlm.train.run
 
     seen = []
 
@@ -63,7 +63,7 @@ def _record_threads_in_fit(monkeypatch) -> list[int]:
         seen.append(torch.get_num_threads())
         raise _Stop
 
-    monkeypatch.setattr(vlm.cli.train, "fit", fit)
+    monkeypatch.setattr(vlm.train.run, "fit", fit)  # the demo trains through vlm.train.run.run
     return seen
 
 
@@ -132,14 +132,14 @@ def test_ctrl_c_during_data_generation_is_one_line_and_exit_130(tmp_path, monkey
 
 def test_ctrl_c_in_train_py_and_vlm_command(tmp_path, monkeypatch, capsys):
     import vlm.cli.eval
-    import vlm.train.arguments
     import vlm.cli.train
+    import vlm.train.config
     from vlm.cli import main as vlm_main
 
     (tmp_path / "checkpoint-5").mkdir()
     (tmp_path / "checkpoint-5" / "trainer_state.json").write_text("{}")
-    args = types.SimpleNamespace(output_dir=str(tmp_path), process_index=0)
-    monkeypatch.setattr(vlm.train.arguments, "parse_args", lambda argv: (None, None, args))
+    config = types.SimpleNamespace(training=types.SimpleNamespace(output_dir=str(tmp_path)), main_process=True)
+    monkeypatch.setattr(vlm.train.config.RunConfig, "from_flags", lambda argv: config)
 
     def interrupted(*a, **k):
         raise KeyboardInterrupt

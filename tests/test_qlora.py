@@ -30,7 +30,8 @@ from vlm.cli.merge_lora import main as merge_main  # noqa: E402
 from vlm.quantization import QUANTIZATION_RECORD, bnb_config, llm_weight_bytes, quantize_llm  # noqa: E402
 from vlm.tiny import save_tiny_components, tiny_llm_config, tiny_vlm_config  # noqa: E402
 from vlm.train.arguments import parse_args  # noqa: E402
-from vlm.cli.train import fit, template_for  # noqa: E402
+from vlm.train.config import RunConfig  # noqa: E402
+from vlm.train.run import run  # noqa: E402
 from vlm.train.model_setup import build_for_training  # noqa: E402
 
 # Reloading quantises the same fp32 weights again (deterministic) and runs the same kernels: measured 0.0.
@@ -68,9 +69,8 @@ def build(argv: list[str]):
 
 def train(argv: list[str]):
     """`python train.py <argv>` (parse, build, fit, save), keeping the trained model: (model in eval mode, folder)."""
-    model, tokenizer, processor, (model_args, data_args, training_args) = build(argv)
-    trainer = fit(model, tokenizer, processor, data_args, training_args, template=template_for(data_args, model_args))
-    return trainer.model.eval(), training_args.output_dir
+    result = run(RunConfig.from_flags(argv))
+    return result.model.eval(), result.output_dir
 
 
 TRAIN_STEPS = ("--max_steps", "15", "--learning_rate", "1e-2", "--per_device_train_batch_size", "16",

@@ -106,8 +106,11 @@ def test_flags_that_contradict_the_start_folder_are_errors(llava_folder, shapes,
     if value == "SIGLIP":
         _, value = save_tiny_components(tmp_path / "other", vision="siglip")
         message = f"--vision_tower {value!r} ({message.format(tower=tower)})"
+    from vlm.train.config import RunConfig
+    from vlm.train.run import run
+
     with pytest.raises(ValueError, match="is a model folder, and these flags contradict it") as info:
-        train_main(lora_flags(folder, shapes, tmp_path / "run", flag, value))
+        run(RunConfig.from_flags(lora_flags(folder, shapes, tmp_path / "run", flag, value)))
     assert message in str(info.value) and "\n" not in str(info.value)
 
 

@@ -16,8 +16,11 @@ from safetensors.torch import load_file
 
 from vlm.data.synth import generate_shapes_dataset
 from vlm.tiny import save_tiny_components
-from vlm.train.arguments import parse_args
 from vlm.cli.train import main as train_main
+from vlm.errors import ConfigError
+from vlm.train.arguments import DataArguments, ModelArguments, VLMTrainingArguments, parse_args
+from vlm.train.config import RunConfig
+from vlm.train.run import run
 from vlm.train.trainer import build_param_groups
 
 REPO = Path(__file__).resolve().parents[1]
@@ -132,8 +135,67 @@ def test_unknown_flag_and_qlora_on_cpu(tmp_path):
 
 def test_target_modules_regex_that_matches_nothing(workspace, tmp_path):
     with pytest.raises(ValueError, match="q_proj"):  # the error lists the available linear layers
-        train_main(base_flags(workspace, tmp_path, "--lora_enable", "True", "--lora_r", "4",
-                              "--target_modules", "attn_qkv|fc_in", "--max_steps", "1"))
+        run(RunConfig.from_flags(base_flags(workspace, tmp_path, "--lora_enable", "True", "--lora_r", "4",
+                                            "--target_modules", "attn_qkv|fc_in", "--max_steps", "1")))
+
+
+def test_run_config_is_typed_validated_and_read_only(tmp_path):
+    import dataclasses
+
+    training = VLMTrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True)
+    config = RunConfig(model=ModelArguments(model_name_or_path="llm"), data=DataArguments(data_path="d.json"),
+                       training=training)
+    assert config.model_dir == str(tmp_path) and config.main_process
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.model.model_name_or_path = "other"
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.data = DataArguments()
+    with pytest.raises(ConfigError, match="stage 1.*drop --lora_enable"):  # refused before any model is built
+        RunConfig(model=ModelArguments(tune_mm_mlp_adapter=True), data=DataArguments(),
+                  training=VLMTrainingArguments(output_dir=str(tmp_path), report_to="none", lora_enable=True))
+    with pytest.raises(ConfigError, match="--lazy_preprocess False is not supported"):  # built in code, checked too
+        RunConfig(model=ModelArguments(), data=DataArguments(lazy_preprocess=False), training=training)
+    with pytest.raises(TypeError, match="RunConfig.data must be a DataArguments, not dict"):
+        RunConfig(model=ModelArguments(), data={}, training=training)
+    with pytest.raises(ConfigError, match="no --output_dir"):
+        RunConfig.from_flags(["--model_name_or_path", "llm"])
+    with pytest.raises(ConfigError, match="--bits 3: expected 4, 8"):
+        RunConfig.from_flags(["--bits", "3", "--output_dir", str(tmp_path)])
+    flags = RunConfig.from_flags(["--base_language_model", "llm", "--output_dir", str(tmp_path), "--gradient_checkpointing"])
+    assert flags.model.model_name_or_path == "llm" and flags.training.gradient_checkpointing_kwargs == {
+        "use_reentrant": False}  # works with frozen embeddings (LoRA, stage 1)
+
+
+def test_run_returns_where_and_what_it_trained(workspace, tmp_path, capsys):
+    result = run(RunConfig.from_flags(base_flags(workspace, tmp_path / "run", "--max_steps", "2",
+                                                 "--per_device_train_batch_size", "2", "--version", "v1")))
+    assert result.output_dir == result.model_dir == str(tmp_path / "run")
+    assert (result.global_step, result.template, result.resumed_from) == (2, "v1", None)
+    assert result.metrics["step"] == 2 and result.metrics["loss"] > 0 and result.train_runtime > 0
+    assert (tmp_path / "run" / "config.json").is_file() and result.model is result.trainer.model
+
+
+def test_stage1_from_a_folder_trained_on_another_template_says_the_switch(tmp_path, capsys):
+    """README: with no --version, stage 1 trains on plain captions even from a folder trained with v1; the log
+    names both templates and why (and stage 2 keeps the folder's)."""
+    from types import SimpleNamespace
+
+    from inference_helpers import save_tiny_folder
+    from vlm.train.dataset import template_for
+
+    folder = str(save_tiny_folder(tmp_path / "m", "clip", "qwen2", template="vicuna_v1"))
+    stage1 = SimpleNamespace(model_name_or_path=folder, tune_mm_mlp_adapter=True)
+    assert template_for(SimpleNamespace(version=None), stage1) == "plain"
+    assert capsys.readouterr().out == (
+        f"template: 'plain', not 'vicuna_v1' that {folder!r} was trained with, because stage 1 "
+        "(--tune_mm_mlp_adapter) trains on captions (--version vicuna_v1 to keep it)\n")
+    stage2 = SimpleNamespace(model_name_or_path=folder, tune_mm_mlp_adapter=False)
+    assert template_for(SimpleNamespace(version=None), stage2) == "vicuna_v1"
+    assert capsys.readouterr().out == f"template: 'vicuna_v1', the one {folder!r} was trained with (--version to change)\n"
+    plain = str(save_tiny_folder(tmp_path / "p", "clip", "qwen2", template="plain"))
+    assert template_for(SimpleNamespace(version=None), SimpleNamespace(model_name_or_path=plain,
+                                                                       tune_mm_mlp_adapter=True)) == "plain"
+    assert "not 'plain'" not in capsys.readouterr().out  # no switch, nothing to say
 
 
 def test_param_groups_lrs_and_no_decay(workspace):

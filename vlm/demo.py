@@ -5,8 +5,9 @@
    colour, shape, count and existence, train and held-out splits by image;
 2. train a byte-level BPE tokenizer on the set's text and build a tiny VLM from configs (SigLIP-style
    tower, MLP projector, Qwen2-style decoder; random weights, nothing downloaded);
-3. train it with the same trainer and data pipeline as real runs (full weights, projector on its own
-   learning rate, ChatML template);
+3. train it as every run is trained, through `vlm.train.run.run`: the untrained model is saved to
+   `init/` and the run starts from that folder (full weights, projector on its own learning rate,
+   ChatML template);
 4. evaluate held-out exact match, and a blind baseline: the same model with the images shuffled across
    the held-out samples; a model that reads the picture scores far above it.
 
@@ -30,7 +31,8 @@ Design choices (measured on 2 CPU cores; figures in the Training issue's note):
 
 Where: the run folder is `demo_dir()`: `--output_dir`, else `$VLM_DEMO_DIR`, else `./runs/demo`; it is
 printed at the start and the end. Outputs (DESIGN.md, Demo outputs) in it: `model/` (a vlm model
-folder), `metrics.jsonl`, `loss.png`, `eval.json`, `data/`, `checkpoint-N/`, `demo_config.json`; the
+folder), `metrics.jsonl`, `loss.png`, `eval.json`, `data/`, `init/` (the untrained model the run starts
+from), `checkpoint-N/`, `demo_config.json`, `vlm_run.json`; the
 last printed line is `accuracy=<a> blind_accuracy=<b>`.
 """
 
@@ -92,13 +94,19 @@ class DemoConfig:
 
 
 def build_demo_model(config: DemoConfig, tokenizer):
-    """The tiny VLM: a SigLIP-style tower, an MLP projector and a Qwen2-style decoder, random weights."""
+    """The tiny VLM: a SigLIP-style tower, an MLP projector and a Qwen2-style decoder, random weights drawn
+    from `config.seed` (the global random state is left as it was)."""
     import torch
 
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        return _build_demo_model(config, tokenizer)
+
+
+def _build_demo_model(config: DemoConfig, tokenizer):
     import vlm
     from vlm.tiny import tiny_llm_config, tiny_vision_config
 
-    torch.manual_seed(config.seed)
     vision = tiny_vision_config("siglip", hidden_size=config.vision_hidden, image_size=config.image_size,
                                 patch_size=config.patch_size, num_layers=config.vision_layers)
     llm = tiny_llm_config("qwen2", vocab_size=len(tokenizer), hidden_size=config.llm_hidden,
@@ -150,14 +158,14 @@ def run_demo(config: DemoConfig) -> dict:
 def _run_demo(config: DemoConfig) -> dict:
     import torch
 
-    from vlm.folders.kinds import load_tokenizer
-    from vlm.folders.weights import load_state_dict, load_state_dict_strict
+    import vlm
     from vlm.data.synth import generate_shapes_dataset
     from vlm.data.tokenizer import build_tokenizer
     from vlm.eval.evaluate import evaluate_exact_match
-    from vlm.train.arguments import DataArguments, VLMTrainingArguments
+    from vlm.folders.kinds import load_tokenizer
+    from vlm.folders.weights import save_model_folder
     from vlm.train.callbacks import METRICS_FILE, truncate_metrics
-    from vlm.cli.train import fit
+    from vlm.train.run import run
     from vlm.train.run_folder import checkpoint_step
     from vlm.visual.processor import ImageProcessor
 
@@ -187,42 +195,29 @@ def _run_demo(config: DemoConfig) -> dict:
     else:
         texts = [turn["value"].replace("<image>", "") for r in train_records for turn in r["conversations"]]
         tokenizer = build_tokenizer(texts, vocab_size=512, model_max_length=256)
-    model = build_demo_model(config, tokenizer)
-    for p in model.parameters():
-        p.requires_grad_(True)
-    model.vision_tower.set_trainable(config.train_vision)
-    image_processor = ImageProcessor.from_vision_config(model.vision_tower.model.config, aspect_ratio="resize")
     print(f"demo: {len(train_records)} training questions on {info['n_train_images']} images, "
           f"{info['n_eval_samples']} held-out questions; {config.max_steps} steps, a checkpoint every "
           f"{config.save_steps}", flush=True)
-
-    data_args = DataArguments(data_path=info["train"], image_folder=info["image_folder"], version=TEMPLATE,
-                              image_aspect_ratio="resize", check_images="exists")
-    training_args = VLMTrainingArguments(
-        output_dir=run_dir, max_steps=config.max_steps, per_device_train_batch_size=config.batch_size,
-        learning_rate=config.learning_rate, mm_projector_lr=config.projector_lr,
-        mm_vision_tower_lr=config.vision_lr, weight_decay=0.0, warmup_steps=0.03, lr_scheduler_type="cosine",
-        logging_steps=20, save_strategy="steps", save_steps=config.save_steps, save_total_limit=1,
-        report_to="none", seed=config.seed, use_cpu=True, dataloader_num_workers=0, model_max_length=256,
-        disable_tqdm=False,
-        # check_resumable has compared the settings: continue its checkpoint, or start over when there is none
-        resume_from_checkpoint=resume, overwrite_output_dir=resume is None,
-    )
     model_dir = os.path.join(run_dir, "model")
     if checkpoint_step(resume) >= config.max_steps and os.path.isfile(os.path.join(model_dir, "config.json")):
         # A finished run: evaluate its model again (resuming transformers' Trainer at max_steps would
         # train one step more).
         print(f"demo: training already finished ({resume}); evaluating {model_dir}", flush=True)
-        load_state_dict_strict(model, load_state_dict(model_dir), source=f"demo model {model_dir!r}")
+        model = vlm.from_pretrained(model_dir)
+        tokenizer = load_tokenizer(model_dir)
+        image_processor = ImageProcessor.from_pretrained(model_dir)
         steps, runtime = 0, None
     else:
-        # The trainer resumes from the newest checkpoint in run_dir and writes the model folder (weights,
+        # The untrained model, saved where the run starts from (a vlm model folder, as for any run).
+        init_dir = os.path.join(run_dir, "init")
+        model = build_demo_model(config, tokenizer)
+        save_model_folder(init_dir, model, tokenizer=tokenizer, image_processor=ImageProcessor.from_vision_config(
+            model.vision_tower.model.config, aspect_ratio="resize"))
+        # The run resumes from the newest checkpoint in run_dir and writes the model folder (weights,
         # tokenizer, image processor, template) into model/.
-        trainer = fit(model, tokenizer, image_processor, data_args, training_args, template=TEMPLATE,
-                      final_dir=model_dir)
-        runtime = next((log["train_runtime"] for log in reversed(trainer.state.log_history)
-                        if "train_runtime" in log), None)
-        steps = trainer.state.global_step - checkpoint_step(resume)
+        result = run(run_config(config, init_dir, info, resume=resume))
+        model, tokenizer, image_processor = result.model, result.tokenizer, result.image_processor
+        runtime, steps = result.train_runtime, result.global_step - checkpoint_step(resume)
 
     with open(info["eval"], encoding="utf-8") as f:
         eval_records = json.load(f)
@@ -245,9 +240,32 @@ def _run_demo(config: DemoConfig) -> dict:
     return result
 
 
+def run_config(config: DemoConfig, init_dir: str, data: dict, *, resume: str | None):
+    """The demo's `RunConfig`: stage 2 from `init_dir` (every weight trains, the tower only with
+    `train_vision`), the generated set, ChatML, many small steps with a cosine schedule."""
+    from vlm.train.arguments import DataArguments, ModelArguments, VLMTrainingArguments
+    from vlm.train.config import RunConfig
+
+    model = ModelArguments(model_name_or_path=init_dir, unfreeze_vision_tower=config.train_vision)
+    data = DataArguments(data_path=data["train"], image_folder=data["image_folder"], version=TEMPLATE,
+                         image_aspect_ratio="resize", check_images="exists")
+    training = VLMTrainingArguments(
+        output_dir=config.run_dir, max_steps=config.max_steps, per_device_train_batch_size=config.batch_size,
+        learning_rate=config.learning_rate, mm_projector_lr=config.projector_lr,
+        mm_vision_tower_lr=config.vision_lr, weight_decay=0.0, warmup_steps=0.03, lr_scheduler_type="cosine",
+        logging_steps=20, save_strategy="steps", save_steps=config.save_steps, save_total_limit=1,
+        report_to="none", seed=config.seed, use_cpu=True, dataloader_num_workers=0, model_max_length=256,
+        disable_tqdm=False,
+        # check_resumable has compared the settings: continue its checkpoint, or start over when there is none
+        resume_from_checkpoint=resume, overwrite_output_dir=resume is None,
+    )
+    return RunConfig(model=model, data=data, training=training, final_dir=os.path.join(config.run_dir, "model"))
+
+
 def check_resumable(config: DemoConfig) -> str | None:
     """The checkpoint a rerun continues from (None: start afresh), after checking it was made with the same
-    settings; records the settings for the next run. Raises ValueError naming the first difference."""
+    settings; records the settings for the next run. Raises FolderError naming the first difference."""
+    from vlm.errors import FolderError
     from vlm.train.run_folder import find_resume_checkpoint
 
     settings = {k: v for k, v in asdict(config).items() if k not in _NOT_RUN_SETTINGS}
@@ -259,7 +277,7 @@ def check_resumable(config: DemoConfig) -> str | None:
         changed = [k for k in settings if saved.get(k) != settings[k]]
         if changed:
             k = changed[0]
-            raise ValueError(f"{config.run_dir} holds a demo run with {k}={saved.get(k)!r}, not {settings[k]!r}, "
+            raise FolderError(f"{config.run_dir} holds a demo run with {k}={saved.get(k)!r}, not {settings[k]!r}, "
                              f"so {resume} cannot be resumed: pass the same settings, another --output_dir, "
                              "or delete the folder")
     with open(path, "w", encoding="utf-8") as f:
@@ -324,15 +342,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     config = DemoConfig(**vars(args))
-    from vlm.cli.train import report_interrupted
+    from vlm.train.run_folder import report_interrupted
 
     try:
         run_demo(config)
     except KeyboardInterrupt:
         return report_interrupted(demo_dir(config.run_dir))
-    except ValueError as exc:  # settings that contradict the run folder
-        print(f"vlm demo: error: {exc}", file=sys.stderr)
-        return 2
     return 0
 
 

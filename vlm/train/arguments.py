@@ -1,11 +1,19 @@
 """Training flags: LLaVA's names, `transformers.TrainingArguments`' names, and Basic-VLM's, parsed as users type them.
 
-Three dataclasses (model, data, training) are parsed by `transformers.HfArgumentParser`, so booleans
-accept `True`/`False` strings correctly and every `TrainingArguments` flag works unchanged. Aliases
-(`--lora_rank` for `--lora_r`, `--feature_proj_lr` for `--mm_projector_lr`, ...) are declared on the
-fields; `--config FILE` (YAML or JSON) supplies defaults that flags on the command line override.
+This is the one place that knows the flags' legacy names: `vlm.train.config.RunConfig.from_flags(argv)`
+turns a command line, through `parse_args` here, into the typed, validated run description
+`vlm.train.run.run` takes.
+Its three sections (model, data, training) are the dataclasses below, parsed by
+`transformers.HfArgumentParser`, so booleans accept `True`/`False` strings correctly and every
+`TrainingArguments` flag works unchanged. Field names are the flag names; aliases (`--lora_rank` for
+`--lora_r`, `--feature_proj_lr` for `--mm_projector_lr`, Basic-VLM's `--base_language_model`, ...) are
+declared on the fields; `--config FILE` (YAML or JSON) supplies defaults that flags on the command line
+override; LLaVA's `--deepspeed ./scripts/zero3.json` names the config shipped with vlm.
+The model and data sections are read-only once built; the training section is transformers' own
+`TrainingArguments` (the Trainer writes to it), validated in `__post_init__`.
 Flags that need a package this machine lacks (`--deepspeed`, `--report_to wandb`, `--bits 4` without
-bitsandbytes) fail here, before any model is built, naming what to install.
+bitsandbytes) fail here, before any model is built, naming what to install. Every mistake is a
+`vlm.errors.ConfigError` (`MissingPackageError` is also an ImportError).
 """
 
 from __future__ import annotations
@@ -19,16 +27,22 @@ import torch
 import transformers
 from transformers import HfArgumentParser
 
+from vlm.errors import ConfigError, MissingPathError
+
 
 # LoRA values used when a flag is not given (LLaVA's lora_r/lora_alpha, peft's usual dropout).
 LORA_DEFAULTS = {"lora_r": 64, "lora_alpha": 16, "lora_dropout": 0.05}
+
+
+class MissingPackageError(ConfigError, ImportError):
+    """A flag needs a package that is not installed; the message names what to install."""
 
 
 def _alias(*names: str, help: str) -> dict:
     return {"aliases": list(names), "help": help}
 
 
-@dataclass
+@dataclass(frozen=True)
 class ModelArguments:
     model_name_or_path: str | None = field(default=None, metadata=_alias(
         "--base_language_model",
@@ -57,7 +71,7 @@ class ModelArguments:
     trust_remote_code: bool = field(default=False, metadata={"help": "passed to transformers loaders"})
 
 
-@dataclass
+@dataclass(frozen=True)
 class DataArguments:
     data_path: str | None = field(default=None, metadata={
         "help": "data file(s), comma-separated, or a YAML mix file"})
@@ -91,10 +105,9 @@ class VLMTrainingArguments(transformers.TrainingArguments):
     group_by_modality_length: bool = field(default=False, metadata={
         "help": "image and text-only samples in separate batches, similar lengths together"})
     packing: bool = field(default=False, metadata=_alias(
-        "--padding_free", help="padding-free: a batch's samples joined into rows of up to --model_max_length "
-                               "tokens, attention within each sample; same loss, no padding computed"))
+        "--padding_free", help="pack samples into rows, no padding"))
     supervised_only_loss: bool = field(default=True, metadata={
-        "help": "LM head and loss only at labelled tokens (same loss, less time and memory); False: full logits"})
+        "help": "LM head only at labelled tokens: same loss, faster"})
     lora_enable: bool | None = field(default=None, metadata={
         "nargs": "?", "const": True,  # a bare --lora_enable is True, as for the plain bool flags
         "help": "train the LLM with LoRA (default: True when a LoRA flag below is given, as Basic-VLM's train.sh "
@@ -112,10 +125,9 @@ class VLMTrainingArguments(transformers.TrainingArguments):
     target_modules: str | None = field(default=None, metadata={
         "help": "LoRA targets: regex ('c_attn|w1|w2') or comma list; default every linear layer of the LLM"})
     bits: int = field(default=16, metadata={
-        "help": "16, or 4 / 8: QLoRA, the LLM quantised by bitsandbytes, CUDA or CPU (needs --lora_enable and "
-                "pip install 'vlm-kit[qlora]'); the tower and projector stay unquantised"})
-    double_quant: bool = field(default=True, metadata={
-        "help": "--bits 4: also quantise the quantisation constants (bnb_4bit_use_double_quant)"})
+        "help": "16 (none), or 4 / 8: QLoRA, the LLM quantised by bitsandbytes on CUDA or CPU (needs --lora_enable, "
+                "pip install 'vlm-kit[qlora]')"})
+    double_quant: bool = field(default=True, metadata={"help": "--bits 4: quantise the quantisation constants too"})
     quant_type: str = field(default="nf4", metadata={"help": "--bits 4: data type nf4 | fp4 (bnb_4bit_quant_type)"})
     freeze_mm_mlp_adapter: bool = field(default=False, metadata={"help": "keep the projector frozen"})
     evaluation_strategy: str | None = field(default=None, metadata={"help": "old name of --eval_strategy"})
@@ -124,7 +136,7 @@ class VLMTrainingArguments(transformers.TrainingArguments):
     overwrite_output_dir: bool = field(default=False, metadata={
         "help": "start over: remove --output_dir's checkpoints instead of resuming"})
     cache_dir: str | None = field(default=None, metadata={"help": (
-        "hub cache for every hub read of the run (LLaVA's --cache_dir; default: HF_HUB_CACHE)")})
+        "hub cache for every hub read of the run (default: HF_HUB_CACHE)")})
     optim: str = field(default="adamw_torch", metadata={"help": "optimizer (TrainingArguments' names)"})
     remove_unused_columns: bool = field(default=False, metadata={"help": "must stay False for VLM batches"})
     ddp_find_unused_parameters: bool | None = field(default=False, metadata={
@@ -136,7 +148,7 @@ class VLMTrainingArguments(transformers.TrainingArguments):
             self.eval_strategy = self.evaluation_strategy
         if self.warmup_ratio is not None:
             if not 0 <= self.warmup_ratio < 1:
-                raise ValueError(f"--warmup_ratio {self.warmup_ratio}: expected a fraction in [0, 1)")
+                raise ConfigError(f"--warmup_ratio {self.warmup_ratio}: expected a fraction in [0, 1)")
             self.warmup_steps = self.warmup_ratio
         self._check_optional_packages()
         if self.tf32 and not torch.cuda.is_available():
@@ -144,6 +156,9 @@ class VLMTrainingArguments(transformers.TrainingArguments):
             self.tf32 = None
         if (self.bf16 or self.fp16) and not torch.cuda.is_available():
             self.use_cpu = True
+        if self.gradient_checkpointing and self.gradient_checkpointing_kwargs is None:
+            # Non-reentrant checkpointing works with frozen embeddings (LoRA, stage 1) without input hacks.
+            self.gradient_checkpointing_kwargs = {"use_reentrant": False}
         super().__post_init__()
 
     def _resolve_lora(self) -> None:
@@ -158,7 +173,7 @@ class VLMTrainingArguments(transformers.TrainingArguments):
                 print(f"note: {', '.join(given)} without --lora_enable: training with LoRA (pass --lora_enable "
                       "True to say so, or drop the LoRA flags to train every weight)", flush=True)
         elif not self.lora_enable and given:
-            raise ValueError(f"--lora_enable False contradicts {', '.join(given)}: drop the LoRA flags to train every "
+            raise ConfigError(f"--lora_enable False contradicts {', '.join(given)}: drop the LoRA flags to train every "
                              "weight, or drop --lora_enable False to train with LoRA")
         for name, default in LORA_DEFAULTS.items():
             if getattr(self, name) is None:
@@ -166,7 +181,7 @@ class VLMTrainingArguments(transformers.TrainingArguments):
 
     def _check_optional_packages(self) -> None:
         if self.deepspeed and importlib.util.find_spec("deepspeed") is None:
-            raise ImportError(f"--deepspeed {self.deepspeed} needs DeepSpeed: install the GPU extra "
+            raise MissingPackageError(f"--deepspeed {self.deepspeed} needs DeepSpeed: install the GPU extra "
                               "`pip install 'vlm-kit[gpu]'` (or `pip install deepspeed`), or drop the flag")
         reports = self.report_to if isinstance(self.report_to, list) else [self.report_to]
         for name in reports:
@@ -174,7 +189,7 @@ class VLMTrainingArguments(transformers.TrainingArguments):
                 continue
             module = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}.get(name, name)
             if importlib.util.find_spec(module) is None:
-                raise ImportError(f"--report_to {name} needs the {module!r} package: `pip install {module}`, "
+                raise MissingPackageError(f"--report_to {name} needs the {module!r} package: `pip install {module}`, "
                                   "or use --report_to none")
         self._check_lora_and_quantization()
 
@@ -183,18 +198,21 @@ class VLMTrainingArguments(transformers.TrainingArguments):
         from vlm.quantization import QUANT_TYPES, require_bitsandbytes
 
         if self.lora_bias not in LORA_BIAS:
-            raise ValueError(f"--lora_bias {self.lora_bias!r}: expected one of {', '.join(LORA_BIAS)} (PEFT's bias)")
+            raise ConfigError(f"--lora_bias {self.lora_bias!r}: expected one of {', '.join(LORA_BIAS)} (PEFT's bias)")
         if self.quant_type not in QUANT_TYPES:
-            raise ValueError(f"--quant_type {self.quant_type!r}: expected one of {', '.join(QUANT_TYPES)}")
+            raise ConfigError(f"--quant_type {self.quant_type!r}: expected one of {', '.join(QUANT_TYPES)}")
         if self.lora_weight_path and not self.lora_enable:
-            raise ValueError(f"--lora_weight_path {self.lora_weight_path!r} initialises a LoRA adapter: add "
+            raise ConfigError(f"--lora_weight_path {self.lora_weight_path!r} initialises a LoRA adapter: add "
                              "--lora_enable True, or drop the flag")
         if self.bits not in (4, 8, 16):
-            raise ValueError(f"--bits {self.bits}: expected 4, 8 (QLoRA) or 16")
+            raise ConfigError(f"--bits {self.bits}: expected 4, 8 (QLoRA) or 16")
         if self.bits in (4, 8):
-            require_bitsandbytes(f"--bits {self.bits} (QLoRA)")
+            try:
+                require_bitsandbytes(f"--bits {self.bits} (QLoRA)")
+            except ImportError as exc:
+                raise MissingPackageError(str(exc)) from None
             if not self.lora_enable:
-                raise ValueError(f"--bits {self.bits} quantises the LLM, whose own weights then cannot be trained or "
+                raise ConfigError(f"--bits {self.bits} quantises the LLM, whose own weights then cannot be trained or "
                                  "saved: add --lora_enable True (QLoRA), or drop --bits")
 
 
@@ -211,24 +229,30 @@ def parse_args(argv: list[str]) -> tuple[ModelArguments, DataArguments, VLMTrain
 
         from vlm.train.help import help_text
 
-        print(help_text(width=min(100, max(80, shutil.get_terminal_size((100, 24)).columns))), end="")
+        print(help_text((ModelArguments, DataArguments, VLMTrainingArguments),
+                        width=min(100, max(80, shutil.get_terminal_size((100, 24)).columns))), end="")
         raise SystemExit(0)
     if "--config" in argv:
         i = argv.index("--config")
         if i + 1 >= len(argv):
-            raise ValueError("--config needs a file path")
+            raise ConfigError("--config needs a file path")
         path = argv[i + 1]
         del argv[i:i + 2]
         parser.set_defaults(**_read_config_file(path))
     model_args, data_args, training_args, rest = parser.parse_args_into_dataclasses(
         args=argv, return_remaining_strings=True)
     if rest:
-        raise ValueError(f"unknown flag(s): {' '.join(rest)} (see `python train.py --help`)")
-    for args in (model_args, data_args):
+        raise ConfigError(f"unknown flag(s): {' '.join(rest)} (see `python train.py --help`)")
+    check_fixed_values(model_args, data_args)
+    return model_args, data_args, training_args
+
+
+def check_fixed_values(*sections) -> None:
+    """LLaVA flags taken only at one value (`FIXED_VALUES`): any other value is a ConfigError."""
+    for args in sections:
         for name, (value, why) in FIXED_VALUES.items():
             if hasattr(args, name) and getattr(args, name) != value:
-                raise ValueError(f"--{name} {getattr(args, name)} is not supported: {why}; drop the flag")
-    return model_args, data_args, training_args
+                raise ConfigError(f"--{name} {getattr(args, name)} is not supported: {why}; drop the flag")
 
 
 # LLaVA flags that vlm takes only at one value (the one LLaVA-1.5's scripts use), and why: a flag that parsed
@@ -245,7 +269,7 @@ FIXED_VALUES: dict[str, tuple[bool, str]] = {
 
 def _read_config_file(path: str) -> dict:
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"--config file {path!r} not found")
+        raise MissingPathError(f"--config file {path!r} not found")
     with open(path, encoding="utf-8") as f:
         if path.endswith((".yaml", ".yml")):
             import yaml
@@ -254,5 +278,38 @@ def _read_config_file(path: str) -> dict:
         else:
             data = json.load(f)
     if not isinstance(data, dict):
-        raise ValueError(f"--config {path!r} must hold a mapping of flag names to values")
+        raise ConfigError(f"--config {path!r} must hold a mapping of flag names to values")
     return data
+
+
+def with_shipped_deepspeed_config(argv: list[str]) -> list[str]:
+    """`--deepspeed zero3` (or `zero3.json`, or LLaVA's `./scripts/zero3.json` where no such file exists) ->
+    the config shipped in the package (vlm/assets/deepspeed), said on stdout; other values pass unchanged."""
+    from vlm.assets import resolve_deepspeed_config
+
+    argv = list(argv)
+    for i, flag in enumerate(argv[:-1]):
+        if flag == "--deepspeed":
+            resolved = resolve_deepspeed_config(argv[i + 1])
+            if resolved != argv[i + 1]:
+                print(f"deepspeed: {argv[i + 1]!r} is vlm's shipped config {resolved}", flush=True)
+                argv[i + 1] = resolved
+    return argv
+
+
+# transformers' TrainingArguments falls back to this folder when no --output_dir is given
+TRANSFORMERS_DEFAULT_OUTPUT_DIR = "trainer_output"
+
+
+def check_output_dir_given(argv: list[str], output_dir: str) -> None:
+    """Training without `--output_dir` (on the command line or in `--config`) is refused: transformers would
+    write into ./trainer_output, and the next run there would resume from whatever an unrelated run left."""
+    if output_dir != TRANSFORMERS_DEFAULT_OUTPUT_DIR:
+        return
+    if any(a in ("--output_dir", "--output-dir") or a.startswith(("--output_dir=", "--output-dir=")) for a in argv):
+        return
+    if "--config" in argv:
+        if "output_dir" in _read_config_file(argv[argv.index("--config") + 1]):
+            return
+    raise ConfigError("no --output_dir: name the folder for this run's checkpoints, model and data report "
+                      "(e.g. --output_dir runs/my-run); `python train.py` with no flags runs the demo")

@@ -3,7 +3,7 @@
 `metrics.jsonl` is appended to as the run logs, so a disk that fills mid-append can leave a torn last line:
 readers here skip unreadable lines and count them, and a run (or the demo) starting in the folder rewrites
 the file with the readable records up to the step it resumes from (`truncate_metrics`), so a resumed run
-never repeats steps. The loss plot is drawn after the final model is saved (`vlm.cli.train.fit`).
+never repeats steps. The loss plot is drawn after the final model is saved (`vlm.train.run.fit`).
 """
 
 from __future__ import annotations
@@ -108,12 +108,13 @@ def plot_loss(metrics_path: str, out_path: str) -> bool:
     if not points:
         return False
     steps, losses = zip(*points)
-    import matplotlib
+    # the object API draws without pyplot's global backend (no matplotlib.use, nothing left open)
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig = Figure(figsize=(6, 4))
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
     ax.plot(steps, losses)
     ax.set_xlabel("step")
     ax.set_ylabel("training loss")
@@ -121,5 +122,4 @@ def plot_loss(metrics_path: str, out_path: str) -> bool:
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(out_path, dpi=100)
-    plt.close(fig)
     return True

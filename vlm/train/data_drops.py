@@ -30,9 +30,10 @@ from transformers import TrainerCallback
 
 from vlm.data.dataset import DATA_DROPS_KEY
 from vlm.data.errors import REASONS
+from vlm.errors import UserError
 
 
-class DataDropsExceeded(ValueError):
+class DataDropsExceeded(UserError):
     """Training stopped because too many samples could not be used; the message is the one line to show."""
 
 

@@ -31,7 +31,8 @@ GROUPS: list[tuple[str, tuple[str, ...]]] = [
                         "lora_weight_path", "bits", "quant_type", "double_quant")),
     ("data", ("data_path", "image_folder", "data_format", "version", "image_aspect_ratio", "image_map",
               "captions_file", "model_max_length", "truncate", "max_drop_ratio", "check_images",
-              "allow_absolute_image_paths", "escape_special_tokens", "group_by_modality_length")),
+              "allow_absolute_image_paths", "escape_special_tokens", "group_by_modality_length",
+              "packing", "supervised_only_loss")),
     ("accepted for LLaVA's scripts and older transformers", ("mm_use_im_start_end", "mm_use_im_patch_token",
                                                              "lazy_preprocess", "is_multimodal",
                                                              "evaluation_strategy", "warmup_ratio")),
@@ -69,13 +70,12 @@ examples:
   python train.py --config run.yaml --learning_rate 1e-4    # a file's flags, one of them overridden"""
 
 
-def own_fields() -> list[tuple[type, dataclasses.Field]]:
-    """Fields of the three argument classes that transformers' TrainingArguments does not define."""
-    from vlm.train.arguments import DataArguments, ModelArguments, VLMTrainingArguments
-
+def own_fields(sections: tuple[type, ...]) -> list[tuple[type, dataclasses.Field]]:
+    """Fields of the argument classes (`vlm.train.arguments`: model, data, training) that transformers'
+    TrainingArguments does not define."""
     theirs = {f.name for f in dataclasses.fields(transformers.TrainingArguments)}
-    return [(cls, f) for cls in (ModelArguments, DataArguments, VLMTrainingArguments) for f in dataclasses.fields(cls)
-            if not (cls is VLMTrainingArguments and f.name in theirs)]
+    return [(cls, f) for cls in sections for f in dataclasses.fields(cls)
+            if not (issubclass(cls, transformers.TrainingArguments) and f.name in theirs)]
 
 
 def _metavar(cls: type, field: dataclasses.Field) -> str:
@@ -121,11 +121,11 @@ def _field_entry(cls: type, field: dataclasses.Field, width: int, *, always_defa
     return _entry(f"--{field.name} {_metavar(cls, field)}".rstrip(), text, width)
 
 
-def help_text(width: int = 100) -> str:
-    """The curated `--help` text (see the module docstring); lines at most `width` characters."""
-    from vlm.train.arguments import VLMTrainingArguments
-
-    fields = {f.name: (cls, f) for cls, f in own_fields()}
+def help_text(sections: tuple[type, ...], width: int = 100) -> str:
+    """The curated `--help` text (see the module docstring) of the argument classes `sections` (model, data,
+    training: `vlm.train.arguments` passes its own); lines at most `width` characters."""
+    VLMTrainingArguments = sections[-1]  # noqa: N806 (the training class: transformers' flags and ours)
+    fields = {f.name: (cls, f) for cls, f in own_fields(sections)}
     lines = [
         "usage: python train.py [--config FILE] --output_dir DIR [--flag VALUE ...]   (torchrun: train.sh)",
         "       python train.py [--demo [demo flags]]   (the demo; its flags: vlm demo --help)",

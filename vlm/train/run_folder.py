@@ -20,7 +20,10 @@ import json
 import os
 import re
 import shutil
+import sys
 import zipfile
+
+from vlm.errors import FolderError
 
 RUN_RECORD = "vlm_run.json"
 LOCK_FILE = ".lock"
@@ -47,7 +50,7 @@ _PATH_FLAGS = ("model_name_or_path", "vision_tower", "pretrain_mm_mlp_adapter", 
                "image_folder", "image_map", "captions_file", "lora_weight_path")
 
 
-class RunFolderError(ValueError):
+class RunFolderError(FolderError):
     """The output folder cannot be used as asked; the message is the one line to show."""
 
 
@@ -310,3 +313,21 @@ def finished_step(checkpoint: str) -> int | None:
         state = json.load(f)
     step, last = state.get("global_step"), state.get("max_steps")
     return step if isinstance(step, int) and isinstance(last, int) and 0 < last <= step else None
+
+
+def report_interrupted(output_dir: str) -> int:
+    """Ctrl-C: print one line on stderr, the checkpoint a rerun of the same command resumes from (`fit` finds
+    the newest complete one in the output folder) or that there is none yet; returns the exit code, 130."""
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):  # an open bar would be redrawn at exit, after our line
+        bar.close()
+    # the newest complete one (renamed into place when fully written); the rerun also checks it reads back
+    resume = next(iter(list_checkpoints(output_dir)), None)
+    if resume is None:
+        line = (f"interrupted before the first checkpoint in {output_dir} (--save_steps sets how often); "
+                "rerun the same command to start again")
+    else:
+        line = f"interrupted; rerun the same command to resume from {resume}"
+    print(line, file=sys.stderr, flush=True)
+    return 130

@@ -1,0 +1,106 @@
+"""What a run trains on: its data sources, its chat template, and the validated training dataset.
+
+- `build_sources`: `--data_path/--image_folder/--data_format` (files, comma lists, a YAML mix), or
+  Basic-VLM's `--captions_file` + `--image_map`.
+- `template_for`: `--version` when given, else the start folder's template, `plain` in stage 1, the LLM's
+  own chat template, else `vicuna_v1` (README, "Chat templates"); the choice and its reason are printed,
+  and so is a stage-1 switch away from the start folder's template.
+- `build_train_dataset`: every sample validated as training will use it (`vlm.data.check`), the report
+  written to `data_report.json`, the run stopped past `--max_drop_ratio`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+from vlm.data.mix import Source, parse_sources
+from vlm.errors import ConfigError
+
+
+def build_sources(data_args) -> list[Source]:
+    """`--data_path/--image_folder/--data_format`, or Basic-VLM's `--captions_file` + `--image_map`."""
+    if data_args.captions_file:
+        from vlm.data.formats.basic_vlm import image_folder_and_options
+
+        folder, options = image_folder_and_options(data_args.captions_file, data_args.image_map,
+                                                   data_args.image_folder)
+        if "image_root" in options:  # Basic-VLM's train.sh: the image map's `path` fields say where images are
+            print(f"data: no --image_folder; images are found at the image map's 'path' folders (under {folder})",
+                  flush=True)
+        return [Source(path=data_args.captions_file, image_folder=folder, format="basic_vlm", options=options,
+                       allow_absolute_images=data_args.allow_absolute_image_paths)]
+    if not data_args.data_path:
+        raise ConfigError("no training data: pass --data_path (and --image_folder), or --captions_file/--image_map")
+    sources = parse_sources(data_args.data_path, data_args.image_folder, data_format=data_args.data_format)
+    if data_args.allow_absolute_image_paths:
+        sources = [dataclasses.replace(s, allow_absolute_images=True) for s in sources]
+    return sources
+
+
+def build_train_dataset(data_args, training_args, tokenizer, image_processor, num_image_tokens: int,
+                        template: str):
+    """Validate every sample as training will use it, write the report, stop when too much is dropped."""
+    from vlm.data.check import check_dataset, enforce_max_drop_ratio
+    from vlm.data.dataset import SupervisedDataset
+    from vlm.data.mix import MixedRecords
+
+    records = MixedRecords(build_sources(data_args), seed=training_args.seed)
+    kept, report = check_dataset(records, tokenizer=tokenizer, template=template, num_image_tokens=num_image_tokens,
+                                 max_length=training_args.model_max_length, truncate=data_args.truncate,
+                                 check_images=data_args.check_images, seed=training_args.seed,
+                                 escape_special_tokens=data_args.escape_special_tokens,
+                                 # every rank checks (each needs the kept indices): share the CPUs
+                                 num_workers=max(1, (os.cpu_count() or 1) // training_args.world_size))
+    report_path = os.path.join(training_args.output_dir, "data_report.json")
+    if training_args.process_index == 0:
+        os.makedirs(training_args.output_dir, exist_ok=True)
+        with open(report_path, "w", encoding="utf-8") as f:
+            json.dump(report, f, indent=2, ensure_ascii=False)
+        dropped = ", ".join(f"{k}={v}" for k, v in report["dropped"].items()) or "none"
+        print(f"data: {report['total']} samples, kept {report['kept']}, dropped: {dropped} "
+              f"(report: {report_path})", flush=True)
+    enforce_max_drop_ratio(report, data_args.max_drop_ratio, report_path=report_path)
+    return SupervisedDataset(records, tokenizer, template, image_processor, num_image_tokens=num_image_tokens,
+                             max_length=training_args.model_max_length, truncate=data_args.truncate, indices=kept,
+                             escape_special_tokens=data_args.escape_special_tokens,
+                             on_bad_image="replace")  # counted and stopped by vlm.train.data_drops
+
+
+_WHY = {"plain": "stage 1 (--tune_mm_mlp_adapter) trains on captions",
+        "tokenizer": "the LLM's tokenizer has a chat template",
+        "vicuna_v1": "the LLM's tokenizer has no chat template; LLaVA-1.5's default"}
+
+
+def template_for(data_args, model_args, tokenizer=None, *, cache_dir: str | None = None) -> str:
+    """`--version` when given; otherwise the start folder's recorded template (a vlm / LLaVA folder or LoRA
+    run keeps the format it was trained on), `plain` in stage 1, the LLM's own chat template when its
+    tokenizer has one, else `vicuna_v1`. The choice and its reason are printed; in stage 1 from a folder
+    trained with another template, the line names both. `cache_dir`: the Hugging Face hub cache a Hub-id
+    start point is read from (`--cache_dir`)."""
+    if data_args.version:
+        return data_args.version
+    from vlm.data.templates import default_template_name
+    from vlm.folders.kinds import model_kind
+
+    start = model_args.model_name_or_path
+    kind, folder = model_kind(start, cache_dir=cache_dir) if start else ("llm", None)
+    trained_with = None
+    if kind != "llm":
+        from vlm.folders.kinds import default_template
+
+        try:
+            trained_with = default_template(folder, tokenizer)
+        except ValueError:
+            pass
+    if trained_with is not None and not model_args.tune_mm_mlp_adapter:
+        print(f"template: {trained_with!r}, the one {start!r} was trained with (--version to change)", flush=True)
+        return trained_with
+    name = default_template_name(tokenizer, captions_stage=model_args.tune_mm_mlp_adapter)
+    if trained_with is not None and trained_with != name:  # stage 1 from a folder trained on conversations
+        print(f"template: {name!r}, not {trained_with!r} that {start!r} was trained with, because {_WHY[name]} "
+              f"(--version {trained_with} to keep it)", flush=True)
+    else:
+        print(f"template: {name!r} because {_WHY[name]} (--version to change)", flush=True)
+    return name

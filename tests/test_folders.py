@@ -194,6 +194,21 @@ def test_unknown_aspect_mode_is_one_line_listing_the_choices(folders):
     assert str(error.value) == "--image_aspect_ratio 'anyres' is not supported; choose one of pad, resize, crop"
     cropped = with_aspect_ratio(processor, "crop")
     assert cropped.config.aspect_ratio == "crop" and processor.config.aspect_ratio == "pad"
+    config = VLMConfig.load(folders["vlm"])
+    with pytest.raises(ConfigError, match=r"^image_aspect_ratio='anyres' is not supported; choose one of pad, resize, crop$"):
+        config.replace(image_aspect_ratio="anyres")
+
+
+def test_the_aspect_mode_training_used_is_in_config_json(folders, tmp_path):
+    """config.json's image_aspect_ratio (what training used) decides the loaded processor's mode; LLaVA-1.5's
+    `image_aspect_ratio: pad` becomes it."""
+    assert vlm.load(folders["vlm"])[1].image_processor.config.aspect_ratio == "pad"  # the folder's processor
+    cropped = tmp_path / "cropped"
+    shutil.copytree(folders["vlm"], cropped)
+    VLMConfig.load(cropped).replace(image_aspect_ratio="crop").save(cropped)
+    model, processor = vlm.load(cropped)
+    assert processor.image_processor.config.aspect_ratio == "crop" and model.vlm_config.image_aspect_ratio == "crop"
+    assert vlm.load_pretrained_model(folders["llava"])[1].vlm_config.image_aspect_ratio == "pad"
 
 
 def test_template_is_in_config_json_and_old_folders_keep_theirs(folders, tmp_path):

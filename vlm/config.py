@@ -11,8 +11,8 @@ Design choices:
   `model.vlm_config`.
 - Everything that defines how to run the model is here and in `config.json`: the components, the image
   token, and the chat template the model was trained with (`template`; folders written before it existed
-  record it in `vlm_generation.json`, read by `vlm.folders.load.folder_template`). The image aspect mode
-  is the image processor's (`preprocessor_config.json`), saved beside it.
+  record it in `vlm_generation.json`, read by `vlm.folders.kinds.folder_template`), and the image aspect
+  mode training used (`image_aspect_ratio`), which loaders give the image processor.
 - The nested dataclasses serialise to plain JSON with `to_dict`/`from_dict`; unknown keys are an
   error, so a typo in a hand-written config does not pass silently.
 """
@@ -82,12 +82,12 @@ def _check_size_bounds(hf_config: dict[str, Any] | None, section: str) -> None:
             continue
         if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= limit:
             raise ConfigError(f"{section}.hf_config.{key}={value!r} is not a size a model can have (expected an "
-                             f"integer in 1..{limit:,}); fix the config")
+                              f"integer in 1..{limit:,}); fix the config")
     if section == "vision" and isinstance(config, dict):
         size, patch = config.get("image_size"), config.get("patch_size")
         if isinstance(size, int) and isinstance(patch, int) and patch > 0 and (size // patch) ** 2 > MAX_PATCHES:
             raise ConfigError(f"vision.hf_config image_size={size} with patch_size={patch} makes {(size // patch) ** 2:,} "
-                             f"patches per image (at most {MAX_PATCHES:,}); fix the config")
+                              f"patches per image (at most {MAX_PATCHES:,}); fix the config")
 
 
 def _from_dict(cls: type, data: dict[str, Any], where: str) -> Any:
@@ -173,6 +173,8 @@ class VLMConfig:
 
     `template`: the name of the chat template the model was trained with (`vlm.data.templates`), what
     every prompt for it must use; None when unknown (a model not trained by vlm, a fresh build).
+    `image_aspect_ratio`: how images were fitted to the tower in training ("pad", "resize", "crop"; LLaVA's
+    `--image_aspect_ratio`); loaders give the image processor this mode. None: the processor's own.
     """
 
     vision: VisionConfig = field(default_factory=VisionConfig)
@@ -183,6 +185,7 @@ class VLMConfig:
     attn_implementation: str = "sdpa"
     dtype: str = "float32"
     template: str | None = None
+    image_aspect_ratio: str | None = None
     format_version: int = 1
 
     def validate(self) -> None:
@@ -204,6 +207,12 @@ class VLMConfig:
             if self.template not in TEMPLATES and self.template not in ALIASES:
                 raise ConfigError(f"template={self.template!r} is not a chat template; valid names: "
                                   f"{', '.join(sorted(set(TEMPLATES) | set(ALIASES)))}")
+        if self.image_aspect_ratio is not None:
+            from vlm.visual.processor import ASPECT_RATIOS
+
+            if self.image_aspect_ratio not in ASPECT_RATIOS:
+                raise ConfigError(f"image_aspect_ratio={self.image_aspect_ratio!r} is not supported; choose one of "
+                                  f"{', '.join(ASPECT_RATIOS)}")
 
     def __post_init__(self) -> None:
         self.validate()
@@ -269,7 +278,7 @@ def read_json_object(path: str | os.PathLike) -> dict[str, Any]:
             data = json.load(f)
     except json.JSONDecodeError as exc:
         raise ConfigError(f"{path} is not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg}); "
-                         "fix or replace the file") from None
+                          "fix or replace the file") from None
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{path} is not UTF-8 text (byte {exc.start}); it is not a JSON config") from None
     except RecursionError:

@@ -204,11 +204,13 @@ def load_tokenizer(folder: str, *, trust_remote_code: bool = False):
 def load_image_processor(folder: str, model, *, aspect_ratio: str | None = None, fallback: str | None = None,
                          cache_dir: str | None = None):
     """The folder's `preprocessor_config.json`, else `fallback`'s (the tower's folder or Hub id, read through
-    `cache_dir`), else the tower type's defaults."""
+    `cache_dir`), else the tower type's defaults; in the aspect mode `aspect_ratio`, else the one the model's config
+    records (`image_aspect_ratio`, what training used), else the processor's own."""
     import dataclasses
 
     from vlm.visual.processor import PREPROCESSOR_CONFIG_NAME, ImageProcessor
 
+    aspect_ratio = aspect_ratio or model.vlm_config.image_aspect_ratio
     processor = None
     if os.path.isfile(os.path.join(folder, PREPROCESSOR_CONFIG_NAME)):
         processor = ImageProcessor.from_pretrained(folder)

@@ -70,6 +70,7 @@ def vlm_config_from_llava_original(data: dict[str, Any], where: str = "config.js
                             select_feature=data.get("mm_vision_select_feature", "patch")),
         projector=ProjectorConfig(type=data.get("mm_projector_type", "linear")),
         llm=LLMConfig(hf_config=llm),
+        image_aspect_ratio=image_aspect_ratio(data),
     )
 
 

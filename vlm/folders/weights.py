@@ -116,7 +116,7 @@ def shard_path(folder: str | os.PathLike, shard: Any, index: str) -> str:
             why = f"is a symlink that leads out of the folder (to {target!r})"
     if why is not None:
         raise FolderError(f"{index}: shard {shard!r} {why}; shards must be files inside the model folder "
-                         f"{folder!r}; fix or remove the index file")
+                          f"{folder!r}; fix or remove the index file")
     return os.path.join(folder, shard)
 
 
@@ -133,7 +133,7 @@ def check_weight_index(folder: str | os.PathLike) -> None:
             shards = set(weight_map.values())
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
             raise FolderError(f"{index} is not a weight index ({type(exc).__name__}: {exc}); expected "
-                             '{"weight_map": {tensor: shard file}}; fix or remove it') from None
+                              '{"weight_map": {tensor: shard file}}; fix or remove it') from None
         for shard in sorted(shards, key=str):
             shard_path(folder, shard, index)
 
@@ -147,7 +147,7 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         return load_file(path)
     except SafetensorError as exc:
         raise FolderError(f"{os.fspath(path)} is not a readable safetensors file ({exc}); it is truncated or corrupt: "
-                         "save or download it again") from None
+                          "save or download it again") from None
 
 
 def read_pickled_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -162,11 +162,11 @@ def read_pickled_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         blocked = re.search(r"unsupported GLOBAL (\S+)", str(exc))
         what = f" (it asks for {blocked.group(1)})" if blocked else ""
         raise FolderError(f"{os.fspath(path)} holds objects other than tensors{what}, code a pickle can run; it was "
-                         "not loaded. Use a safetensors copy of these weights from a source you trust") from None
+                          "not loaded. Use a safetensors copy of these weights from a source you trust") from None
     except (RuntimeError, EOFError) as exc:  # truncated or not a torch file ("failed finding central directory")
         first = str(exc).split(". ")[0]
         raise FolderError(f"{os.fspath(path)} is not a readable PyTorch weights file ({first}); it is truncated or "
-                         "corrupt: download it again") from None
+                          "corrupt: download it again") from None
 
 
 def load_state_dict(folder: str | os.PathLike) -> dict[str, torch.Tensor]:

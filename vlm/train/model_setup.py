@@ -60,7 +60,7 @@ def check_start_flags(model_args, model, start: str, *, cache_dir: str | None = 
         conflicts.append(f"--vision_tower {model_args.vision_tower!r} (the folder's: {folder_tower!r})")
     if conflicts:
         raise ConfigError(f"--model_name_or_path {start!r} is a model folder, and these flags contradict it: "
-                         f"{'; '.join(conflicts)}. Drop them (the folder's are used), or start from the LLM")
+                          f"{'; '.join(conflicts)}. Drop them (the folder's are used), or start from the LLM")
 
 
 _TOWER_FIELDS = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "image_size", "patch_size")
@@ -140,7 +140,7 @@ def build_for_training(model_args, data_args, training_args):
     else:
         if not model_args.model_name_or_path or not model_args.vision_tower:
             raise ConfigError("a new model needs --model_name_or_path (the LLM) and --vision_tower "
-                             "(run `python train.py` with no arguments for the embedded demo)")
+                              "(run `python train.py` with no arguments for the embedded demo)")
         tokenizer = auto_tokenizer(model_args.model_name_or_path, trust_remote_code=trust, cache_dir=cache_dir)
         select_layer, projector = model_args.mm_vision_select_layer, model_args.mm_projector_type
         config = VLMConfig(
@@ -156,6 +156,7 @@ def build_for_training(model_args, data_args, training_args):
     if kind != "llm":
         check_start_flags(model_args, model, model_args.model_name_or_path, cache_dir=cache_dir)
     image_processor = with_aspect_ratio(image_processor, data_args.image_aspect_ratio)
+    model.vlm_config = model.vlm_config.replace(image_aspect_ratio=data_args.image_aspect_ratio)  # saved in config.json
     tokenizer.model_max_length = training_args.model_max_length
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

@@ -194,6 +194,37 @@ def test_plot_and_truncation_skip_unreadable_lines(tmp_path, capsys):
     assert [r["step"] for r in read_metrics(path)[0]] == [1] and read_metrics(path)[1] == 0
 
 
+def test_plot_sets_no_global_matplotlib_state(tmp_path):
+    """The loss plot draws through matplotlib's object API: no backend chosen, pyplot never imported."""
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.0}\n')
+    code = ("import sys, matplotlib; from vlm.train.callbacks import plot_loss; "
+            f"assert plot_loss({str(metrics)!r}, {str(tmp_path / 'loss.png')!r}); "
+            "print(matplotlib.rcParams._get_backend_or_none(), 'matplotlib.pyplot' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ,
+                                                                                          "MPLBACKEND": ""})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["None", "False"] and (tmp_path / "loss.png").stat().st_size > 1000
+
+
+def test_demo_settings_that_contradict_the_run_folder_are_one_line(tmp_path, capsys):
+    from vlm.cli import run
+    from vlm.demo import RUN_SETTINGS_FILE, main as demo_main
+
+    import torch
+    from safetensors.torch import save_file
+
+    (tmp_path / "checkpoint-10").mkdir()  # an intact checkpoint of a demo run with other settings
+    (tmp_path / "checkpoint-10" / "trainer_state.json").write_text('{"global_step": 10, "max_steps": 20}')
+    save_file({"w": torch.zeros(1)}, tmp_path / "checkpoint-10" / "model.safetensors")
+    (tmp_path / RUN_SETTINGS_FILE).write_text(json.dumps({"n_train": 64}))
+    assert run("vlm demo", demo_main, ["--output_dir", str(tmp_path), "--n_train", "32"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"vlm demo: error: {tmp_path} holds a demo run with n_train=64, not 32, so "
+                   f"{tmp_path / 'checkpoint-10'} cannot be resumed: pass the same settings, another --output_dir, "
+                   "or delete the folder")
+
+
 # -- 4. a damaged newest checkpoint -----------------------------------------------------------------
 
 def _truncate(path: Path) -> None:

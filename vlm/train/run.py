@@ -131,7 +131,7 @@ def _find_resume(config: RunConfig) -> str | None:
 def _fit_locked(model, tokenizer, image_processor, config: RunConfig, *, template: str) -> RunResult:
     from transformers.trainer_callback import PrinterCallback, ProgressCallback, TrainerState
 
-    from vlm.data.collate import DataCollator
+    from vlm.data.collate import DataCollator, PackingCollator
     from vlm.train.callbacks import LOSS_PLOT, METRICS_FILE, MetricsCallback, ProgressBarCallback, plot_loss, \
         truncate_metrics
     from vlm.train.data_drops import data_drops_callbacks, raise_if_stopped
@@ -150,13 +150,16 @@ def _fit_locked(model, tokenizer, image_processor, config: RunConfig, *, templat
     dataset = None if done else build_train_dataset(config.data, training, tokenizer, image_processor,
                                                     unwrap(model).vlm_config.num_image_tokens, template)
     trainable, total = count_parameters(model)
+    unwrap(model).supervised_only_loss = training.supervised_only_loss  # vlm.llm.loss: same loss, no (B, T, V) logits
+    collator = (PackingCollator(tokenizer.pad_token_id, max_length=training.model_max_length) if training.packing
+                else DataCollator(pad_token_id=tokenizer.pad_token_id))
     if config.main_process:
         print(f"model: {total / 1e6:.2f}M parameters, {trainable / 1e6:.2f}M trainable; template {template!r}",
               flush=True)
 
     trainer = VLMTrainer(
         model=model, args=training, train_dataset=dataset, processing_class=tokenizer,
-        data_collator=DataCollator(pad_token_id=tokenizer.pad_token_id),
+        data_collator=collator,
         image_processor=image_processor, template=template, lora=training.lora_enable,
         save_projector=config.model.tune_mm_mlp_adapter,
         callbacks=[MetricsCallback(), *data_drops_callbacks(dataset, config.data.max_drop_ratio,

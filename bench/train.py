@@ -3,6 +3,8 @@
     python bench/train.py                          # 42M model, batch 4, 5 interleaved runs each, appends to RESULTS.md
     python bench/train.py --size small --repeats 2 --steps 3 --no-record     # a smoke test (seconds)
     python bench/train.py --device cuda --dtype bfloat16                      # on a GPU
+    python bench/train.py --packing                # ours on packed rows (the reference stays padded)
+    python bench/train.py --full-logits-loss       # ours with the parent's full-logits loss (no supervised-only)
 
 Same weights (one llava-hf folder, loaded by each side), same optimizer (AdamW, lr 1e-5), same batches (a
 generated LLaVA-665K-like length mix: 80% one image, median 372 tokens, right-padded as the usual collator
@@ -10,6 +12,11 @@ does). Each run is a fresh process (`--worker`), runs A B A B ... alternate so t
 load hits both sides alike. The figure is non-padding tokens per second over the timed steps (after
 `--warmup` steps); memory is the process's peak RSS growth over the model's resident size on CPU
 (`torch.cuda.max_memory_allocated` on a GPU).
+
+Ours trains as `train.py` does by default: loss only at supervised positions (`vlm.llm.loss`;
+`--full-logits-loss` turns it off) and padded batches (`--packing`: the same samples packed into rows of at
+most `--pack-length` tokens by `vlm.data.collate.PackingCollator`, the same images in the same order). Either
+way the first-step losses of both sides must agree: the same samples, the same loss.
 """
 
 from __future__ import annotations
@@ -41,13 +48,19 @@ def worker(args: argparse.Namespace) -> None:
     data = length_mix(args.batch * (args.warmup + args.steps), vocab=s["vocab"], image_token_id=image_token_id,
                       num_image_tokens=num_image_tokens)
     batches = [padded_batch(data[i:i + args.batch], s["image_size"]) for i in range(0, len(data), args.batch)]
+    padding = 1 - sum(int(b["attention_mask"].sum()) for b in batches) / sum(b["input_ids"].numel() for b in batches)
+    counts = [int(b["attention_mask"].sum()) for b in batches]  # non-padding tokens, the same packed or padded
+    if args.worker == "ours":
+        model.supervised_only_loss = not args.full_logits_loss
+        if args.packing:
+            batches = [packed(b, args.pack_length, image_token_id, num_image_tokens) for b in batches]
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
     cuda = args.device.startswith("cuda")
     base = torch.cuda.memory_allocated() / 2**20 if cuda else rss_mib()
     tokens, losses, start = 0, [], None
     with PeakRss() as rss:
-        for step, batch in enumerate(batches):
-            n, loss = train_step(model, optimizer, batch, args)
+        for step, (batch, n) in enumerate(zip(batches, counts)):
+            loss = train_step(model, optimizer, batch, args)
             tokens, losses = tokens + n, losses + [loss]
             if step + 1 == args.warmup:
                 if cuda:
@@ -59,11 +72,25 @@ def worker(args: argparse.Namespace) -> None:
     seconds = time.perf_counter() - start
     peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else rss.peak
     emit({"tokens_per_s": tokens / seconds, "peak_growth_mib": peak - base, "first_loss": losses[0],
-          "padding": 1 - sum(int(b["attention_mask"].sum()) for b in batches) / sum(b["input_ids"].numel() for b in batches)})
+          "padding": padding})
 
 
-def train_step(model, optimizer, batch: dict, args: argparse.Namespace) -> tuple[int, float]:
-    """One optimizer step; returns the batch's non-padding tokens and its loss."""
+def packed(batch: dict, pack_length: int, image_token_id: int, num_image_tokens: int) -> dict:
+    """The padded batch's samples packed into rows (`PackingCollator`), each sample with its own images."""
+    from vlm.data.collate import PackingCollator
+
+    features, first = [], 0
+    for ids, labels, mask in zip(batch["input_ids"], batch["labels"], batch["attention_mask"]):
+        n = int(mask.sum())
+        images = int((ids[:n] == image_token_id).sum()) // num_image_tokens
+        pixels = batch["pixel_values"][first:first + images] if images else None
+        features.append({"input_ids": ids[:n], "labels": labels[:n], "pixel_values": pixels})
+        first += images
+    return PackingCollator(pad_token_id=0, max_length=pack_length)(features)
+
+
+def train_step(model, optimizer, batch: dict, args: argparse.Namespace) -> float:
+    """One optimizer step; returns the batch's loss."""
     import torch
 
     dtype = getattr(torch, args.dtype)
@@ -72,7 +99,7 @@ def train_step(model, optimizer, batch: dict, args: argparse.Namespace) -> tuple
     loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return int(batch["attention_mask"].sum()), loss.item()
+    return loss.item()
 
 
 def main() -> int:
@@ -85,6 +112,10 @@ def main() -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run (1: steady on a busy machine)")
+    parser.add_argument("--packing", action="store_true", help="ours on packed rows (vlm's --packing)")
+    parser.add_argument("--pack-length", type=int, default=2048, help="--packing: tokens per row (--model_max_length)")
+    parser.add_argument("--full-logits-loss", action="store_true",
+                        help="ours with the full-logits loss (vlm's --supervised_only_loss False)")
     parser.add_argument("--no-record", action="store_true", help="print only; do not append to RESULTS.md")
     parser.add_argument("--worker", choices=SIDES, help=argparse.SUPPRESS)
     parser.add_argument("--folder", help=argparse.SUPPRESS)
@@ -98,7 +129,8 @@ def main() -> int:
         save_reference_folder(tmp, args.size)
         flags = [f"--{k}={v}" for k, v in (("size", args.size), ("batch", args.batch), ("steps", args.steps),
                                            ("warmup", args.warmup), ("device", args.device), ("dtype", args.dtype),
-                                           ("threads", args.threads))]
+                                           ("threads", args.threads), ("pack-length", args.pack_length))]
+        flags += ["--packing"] * args.packing + ["--full-logits-loss"] * args.full_logits_loss
         for repeat in range(args.repeats):
             for side in SIDES:
                 done = subprocess.run([sys.executable, __file__, "--worker", side, "--folder", tmp, *flags],
@@ -118,7 +150,9 @@ def main() -> int:
                      f"{r['peak_growth_mib'][0]:.0f} | {r['peak_growth_mib'][1]:.0f} |")
     table.append(f"| ratio ours/reference (median) | | {ours['tokens_per_s'][1] / ref['tokens_per_s'][1]:.2f}x | | "
                  f"{ours['peak_growth_mib'][1] / ref['peak_growth_mib'][1]:.2f}x |")
-    notes = [f"Padding share of the batches: {results['ours'][0]['padding']:.0%}; first-step loss ours "
+    ours_mode = (f"ours: {'packed rows of <= ' + str(args.pack_length) + ' tokens' if args.packing else 'padded'}, "
+                 f"{'full-logits' if args.full_logits_loss else 'supervised-only'} loss. ")
+    notes = [ours_mode + f"Padding share of the padded batches: {results['ours'][0]['padding']:.0%}; first-step loss ours "
              f"{results['ours'][0]['first_loss']:.4f}, reference {results['reference'][0]['first_loss']:.4f}."]
     print("\n".join(table + notes))
     if not args.no_record:

@@ -210,8 +210,8 @@ class VLMTrainer(Trainer):
         """transformers' checkpoint (model, optimizer, scheduler, scaler, RNG, trainer state), written by every
         process into a staging folder that `staged_folder` renames to `<output_dir>/checkpoint-N` once complete.
 
-        The same steps as `Trainer._save_checkpoint` except the Hub push; the best checkpoint is looked up
-        after the rename, so `best_model_checkpoint` names the final folder.
+        The same steps as `Trainer._save_checkpoint`, except that the best checkpoint is looked up and the Hub
+        push made after the rename, so both see the final folder.
         """
         if self.hp_search_backend is None and trial is None:
             self.store_flos()
@@ -230,6 +230,8 @@ class VLMTrainer(Trainer):
             best = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.best_global_step}")
             if os.path.exists(best):
                 self.state.best_model_checkpoint = best
+        if self.args.push_to_hub:
+            self._push_from_checkpoint(final)
         if self.args.should_save:
             rotate_checkpoints(output_dir=run_dir, save_total_limit=self.args.save_total_limit,
                                best_model_checkpoint=self.state.best_model_checkpoint)

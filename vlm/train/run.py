@@ -56,6 +56,7 @@ def run(config: RunConfig) -> RunResult:
     from vlm.train.dataset import template_for
     from vlm.train.model_setup import build_for_training
     from vlm.train.run_folder import FolderLock, check_run_record, check_something_to_resume, run_record
+    from vlm.train.trainer import init_deepspeed_comm
 
     training = config.training
     # Before the model is built: a folder holding or running another run is refused in seconds, not after loading.
@@ -67,6 +68,7 @@ def run(config: RunConfig) -> RunResult:
     check_something_to_resume(training.output_dir, training.resume_from_checkpoint,
                               overwrite=training.overwrite_output_dir)
     set_seed(training.seed)
+    init_deepspeed_comm(training)  # ZeRO-3 shards the model as it is built
     model, tokenizer, image_processor = build_for_training(config.model, config.data, training)
     template = template_for(config.data, config.model, tokenizer, cache_dir=training.cache_dir)
     return fit(model, tokenizer, image_processor, config, template=template)
@@ -138,7 +140,8 @@ def _fit_locked(model, tokenizer, image_processor, config: RunConfig, *, templat
     from vlm.train.dataset import build_train_dataset
     from vlm.train.model_setup import count_parameters
     from vlm.train.run_folder import checkpoint_step, finished_step
-    from vlm.train.trainer import STAGING_DIR, VLMTrainer, unwrap
+    from vlm.train.checkpointing import STAGING_DIR
+    from vlm.train.trainer import VLMTrainer, unwrap
 
     training, out = config.training, config.training.output_dir
     resume = _find_resume(config)

@@ -33,7 +33,7 @@ from safetensors.torch import save_file
 
 from vlm.folders.lora import load_lora_checkpoint
 from vlm.folders.weights import load_state_dict, load_state_dict_strict, save_model_folder
-from vlm.train.checkpointing import STAGING_DIR, staged_folder  # noqa: F401 (STAGING_DIR: the committed vlm/cli/train.py's)
+from vlm.train.checkpointing import staged_folder
 from vlm.train.data_drops import record_drops
 
 PROJECTOR_FILE = "mm_projector.safetensors"

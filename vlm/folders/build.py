@@ -15,7 +15,7 @@ from typing import Callable
 import torch
 
 from vlm.errors import ConfigError, FolderError
-from vlm.folders.kinds import _legacy_template
+from vlm.folders.kinds import folder_kind, legacy_template
 
 
 def build_and_load(config, state: dict[str, torch.Tensor], *, source: str, config_source: str | None = None,
@@ -34,8 +34,8 @@ def build_and_load(config, state: dict[str, torch.Tensor], *, source: str, confi
         dtype, attn_implementation: override the config's.
         pretrained_tower: load the vision tower's own pretrained weights (`vision.name_or_path`, read through
             `cache_dir`); `adapt_state` then takes the tower tensors the checkpoint lacks from the model.
-        adapt_state: `(state, model) -> state`, run on the skeleton before the strict check: a format's own rules (rows added for `<image>`, a LoRA run's non-LoRA tensors
-            over its base's).
+        adapt_state: `(state, model) -> state`, run on the skeleton before the strict check: a format's own
+            rules (rows added for `<image>`, a LoRA run's non-LoRA tensors over its base's).
     """
     from transformers.initialization import no_init_weights
 
@@ -64,7 +64,7 @@ def read_folder_config(folder: str | os.PathLike):
 
     config = VLMConfig.load(folder)
     if config.template is None:
-        legacy = _legacy_template(folder)
+        legacy = legacy_template(folder)
         if legacy is not None:
             config = config.replace(template=legacy)
     return config
@@ -76,8 +76,6 @@ def from_pretrained(folder: str | os.PathLike, *, dtype: str | torch.dtype | Non
     strict on keys (`build_and_load`). `dtype` converts after loading (the weights load in the saved dtype)."""
     from vlm.folders.weights import load_state_dict, weights_file
     from vlm.model import dtype_name, resolve_dtype
-
-    from vlm.folders.kinds import folder_kind
 
     folder = str(folder)
     kind = folder_kind(folder)  # MissingPathError / FolderError naming what is missing or unknown

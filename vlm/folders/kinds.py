@@ -227,7 +227,8 @@ def load_image_processor(folder: str, model, *, aspect_ratio: str | None = None,
     return processor
 
 
-def _legacy_template(folder: str | os.PathLike) -> str | None:
+def legacy_template(folder: str | os.PathLike) -> str | None:
+    """The template in a folder's `vlm_generation.json` (folders saved before `VLMConfig.template`), or None."""
     from vlm.config import read_json_object
 
     path = os.path.join(str(folder), LEGACY_GENERATION_FILE)
@@ -252,7 +253,7 @@ def folder_template(folder: str | os.PathLike) -> str | None:
         template = read_json_object(config).get("template")
         if template:
             return template
-    return _legacy_template(local)
+    return legacy_template(local)
 
 
 def default_template(folder: str | os.PathLike, tokenizer) -> str:

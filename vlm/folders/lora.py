@@ -27,10 +27,12 @@ LoRA run folder layout (written by `save_lora_run`):
     tokenizer files, preprocessor_config.json
 
 `load_lora_run(run, model_base)` rebuilds the architecture from `config.json`, loads the base weights
-(by default the adapter's recorded base; any folder or Hub id `vlm.folders.kinds.model_kind` knows, or an LLM), overlays the non-LoRA
-trainables, checks that the base matches the run (dimensions, vocabulary, and the weights themselves through
-`base_fingerprint.json`: a same-shaped but different base would merge silently into a wrong model) and attaches
-the adapter.
+(by default the adapter's recorded base; any folder or Hub id `vlm.folders.kinds.model_kind` knows, or an LLM),
+overlays the non-LoRA trainables (the run's projector and tower must all be there), checks that the base
+matches the run (dimensions, vocabulary, and the weights themselves through `base_fingerprint.json`: a
+same-shaped but different base would merge silently into a wrong model) and attaches the adapter, strictly
+(`vlm.folders.build.build_and_load`; the adapter file must hold exactly the model's adapter tensors).
+`load_lora_checkpoint` restores a run into a live PEFT model (training's resume) with the same checks.
 `merge_lora` folds the adapters into the weights (W + alpha/r * B @ A) and gives back a plain VLM.
 """
 
@@ -49,7 +51,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from vlm.errors import ConfigError, FolderError, MissingPathError
-from vlm.folders.kinds import ADAPTER_CONFIG_NAME, is_lora_run  # noqa: F401 (is_lora_run: the LoRA run format's)
+from vlm.folders.kinds import ADAPTER_CONFIG_NAME
 from vlm.folders.weights import read_safetensors
 
 NON_LORA_NAME = "non_lora_trainables.safetensors"

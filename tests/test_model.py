@@ -217,6 +217,16 @@ def test_num_image_tokens(vision, select_feature, expected):
     assert model.encode_images(pixels).shape[1] == expected
 
 
+def test_build_model_leaves_the_config_it_is_given_as_it_was():
+    """The config is read-only: build_model's derived fields go to the copy the model carries."""
+    config = tiny_vlm_config("clip", image_token_id=IMAGE_TOKEN_ID)
+    before = config.to_dict()
+    model = vlm.build_model(config, dtype="bfloat16", attn_implementation="eager")
+    assert config.to_dict() == before and config.num_image_tokens is None and config.projector.input_dim is None
+    assert (model.vlm_config.num_image_tokens, model.vlm_config.projector.input_dim) == (16, 32)
+    assert (model.vlm_config.dtype, model.vlm_config.attn_implementation) == ("bfloat16", "eager")
+
+
 @pytest.mark.parametrize("projector,depth", [("linear", 1), ("mlp2x_gelu", 2), ("mlp3x_gelu", 3)])
 def test_projector_types(projector, depth):
     model = make_model(projector=projector)

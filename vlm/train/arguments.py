@@ -13,7 +13,7 @@ The model and data sections are read-only once built; the training section is tr
 `TrainingArguments` (the Trainer writes to it), validated in `__post_init__`.
 Flags that need a package this machine lacks (`--deepspeed`, `--report_to wandb`, `--bits 4` without
 bitsandbytes) fail here, before any model is built, naming what to install. Every mistake is a
-`vlm.errors.ConfigError` (`MissingPackageError` is also an ImportError).
+`vlm.errors.ConfigError`, or `vlm.errors.MissingDependencyError` (also an ImportError) for a package.
 """
 
 from __future__ import annotations
@@ -27,15 +27,11 @@ import torch
 import transformers
 from transformers import HfArgumentParser
 
-from vlm.errors import ConfigError, MissingPathError
+from vlm.errors import ConfigError, MissingDependencyError, MissingPathError
 
 
 # LoRA values used when a flag is not given (LLaVA's lora_r/lora_alpha, peft's usual dropout).
 LORA_DEFAULTS = {"lora_r": 64, "lora_alpha": 16, "lora_dropout": 0.05}
-
-
-class MissingPackageError(ConfigError, ImportError):
-    """A flag needs a package that is not installed; the message names what to install."""
 
 
 def _alias(*names: str, help: str) -> dict:
@@ -181,7 +177,7 @@ class VLMTrainingArguments(transformers.TrainingArguments):
 
     def _check_optional_packages(self) -> None:
         if self.deepspeed and importlib.util.find_spec("deepspeed") is None:
-            raise MissingPackageError(f"--deepspeed {self.deepspeed} needs DeepSpeed: install the GPU extra "
+            raise MissingDependencyError(f"--deepspeed {self.deepspeed} needs DeepSpeed: install the GPU extra "
                               "`pip install 'vlm-kit[gpu]'` (or `pip install deepspeed`), or drop the flag")
         reports = self.report_to if isinstance(self.report_to, list) else [self.report_to]
         for name in reports:
@@ -189,7 +185,7 @@ class VLMTrainingArguments(transformers.TrainingArguments):
                 continue
             module = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}.get(name, name)
             if importlib.util.find_spec(module) is None:
-                raise MissingPackageError(f"--report_to {name} needs the {module!r} package: `pip install {module}`, "
+                raise MissingDependencyError(f"--report_to {name} needs the {module!r} package: `pip install {module}`, "
                                   "or use --report_to none")
         self._check_lora_and_quantization()
 
@@ -210,7 +206,7 @@ class VLMTrainingArguments(transformers.TrainingArguments):
             try:
                 require_bitsandbytes(f"--bits {self.bits} (QLoRA)")
             except ImportError as exc:
-                raise MissingPackageError(str(exc)) from None
+                raise MissingDependencyError(str(exc)) from None
             if not self.lora_enable:
                 raise ConfigError(f"--bits {self.bits} quantises the LLM, whose own weights then cannot be trained or "
                                  "saved: add --lora_enable True (QLoRA), or drop --bits")

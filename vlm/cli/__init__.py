@@ -59,12 +59,18 @@ def disk_full_reason(exc: BaseException, argv: list[str]) -> str | None:
     return f"no space left on device{where}"
 
 
+_RUNNING: str | None = None  # the name of the command being run, while `run` runs it
+
+
 def run(prog: str, main: Callable[[list[str]], int | None], argv: list[str] | None = None) -> int:
     """Run one command's `main(argv)` under the error policy of `vlm.errors`: a `UserError` (or a full disk) is
     one line `prog: error: ...` and exit 2; Ctrl-C one line and 130; anything else propagates (traceback, exit 1)."""
     from vlm.errors import UserError
 
+    global _RUNNING
     argv = list(sys.argv[1:] if argv is None else argv)
+    outer, prog = _RUNNING, _RUNNING or prog  # `vlm train` runs train.py's main, itself under run: one name
+    _RUNNING = prog
     try:
         return int(main(argv) or 0)
     except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback (train and demo say where to resume)
@@ -83,6 +89,8 @@ def run(prog: str, main: Callable[[list[str]], int | None], argv: list[str] | No
         print(f"{prog}: error: {reason}; free space (or write elsewhere) and run the command again",
               file=sys.stderr, flush=True)
         return 2
+    finally:
+        _RUNNING = outer
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -237,7 +237,7 @@ def test_zero3_lora_run_saves_the_real_adapter(workspace, tmp_path):
 def test_two_processes_equal_single_process_and_resume_bitwise(workspace, single_run, tmp_path, engine):
     """The update equals the single process's (one rank's batch text-only each step). Every rank writes into
     the staged checkpoint (RNG states, DeepSpeed's shards); a rerun after losing the last checkpoint resumes
-    from the one before and ends bitwise equal."""
+    from the one before and ends bitwise equal; a rerun of the finished run rewrites the same final model."""
     import shutil
 
     if engine[0] == "--deepspeed":
@@ -264,3 +264,12 @@ def test_two_processes_equal_single_process_and_resume_bitwise(workspace, single
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
+
+    # A rerun of the finished run writes its final model from the last checkpoint, without training.
+    (resumed / "model.safetensors").unlink()
+    _two_processes(workspace, resumed, *engine, *saving)
+    assert "training already finished at step 3" in (resumed / "stdout.txt").read_text()
+    c = load_file(resumed / "model.safetensors")
+    assert c.keys() == a.keys()
+    for key in a:
+        assert torch.equal(a[key], c[key]), key

@@ -245,8 +245,41 @@ class VLMTrainer(Trainer):
             else:
                 self.state.stateful_callbacks[name] = cb.state()
 
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        if is_deepspeed_zero3_enabled() and self.deepspeed is None:
+            # No DeepSpeed engine to consolidate the shards (a finished run's model written without training,
+            # vlm.train.run): the parameters, sharded since the model was built, are gathered here.
+            self._save(output_dir, state_dict=self._gathered_state_dict())
+            return
+        super().save_model(output_dir, _internal_call)
+
+    def _gathered_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """ZeRO-3 without an engine: the full state dict of the (PEFT) model on process 0, None elsewhere; a
+        collective, every process calls it."""
+        import deepspeed
+
+        model = self.accelerator.unwrap_model(self.model)
+        with deepspeed.zero.GatheredParameters(list(model.parameters())):
+            if self.args.process_index != 0:
+                return None
+            copies: dict[int, torch.Tensor] = {}  # tied weights stay one tensor, saved once
+            return {k: copies.setdefault(v.data_ptr(), v.detach().clone().cpu()) for k, v in model.state_dict().items()}
+
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         model = self.model if model is None else model
+        if is_deepspeed_zero3_enabled():
+            # Called only without an engine (the Trainer resumes an engine with deepspeed_load_checkpoint): the
+            # sharded parameters are gathered, process 0 loads them, and its values are sharded again on exit.
+            import deepspeed
+
+            params = list(self.accelerator.unwrap_model(model).parameters())
+            with deepspeed.zero.GatheredParameters(params, modifier_rank=0):
+                if self.args.process_index == 0:
+                    self._load_checkpoint_weights(resume_from_checkpoint, model)
+            return
+        self._load_checkpoint_weights(resume_from_checkpoint, model)
+
+    def _load_checkpoint_weights(self, resume_from_checkpoint: str, model) -> None:
         if self.lora:
             load_lora_checkpoint(self.accelerator.unwrap_model(model), resume_from_checkpoint,
                                  cache_dir=self.args.cache_dir)

@@ -37,7 +37,8 @@ class VLMMixin:
         # True under DeepSpeed ZeRO-3 and FSDP (set by vlm.train.trainer.VLMTrainer): `_zero_vision_contribution`
         self.vision_on_text_only = False
         # Training loss (labels given, train mode): head + cross-entropy at supervised positions only (vlm.llm.loss),
-        # no (B, T, V) logits; False: the parent's full-logits loss. Set from --supervised_only_loss/--loss_chunk_size.
+        # no (B, T, V) logits; False: the parent's full-logits loss (train.py: --supervised_only_loss). loss_chunk_size:
+        # rows of head + cross-entropy at a time, recomputed in backward (None: all at once; no flag yet).
         self.supervised_only_loss = True
         self.loss_chunk_size: int | None = None
 

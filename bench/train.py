@@ -152,7 +152,8 @@ def main() -> int:
                  f"{ours['peak_growth_mib'][1] / ref['peak_growth_mib'][1]:.2f}x |")
     ours_mode = (f"ours: {'packed rows of <= ' + str(args.pack_length) + ' tokens' if args.packing else 'padded'}, "
                  f"{'full-logits' if args.full_logits_loss else 'supervised-only'} loss. ")
-    notes = [ours_mode + f"Padding share of the padded batches: {results['ours'][0]['padding']:.0%}; first-step loss ours "
+    notes = [ours_mode + f"Padding share of the padded batches: {results['ours'][0]['padding']:.0%}; "
+             f"first-step loss ours "
              f"{results['ours'][0]['first_loss']:.4f}, reference {results['reference'][0]['first_loss']:.4f}."]
     print("\n".join(table + notes))
     if not args.no_record:

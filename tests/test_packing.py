@@ -204,7 +204,8 @@ def test_packed_accumulation_ends_where_the_padded_large_batch_does(workspace, t
 
 def _saved_tensors(folder) -> dict[str, torch.Tensor]:
     """Every tensor the run saved (the model, or a LoRA run's adapter and other trained weights), by file and key."""
-    return {f"{f.name}:{key}": value for f in sorted(folder.glob("*.safetensors")) for key, value in load_file(f).items()}
+    return {f"{f.name}:{key}": value for f in sorted(folder.glob("*.safetensors"))
+            for key, value in load_file(f).items()}
 
 
 def test_packed_training_run_learns(workspace, tmp_path):

@@ -79,6 +79,19 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
+def without_tied_copies(model: torch.nn.Module, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`state_dict` less the second name of each tied parameter (`lm_head.weight` tied to the embeddings).
+
+    A state dict the Trainer hands over under DeepSpeed holds copies, so tied weights no longer share storage
+    and the folder would store them twice; the live model still knows which names are one parameter.
+    """
+    first: dict[int, str] = {}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        first.setdefault(id(tensor), name)
+    tied = {name for name, tensor in model.state_dict(keep_vars=True).items() if first[id(tensor)] != name}
+    return {k: v for k, v in state_dict.items() if k not in tied}
+
+
 def projector_state(model: torch.nn.Module, state_dict: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
     """`mm_projector.*` tensors (what `--pretrain_mm_mlp_adapter` loads) from `state_dict` (any wrapper's key
     prefix) or, when None, from the live model."""
@@ -180,7 +193,10 @@ class VLMTrainer(Trainer):
             save_lora_run(self.accelerator.unwrap_model(self.model), output_dir, tokenizer=tokenizer,
                           image_processor=self.image_processor, cache_dir=self.args.cache_dir, state_dict=state_dict)
         else:
-            save_model_folder(output_dir, unwrap(self.model), tokenizer=tokenizer,
+            vlm_model = unwrap(self.model)
+            if state_dict is not None:
+                state_dict = without_tied_copies(vlm_model, state_dict)
+            save_model_folder(output_dir, vlm_model, tokenizer=tokenizer,
                               image_processor=self.image_processor, state_dict=state_dict)
         if self.save_projector:  # stage 1: what --pretrain_mm_mlp_adapter loads
             save_file(projector_state(self.model, state_dict), os.path.join(output_dir, PROJECTOR_FILE),

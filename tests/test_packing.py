@@ -5,7 +5,7 @@ and loss within 1e-5, gradients within 1e-5 relative + 1e-6 absolute: the attent
 with SDPA and eager attention, on Qwen2 and LLaMA, also when the model's config says `use_cache=True` (the case
 where transformers would otherwise skip its block-diagonal mask). Changing one sample changes no other sample's
 logits. Through `train.py`: packed + gradient accumulation ends at the same weights as the padded large batch,
-with `--group_by_modality_length` and with LoRA, and the loss goes down.
+with `--group_by_modality_length`, with LoRA and in stage 1, and the loss goes down.
 """
 
 from __future__ import annotations
@@ -172,7 +172,7 @@ def test_flash_attention_runs_packed_rows_as_one_row():
     torch.testing.assert_close(joined.loss, rows.loss, **TOL)
 
 
-# --- through train.py: gradient accumulation, --group_by_modality_length, LoRA, the loss going down
+# --- through train.py: gradient accumulation, --group_by_modality_length, LoRA, stage 1, the loss going down
 
 from safetensors.torch import load_file  # noqa: E402
 
@@ -183,8 +183,9 @@ from vlm.cli.train import main as train_main  # noqa: E402
 @pytest.mark.parametrize("extra,padded_loss,packed_loss", [
     ((), "full", "supervised"),
     (("--group_by_modality_length", "True"), "supervised", "full"),
-    (("--lora_enable", "True", "--lora_r", "4", "--lora_dropout", "0"), "full", "supervised")],
-    ids=["plain", "grouped", "lora"])
+    (("--lora_enable", "True", "--lora_r", "4", "--lora_dropout", "0"), "full", "supervised"),
+    (("--tune_mm_mlp_adapter", "True"), "full", "supervised")],
+    ids=["plain", "grouped", "lora", "stage1"])
 def test_packed_accumulation_ends_where_the_padded_large_batch_does(workspace, tmp_path, extra, padded_loss,
                                                                     packed_loss):
     """Loss normalised over all supervised tokens of the window: 2 packed micro-batches of 4 samples step exactly

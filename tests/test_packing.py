@@ -5,10 +5,13 @@ and loss within 1e-5, gradients within 1e-5 relative + 1e-6 absolute: the attent
 with SDPA and eager attention, on Qwen2 and LLaMA, also when the model's config says `use_cache=True` (the case
 where transformers would otherwise skip its block-diagonal mask). Changing one sample changes no other sample's
 logits. Through `train.py`: packed + gradient accumulation ends at the same weights as the padded large batch,
-with `--group_by_modality_length`, with LoRA and in stage 1, and the loss goes down.
+with `--group_by_modality_length`, with LoRA and in stage 1; under torchrun (2 processes) as the padded single
+process; and the loss goes down.
 """
 
 from __future__ import annotations
+
+import sys
 
 import pytest
 import torch
@@ -218,3 +221,22 @@ def test_packed_training_run_learns(workspace, tmp_path):
     losses = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()
               if "loss" in json.loads(line)]
     assert len(losses) == 12 and sum(losses[-3:]) < 0.9 * sum(losses[:3]), losses  # measured: 0.83
+
+
+def test_packed_under_torchrun_equals_the_padded_single_process(workspace, tmp_path):
+    """DDP, 2 processes (gloo): each rank packs its 2 samples; the update equals one process's padded batch of 4.
+    Sequential order, so one rank's batch may hold no image while the other's does."""
+    from tests.test_train import _run
+
+    flags = ("--max_steps", "2", "--learning_rate", "1e-2", "--lr_scheduler_type", "constant", "--optim", "sgd",
+             "--train_sampling_strategy", "sequential")
+    single = _run([sys.executable, "train.py", *base_flags(workspace, tmp_path / "one", *flags,
+                                                           "--per_device_train_batch_size", "4")])
+    assert single.returncode == 0, single.stderr[-3000:]
+    ddp = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train.py",
+                *base_flags(workspace, tmp_path / "two", *flags, "--per_device_train_batch_size", "2", "--packing")])
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    a, b = _saved_tensors(tmp_path / "one"), _saved_tensors(tmp_path / "two")
+    assert a.keys() == b.keys() and a
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-6, msg=key)

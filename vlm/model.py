@@ -21,7 +21,7 @@ import torch
 from transformers import AutoConfig, PretrainedConfig
 
 from vlm.config import VLMConfig
-from vlm.errors import ConfigError
+from vlm.errors import ConfigError, MissingDependencyError
 from vlm.hub import pretrained_config
 from vlm.llm.models import llm_class_for
 from vlm.projector import build_projector
@@ -47,7 +47,7 @@ def dtype_name(dtype: str | torch.dtype) -> str:
 def check_attn_implementation(name: str) -> str:
     """Validate the attention backend; flash-attn is an optional GPU extra."""
     if name == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
-        raise ImportError(
+        raise MissingDependencyError(
             "attn_implementation='flash_attention_2' needs the flash-attn package, which is not installed; "
             "install the GPU extra with `pip install 'vlm-kit[gpu]'` (CUDA only) or use 'sdpa'"
         )

@@ -28,7 +28,7 @@ import os
 import torch
 from torch import nn
 
-from vlm.errors import ConfigError
+from vlm.errors import ConfigError, MissingDependencyError
 
 QUANT_TYPES = ("nf4", "fp4")
 QUANTIZATION_RECORD = "quantization_config.json"
@@ -39,7 +39,7 @@ _NOT_LLM = ("vision_tower.", "mm_projector.")
 def require_bitsandbytes(flag: str) -> None:
     """ImportError naming the extra to install when bitsandbytes is missing."""
     if importlib.util.find_spec("bitsandbytes") is None:
-        raise ImportError(f"{flag} needs the bitsandbytes package: `{INSTALL_HINT}` (works on CPU and CUDA)")
+        raise MissingDependencyError(f"{flag} needs the bitsandbytes package: `{INSTALL_HINT}` (works on CPU and CUDA)")
 
 
 def bnb_config(bits: int, *, quant_type: str = "nf4", double_quant: bool = True,

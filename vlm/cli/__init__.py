@@ -79,9 +79,6 @@ def run(prog: str, main: Callable[[list[str]], int | None], argv: list[str] | No
     except UserError as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr, flush=True)
         return 2
-    except (ValueError, FileNotFoundError) as exc:  # TRANSITIONAL (issue 9): user mistakes not yet UserError
-        print(f"{prog}: error: {exc}", file=sys.stderr, flush=True)
-        return 2
     except Exception as exc:
         reason = disk_full_reason(exc, argv)
         if reason is None:

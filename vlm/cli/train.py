@@ -56,7 +56,7 @@ def _main(argv: list[str]) -> int:
         reason = disk_full_reason(exc, argv)
         if reason is None:
             raise
-        # a save that ran out of space leaves only the staged .incomplete folder, never a torn checkpoint
+        # a save that ran out of space removes its staging folder: the last complete checkpoint stays the newest
         raise DiskFull(f"{reason}; free space and rerun the same command to resume from the last complete "
                        "checkpoint") from None
     return 0

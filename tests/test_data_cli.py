@@ -173,9 +173,11 @@ def test_filter_by_dropped_prefix_and_by_field(tmp_path, remote_sensing):
     assert main(["filter", "--data_path", str(data), "--output", str(by_field)]) == 2  # nothing to filter by
 
 
-def test_user_mistakes_are_one_line_exit_2_through_the_runner(tmp_path, write_data, make_llava_record, capsys):
+def test_user_mistakes_are_one_line_exit_2_through_the_runner(tmp_path, write_data, make_llava_record, capsys,
+                                                              monkeypatch):
     """vlm.errors policy: `main` raises the vlm.errors class (no catch-and-print of its own); the runner that
     `vlm data` goes through prints `vlm data: error: ...` in one line and exits 2."""
+    monkeypatch.chdir(tmp_path)  # a check that runs writes its default report.json into the current folder
     from vlm.data.errors import DataError
     from vlm.errors import ConfigError, MissingPathError
 

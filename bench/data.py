@@ -10,7 +10,10 @@ B ...), over the same files:
   to 576 ids and build the labels;
 - reference: PIL decode + `LlavaImageProcessor` (pad to square, resize, centre crop, normalise; transformers'
   PIL backend, since torchvision's CPU wheel does not load with torch 2.13 here) + the tokenizer on the same
-  rendered text (no labels: the reference does less work than ours).
+  rendered text (no labels: the reference does less work than ours);
+- the image halves of both alone (`ours_image`, `reference_image`): decode + image processor, no text.
+Our pixels equal the reference's bit for bit (tests/test_processor.py); JPEG draft decoding
+(`ImageProcessor.load(..., draft=True)`) is opt-in and not used here (no scale fits 640x480 -> 336 anyway).
 """
 
 from __future__ import annotations
@@ -72,6 +75,36 @@ def ours(folder: str, names: list[str], tokenizer):
     return run
 
 
+def ours_image(folder: str, names: list[str], tokenizer):
+    """The image half of `ours` alone: `load_image` + our processor (pad, resize, normalise)."""
+    from transformers import CLIPVisionConfig
+
+    from vlm.visual.processor import ImageProcessor, load_image
+
+    processor = ImageProcessor.from_vision_config(CLIPVisionConfig(image_size=SIZE, patch_size=14), aspect_ratio="pad")
+
+    def run() -> None:
+        for name in names:
+            processor(load_image(os.path.join(folder, name)), return_tensors="pt")
+    return run
+
+
+def reference_image(folder: str, names: list[str], tokenizer):
+    """The image half of `reference` alone: PIL decode + LlavaImageProcessor."""
+    from PIL import Image
+    from transformers import LlavaImageProcessor
+
+    processor = LlavaImageProcessor(size={"shortest_edge": SIZE}, crop_size={"height": SIZE, "width": SIZE},
+                                    do_pad=True, image_mean=[0.48145466, 0.4578275, 0.40821073],
+                                    image_std=[0.26862954, 0.26130258, 0.27577711])
+
+    def run() -> None:
+        for name in names:
+            with Image.open(os.path.join(folder, name)) as image:
+                processor(images=image.convert("RGB"), return_tensors="pt")
+    return run
+
+
 def reference(folder: str, names: list[str], tokenizer):
     from PIL import Image
     from transformers import LlavaImageProcessor
@@ -101,11 +134,12 @@ def main() -> int:
     from vlm.data.tokenizer import build_tokenizer
 
     torch.set_num_threads(1)
-    rates: dict[str, list[float]] = {"ours": [], "reference": []}
+    rates: dict[str, list[float]] = {"ours": [], "reference": [], "ours_image": [], "reference_image": []}
     with tempfile.TemporaryDirectory() as tmp:
         names = write_images(tmp, args.n)
         tokenizer = build_tokenizer([QUESTION, ANSWER], vocab_size=400)
-        sides = {"ours": ours(tmp, names, tokenizer), "reference": reference(tmp, names, tokenizer)}
+        sides = {name: build(tmp, names, tokenizer) for name, build in (
+            ("ours", ours), ("reference", reference), ("ours_image", ours_image), ("reference_image", reference_image))}
         for side in sides.values():  # warm-up: imports, first-call caches
             side()
         for repeat in range(args.repeats):
@@ -113,13 +147,16 @@ def main() -> int:
                 start = time.perf_counter()
                 run()
                 rates[name].append(args.n / (time.perf_counter() - start))
-                print(f"run {repeat + 1} {name:<9} {rates[name][-1]:7.1f} samples/s  load {load_average()}", flush=True)
+                print(f"run {repeat + 1} {name:<15} {rates[name][-1]:7.1f} samples/s  load {load_average()}", flush=True)
     table = ["| side | samples/s min | samples/s median |", "| --- | --- | --- |"]
-    for name, label in (("ours", "ours (full sample)"), ("reference", "transformers LlavaImageProcessor + tokenizer")):
+    for name, label in (("ours", "ours (full sample)"), ("reference", "transformers LlavaImageProcessor + tokenizer"),
+                        ("ours_image", "ours, image only (load_image + ImageProcessor)"),
+                        ("reference_image", "transformers, image only (PIL decode + LlavaImageProcessor)")):
         low, mid = summarise(rates[name])
         table.append(f"| {label} | {low:.1f} | {mid:.1f} |")
-    ratio = summarise(rates["ours"])[1] / summarise(rates["reference"])[1]
-    table.append(f"| ratio ours/reference (median) | | {ratio:.2f}x |")
+    for ours_name, reference_name, what in (("ours", "reference", "full sample"), ("ours_image", "reference_image", "image only")):
+        ratio = summarise(rates[ours_name])[1] / summarise(rates[reference_name])[1]
+        table.append(f"| ratio ours/reference, {what} (median) | | {ratio:.2f}x |")
     print("\n".join(table))
     if not args.no_record:
         append_result("Data worker throughput, 640x480 JPEG -> 336 px (issue 12)",

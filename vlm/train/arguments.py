@@ -38,6 +38,15 @@ def _alias(*names: str, help: str) -> dict:
     return {"aliases": list(names), "help": help}
 
 
+def default_dataloader_workers() -> int:
+    """`--dataloader_num_workers` when not given: min(4, the CPUs this process may use divided among the
+    training processes of this node (torchrun's LOCAL_WORLD_SIZE)), at least 1, so that images are decoded and
+    preprocessed beside the training step instead of inside it."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    processes = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return max(1, min(4, cpus // processes))
+
+
 @dataclass(frozen=True)
 class ModelArguments:
     model_name_or_path: str | None = field(default=None, metadata=_alias(
@@ -137,6 +146,8 @@ class VLMTrainingArguments(transformers.TrainingArguments):
     remove_unused_columns: bool = field(default=False, metadata={"help": "must stay False for VLM batches"})
     ddp_find_unused_parameters: bool | None = field(default=False, metadata={
         "help": "False is safe: frozen parts never require grad"})
+    dataloader_num_workers: int | None = field(default=None, metadata={
+        "help": "image-decoding processes; default min(4, CPUs per process), 0: none"})
 
     def __post_init__(self):
         self._resolve_lora()
@@ -147,6 +158,8 @@ class VLMTrainingArguments(transformers.TrainingArguments):
                 raise ConfigError(f"--warmup_ratio {self.warmup_ratio}: expected a fraction in [0, 1)")
             self.warmup_steps = self.warmup_ratio
         self._check_optional_packages()
+        if self.dataloader_num_workers is None:
+            self.dataloader_num_workers = default_dataloader_workers()
         if self.tf32 and not torch.cuda.is_available():
             print("note: --tf32 needs a CUDA GPU; ignored on this machine", flush=True)
             self.tf32 = None

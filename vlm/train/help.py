@@ -49,7 +49,7 @@ COMMON_TRANSFORMERS_FLAGS: dict[str, str] = {
     "learning_rate": "peak learning rate (see --mm_projector_lr)",
     "bf16": "bfloat16 mixed precision (CUDA; on CPU the run stays float32)",
     "gradient_checkpointing": "recompute activations in backward: less memory, ~20% slower",
-    "save_steps": "checkpoint every N steps (a run resumes from the newest in --output_dir)",
+    "save_steps": "checkpoint every N steps; resuming takes the newest",
     "save_total_limit": "keep only the newest N checkpoints",
     "logging_steps": "log loss and learning rate every N steps",
     "report_to": "none | tensorboard | wandb | ...",

@@ -107,8 +107,10 @@ class VLMTrainingArguments(transformers.TrainingArguments):
     mm_projector_lr: float | None = field(default=None, metadata=_alias(
         "--feature_proj_lr", help="projector learning rate (default: --learning_rate)"))
     mm_vision_tower_lr: float | None = field(default=None, metadata={"help": "vision tower learning rate"})
-    group_by_modality_length: bool = field(default=False, metadata={
-        "help": "image and text-only samples in separate batches, similar lengths together"})
+    group_by_modality_length: bool | None = field(default=None, metadata={
+        "nargs": "?", "const": True,
+        "help": "image and text-only samples in separate batches, similar lengths together (default: on when the "
+                "data mixes both, else off)"})
     packing: bool = field(default=False, metadata=_alias(
         "--padding_free", help="pack samples into rows, no padding"))
     supervised_only_loss: bool = field(default=True, metadata={

@@ -6,7 +6,8 @@
   own chat template, else `vicuna_v1` (README, "Chat templates"); the choice and its reason are printed,
   and so is a stage-1 switch away from the start folder's template.
 - `build_train_dataset`: every sample validated as training will use it (`vlm.data.check`), the report
-  written to `data_report.json`, the run stopped past `--max_drop_ratio`.
+  written to `data_report.json`, the run stopped past `--max_drop_ratio`; the result is cached in
+  `<output_dir>/.vlm_cache` (`vlm.data.check_cache`) for resumes and the other ranks.
 """
 
 from __future__ import annotations
@@ -41,18 +42,17 @@ def build_sources(data_args) -> list[Source]:
 
 def build_train_dataset(data_args, training_args, tokenizer, image_processor, num_image_tokens: int,
                         template: str):
-    """Validate every sample as training will use it, write the report, stop when too much is dropped."""
-    from vlm.data.check import check_dataset, enforce_max_drop_ratio
+    """Validate every sample as training will use it, write the report, stop when too much is dropped.
+
+    The result is cached in `<output_dir>/.vlm_cache` (`vlm.data.check_cache`), keyed by the data files, the
+    tokenizer, the template and the settings: a resume reuses it, and under torchrun process 0 checks and
+    writes it while the others wait and read it."""
+    from vlm.data.check import enforce_max_drop_ratio
     from vlm.data.dataset import SupervisedDataset
     from vlm.data.mix import MixedRecords
 
     records = MixedRecords(build_sources(data_args), seed=training_args.seed)
-    kept, report = check_dataset(records, tokenizer=tokenizer, template=template, num_image_tokens=num_image_tokens,
-                                 max_length=training_args.model_max_length, truncate=data_args.truncate,
-                                 check_images=data_args.check_images, seed=training_args.seed,
-                                 escape_special_tokens=data_args.escape_special_tokens,
-                                 # every rank checks (each needs the kept indices): share the CPUs
-                                 num_workers=max(1, (os.cpu_count() or 1) // training_args.world_size))
+    kept, report = _validated(records, data_args, training_args, tokenizer, num_image_tokens, template)
     report_path = os.path.join(training_args.output_dir, "data_report.json")
     if training_args.process_index == 0:
         os.makedirs(training_args.output_dir, exist_ok=True)
@@ -62,10 +62,53 @@ def build_train_dataset(data_args, training_args, tokenizer, image_processor, nu
         print(f"data: {report['total']} samples, kept {report['kept']}, dropped: {dropped} "
               f"(report: {report_path})", flush=True)
     enforce_max_drop_ratio(report, data_args.max_drop_ratio, report_path=report_path)
-    return SupervisedDataset(records, tokenizer, template, image_processor, num_image_tokens=num_image_tokens,
-                             max_length=training_args.model_max_length, truncate=data_args.truncate, indices=kept,
-                             escape_special_tokens=data_args.escape_special_tokens,
-                             on_bad_image="replace")  # counted and stopped by vlm.train.data_drops
+    dataset = SupervisedDataset(records, tokenizer, template, image_processor, num_image_tokens=num_image_tokens,
+                                max_length=training_args.model_max_length, truncate=data_args.truncate, indices=kept,
+                                escape_special_tokens=data_args.escape_special_tokens,
+                                on_bad_image="replace")  # counted and stopped by vlm.train.data_drops
+    flag = getattr(training_args, "group_by_modality_length", None)
+    if flag is None and training_args.process_index == 0 and groups_by_modality(flag, dataset):
+        print("data: image and text-only samples are mixed: grouped by modality and length "
+              "(--group_by_modality_length False to turn off)", flush=True)
+    return dataset
+
+
+def groups_by_modality(flag: bool | None, dataset) -> bool:
+    """`--group_by_modality_length` as given; when not given (None), on for data that mixes image and text-only
+    samples (padding: 32% of a batch of 4 on a LLaVA-665K-like mix, 2.3% grouped; issue 12), off otherwise."""
+    if flag is not None:
+        return bool(flag)
+    has_image = getattr(dataset, "has_image", ())
+    return any(has_image) and not all(has_image)
+
+
+def _validated(records, data_args, training_args, tokenizer, num_image_tokens: int, template: str):
+    """(kept indices, report): from the cache when it holds this run's result, else checked and cached. Process 0
+    goes first; the others wait at a barrier and read its file (and check themselves only when they cannot,
+    e.g. an output folder that is not shared between nodes)."""
+    from vlm.data.check import check_dataset
+    from vlm.data.check_cache import cache_path, read_validation, validation_key, write_validation
+
+    settings = dict(template=template, num_image_tokens=num_image_tokens, max_length=training_args.model_max_length,
+                    truncate=data_args.truncate, check_images=data_args.check_images, seed=training_args.seed,
+                    escape_special_tokens=data_args.escape_special_tokens)
+    key = validation_key(records.sources, tokenizer, settings)
+    path = cache_path(training_args.output_dir, key)
+    main = training_args.process_index == 0
+    with training_args.main_process_first(local=False, desc="data check"):  # no barrier in one process
+        cached, why_not = read_validation(path, key, total=len(records))
+        if cached is not None:
+            if main:
+                print(f"data: validation reused from {path} (same data files, tokenizer, template and settings; "
+                      "delete it to check again)", flush=True)
+            return cached
+        if main and why_not != "absent":
+            print(f"data: validation cache {path} ignored ({why_not}); checking again", flush=True)
+        # only process 0 checks (the others wait for its file): it takes every CPU (default num_workers)
+        kept, report = check_dataset(records, tokenizer=tokenizer, **settings)
+        if main:
+            write_validation(path, key, kept, report)
+        return kept, report
 
 
 _WHY = {"plain": "stage 1 (--tune_mm_mlp_adapter) trains on captions",

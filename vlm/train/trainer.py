@@ -35,6 +35,7 @@ from vlm.folders.lora import load_lora_checkpoint
 from vlm.folders.weights import load_state_dict, load_state_dict_strict, save_model_folder
 from vlm.train.checkpointing import staged_folder
 from vlm.train.data_drops import record_drops
+from vlm.train.dataset import groups_by_modality
 
 PROJECTOR_FILE = "mm_projector.safetensors"
 
@@ -165,7 +166,7 @@ class VLMTrainer(Trainer):
     # -- sampling -------------------------------------------------------------------------------
     def _get_train_sampler(self, train_dataset=None):
         dataset = self.train_dataset if train_dataset is None else train_dataset
-        if getattr(self.args, "group_by_modality_length", False):
+        if groups_by_modality(getattr(self.args, "group_by_modality_length", False), dataset):
             from vlm.data.sampler import ModalityLengthGroupedSampler
 
             return ModalityLengthGroupedSampler(

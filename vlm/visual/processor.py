@@ -495,13 +495,18 @@ class ImageProcessor:
         width, height = image.size
         side = width  # wide: the square's side is the width; rows are padded above and below
         top = (side - height) // 2
-        rows = np.asarray(image.resize((size, height), resample=resample))  # (height, size, 3) horizontal pass
-        pad_row = np.asarray(Image.new("RGB", (side, 1), self.config.pad_color).resize((size, 1), resample=resample))
-        middle = np.empty((side, size, 3), dtype=np.uint8)  # (side, size, 3) the horizontal pass of the square
-        middle[:top] = pad_row
-        middle[top:top + height] = rows
-        middle[top + height:] = pad_row
-        return Image.fromarray(middle, mode="RGB").resize((size, size), resample=resample)  # vertical pass
+        pad = self.config.pad_color
+        rows = image.resize((size, height), resample=resample)  # the content's horizontal pass
+        pad_row = Image.new("RGB", (side, 1), pad).resize((size, 1), resample=resample)
+        if pad_row.getextrema() == tuple((c, c) for c in pad):  # the usual case: a constant row stays constant
+            middle = Image.new("RGB", (size, side), pad)  # the horizontal pass of the square
+            middle.paste(rows, (0, top))
+        else:  # Pillow's rounding moved it: the row as computed, repeated
+            array = np.empty((side, size, 3), dtype=np.uint8)  # (side, size, 3)
+            array[:top] = array[top + height:] = np.asarray(pad_row)
+            array[top:top + height] = np.asarray(rows)
+            middle = Image.fromarray(array, mode="RGB")
+        return middle.resize((size, size), resample=resample)  # the vertical pass
 
     def _normalise_table(self) -> np.ndarray:
         """(3, 256) float32: the normalised value of each 8-bit level per channel, computed as transformers

@@ -173,3 +173,32 @@ def test_the_trainer_groups_by_modality_for_mixed_data(tmp_path, tiny, capsys, m
     trainer = VLMTrainer(model=model, args=training_args, train_dataset=dataset, processing_class=tokenizer,
                          data_collator=DataCollator(pad_token_id=tokenizer.pad_token_id), image_processor=processor)
     assert isinstance(trainer._get_train_sampler(), ModalityLengthGroupedSampler) == grouped
+
+
+def test_another_rank_reads_process_0s_result_after_the_barrier(tmp_path, tokenizer, spy, capsys):
+    """Under torchrun process 0 checks inside `main_process_first` and writes the file; the others enter after
+    its barrier and only read (here: rank 1 simulated by the arguments it sees)."""
+    import contextlib
+
+    data, out = _write(tmp_path), tmp_path / "run"
+    first, report0, training_args = _build(tokenizer, data, out)
+    _, data_args, _ = parse_args(["--output_dir", str(out), "--data_path", str(data), "--image_folder",
+                                  str(tmp_path / "images"), "--max_drop_ratio", "0.5"])
+    entered = []
+
+    class Rank1:
+        def __getattr__(self, name):
+            return getattr(training_args, name)
+
+        process_index = 1
+
+        @contextlib.contextmanager
+        def main_process_first(self, local=True, desc="work"):
+            entered.append(local)
+            yield
+
+    capsys.readouterr()
+    dataset = build_train_dataset(data_args, Rank1(), tokenizer, None, NUM_IMAGE_TOKENS, "vicuna_v1")
+    assert entered == [False], "not behind the global barrier"
+    assert len(spy) == 1 and _indices(dataset) == _indices(first)
+    assert capsys.readouterr().out == ""  # process 0 speaks for the run

@@ -23,7 +23,11 @@ Numerics follow transformers' PIL-backend processors (`CLIPImageProcessorPil`, `
 which `CLIPImageProcessor` falls back to when torchvision is absent): resize the 8-bit image with
 PIL, crop, rescale in float64 then cast to float32, normalise in float32. The outputs are
 bit-identical to theirs (tests/test_processor.py). The torchvision backend resizes differently
-(antialiased tensor interpolation), so it is not the reference.
+(antialiased tensor interpolation), so it is not the reference. Two shortcuts keep those bits: the
+normalisation is a lookup in a (3, 256) table computed with that arithmetic, and a wide image is padded
+after Pillow's horizontal pass instead of before it (`_pad_rows_and_resize`). JPEG draft decoding (libjpeg's
+1/2..1/8 scales) is faster for large photos but moves pixels, so it is opt-in: `ImageProcessor.load(...,
+draft=True)`.
 
 `save_pretrained` writes a `preprocessor_config.json` that transformers' CLIPImageProcessor (crop, pad)
 or SiglipImageProcessor (resize) loads with the same geometry, plus our key `image_aspect_ratio`;

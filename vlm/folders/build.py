@@ -27,7 +27,9 @@ def build_and_load(config, state: dict[str, torch.Tensor], *, source: str, confi
 
     The skeleton is built without initialising weights (`no_init_weights`), tied (tied keys are saved once),
     then loaded strictly: a missing, unexpected or mis-shaped key is a `FolderError` naming `source` (the
-    weights file(s)) and the keys.
+    weights file(s)) and the keys. `state` may hold `StoredTensor`s (`vlm.folders.weights.lazy_state_dict`, keys
+    renamed as needed): each is read when its turn comes and becomes the skeleton's tensor (converted to its
+    dtype), so the load peak is the model's size, not the model plus the file.
 
     Args:
         config: the VLMConfig to build; `config_source` (its file) prefixes a ConfigError the build raises.
@@ -53,7 +55,7 @@ def build_and_load(config, state: dict[str, torch.Tensor], *, source: str, confi
     model.tie_weights()  # no_init_weights also skips tying
     if adapt_state is not None:
         state = adapt_state(state, model)
-    load_state_dict_strict(model, state, source=source)
+    load_state_dict_strict(model, state, source=source, assign=True)  # StoredTensors: one at a time, no copy
     return model.eval()
 
 
@@ -74,7 +76,7 @@ def from_pretrained(folder: str | os.PathLike, *, dtype: str | torch.dtype | Non
                     device: str | torch.device | None = None, attn_implementation: str | None = None):
     """A vlm model folder (`config.json` + safetensors, as `save_pretrained` writes it) as a model in eval mode;
     strict on keys (`build_and_load`). `dtype` converts after loading (the weights load in the saved dtype)."""
-    from vlm.folders.weights import load_state_dict, weights_file
+    from vlm.folders.weights import lazy_state_dict, weights_file
     from vlm.model import dtype_name, resolve_dtype
 
     folder = str(folder)
@@ -83,7 +85,7 @@ def from_pretrained(folder: str | os.PathLike, *, dtype: str | torch.dtype | Non
         raise FolderError(f"{folder!r} is a {kind} folder, not a vlm model folder; load it with "
                           "vlm.load_pretrained_model (or vlm.load), which reads every kind")
     config = read_folder_config(folder)
-    state = load_state_dict(folder)
+    state = lazy_state_dict(folder)  # headers only: the tensors are read one at a time into the skeleton
     model = build_and_load(config, state, source=weights_file(folder), attn_implementation=attn_implementation,
                            config_source=os.path.join(folder, "config.json"))
     if dtype is not None:

@@ -88,10 +88,10 @@ def _dtype_of(hf_config) -> str:
 def load_llava_hf(folder: str | os.PathLike, *, dtype=None, attn_implementation: str | None = None):
     """A llava-hf folder as a vlm model (weights renamed, strict: `vlm.folders.build.build_and_load`)."""
     from vlm.folders.build import build_and_load
-    from vlm.folders.weights import load_state_dict, weights_file
+    from vlm.folders.weights import lazy_state_dict, weights_file
 
     config = vlm_config_from_llava_hf(folder)
-    state = rename_keys(load_state_dict(folder), LLAVA_HF_TO_VLM, what=f"llava-hf checkpoint {str(folder)!r}")
+    state = rename_keys(lazy_state_dict(folder), LLAVA_HF_TO_VLM, what=f"llava-hf checkpoint {str(folder)!r}")
     return build_and_load(config, state, source=weights_file(folder), dtype=dtype or config.dtype,
                           attn_implementation=attn_implementation, config_source=os.path.join(folder, "config.json"))
 

@@ -15,7 +15,7 @@ from collections import defaultdict
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from vlm.errors import ConfigError, FolderError, MissingPathError
@@ -138,16 +138,49 @@ def check_weight_index(folder: str | os.PathLike) -> None:
             shard_path(folder, shard, index)
 
 
-def read_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """The tensors of one safetensors file; ValueError naming the file when it is truncated, not safetensors
-    or has an absurd header (safetensors' own message names no file)."""
-    from safetensors import SafetensorError
+def open_safetensors(path: str | os.PathLike):
+    """A `safetensors.safe_open` handle (the file memory-mapped, nothing read yet); FolderError naming the file
+    when it is truncated, not safetensors or has an absurd header (safetensors' own message names no file)."""
+    from safetensors import SafetensorError, safe_open
 
     try:
-        return load_file(path)
+        return safe_open(os.fspath(path), framework="pt")
     except SafetensorError as exc:
         raise FolderError(f"{os.fspath(path)} is not a readable safetensors file ({exc}); it is truncated or corrupt: "
                           "save or download it again") from None
+
+
+class StoredTensor:
+    """One tensor of a safetensors file, not read yet: its `shape` and `dtype` come from the header; `load()` reads
+    it (memory-mapped: resident only once used). Loaders pass these around (renaming keys moves them, the strict
+    check reads their shapes) so a model is filled one tensor at a time, never beside a second copy of the file."""
+
+    __slots__ = ("path", "key", "shape", "dtype", "_handle")
+
+    def __init__(self, path: str, key: str, handle) -> None:
+        from safetensors.torch import _getdtype
+
+        info = handle.get_slice(key)
+        self.path, self.key, self._handle = path, key, handle
+        self.shape, self.dtype = torch.Size(info.get_shape()), _getdtype(info.get_dtype())
+
+    def load(self) -> torch.Tensor:
+        return self._handle.get_tensor(self.key)
+
+    def __repr__(self) -> str:
+        return f"StoredTensor({self.path!r}, {self.key!r}, shape={tuple(self.shape)}, dtype={self.dtype})"
+
+
+def stored_tensors(path: str | os.PathLike) -> dict[str, StoredTensor]:
+    """The tensors of one safetensors file as `StoredTensor`s (header read, data not)."""
+    handle = open_safetensors(path)
+    return {key: StoredTensor(os.fspath(path), key, handle) for key in handle.offset_keys()}
+
+
+def read_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The tensors of one safetensors file; ValueError naming the file when it is truncated, not safetensors
+    or has an absurd header (safetensors' own message names no file)."""
+    return {key: stored.load() for key, stored in stored_tensors(path).items()}
 
 
 def read_pickled_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -169,25 +202,32 @@ def read_pickled_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
                           "corrupt: download it again") from None
 
 
-def load_state_dict(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Read `model.safetensors` or the shards named by `model.safetensors.index.json`."""
+def lazy_state_dict(folder: str | os.PathLike) -> dict[str, StoredTensor]:
+    """The tensors of `model.safetensors` or of the shards `model.safetensors.index.json` names, as
+    `StoredTensor`s: every header is read and checked now, no tensor data yet."""
     single = os.path.join(folder, WEIGHTS_NAME)
     index = os.path.join(folder, WEIGHTS_INDEX_NAME)
     if os.path.isfile(single):
-        return read_safetensors(single)
+        return stored_tensors(single)
     if os.path.isfile(index):
         with open(index, encoding="utf-8") as f:
             weight_map = json.load(f)["weight_map"]
-        state: dict[str, torch.Tensor] = {}
+        state: dict[str, StoredTensor] = {}
         for shard in sorted(set(weight_map.values())):
             path = shard_path(folder, shard, index)
             if not os.path.isfile(path):
                 raise MissingPathError(f"shard {shard!r} listed in {index} is missing")
-            state.update(read_safetensors(path))
+            state.update(stored_tensors(path))
         return state
     raise MissingPathError(
         f"no weights in {str(folder)!r}: expected {WEIGHTS_NAME} or {WEIGHTS_INDEX_NAME} (vlm saves safetensors only)"
     )
+
+
+def load_state_dict(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Read `model.safetensors` or the shards named by `model.safetensors.index.json` (all tensors at once; a
+    model is loaded from `lazy_state_dict` instead, one tensor at a time)."""
+    return {key: stored.load() for key, stored in lazy_state_dict(folder).items()}
 
 
 def _alias_groups(module: nn.Module) -> dict[str, set[str]]:
@@ -220,10 +260,46 @@ def check_state_fits(state_dict: dict[str, torch.Tensor], expected: dict[str, to
         )
 
 
-def load_state_dict_strict(module: nn.Module, state_dict: dict[str, torch.Tensor], *, source: str = "checkpoint") -> None:
-    """Copy every tensor into `module`; raise FolderError listing missing, unexpected and mis-shaped keys."""
-    check_state_fits(state_dict, module.state_dict(), source=source, aliases=_alias_groups(module))
-    module.load_state_dict(state_dict, strict=False)
+def load_state_dict_strict(module: nn.Module, state_dict: dict[str, torch.Tensor | StoredTensor], *,
+                           source: str = "checkpoint", assign: bool = False) -> None:
+    """Put every tensor of `state_dict` into `module`; raise FolderError listing missing, unexpected and
+    mis-shaped keys first (nothing is loaded then).
+
+    Tensors are taken one at a time, so `StoredTensor` values (`lazy_state_dict`) are read one by one and the
+    file is never held beside the model. Each is copied into the module's tensor (converted to its dtype), or, with
+    `assign=True` (a freshly built skeleton whose weights are uninitialised), a file tensor becomes the module's
+    tensor itself (converted to the skeleton's dtype; tied names all get it; `requires_grad` kept), so the
+    skeleton's own memory is never written and the load costs the weights once. Plain tensors are always copied:
+    they may belong to someone else (another model's weights)."""
+    aliases = _alias_groups(module)
+    check_state_fits(state_dict, module.state_dict(), source=source, aliases=aliases)
+    in_memory = {key: value for key, value in state_dict.items() if not isinstance(value, StoredTensor)}
+    module.load_state_dict(in_memory, strict=False)
+    for key, value in state_dict.items():
+        if key in in_memory:
+            continue
+        if assign:
+            _assign(module, aliases.get(key, {key}), value.load())
+        else:
+            module.load_state_dict({key: value.load()}, strict=False)
+
+
+def _assign(module: nn.Module, names: set[str], tensor: torch.Tensor) -> None:
+    """Make `tensor` (in the current tensor's dtype) the parameter or buffer of every name in `names`."""
+    owner, _, leaf = next(iter(names)).rpartition(".")
+    current = module.get_submodule(owner)._parameters.get(leaf)
+    if current is None:
+        current = module.get_submodule(owner)._buffers[leaf]
+    with torch.no_grad():
+        tensor = tensor.to(dtype=current.dtype, device=current.device)
+        new = nn.Parameter(tensor, requires_grad=current.requires_grad) if isinstance(current, nn.Parameter) else tensor
+    for name in names:
+        owner, _, leaf = name.rpartition(".")
+        sub = module.get_submodule(owner)
+        if leaf in sub._parameters:
+            sub._parameters[leaf] = new
+        else:
+            sub._buffers[leaf] = new
 
 
 def live_config(model: nn.Module, *, llm_config: dict[str, Any] | None = None):

@@ -35,7 +35,8 @@ WRITER_VERSION_KEY = "transformers_version"  # in config.json, not a VLMConfig f
 SELECT_FEATURES = ("patch", "cls_patch")
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
 DTYPES = ("float32", "bfloat16", "float16")
-_PROJECTOR_TYPE = re.compile(r"^(linear|identity|mlp(\d+)x_gelu)$")
+# an optional token-reducing k x k merge (`pixel_shuffle2_`, `avgpool2_`; vlm.projector.merge), then the projector
+_PROJECTOR_TYPE = re.compile(r"^(?:(?P<merge>pixel_shuffle|avgpool)(?P<factor>\d+)_)?(?P<base>linear|identity|mlp(?P<depth>\d+)x_gelu)$")
 
 
 # Sizes past these are typos or hostile files, not models: checked before anything is allocated (a 400M
@@ -129,22 +130,43 @@ class ProjectorConfig:
     """The projector from vision features to the LLM's embedding space (LLaVA's `mm_projector_type`).
 
     `linear`, `identity`, or `mlp{N}x_gelu` (N linear layers with GELU between them; `mlp2x_gelu` is
-    LLaVA-1.5's). `input_dim`/`output_dim` are filled in from the vision tower and the LLM.
+    LLaVA-1.5's). Token-reducing (opt-in): `pixel_shuffle{k}_` or `avgpool{k}_` before `linear`/`mlp{N}x_gelu`
+    (e.g. `pixel_shuffle2_mlp2x_gelu`) merges each k x k block of patches first, k*k times fewer image tokens
+    (`vlm.projector.merge`). `input_dim`/`output_dim` are filled in from the vision tower and the LLM.
     """
 
     type: str = "mlp2x_gelu"
     input_dim: int | None = None
     output_dim: int | None = None
 
+    @property
+    def merge(self) -> str | None:
+        """'pixel_shuffle' or 'avgpool' for a token-reducing projector, else None."""
+        match = _PROJECTOR_TYPE.match(self.type)
+        return match["merge"] if match else None
+
+    @property
+    def merge_factor(self) -> int:
+        """k of a k x k merge (1: none): the image tokens are the patches / k**2."""
+        match = _PROJECTOR_TYPE.match(self.type)
+        return int(match["factor"]) if match and match["factor"] else 1
+
     def validate(self) -> None:
         check_field_types(self, "projector.")
         match = _PROJECTOR_TYPE.match(self.type)
         if match is None:
             raise ConfigError(
-                f"projector.type={self.type!r} is not supported; expected 'linear', 'identity' or 'mlp<N>x_gelu'"
+                f"projector.type={self.type!r} is not supported; expected 'linear', 'identity' or 'mlp<N>x_gelu', "
+                "optionally after a token-reducing 'pixel_shuffle<k>_' or 'avgpool<k>_' (e.g. 'pixel_shuffle2_mlp2x_gelu')"
             )
-        if match.group(2) is not None and int(match.group(2)) < 1:
+        if match["depth"] is not None and int(match["depth"]) < 1:
             raise ConfigError(f"projector.type={self.type!r}: an MLP needs at least one layer")
+        if match["merge"] is not None:
+            if int(match["factor"]) < 2:
+                raise ConfigError(f"projector.type={self.type!r}: a merge needs blocks of at least 2x2 patches")
+            if match["base"] == "identity":
+                raise ConfigError(f"projector.type={self.type!r}: a merge must be followed by 'linear' or "
+                                  "'mlp<N>x_gelu' (identity cannot map the merged features to the LLM's width)")
         if self.type == "identity" and None not in (self.input_dim, self.output_dim):
             if self.input_dim != self.output_dim:
                 raise ConfigError(
@@ -193,6 +215,9 @@ class VLMConfig:
         self.vision.validate()
         self.projector.validate()
         self.llm.validate()
+        if self.projector.merge is not None and self.vision.select_feature == "cls_patch":
+            raise ConfigError(f"projector.type={self.projector.type!r} merges the patch grid and cannot take "
+                              "vision.select_feature='cls_patch' (the CLS token is no patch); use 'patch'")
         if self.attn_implementation not in ATTN_IMPLEMENTATIONS:
             raise ConfigError(
                 f"attn_implementation={self.attn_implementation!r}; expected one of {ATTN_IMPLEMENTATIONS}"

@@ -82,6 +82,7 @@ class DemoConfig:
     questions_per_image: int = 2
     multi_turn: bool = False
     select_layer: int = 0
+    projector: str = "mlp2x_gelu"
     max_steps: int = 8000
     batch_size: int = 16
     learning_rate: float = 1e-3
@@ -114,7 +115,7 @@ def _build_demo_model(config: DemoConfig, tokenizer):
     model_config = vlm.VLMConfig(
         vision=vlm.VisionConfig(hf_config=vision.to_dict(), select_layer=config.select_layer, select_feature="patch",
                                 frozen=not config.train_vision),
-        projector=vlm.ProjectorConfig(type="mlp2x_gelu"),
+        projector=vlm.ProjectorConfig(type=config.projector),
         llm=vlm.LLMConfig(hf_config=llm.to_dict()),
     )
     return vlm.build_model(model_config, tokenizer=tokenizer)
@@ -274,10 +275,11 @@ def check_resumable(config: DemoConfig) -> str | None:
     if resume is not None and os.path.isfile(path):
         with open(path, encoding="utf-8") as f:
             saved = json.load(f)
-        changed = [k for k in settings if saved.get(k) != settings[k]]
+        defaults = asdict(DemoConfig())  # a setting added since the run was made: it ran with the default
+        changed = [k for k in settings if saved.get(k, defaults[k]) != settings[k]]
         if changed:
             k = changed[0]
-            raise FolderError(f"{config.run_dir} holds a demo run with {k}={saved.get(k)!r}, not {settings[k]!r}, "
+            raise FolderError(f"{config.run_dir} holds a demo run with {k}={saved.get(k, defaults[k])!r}, not {settings[k]!r}, "
                              f"so {resume} cannot be resumed: pass the same settings, another --output_dir, "
                              "or delete the folder")
     with open(path, "w", encoding="utf-8") as f:
@@ -317,6 +319,8 @@ FLAG_HELP = {
     "questions_per_image": "questions asked about each training picture",
     "multi_turn": "True: a picture's questions form one conversation (the image is encoded once for all)",
     "select_layer": "vision tower hidden_states index the projector reads (0: the patch embeddings)",
+    "projector": "projector type; e.g. pixel_shuffle2_mlp2x_gelu merges 2x2 patches, 4x fewer image tokens "
+                 "(needs an even number of patches per side: --patch_size 8)",
     "learning_rate": "language model learning rate",
     "projector_lr": "projector learning rate",
     "vision_lr": "vision tower learning rate (with --train_vision True)",

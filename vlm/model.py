@@ -24,7 +24,7 @@ from vlm.config import VLMConfig
 from vlm.errors import ConfigError, MissingDependencyError
 from vlm.hub import pretrained_config
 from vlm.llm.models import llm_class_for
-from vlm.projector import build_projector
+from vlm.projector import build_projector, projected_num_tokens
 from vlm.visual.tower import VisionTower
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
@@ -149,7 +149,7 @@ def build_model(config: VLMConfig, *, tokenizer=None, load_weights: bool = True,
                                     load_weights=load_weights, cache_dir=cache_dir)
     config = config.replace(  # validated again, the projector's dimensions included
         image_token_id=image_token_id,
-        num_image_tokens=tower.num_image_tokens,
+        num_image_tokens=projected_num_tokens(config.projector, tower.num_image_tokens),  # merges: fewer
         projector=dataclasses.replace(config.projector, input_dim=tower.hidden_size, output_dim=llm.config.hidden_size),
         vision=dataclasses.replace(config.vision, hf_config=tower.model.config.to_dict()),
         llm=dataclasses.replace(config.llm, hf_config=llm.config.to_dict()),

@@ -106,7 +106,9 @@ class VLMMixin:
             size = self.vision_tower.image_size
             dummy = self.encode_images(inputs_embeds.new_zeros(1, 3, size, size))
         else:
-            dummy = self.mm_projector(inputs_embeds.new_zeros(1, 1, self.vision_tower.hidden_size,
+            # one image's worth of features: a merging projector (vlm.projector.merge) needs the whole grid
+            dummy = self.mm_projector(inputs_embeds.new_zeros(1, self.vision_tower.num_image_tokens,
+                                                               self.vision_tower.hidden_size,
                                                                dtype=self._projector_dtype()))
         return 0.0 * dummy.sum()
 

@@ -1,3 +1,3 @@
-from vlm.projector.builder import build_projector
+from vlm.projector.builder import build_projector, projected_num_tokens
 
-__all__ = ["build_projector"]
+__all__ = ["build_projector", "projected_num_tokens"]

@@ -56,8 +56,8 @@ class ModelArguments:
         "--base_value_model", help="CLIP or SigLIP vision model (hub id or folder); continuing from a model folder: "
                                    "that folder's tower"))
     mm_projector_type: str | None = field(default=None, metadata={
-        "help": "linear | mlp<N>x_gelu | identity (default mlp2x_gelu; a model folder to continue from keeps its own: "
-                "another value is an error)"})
+        "help": "linear | mlp<N>x_gelu | identity | pixel_shuffle2_mlp2x_gelu (4x fewer image tokens); default "
+                "mlp2x_gelu, or the folder's own"})
     mm_vision_select_layer: int | None = field(default=None, metadata={
         "help": "hidden_states index of the vision tower (default -2; a model folder to continue from keeps its own: "
                 "another value is an error)"})

@@ -381,13 +381,15 @@ def check_base_fingerprint(run: str, state: dict[str, torch.Tensor], base: str, 
     """FolderError naming the run's recorded base and `base` when `state` (the base's weights, vlm key layout)
     is not the base the run was trained on (`base_fingerprint.json`); a printed note instead when `force`.
     Runs saved before fingerprints existed are not checked."""
+    from vlm.folders.weights import as_tensor
+
     path = os.path.join(run, BASE_FINGERPRINT_NAME)
     if not os.path.isfile(path):
         return
     with open(path, encoding="utf-8") as f:
         record = json.load(f)
     differ = [name for name, tensor_record in record["tensors"].items()
-              if name in state and not _same_tensor(tensor_record, state[name])]
+              if name in state and not _same_tensor(tensor_record, as_tensor(state[name]))]
     if not differ:
         return
     trained_on = record.get("base") or "(unrecorded)"
@@ -425,7 +427,7 @@ def _base_state(config, model_base: str | None, run: str, dtype: torch.dtype | N
     the file(s) they came from (named in errors). A LLaVA-1.5, llava-hf folder or LoRA run is converted (merged)
     to a vlm model first, through the loaders of its kind."""
     from vlm.folders.kinds import check_folder_files, load_tokenizer, model_kind
-    from vlm.folders.weights import check_weight_index, load_state_dict, weights_file
+    from vlm.folders.weights import check_weight_index, lazy_state_dict, weights_file
     from vlm.hub import check_remote_code
 
     base = model_base or recorded_base(run) or config.llm.name_or_path
@@ -442,7 +444,7 @@ def _base_state(config, model_base: str | None, run: str, dtype: torch.dtype | N
         from vlm.folders.build import read_folder_config
 
         _check_base_matches(config.llm.hf_config, read_folder_config(where).llm.hf_config, run, base)
-        return load_state_dict(where), base, weights_file(where)
+        return lazy_state_dict(where), base, weights_file(where)  # read one tensor at a time by build_and_load
     if kind in ("llava", "llava-hf", "lora"):
         check_folder_files(where, kind)
         if kind == "llava":

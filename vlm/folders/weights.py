@@ -171,6 +171,11 @@ class StoredTensor:
         return f"StoredTensor({self.path!r}, {self.key!r}, shape={tuple(self.shape)}, dtype={self.dtype})"
 
 
+def as_tensor(value: torch.Tensor | StoredTensor) -> torch.Tensor:
+    """A tensor of a state dict that may hold `StoredTensor`s: read it when stored, else itself."""
+    return value.load() if isinstance(value, StoredTensor) else value
+
+
 def stored_tensors(path: str | os.PathLike) -> dict[str, StoredTensor]:
     """The tensors of one safetensors file as `StoredTensor`s (header read, data not)."""
     handle = open_safetensors(path)

@@ -36,7 +36,8 @@ SELECT_FEATURES = ("patch", "cls_patch")
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
 DTYPES = ("float32", "bfloat16", "float16")
 # an optional token-reducing k x k merge (`pixel_shuffle2_`, `avgpool2_`; vlm.projector.merge), then the projector
-_PROJECTOR_TYPE = re.compile(r"^(?:(?P<merge>pixel_shuffle|avgpool)(?P<factor>\d+)_)?(?P<base>linear|identity|mlp(?P<depth>\d+)x_gelu)$")
+_PROJECTOR_TYPE = re.compile(r"^(?:(?P<merge>pixel_shuffle|avgpool)(?P<factor>\d+)_)?"
+                             r"(?P<base>linear|identity|mlp(?P<depth>\d+)x_gelu)$")
 
 
 # Sizes past these are typos or hostile files, not models: checked before anything is allocated (a 400M
@@ -157,7 +158,8 @@ class ProjectorConfig:
         if match is None:
             raise ConfigError(
                 f"projector.type={self.type!r} is not supported; expected 'linear', 'identity' or 'mlp<N>x_gelu', "
-                "optionally after a token-reducing 'pixel_shuffle<k>_' or 'avgpool<k>_' (e.g. 'pixel_shuffle2_mlp2x_gelu')"
+                "optionally after a token-reducing 'pixel_shuffle<k>_' or 'avgpool<k>_' "
+                "(e.g. 'pixel_shuffle2_mlp2x_gelu')"
             )
         if match["depth"] is not None and int(match["depth"]) < 1:
             raise ConfigError(f"projector.type={self.type!r}: an MLP needs at least one layer")

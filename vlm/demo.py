@@ -279,7 +279,8 @@ def check_resumable(config: DemoConfig) -> str | None:
         changed = [k for k in settings if saved.get(k, defaults[k]) != settings[k]]
         if changed:
             k = changed[0]
-            raise FolderError(f"{config.run_dir} holds a demo run with {k}={saved.get(k, defaults[k])!r}, not {settings[k]!r}, "
+            raise FolderError(f"{config.run_dir} holds a demo run with {k}={saved.get(k, defaults[k])!r}, "
+                             f"not {settings[k]!r}, "
                              f"so {resume} cannot be resumed: pass the same settings, another --output_dir, "
                              "or delete the folder")
     with open(path, "w", encoding="utf-8") as f:

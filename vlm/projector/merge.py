@@ -18,6 +18,12 @@ Design choices:
   than silently dropping the CLS token: use `select_feature="patch"`.
 - Keys: the merge has no parameters; the projector after it is `mlp.*` (`mlp.0.weight`, `mlp.2.weight` for
   mlp2x_gelu). llava-hf has no such projector, so such a model is not exported there.
+
+Measured on the demo (`vlm demo --patch_size 8 --max_steps 2500 --n_train 10000`, seed 0, 2 CPU cores): a 6x6 patch
+grid, 36 image tokens with mlp2x_gelu: held-out accuracy 0.808 (blind 0.328); `--projector pixel_shuffle2_mlp2x_gelu`,
+9 tokens: 0.672 (blind 0.347), 1.2-1.3x the steps/s (300-step runs, interleaved); the default demo (patch 16, 9
+tokens, mlp2x_gelu): 0.682 (blind 0.330). It still learns; at this short schedule the 4x cut costs accuracy
+against the same patches unmerged and matches the 9-token default.
 """
 
 from __future__ import annotations

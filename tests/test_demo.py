@@ -190,7 +190,8 @@ def test_demo_interrupted_by_sigint_resumes_to_the_same_end_without_regenerating
     captured = capsys.readouterr()
     assert rendered == [] and result["data_reused"]  # the complete set was kept, not drawn again
     assert "demo: reusing the complete generated set" in captured.out
-    assert "data check" in captured.err  # the check's progress bar
+    assert "data: validation reused from " in captured.out  # the resume skips the check (issue 12 point 7)
+    assert "data check" not in captured.err  # no check progress bar: the cached result was read
     assert result["resumed_from"] == checkpoint
     assert result["train_steps"] == steps - done
     logged = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]

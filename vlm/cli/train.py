@@ -59,7 +59,18 @@ def _main(argv: list[str]) -> int:
         # a save that ran out of space removes its staging folder: the last complete checkpoint stays the newest
         raise DiskFull(f"{reason}; free space and rerun the same command to resume from the last complete "
                        "checkpoint") from None
+    _close_process_group()
     return 0
+
+
+def _close_process_group() -> None:
+    """Under torchrun, wait for every rank to finish (rank 0 may still be saving) and close the process group,
+    so no rank exits with collective threads still running (a DeepSpeed CPU rank then aborted at exit)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

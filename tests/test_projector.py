@@ -186,3 +186,12 @@ def test_training_with_pixel_shuffle_lowers_the_loss(tmp_path):
     assert last < 0.6 * first, losses  # measured: 5.25 -> 2.69
     config = VLMConfig.load(out)
     assert config.projector.type == SHUFFLE and config.num_image_tokens == 4
+
+
+@pytest.mark.parametrize("patches,factor", [(16, 2), (36, 2), (36, 3)])
+def test_pixel_shuffle_equals_transformers_idefics3_connector(patches, factor):
+    """The outside reference for the merge order: transformers' Idefics3Connector.pixel_shuffle, bit for bit."""
+    from transformers.models.idefics3.modeling_idefics3 import Idefics3Connector
+
+    x = torch.randn(2, patches, 5, generator=torch.Generator().manual_seed(0))  # (B, P, D)
+    assert torch.equal(pixel_shuffle(x, factor), Idefics3Connector.pixel_shuffle(None, x, factor))

@@ -16,6 +16,12 @@ Design choices:
 - `complete.json` is written last, with the settings the set was made from: a set without it (an
   interrupted generation) is never reused; with `reuse=True` a complete set made from the same
   settings, every file present, is returned as it is instead of being drawn again.
+- Preference pairs (`write_preference_pairs`, `vlm data synth --preference`) are made from a split's
+  questions as they are: chosen = the true answer, rejected = a plausible wrong one of the same kind,
+  taken from the picture when it can be (the colour of another shape in it, another shape kind in it:
+  the binding mistake a half-trained model makes), else another palette colour / kind / count, and for
+  yes/no the other word. LLaVA-style preference records (`conversations` up to the question, then
+  `chosen` and `rejected`) in `{split}_preference.json`, beside the split they come from.
 """
 
 from __future__ import annotations
@@ -272,8 +278,66 @@ def complete_dataset(out_dir: str | Path, settings: dict) -> dict | None:
             "eval": str(out / "eval.json"), "reused": True}
 
 
+def wrong_answer(record: dict, rng: random.Random, *, colors: Sequence[str], shapes: Sequence[str],
+                 max_shapes: int) -> str:
+    """A plausible wrong one-word answer to `record`'s question (a record of `generate_shapes_dataset`): another
+    colour / shape kind seen in the picture when there is one, else any other of the palette / kinds / counts
+    1..max_shapes; for a yes/no question the other word. Never the true answer."""
+    truth = record["conversations"][1]["value"]
+    scene = record["shapes"]
+    kind = record["question_type"]
+    if kind == "exists":
+        return "no" if truth == "yes" else "yes"
+    if kind == "count":
+        options = [str(n) for n in range(1, max(max_shapes, 2) + 1) if str(n) != truth]
+    else:
+        field, every = ("color", colors) if kind == "color" else ("shape", shapes)
+        options = sorted({s[field] for s in scene} - {truth}) or [x for x in every if x != truth]
+    if not options:
+        raise ConfigError(f"no wrong answer exists for {record['id']!r} ({kind}: {truth!r}); "
+                          "give at least two colours and two shape kinds")
+    return rng.choice(options)
+
+
+def preference_pairs(records: list[dict], *, seed: int, colors: Sequence[str], shapes: Sequence[str],
+                     max_shapes: int) -> list[dict]:
+    """LLaVA-style preference records from single-question records: the question turn, `chosen` = the true
+    answer, `rejected` = `wrong_answer(...)` (drawn from a stream seeded by (seed, record id): the same pairs
+    for the same set); `image`, `question_type` and `shapes` are kept."""
+    pairs = []
+    for record in records:
+        question, answer = record["conversations"]
+        rng = random.Random(f"{seed}:preference:{record['id']}")
+        pairs.append({"id": record["id"], "image": record["image"], "conversations": [question],
+                      "chosen": answer["value"],
+                      "rejected": wrong_answer(record, rng, colors=colors, shapes=shapes, max_shapes=max_shapes),
+                      "question_type": record["question_type"], "shapes": record["shapes"]})
+    return pairs
+
+
+def write_preference_pairs(out_dir: str | Path, *, splits: Sequence[str] = ("train", "eval")) -> dict[str, str]:
+    """`{split}_preference.json` beside each `{split}.json` of the complete set in `out_dir` (palette, kinds,
+    max_shapes and seed read from its `complete.json`); returns {split: path}. Deterministic: rewriting gives
+    the same bytes."""
+    out = Path(out_dir)
+    try:
+        settings = json.loads((out / COMPLETE_MARKER).read_text())["settings"]
+    except (OSError, ValueError, KeyError):
+        raise ConfigError(f"{out} holds no complete shapes set ({COMPLETE_MARKER} missing or damaged); "
+                          "generate it first (`vlm data synth --out DIR`)") from None
+    written = {}
+    for split in splits:
+        records = json.loads((out / f"{split}.json").read_text())
+        pairs = preference_pairs(records, seed=settings["seed"], colors=list(settings["colors"]),
+                                 shapes=settings["shapes"], max_shapes=settings["max_shapes"])
+        path = out / f"{split}_preference.json"
+        path.write_text(json.dumps(pairs, indent=1))
+        written[split] = str(path)
+    return written
+
+
 def main(argv: list[str] | None = None) -> int:
-    """`vlm data synth --out DIR --n_train N --n_eval M --image_size S --seed K`."""
+    """`vlm data synth --out DIR --n_train N --n_eval M --image_size S --seed K [--preference]`."""
     parser = argparse.ArgumentParser(prog="vlm data synth", description="Write the synthetic shapes set (LLaVA JSON + PNGs).")
     parser.add_argument("--out", required=True, help="output folder (images/, train.json, eval.json)")
     parser.add_argument("--n_train", type=int, default=2000, help="training images")
@@ -283,6 +347,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--questions_per_image", type=int, default=2, help="samples per image")
     parser.add_argument("--grid", type=int, default=None, help="one shape per cell of a GRID x GRID layout")
     parser.add_argument("--max_shapes", type=int, default=3, help="most shapes per picture")
+    parser.add_argument("--preference", action="store_true",
+                        help="also write {train,eval}_preference.json: chosen = the true answer, rejected = a wrong one")
     args = parser.parse_args(argv)
     summary = generate_shapes_dataset(
         args.out,
@@ -294,6 +360,8 @@ def main(argv: list[str] | None = None) -> int:
         max_shapes=args.max_shapes,
         grid=args.grid,
     )
+    if args.preference:
+        summary["preference"] = write_preference_pairs(args.out)
     print(json.dumps(summary, indent=1))
     return 0
 

@@ -51,7 +51,7 @@ from vlm.data.conversation import EncodedSample, check_encode_options, encode_sa
 from vlm.data.errors import REASONS, DataError, SampleError
 from vlm.data.mix import MixedRecords, Source
 from vlm.data.paths import CHECK_MODES, ImageFolder
-from vlm.data.sample import validate_sample
+from vlm.data.sample import PREFERENCE_KEYS, is_preference, validate_sample
 from vlm.data.templates import Template, get_template
 from vlm.data.tokenizer import IMAGE_TOKEN, build_tokenizer, special_token_strings
 from vlm.errors import ConfigError
@@ -266,10 +266,13 @@ def check_sample(item: dict | SampleError, folder: ImageFolder, tokenizer: Any, 
     a bad sample gets the same reason from both; raises the first failure as a `SampleError`.
 
     The reader's verdict (`item` is a SampleError), `sample.validate_sample` (`bad_schema`, `bad_roles`,
-    `no_supervised_tokens`, `empty_turn`), each image under `image_check` (`unsafe_path`, `missing_image`,
+    `no_supervised_tokens`, `empty_turn`; for a preference sample `empty_answer`, `same_answers`), each image under `image_check` (`unsafe_path`, `missing_image`,
     `unreadable_image`; "full" decodes, "exists" looks the file up, "none" checks the path string, "open"
     decodes and returns the images), then `conversation.encode_sample` with `encode_options`
     (`placeholder_mismatch`, `too_long`, `no_supervised_tokens`, `template_mismatch`).
+
+    A preference sample is encoded as its prompt + chosen and prompt + rejected (`encode_preference_sides`:
+    `too_long` when the longer side does not fit); the prompt + chosen encoding is returned.
 
     Returns:
         (the encoded sample, the decoded RGB images in order with "open", else []).
@@ -283,7 +286,30 @@ def check_sample(item: dict | SampleError, folder: ImageFolder, tokenizer: Any, 
             opened.append(folder.open(image, max_image_pixels=max_image_pixels))
         else:
             folder.check(image, image_check, max_image_pixels=max_image_pixels)
+    if is_preference(item):
+        return encode_preference_sides(item, tokenizer, template, **encode_options)[0], opened
     return encode_sample(item, tokenizer, template, **encode_options), opened
+
+
+def encode_preference_sides(item: dict, tokenizer: Any, template: Any, **encode_options: Any
+                            ) -> tuple[EncodedSample, EncodedSample]:
+    """A preference sample's prompt followed by each answer as the assistant's reply, encoded as a supervised
+    conversation: (prompt + chosen, prompt + rejected).
+
+    The checks of `encode_sample` apply to both sides (`placeholder_mismatch`, `no_supervised_tokens`, ...), and
+    `too_long` when the prompt with either answer, so with the longer one, exceeds `max_length`. A pair is never
+    truncated: `truncate="turns"` could only keep the prompt's first turns and lose the answers, so it checks
+    as "none" here."""
+    encode_options = {**encode_options, "truncate": "none"}
+    base = {k: v for k, v in item.items() if k not in PREFERENCE_KEYS}
+    sides = []
+    for key in PREFERENCE_KEYS:
+        side = {**base, "messages": [*item["messages"], {"role": "assistant", "content": item[key]}]}
+        try:
+            sides.append(encode_sample(side, tokenizer, template, **encode_options))
+        except SampleError as e:
+            raise SampleError(e.reason, f"prompt + {key}: {e.detail}", sample_id=e.sample_id) from None
+    return sides[0], sides[1]
 
 
 class _Checker:
@@ -321,8 +347,9 @@ class _Checker:
         messages = item.get("messages") if isinstance(item, dict) else None
         if self._special is None or not isinstance(messages, list):
             return None
-        found = Counter(t for m in messages if isinstance(m, dict) and isinstance(m.get("content"), str)
-                        for t in self._special.findall(m["content"]))
+        texts = [m["content"] for m in messages if isinstance(m, dict) and isinstance(m.get("content"), str)]
+        texts += [item[k] for k in PREFERENCE_KEYS if isinstance(item.get(k), str)]
+        found = Counter(t for text in texts for t in self._special.findall(text))
         return tuple(sorted(found.items())) or None
 
 
@@ -384,6 +411,7 @@ def stand_in_tokenizer(records: Sequence) -> Any:
         item = records[index][0]
         if isinstance(item, dict) and isinstance(item.get("messages"), list):
             texts += [m["content"] for m in item["messages"] if isinstance(m, dict) and isinstance(m.get("content"), str)]
+            texts += [item[k] for k in PREFERENCE_KEYS if isinstance(item.get(k), str)]
     return build_tokenizer(texts, vocab_size=512)
 
 

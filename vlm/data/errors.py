@@ -16,6 +16,8 @@ REASONS: tuple[str, ...] = (
     "too_long",
     "no_supervised_tokens",
     "template_mismatch",
+    "empty_answer",  # a preference pair whose chosen or rejected answer is empty or only whitespace
+    "same_answers",  # a preference pair whose chosen and rejected answers are equal (after stripping whitespace)
 )
 
 

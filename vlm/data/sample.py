@@ -4,6 +4,16 @@
 
 plus an optional `"meta": {field: scalar}` that readers fill with the record's other fields.
 
+A **preference sample** is the same with `"chosen": str` and `"rejected": str` added; its `messages` are
+the prompt and end with a user turn (only a preference sample may end so). An entry of `images` is a
+relative path, or an **embedded image** (an image stored inside a table, as the `datasets` Image feature
+stores it), a dict in one of two forms:
+- `{"bytes": <the encoded image file>, "path": str | None}`: in memory (samples built in Python);
+- `{"table": <data file>, "row": int, "column": str, "item"?: int, "path": str | None}`: a reference to
+  a cell of a Parquet / Arrow table (`item`: the position in a list-of-images cell), what the table
+  readers produce; the bytes are read from the memory-mapped file when the sample is used
+  (`vlm.data.embedded`), so a stored sample stays a few dozen bytes whatever the image's size.
+
 `vlm data check` and training (`vlm.data.check.check_sample`, which `SupervisedDataset` calls too) and
 the tokeniser (`vlm.data.conversation.encode_sample` / `encode_prompt`) all validate with the functions
 below, so a bad sample gets the same reason everywhere. Rules, checked in this order, the first failure
@@ -15,7 +25,10 @@ raised as a `SampleError`:
 - `no_supervised_tokens`: the roles alternate but there is no assistant message at all;
 - `bad_roles`: a conversation that does not end with an assistant reply (the trailing question would
   be trained on nothing); for a generation prompt, one that does not end with a user message;
-- `empty_turn`: a message whose content is empty or only whitespace.
+- `empty_turn`: a message whose content is empty or only whitespace;
+- preference samples: `bad_schema` when `chosen`/`rejected` are not both strings; the prompt checked as a
+  generation prompt (`bad_roles` unless it ends with a user turn); `empty_answer` when one answer is empty
+  or only whitespace; `same_answers` when the two are equal after stripping whitespace (no preference).
 Placeholder counts and token lengths need a tokenizer and are checked by
 `vlm.data.conversation.encode_sample`; image files by `vlm.data.paths`.
 """
@@ -27,7 +40,9 @@ from typing import Any
 from vlm.data.errors import SampleError
 
 ROLES = ("system", "user", "assistant")
-_KEYS = {"id", "images", "messages", "meta"}
+_KEYS = {"id", "images", "messages", "meta", "chosen", "rejected"}
+PREFERENCE_KEYS = ("chosen", "rejected")
+_EMBEDDED_KEYS = {"bytes", "path", "table", "row", "column", "item"}
 
 
 def validate_sample(sample: Any, *, index: int | None = None) -> dict:
@@ -36,8 +51,27 @@ def validate_sample(sample: Any, *, index: int | None = None) -> dict:
     problem = _schema_problem(sample)
     if problem:
         raise SampleError("bad_schema", problem, index=index, sample_id=sample_id)
-    validate_messages(sample["messages"], index=index, sample_id=sample_id)
+    if not is_preference(sample):
+        validate_messages(sample["messages"], index=index, sample_id=sample_id)
+        return sample
+    validate_messages(sample["messages"], for_generation=True, index=index, sample_id=sample_id)
+    for key in PREFERENCE_KEYS:
+        if not sample[key].strip():
+            raise SampleError("empty_answer", f"the {key} answer is empty", index=index, sample_id=sample_id)
+    if sample["chosen"].strip() == sample["rejected"].strip():
+        raise SampleError("same_answers", f"chosen and rejected are the same answer ({sample['chosen'].strip()!r:.80}): "
+                          "the pair prefers nothing", index=index, sample_id=sample_id)
     return sample
+
+
+def is_preference(sample: dict) -> bool:
+    """Whether `sample` is a preference sample (has `chosen` or `rejected`; `validate_sample` wants both)."""
+    return "chosen" in sample or "rejected" in sample
+
+
+def is_embedded(image: Any) -> bool:
+    """Whether an `images` entry is an embedded image (a dict, module docstring) rather than a path."""
+    return isinstance(image, dict)
 
 
 def validate_messages(messages: Any, *, for_generation: bool = False, index: int | None = None,
@@ -85,13 +119,49 @@ def _schema_problem(sample: Any) -> str | None:
     if not isinstance(sample["id"], str) or not sample["id"]:
         return f"'id' must be a non-empty string, got {sample['id']!r}"
     images = sample["images"]
-    if not isinstance(images, list) or not all(isinstance(p, str) and p for p in images):
-        return f"'images' must be a list of relative paths, got {images!r:.100}"
-    if any("\x00" in p for p in images):  # no file system takes it; os calls would raise for the whole run
-        return f"an image path holds a NUL character: {next(p for p in images if chr(0) in p)!r:.100}"
+    if not isinstance(images, list):
+        return f"'images' must be a list of relative paths or embedded images, got {images!r:.100}"
+    for image in images:
+        problem = _embedded_problem(image) if is_embedded(image) else _path_problem(image)
+        if problem:
+            return problem
     if "meta" in sample and not isinstance(sample["meta"], dict):
         return f"'meta' must be an object, got {type(sample['meta']).__name__}"
+    if is_preference(sample):
+        for key in PREFERENCE_KEYS:
+            if not isinstance(sample.get(key), str):
+                return f"a preference sample needs '{key}' as a string, got {sample.get(key)!r:.80}"
     return None
+
+
+def _path_problem(image: Any) -> str | None:
+    if not isinstance(image, str) or not image:
+        return f"an 'images' entry must be a relative path or an embedded image, got {image!r:.100}"
+    if "\x00" in image:  # no file system takes it; os calls would raise for the whole run
+        return f"an image path holds a NUL character: {image!r:.100}"
+    return None
+
+
+def _embedded_problem(image: dict) -> str | None:
+    """What is wrong with an embedded image entry (module docstring), or None."""
+    unknown = sorted(set(image) - _EMBEDDED_KEYS)
+    path = image.get("path")
+    if unknown or not (path is None or isinstance(path, str)):
+        return (f"an embedded image is {{'bytes', 'path'}} or {{'table', 'row', 'column', 'item'?, 'path'}}, "
+                f"got keys {sorted(image)}")
+    if "bytes" in image:
+        if not isinstance(image["bytes"], (bytes, bytearray, memoryview)) or {"table", "row", "column", "item"} & set(image):
+            return f"an embedded image's 'bytes' must be the image file's bytes (and no table reference), got {image!r:.100}"
+        return None
+    table, row, column, item = image.get("table"), image.get("row"), image.get("column"), image.get("item", 0)
+    if not (isinstance(table, str) and table and "\x00" not in table and isinstance(column, str)
+            and _count(row) and _count(item)):
+        return f"an embedded image reference needs 'table' (str), 'row' (int >= 0) and 'column' (str), got {image!r:.100}"
+    return None
+
+
+def _count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def _role_problem(roles: list[str]) -> str | None:

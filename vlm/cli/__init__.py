@@ -23,6 +23,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "merge-lora": ("vlm.cli.merge_lora", "merge a LoRA run into its base model"),
     "export": ("vlm.cli.export", "export a model folder to another format (llava-hf)"),
     "eval": ("vlm.cli.eval", "exact-match evaluation on a LLaVA JSON set"),
+    "serve": ("vlm.cli.serve", "OpenAI-compatible chat API and chat page for a model"),
 }
 
 

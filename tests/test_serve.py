@@ -1,0 +1,410 @@
+"""`vlm serve` driven by the official `openai` client on localhost: answers equal `vlm generate`'s, 32 concurrent
+requests batched and each equal to its one-by-one answer, streaming equal to non-streaming, bad input a 400 with
+OpenAI's error object, a full queue a 503.
+
+A tiny random model (tests/inference_helpers.py, untied so answers differ per question) serves: equality, not
+quality, is what these tests check. The server runs in this process (uvicorn in a thread, one per module); the
+command line itself is started as a subprocess by tests/test_serve_browser.py.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import http.server
+import json
+import socket
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import openai
+import pytest
+import uvicorn
+from PIL import Image
+
+from inference_helpers import command, save_tiny_folder, write_image
+from vlm.generate.decoding import GenerationSettings
+from vlm.generate.generator import load_generator
+from vlm.serve.app import ServeConfig, create_app
+from vlm.serve.images import ImagePolicy
+from vlm.serve.protocol import TextStream
+
+MAX_NEW = 8
+MODEL = "tiny"
+QUESTIONS = ["What color is the circle?", "What shape is it?", "How many shapes are there?", "Is there a blue square?"]
+COLORS = [(220, 40, 40), (40, 200, 40), (40, 40, 220), (230, 220, 30)]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def running(app):
+    """`app` served by uvicorn in a thread on a free localhost port; yields the base URL."""
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
+def client(base: str) -> openai.OpenAI:
+    # no retries: a 503 must reach the test, not be retried away
+    return openai.OpenAI(base_url=f"{base}/v1", api_key="x", max_retries=0, timeout=60)
+
+
+def data_url(path: Path) -> str:
+    return "data:image/png;base64," + base64.b64encode(Path(path).read_bytes()).decode()
+
+
+def user(text: str, *images: str) -> dict:
+    return {"role": "user", "content": [*({"type": "image_url", "image_url": {"url": u}} for u in images),
+                                        {"type": "text", "text": text}]}
+
+
+def get_json(url: str) -> dict:
+    with urllib.request.urlopen(url, timeout=30) as response:
+        return json.loads(response.read())
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    return save_tiny_folder(tmp_path_factory.mktemp("model"), "clip", "qwen2", template="chatml", seed=1)
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> Path:
+    """Four small pictures, a file that is not an image, one too large for the server, and a folder outside."""
+    root = tmp_path_factory.mktemp("serve_images")
+    folder = root / "allowed"
+    folder.mkdir()
+    for i, color in enumerate(COLORS):
+        write_image(folder / f"img{i}.png", color=color, size=(40 + 8 * i, 32))
+    (folder / "broken.png").write_bytes(b"not an image at all")
+    Image.effect_noise((160, 160), 64).convert("RGB").save(folder / "big.png")  # ~77 KB: over the limit below
+    (root / "outside.png").write_bytes((folder / "img0.png").read_bytes())
+    (folder / "link.png").symlink_to(root / "outside.png")
+    return folder
+
+
+MAX_IMAGE_BYTES = 40_000
+
+
+@pytest.fixture(scope="module")
+def generator(model_dir):
+    return load_generator(str(model_dir), settings=GenerationSettings(max_new_tokens=MAX_NEW))
+
+
+@pytest.fixture(scope="module")
+def server(generator, images):
+    """The server (batches of up to 8, waiting 50 ms for them) and its app."""
+    config = ServeConfig(MODEL, max_batch_size=8, batch_wait_ms=50, max_queue=64,
+                         images=ImagePolicy(folder=str(images), max_bytes=MAX_IMAGE_BYTES))
+    app = create_app(generator, config)
+    with running(app) as base:
+        yield base, app
+
+
+@pytest.fixture(scope="module")
+def api(server) -> openai.OpenAI:
+    return client(server[0])
+
+
+def ask(api: openai.OpenAI, messages: list[dict], **kwargs) -> str:
+    return api.chat.completions.create(model=MODEL, messages=messages, **kwargs).choices[0].message.content
+
+
+# -- the API ------------------------------------------------------------------------------------------
+
+
+def test_models_health_and_page(server, api):
+    base, _ = server
+    assert [m.id for m in api.models.list().data] == [MODEL]
+    health = get_json(f"{base}/health")
+    assert health["status"] == "ok" and health["model"] == MODEL and health["queued"] == 0
+    with urllib.request.urlopen(f"{base}/", timeout=30) as response:
+        page = response.read().decode()
+    assert "/v1/chat/completions" in page and 'id="image-input"' in page
+
+
+def test_answers_equal_vlm_generate(api, images, generator, model_dir, tmp_path):
+    """The same questions about the same images: `vlm generate`'s answer file and the API agree, whichever way the
+    image is sent (path under the folder, file:// URL, data URL), and for a text-only question."""
+    records = [{"id": str(i), "image": f"img{i}.png", "question": q} for i, q in enumerate(QUESTIONS)]
+    records.append({"id": "text", "question": "Name a colour."})
+    questions = tmp_path / "questions.jsonl"
+    questions.write_text("".join(json.dumps(r) + "\n" for r in records))
+    answers_file = tmp_path / "answers.jsonl"
+    assert command("generate")(["--model", str(model_dir), "--input", str(questions), "--output",
+                                str(answers_file), "--image_folder", str(images), "--max_new_tokens", str(MAX_NEW),
+                                "--no-progress"]) == 0
+    expected = {r["id"]: r["answer"] for r in map(json.loads, answers_file.read_text().splitlines())}
+    assert len(set(expected.values())) > 2, expected  # the answers tell the questions apart
+
+    for i, question in enumerate(QUESTIONS):
+        path = images / f"img{i}.png"
+        for url in (f"img{i}.png", str(path), path.as_uri(), data_url(path)):
+            response = api.chat.completions.create(model=MODEL, messages=[user(question, url)])
+            assert response.choices[0].message.content == expected[str(i)], (url, question)
+            assert response.object == "chat.completion" and response.choices[0].message.role == "assistant"
+            prompt = generator.prompt([{"role": "user", "content": f"<image>\n{question}"}], 1)
+            assert response.usage.prompt_tokens == len(prompt)
+            assert response.usage.total_tokens == response.usage.prompt_tokens + response.usage.completion_tokens
+    assert ask(api, [{"role": "user", "content": "Name a colour."}]) == expected["text"]
+
+
+def test_multi_turn_messages_map_to_the_conversation(api, images, generator):
+    """system/user/assistant turns and images in order, as `Generator.reply` takes the conversation."""
+    img0, img1 = images / "img0.png", images / "img1.png"
+    messages = [
+        {"role": "system", "content": "Answer in one word."},
+        user("What color is the circle?", data_url(img0)),
+        {"role": "assistant", "content": [{"type": "text", "text": "red"}]},
+        {"role": "user", "content": [{"type": "text", "text": "And here?"},
+                                     {"type": "image_url", "image_url": {"url": "img1.png"}}]},
+    ]
+    expected = generator.reply([{"role": "system", "content": "Answer in one word."},
+                                {"role": "user", "content": "<image>\nWhat color is the circle?"},
+                                {"role": "assistant", "content": "red"},
+                                {"role": "user", "content": "And here?\n<image>"}], [str(img0), str(img1)])
+    assert ask(api, messages) == expected
+    swapped = generator.reply([{"role": "system", "content": "Answer in one word."},
+                               {"role": "user", "content": "<image>\nWhat color is the circle?"},
+                               {"role": "assistant", "content": "red"},
+                               {"role": "user", "content": "And here?\n<image>"}], [str(img1), str(img0)])
+    messages[1]["content"][0]["image_url"]["url"], messages[3]["content"][1]["image_url"]["url"] = "img1.png", data_url(img0)
+    assert ask(api, messages) == swapped  # images go in the order of their parts
+    messages[1]["content"][0]["image_url"]["url"], messages[3]["content"][1]["image_url"]["url"] = data_url(img0), "img1.png"
+    messages[0]["role"] = "developer"  # OpenAI's newer name for system
+    assert ask(api, messages) == expected
+
+
+def test_32_concurrent_requests_are_batched_and_each_equals_its_one_by_one_answer(server, api, images, generator):
+    base, _ = server
+    cases = [(QUESTIONS[i % 4], f"img{(i // 4) % 4}.png") for i in range(16)]
+    cases += [(q + " Answer briefly.", img) for q, img in cases]  # 32 distinct prompts
+    expected = generator.reply_many([[{"role": "user", "content": f"<image>\n{q}"}] for q, _ in cases],
+                                    [[str(images / img)] for _, img in cases], batch_size=1)
+    before = get_json(f"{base}/health")
+    barrier = threading.Barrier(len(cases))
+    answers: list[str | BaseException | None] = [None] * len(cases)
+
+    def one(i: int) -> None:
+        question, image = cases[i]
+        barrier.wait()
+        try:
+            answers[i] = ask(api, [user(question, image)])
+        except BaseException as exc:  # noqa: BLE001 - reported by the assertion below
+            answers[i] = exc
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(cases))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert answers == expected
+    after = get_json(f"{base}/health")
+    calls = after["generate_calls"] - before["generate_calls"]
+    assert after["jobs_answered"] - before["jobs_answered"] == 32
+    assert calls < 32 and after["largest_batch"] > 1, after  # batched: fewer generate calls than requests
+    assert after["largest_batch"] <= 8
+
+
+def test_streaming_yields_the_same_text_and_usage(api, images):
+    for i, question in enumerate(QUESTIONS[:3]):
+        messages = [user(question, f"img{i}.png")]
+        plain = api.chat.completions.create(model=MODEL, messages=messages)
+        chunks = list(api.chat.completions.create(model=MODEL, messages=messages, stream=True,
+                                                  stream_options={"include_usage": True}))
+        assert {c.object for c in chunks} == {"chat.completion.chunk"}
+        assert chunks[0].choices[0].delta.role == "assistant"
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        assert text == plain.choices[0].message.content
+        finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+        assert finish == [plain.choices[0].finish_reason]
+        assert chunks[-1].usage.model_dump() == plain.usage.model_dump()
+
+
+def test_stop_strings_cut_both_ways(api):
+    messages = [user("What shape is it?", "img1.png")]
+    full = ask(api, messages)
+    stop = full.strip()[2:4]  # a piece from inside the answer
+    assert len(stop) == 2 and stop in full
+    expected = full[:full.find(stop)]
+    response = api.chat.completions.create(model=MODEL, messages=messages, stop=[stop, "zzzz"])
+    assert response.choices[0].message.content == expected and response.choices[0].finish_reason == "stop"
+    streamed = "".join(c.choices[0].delta.content or "" for c in api.chat.completions.create(
+        model=MODEL, messages=messages, stop=stop, stream=True) if c.choices)
+    assert streamed == expected
+
+
+def test_text_stream_holds_back_whitespace_and_stop_prefixes():
+    stream = TextStream(("STOP",))
+    deltas = [stream.feed("  red ")]
+    assert deltas == ["red"]  # leading space dropped, trailing held
+    deltas.append(stream.feed("ST"))
+    assert not "".join(deltas).endswith("S")  # could be the start of STOP: held
+    deltas += [stream.feed("AR "), stream.feed("blue STO")]
+    assert "".join(deltas).endswith("STAR blue ")
+    deltas.append(stream.feed("P green"))
+    assert stream.stopped and "".join(deltas) == "red STAR blue " == stream.sent
+    assert stream.feed("more") == "" and stream.finish("red STAR blue ") == ""
+
+
+def test_max_tokens_and_temperature(api):
+    messages = [user("How many shapes are there?", "img2.png")]
+    one = api.chat.completions.create(model=MODEL, messages=messages, max_tokens=2)
+    assert one.usage.completion_tokens == 2 and one.choices[0].finish_reason == "length"
+    same = api.chat.completions.create(model=MODEL, messages=messages, max_completion_tokens=2)
+    assert same.choices[0].message.content == one.choices[0].message.content
+    sampled = {ask(api, messages, temperature=1.5, top_p=1.0, max_tokens=6) for _ in range(4)}
+    assert len(sampled) > 1  # temperature reaches the decoder: greedy would repeat one answer
+
+
+# -- bad input: 400 with OpenAI's error object, never a crash -----------------------------------------
+
+
+def bad_requests(images: Path) -> dict[str, tuple[dict, str]]:
+    """name -> (request, the `code` the error must carry)"""
+    q = "What color is the circle?"
+    return {
+        "undecodable image": ({"messages": [user(q, "broken.png")]}, "invalid_image"),
+        "undecodable data URL": ({"messages": [user(q, "data:image/png;base64," + base64.b64encode(b"GIF89a?").decode())]},
+                                 "invalid_image"),
+        "not base64": ({"messages": [user(q, "data:image/png;base64,@@@@")]}, "invalid_image"),
+        "oversized image": ({"messages": [user(q, "big.png")]}, "image_too_large"),
+        "oversized data URL": ({"messages": [user(q, data_url(images / "big.png"))]}, "image_too_large"),
+        "remote URL": ({"messages": [user(q, "https://example.com/cat.png")]}, "remote_image_not_allowed"),
+        "path outside the folder": ({"messages": [user(q, str(images.parent / "outside.png"))]},
+                                    "image_path_not_allowed"),
+        "dot-dot escape": ({"messages": [user(q, "../outside.png")]}, "image_path_not_allowed"),
+        "symlink out": ({"messages": [user(q, "link.png")]}, "image_path_not_allowed"),
+        "missing file": ({"messages": [user(q, "nope.png")]}, "image_not_found"),
+        "other scheme": ({"messages": [user(q, "ftp://host/a.png")]}, "invalid_image_url"),
+        "too long a prompt": ({"messages": [{"role": "user", "content": "red " * 3000}]}, "context_length_exceeded"),
+        "unknown model": ({"model": "gpt-4o", "messages": [user(q)]}, "model_not_found"),
+        "unknown role": ({"messages": [{"role": "robot", "content": q}]}, "invalid_value"),
+        "content not text": ({"messages": [{"role": "user", "content": 42}]}, "invalid_value"),
+        "unknown part": ({"messages": [{"role": "user", "content": [{"type": "audio", "x": 1}]}]}, "invalid_value"),
+        "no messages": ({"messages": []}, "invalid_value"),
+        "assistant first": ({"messages": [{"role": "assistant", "content": q}]}, "invalid_messages"),
+        "image in an assistant turn": ({"messages": [user(q), {"role": "assistant", "content": [
+            {"type": "image_url", "image_url": {"url": "img0.png"}}]}, user(q)]}, "invalid_value"),
+        "placeholder without image": ({"messages": [{"role": "user", "content": "<image> <image> what?"}]},
+                                      "invalid_messages"),
+        "n > 1": ({"messages": [user(q)], "n": 2}, "unsupported_parameter"),
+        "logprobs": ({"messages": [user(q)], "logprobs": True}, "unsupported_parameter"),
+        "negative max_tokens": ({"messages": [user(q)], "max_tokens": 0}, "invalid_value"),
+        "temperature out of range": ({"messages": [user(q)], "temperature": 3}, "invalid_value"),
+        "five stop strings": ({"messages": [user(q)], "stop": list("abcde")}, "invalid_value"),
+    }
+
+
+def test_bad_input_is_a_400_with_openai_error_object(api, images, server):
+    for name, (request, code) in bad_requests(images).items():
+        body = {"model": MODEL, **request}
+        with pytest.raises(openai.BadRequestError) as caught:
+            api.chat.completions.create(**body)
+        error = caught.value
+        assert error.status_code == 400, name
+        assert error.code == code, (name, error.body)
+        assert error.body["type"] == "invalid_request_error" and error.body["message"], name
+        assert str(images) not in error.body["message"], name  # the server's folder layout is not disclosed
+        if "image" in code:
+            assert error.param and error.param.startswith("messages.") and error.param.endswith("image_url"), name
+    # a body that is not JSON, through plain HTTP
+    request = urllib.request.Request(f"{server[0]}/v1/chat/completions", data=b"{not json",
+                                     headers={"Content-Type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as caught:
+        urllib.request.urlopen(request, timeout=30)
+    assert caught.value.code == 400 and json.loads(caught.value.read())["error"]["code"] == "invalid_json"
+    # and the server still answers
+    assert ask(api, [user("What color is the circle?", "img0.png")])
+    assert get_json(f"{server[0]}/health")["jobs_failed"] == 0
+
+
+def test_a_full_queue_is_a_503(generator):
+    """One request decoding, one waiting (--max_queue 1): the others that arrive meanwhile get 503."""
+    app = create_app(generator, ServeConfig(MODEL, max_batch_size=1, batch_wait_ms=0, max_queue=1))
+    messages = [{"role": "user", "content": "Name a colour."}]
+    with running(app) as base:
+        api = client(base)
+        expected = ask(api, messages, max_tokens=48)
+        barrier = threading.Barrier(10)
+        results: list = [None] * 10
+
+        def one(i: int) -> None:
+            barrier.wait()
+            try:
+                results[i] = ask(api, messages, max_tokens=48)
+            except openai.APIStatusError as exc:
+                results[i] = exc
+
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(10)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+    refused = [r for r in results if isinstance(r, openai.APIStatusError)]
+    assert refused, "no request was refused"
+    assert all(r.status_code == 503 and r.code == "queue_full" and "--max_queue" in r.message for r in refused)
+    assert all(r == expected for r in results if not isinstance(r, openai.APIStatusError))
+    assert len(refused) < 10
+
+
+def test_remote_images_when_allowed(generator, images):
+    """`--allow_remote_images True`: an http URL is fetched (from a local file server) and answered like the file."""
+    handler = lambda *a, **k: http.server.SimpleHTTPRequestHandler(*a, directory=str(images), **k)  # noqa: E731
+    files = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=files.serve_forever, daemon=True).start()
+    app = create_app(generator, ServeConfig(MODEL, images=ImagePolicy(allow_remote=True, max_bytes=MAX_IMAGE_BYTES)))
+    try:
+        with running(app) as base:
+            api = client(base)
+            url = f"http://127.0.0.1:{files.server_address[1]}"
+            answer = ask(api, [user("What color is the circle?", f"{url}/img2.png")])
+            assert answer == generator.answer("What color is the circle?", str(images / "img2.png"))
+            for path, code in [("/big.png", "image_too_large"), ("/missing.png", "image_fetch_failed")]:
+                with pytest.raises(openai.BadRequestError) as caught:
+                    ask(api, [user("What color?", url + path)])
+                assert caught.value.code == code
+            with pytest.raises(openai.BadRequestError) as caught:  # no --image_folder: no local files
+                ask(api, [user("What color?", "img0.png")])
+            assert caught.value.code == "local_image_not_allowed"
+    finally:
+        files.shutdown()
+
+
+# -- the command line (before the model loads) --------------------------------------------------------
+
+
+def test_serve_command_line_mistakes_are_one_line_and_exit_2(model_dir, tmp_path, capsys):
+    serve = command("serve")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert serve(["--model", str(model_dir), "--port", str(port)]) == 2
+    assert f"127.0.0.1:{port}" in capsys.readouterr().err
+    assert serve(["--model", str(model_dir), "--image_folder", str(tmp_path / "none")]) == 2
+    assert "--image_folder" in capsys.readouterr().err
+    assert serve(["--model", str(model_dir), "--max_batch_size", "0"]) == 2
+    assert "--max_batch_size=0" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # argparse: not a boolean
+        serve(["--model", str(model_dir), "--allow_remote_images", "maybe"])
+    from vlm.cli.serve import build_parser
+    args = build_parser().parse_args(["--model", "m", "--allow_remote_images", "False"])
+    assert args.allow_remote_images is False

@@ -72,6 +72,29 @@ def supervised_lm_loss(hidden_states: torch.Tensor, labels: torch.Tensor | None,
     return total / num_items_in_batch
 
 
+def answer_log_probs(hidden_states: torch.Tensor, labels: torch.Tensor, lm_head: Callable, *,
+                     ignore_index: int = IGNORE_INDEX) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sequence log-probability of the supervised tokens, from the hidden states at those positions only.
+
+    Preference training (DPO) scores a whole answer: the sum over its tokens of log p(token | prefix). As for
+    the loss above, the shifted labels pick the positions first and the head runs on those rows only.
+
+    Args:
+        hidden_states: (B, T, D) the decoder's final hidden states.
+        labels: (B, T) unshifted labels, `ignore_index` where unsupervised.
+        lm_head: maps (N, D) hidden states to (N, V) logits.
+    Returns:
+        (logps, num_tokens): (B,) float32 sums of the supervised tokens' log-probabilities, and (B,) their counts.
+    """
+    targets = shift_labels_left(labels, ignore_index).to(hidden_states.device)  # (B, T)
+    keep = targets != ignore_index  # (B, T)
+    logits = lm_head(hidden_states[keep]).float()  # (N, V), upcast as the loss does
+    token_logps = -F.cross_entropy(logits, targets[keep], reduction="none")  # (N,)
+    rows = keep.nonzero()[:, 0]  # (N,) the sequence of each selected token
+    logps = token_logps.new_zeros(labels.shape[0]).index_add(0, rows, token_logps)  # (B,)
+    return logps, keep.sum(dim=1)
+
+
 def _summed_cross_entropy(hidden: torch.Tensor, targets: torch.Tensor, lm_head: Callable) -> torch.Tensor:
     logits = lm_head(hidden).float()  # (n, V), upcast as transformers does
     return F.cross_entropy(logits, targets, reduction="sum")

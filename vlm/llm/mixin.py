@@ -13,15 +13,25 @@ Generation needs nothing extra: `transformers`' `prepare_inputs_for_generation` 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
 from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.utils import ModelOutput
 
-from vlm.llm.loss import supervised_lm_loss
+from vlm.llm.loss import answer_log_probs, supervised_lm_loss
 from vlm.llm.splice import image_token_mask, scatter_image_features
+
+
+@dataclass
+class AnswerLogProbs(ModelOutput):
+    """What `forward(answer_labels=...)` returns: (B,) summed log-probabilities of each row's labelled tokens and
+    (B,) their counts."""
+    logps: torch.Tensor | None = None
+    num_tokens: torch.Tensor | None = None
 
 
 class VLMMixin:
@@ -67,11 +77,17 @@ class VLMMixin:
         return self.get_input_embeddings().weight.dtype
 
     def embed_multimodal(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None,
-                         *, prefill: bool = True) -> torch.Tensor:
-        """(B, T) ids and (N, 3, H, W) pixels -> (B, T, D) input embeddings with images spliced in."""
+                         *, prefill: bool = True, image_repeats: int = 1) -> torch.Tensor:
+        """(B, T) ids and (N, 3, H, W) pixels -> (B, T, D) input embeddings with images spliced in.
+
+        `image_repeats`: the rows hold the same images `image_repeats` times over, in the same order (preference
+        training puts a batch's chosen rows, then its rejected rows): each image is encoded once and its features
+        are used for every copy."""
         inputs_embeds = self.get_input_embeddings()(input_ids)  # (B, T, D)
         if pixel_values is not None:
-            features = self.encode_images(pixel_values)
+            features = self.encode_images(pixel_values)  # (N, P, D)
+            if image_repeats > 1:
+                features = features.repeat(image_repeats, 1, 1)  # (k*N, P, D): copy j holds images 0..N-1 again
             return scatter_image_features(inputs_embeds, image_token_mask(input_ids, self.image_token_id), features)
         if prefill and self.vlm_config is not None:
             mask = image_token_mask(input_ids, self.image_token_id)
@@ -129,12 +145,19 @@ class VLMMixin:
 
         `labels` (B, T) are unshifted, -100 where not supervised; the parent's loss shifts them and
         honours `num_items_in_batch` (loss normalised over a whole gradient-accumulation window).
+
+        Preference training (`vlm.train.dpo`) passes two more keywords: `answer_labels` (B, T), labelled like
+        `labels`, returns `AnswerLogProbs` (each row's summed log-probability of its labelled tokens, computed at
+        those positions only) instead of logits; `image_repeats` (see `embed_multimodal`) encodes each image
+        once for rows that repeat the batch's images.
         """
+        answer_labels = kwargs.pop("answer_labels", None)
+        image_repeats = kwargs.pop("image_repeats", 1)
         if inputs_embeds is None:
             if input_ids is None:
                 raise ValueError("pass input_ids (or inputs_embeds)")
             prefill = past_key_values is None or past_key_values.get_seq_length() == 0
-            inputs_embeds = self.embed_multimodal(input_ids, pixel_values, prefill=prefill)
+            inputs_embeds = self.embed_multimodal(input_ids, pixel_values, prefill=prefill, image_repeats=image_repeats)
             # ZeRO-3: in every forward that could have run the vision path (eval too, not decoding steps)
             needs_zero = self.vision_on_text_only and prefill or self.training and torch.is_grad_enabled()
             if pixel_values is None and needs_zero:
@@ -148,6 +171,8 @@ class VLMMixin:
             if inputs_embeds.shape[0] > 1 and "flash" in str(self.config._attn_implementation):
                 # flash-attn's varlen path reads packed position ids in one row only; more rows would attend across
                 return self._forward_as_one_row(inputs_embeds, position_ids, labels, kwargs)
+        if answer_labels is not None:
+            return self._forward_answer_log_probs(inputs_embeds, attention_mask, position_ids, answer_labels, kwargs)
         if labels is not None and self.training and self.supervised_only_loss:
             return self._forward_supervised_loss(inputs_embeds, attention_mask, position_ids, labels, kwargs)
         return super().forward(
@@ -176,6 +201,15 @@ class VLMMixin:
                                   num_items_in_batch=num_items_in_batch, chunk_size=self.loss_chunk_size)
         return CausalLMOutputWithPast(loss=loss, logits=None, hidden_states=outputs.hidden_states,
                                       attentions=outputs.attentions)
+
+    def _forward_answer_log_probs(self, inputs_embeds, attention_mask, position_ids, answer_labels, kwargs):
+        """Each row's summed log-probability of its labelled tokens (`vlm.llm.loss.answer_log_probs`), no (B, T, V)
+        logits; in train and eval mode alike (the policy and the reference of preference training)."""
+        kwargs.pop("num_items_in_batch", None)
+        outputs = self.model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
+                             use_cache=False, **kwargs)
+        logps, num_tokens = answer_log_probs(outputs.last_hidden_state, answer_labels, self.lm_head)
+        return AnswerLogProbs(logps=logps, num_tokens=num_tokens)
 
     def _forward_as_one_row(self, inputs_embeds, position_ids, labels, kwargs):
         """Packed rows (B, T) run as one row (1, B*T): each row starts a new sample, so nothing changes but the

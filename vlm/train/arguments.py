@@ -115,6 +115,16 @@ class VLMTrainingArguments(transformers.TrainingArguments):
         "--padding_free", help="pack samples into rows, no padding"))
     supervised_only_loss: bool = field(default=True, metadata={
         "help": "LM head only at labelled tokens: same loss, faster"})
+    method: str = field(default="sft", metadata={
+        "help": "sft | dpo (preference pairs: prompt, chosen, rejected)"})
+    beta: float = field(default=0.1, metadata={"help": "dpo: β, how far the policy may move from the reference"})
+    loss_type: str = field(default="sigmoid", metadata={"help": "dpo: sigmoid | ipo | robust (TRL's losses)"})
+    label_smoothing: float = field(default=0.0, metadata={
+        "help": "dpo: ε in [0, 0.5): cDPO (sigmoid), rDPO (robust)"})
+    rpo_alpha: float | None = field(default=None, metadata={
+        "help": "dpo: weight of the chosen answers' NLL in the loss (RPO)"})
+    precompute_ref_log_probs: bool = field(default=False, metadata={
+        "help": "dpo: reference log-probs computed once, kept in --output_dir"})
     lora_enable: bool | None = field(default=None, metadata={
         "nargs": "?", "const": True,  # a bare --lora_enable is True, as for the plain bool flags
         "help": "train the LLM with LoRA (default: True when a LoRA flag below is given, as Basic-VLM's train.sh "
@@ -160,6 +170,7 @@ class VLMTrainingArguments(transformers.TrainingArguments):
                 raise ConfigError(f"--warmup_ratio {self.warmup_ratio}: expected a fraction in [0, 1)")
             self.warmup_steps = self.warmup_ratio
         self._check_optional_packages()
+        self._check_method()
         if self.dataloader_num_workers is None:
             self.dataloader_num_workers = default_dataloader_workers()
         if self.tf32 and not torch.cuda.is_available():
@@ -189,6 +200,37 @@ class VLMTrainingArguments(transformers.TrainingArguments):
         for name, default in LORA_DEFAULTS.items():
             if getattr(self, name) is None:
                 setattr(self, name, default)
+
+    def _check_method(self) -> None:
+        """`--method` and the DPO flags (TRL's names and ranges); a DPO flag with `--method sft` would do nothing."""
+        from vlm.train.dpo import LOSS_TYPES, SMOOTHED_LOSS_TYPES
+
+        if self.method not in ("sft", "dpo"):
+            raise ConfigError(f"--method {self.method!r}: expected sft or dpo")
+        defaults = {"beta": 0.1, "loss_type": "sigmoid", "label_smoothing": 0.0, "rpo_alpha": None,
+                    "precompute_ref_log_probs": False}
+        if self.method == "sft":
+            given = [f"--{k}" for k, v in defaults.items() if getattr(self, k) != v]
+            if given:
+                raise ConfigError(f"{', '.join(given)} set preference training: add --method dpo, or drop them")
+            return
+        if self.loss_type not in LOSS_TYPES:
+            raise ConfigError(f"--loss_type {self.loss_type!r}: expected one of {', '.join(LOSS_TYPES)}")
+        if not self.beta > 0:
+            raise ConfigError(f"--beta {self.beta}: expected a positive number (TRL's default 0.1)")
+        if not 0 <= self.label_smoothing < 0.5:
+            raise ConfigError(f"--label_smoothing {self.label_smoothing}: expected a probability in [0, 0.5)")
+        if self.label_smoothing and self.loss_type not in SMOOTHED_LOSS_TYPES:
+            raise ConfigError(f"--label_smoothing applies to --loss_type {' or '.join(SMOOTHED_LOSS_TYPES)}, not "
+                              f"{self.loss_type}: drop it")
+        if self.rpo_alpha is not None and self.rpo_alpha < 0:
+            raise ConfigError(f"--rpo_alpha {self.rpo_alpha}: expected a weight >= 0")
+        if self.packing:
+            raise ConfigError("--packing is not supported with --method dpo (each answer's log-probability is scored "
+                              "on padded rows): drop --packing")
+        if self.deepspeed:
+            raise ConfigError("--deepspeed is not supported with --method dpo yet (the reference model is not "
+                              "sharded): train with DDP (torchrun / train.sh) instead")
 
     def _check_optional_packages(self) -> None:
         if self.deepspeed and importlib.util.find_spec("deepspeed") is None:

@@ -39,6 +39,12 @@ class RunConfig:
             raise ConfigError("--tune_mm_mlp_adapter (stage 1) trains the projector only; drop --lora_enable")
         if not self.training.output_dir:
             raise ConfigError("no --output_dir: name the folder for this run's checkpoints, model and data report")
+        if self.training.method == "dpo" and self.data.truncate != "none":
+            raise ConfigError(f"--truncate {self.data.truncate} would cut a preference pair's answers: with --method dpo "
+                              "too-long pairs are dropped; drop --truncate")
+        if self.training.method == "dpo" and getattr(self.data, "eval_data_path", None):
+            raise ConfigError("--eval_data_path is not supported with --method dpo yet (evaluation scores conversations, "
+                              "not pairs): drop it")
 
     @classmethod
     def from_flags(cls, argv: list[str]) -> "RunConfig":

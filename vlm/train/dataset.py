@@ -41,8 +41,11 @@ def build_sources(data_args) -> list[Source]:
 
 
 def build_train_dataset(data_args, training_args, tokenizer, image_processor, num_image_tokens: int,
-                        template: str):
+                        template: str, *, preference: bool = False):
     """Validate every sample as training will use it, write the report, stop when too much is dropped.
+
+    `preference`: the samples are preference pairs (`--method dpo`): a `vlm.data.preference.PreferenceDataset`,
+    refused in one line when the data holds a plain conversation.
 
     The result is cached in `<output_dir>/.vlm_cache` (`vlm.data.check_cache`), keyed by the data files, the
     tokenizer, the template and the settings: a resume reuses it, and under torchrun process 0 checks and
@@ -62,7 +65,12 @@ def build_train_dataset(data_args, training_args, tokenizer, image_processor, nu
         print(f"data: {report['total']} samples, kept {report['kept']}, dropped: {dropped} "
               f"(report: {report_path})", flush=True)
     enforce_max_drop_ratio(report, data_args.max_drop_ratio, report_path=report_path)
-    dataset = SupervisedDataset(records, tokenizer, template, image_processor, num_image_tokens=num_image_tokens,
+    if preference:
+        _check_all_pairs(records, kept)
+    dataset_class = SupervisedDataset
+    if preference:
+        from vlm.data.preference import PreferenceDataset as dataset_class
+    dataset = dataset_class(records, tokenizer, template, image_processor, num_image_tokens=num_image_tokens,
                                 max_length=training_args.model_max_length, truncate=data_args.truncate, indices=kept,
                                 escape_special_tokens=data_args.escape_special_tokens,
                                 on_bad_image="replace")  # counted and stopped by vlm.train.data_drops
@@ -71,6 +79,17 @@ def build_train_dataset(data_args, training_args, tokenizer, image_processor, nu
         print("data: image and text-only samples are mixed: grouped by modality and length "
               "(--group_by_modality_length False to turn off)", flush=True)
     return dataset
+
+
+def _check_all_pairs(records, kept) -> None:
+    """`--method dpo` on data that is not preference pairs: one line naming the first such sample."""
+    from vlm.data.sample import is_preference
+
+    for position in kept:
+        item = records[position][0]
+        if isinstance(item, dict) and not is_preference(item):
+            raise ConfigError(f"--method dpo trains on preference pairs, but sample {item.get('id')!r} of --data_path "
+                              "is a plain conversation (no 'chosen'/'rejected'): pass preference data, or --method sft")
 
 
 def groups_by_modality(flag: bool | None, dataset) -> bool:

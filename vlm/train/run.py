@@ -144,6 +144,7 @@ def _fit_locked(model, tokenizer, image_processor, config: RunConfig, *, templat
     from vlm.train.trainer import VLMTrainer, unwrap
 
     training, out = config.training, config.training.output_dir
+    dpo = training.method == "dpo"  # preference pairs (vlm.train.dpo)
     resume = _find_resume(config)
     if config.main_process:
         truncate_metrics(os.path.join(out, METRICS_FILE), checkpoint_step(resume))
@@ -151,20 +152,28 @@ def _fit_locked(model, tokenizer, image_processor, config: RunConfig, *, templat
 
     # A finished run needs no data: its model is the checkpoint's.
     dataset = None if done else build_train_dataset(config.data, training, tokenizer, image_processor,
-                                                    unwrap(model).vlm_config.num_image_tokens, template)
+                                                    unwrap(model).vlm_config.num_image_tokens, template,
+                                                    preference=dpo)
     trainable, total = count_parameters(model)
     unwrap(model).supervised_only_loss = training.supervised_only_loss  # vlm.llm.loss: same loss, no (B, T, V) logits
     collator = (PackingCollator(tokenizer.pad_token_id, max_length=training.model_max_length) if training.packing
                 else DataCollator(pad_token_id=tokenizer.pad_token_id))
+    trainer_class, method_kwargs = VLMTrainer, {}
+    if dpo:
+        from vlm.data.preference import PreferenceCollator
+        from vlm.train.dpo import DPOSettings, DPOTrainer
+
+        collator = PreferenceCollator(tokenizer.pad_token_id)
+        trainer_class, method_kwargs = DPOTrainer, {"dpo": DPOSettings.from_args(training)}
     if config.main_process:
         print(f"model: {total / 1e6:.2f}M parameters, {trainable / 1e6:.2f}M trainable; template {template!r}",
               flush=True)
 
-    trainer = VLMTrainer(
+    trainer = trainer_class(
         model=model, args=training, train_dataset=dataset, processing_class=tokenizer,
         data_collator=collator,
         image_processor=image_processor, template=template, lora=training.lora_enable,
-        save_projector=config.model.tune_mm_mlp_adapter,
+        save_projector=config.model.tune_mm_mlp_adapter, **method_kwargs,
         callbacks=[MetricsCallback(), *data_drops_callbacks(dataset, config.data.max_drop_ratio,
                                                             os.path.join(out, "data_report.json"))],
     )

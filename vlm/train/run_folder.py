@@ -46,6 +46,8 @@ DEFINING_FLAGS: dict[str, tuple[str, ...]] = {
                  "lora_alpha", "lora_dropout", "lora_bias", "target_modules", "lora_weight_path", "bits",
                  "quant_type", "double_quant"),
 }
+# Preference training's defining flags, recorded only for `--method dpo` (a supervised run's record is unchanged).
+PREFERENCE_FLAGS = ("method", "beta", "loss_type", "label_smoothing", "rpo_alpha", "precompute_ref_log_probs")
 _PATH_FLAGS = ("model_name_or_path", "vision_tower", "pretrain_mm_mlp_adapter", "model_weights", "data_path",
                "image_folder", "image_map", "captions_file", "lora_weight_path")
 
@@ -72,6 +74,8 @@ def run_record(model_args, data_args, training_args) -> dict:
         for name in DEFINING_FLAGS[group]:
             if hasattr(args, name):
                 record[name] = _value(name, getattr(args, name))
+    if getattr(training_args, "method", "sft") != "sft":
+        record.update({name: _value(name, getattr(training_args, name)) for name in PREFERENCE_FLAGS})
     return record
 
 

@@ -1,0 +1,128 @@
+"""Preference pairs for DPO: each pair tokenised as two sequences, the training dataset, and the pair collator.
+
+    dataset = PreferenceDataset(records, tokenizer, "chatml", processor, num_image_tokens=64, max_length=2048)
+    dataset[0]  # {"chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels", "pixel_values",
+                #  "pair_index"}
+    batch = PreferenceCollator(tokenizer.pad_token_id)([dataset[0], dataset[1]])
+    # input_ids (2B, T): the B chosen rows, then the B rejected rows; pixel_values (N, 3, H, W): the B samples'
+    # images once; pair_index (B,)
+
+Design choices:
+- A preference sample (DESIGN.md: a canonical sample whose messages end with a user turn, plus "chosen" and
+  "rejected") is validated and encoded by the data package's one path (`vlm.data.check.check_sample`, and
+  `encode_preference_sides`: prompt + answer as the assistant's reply, with the template's end-of-turn), so a
+  pair the check keeps is a pair the dataset can encode, with the same reasons for those it drops.
+- Each side is tokenised as one whole conversation, the way the model sees it at inference, so the prompt's
+  last tokens may differ between the sides where the answer's first characters merge with them; the two
+  sequences are scored independently and need no shared prefix.
+- Only the final reply is supervised (its tokens and the end-of-turn token closing it): earlier assistant turns
+  of a multi-turn prompt are context. The template labels every reply; a reply is one contiguous labelled run
+  and replies are separated by unlabelled user turns, so the last labelled run is the final reply
+  (`final_reply_labels`).
+- The images are the pair's, decoded once; the collator puts them once in the batch and the model encodes
+  them once for both halves (`forward(image_repeats=2)`, vlm.llm.mixin).
+- Training replaces a pair whose image became unusable after the check, as `SupervisedDataset` does (this
+  class is one: the same indexing, lengths, modality flags and replacement).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from vlm.data.check import check_sample, encode_preference_sides
+from vlm.data.collate import DataCollator
+from vlm.data.conversation import IGNORE_INDEX
+from vlm.data.dataset import DATA_DROPS_KEY, SupervisedDataset
+from vlm.data.errors import SampleError
+from vlm.data.paths import ImageFolder
+from vlm.data.sample import is_preference, with_context
+from vlm.visual.processor import PIL_DEFAULT_MAX_IMAGE_PIXELS
+
+PAIR_INDEX_KEY = "pair_index"  # the pair's position in the dataset: where its precomputed reference log-probs are
+
+
+def final_reply_labels(labels: list[int]) -> list[int]:
+    """`labels` with only the last run of supervised positions kept (the final reply and its end-of-turn)."""
+    out = [IGNORE_INDEX] * len(labels)
+    end = len(labels)
+    while end > 0 and labels[end - 1] == IGNORE_INDEX:
+        end -= 1
+    start = end
+    while start > 0 and labels[start - 1] != IGNORE_INDEX:
+        start -= 1
+    out[start:end] = labels[start:end]
+    return out
+
+
+class PreferenceDataset(SupervisedDataset):
+    """Lazily encoded preference pairs; the arguments are `SupervisedDataset`'s (`truncate` must be "none": a pair
+    is never cut). An item is `{"chosen_input_ids" (Tc,), "chosen_labels" (Tc,), "rejected_input_ids" (Tr,),
+    "rejected_labels" (Tr,), "pixel_values" (n, 3, H, W) | None, "pair_index": int}` (labels -100 except on the
+    final reply), plus the replaced samples under `DATA_DROPS_KEY` as `SupervisedDataset` does."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        if kwargs.get("truncate", "none") != "none":
+            raise ValueError("preference pairs are never truncated: truncate must be 'none'")
+        super().__init__(*args, **kwargs)
+
+    def _encode(self, index: int) -> dict[str, Any]:
+        item, folder, where = self.records[self._positions[index]]
+        sample_id = item.get("id") if isinstance(item, dict) else item.sample_id
+        try:
+            pair = encode_pair(item, folder, self.tokenizer, self.template, num_image_tokens=self.num_image_tokens,
+                               max_length=self.max_length, escape_special_tokens=self.escape_special_tokens,
+                               max_image_pixels=self.max_image_pixels)
+            opened = pair.pop("images")
+            pair["pixel_values"] = self._pixels(opened) if opened else None
+        except SampleError as e:
+            where = "" if e is item else where  # a reader's error already names its file and record
+            raise with_context(e, index=index, sample_id=sample_id, where=where) from None
+        pair[PAIR_INDEX_KEY] = index
+        return pair
+
+
+def encode_pair(item: Any, folder: ImageFolder, tokenizer: Any, template: Any, *, num_image_tokens: int,
+                max_length: int | None = None, escape_special_tokens: bool = False,
+                max_image_pixels: int | None = PIL_DEFAULT_MAX_IMAGE_PIXELS) -> dict[str, Any]:
+    """One preference sample checked (`check_sample`, the checks of `vlm data check` in their order; its images
+    decoded) and encoded: `{"chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels"}` as
+    LongTensors (labels only on the final reply) and `"images"`, the decoded RGB images in order.
+
+    Raises:
+        SampleError: the check's reason; `bad_schema` for a plain conversation (no chosen/rejected).
+    """
+    if isinstance(item, dict) and not is_preference(item):
+        raise SampleError("bad_schema", "not a preference sample (no 'chosen'/'rejected'): --method dpo trains on "
+                          "preference pairs", sample_id=item.get("id"))
+    options = dict(num_image_tokens=num_image_tokens, max_length=max_length,
+                   escape_special_tokens=escape_special_tokens)
+    _, opened = check_sample(item, folder, tokenizer, template, image_check="open", max_image_pixels=max_image_pixels,
+                             **options)
+    chosen, rejected = encode_preference_sides(item, tokenizer, template, **options)
+    return {
+        "chosen_input_ids": torch.tensor(chosen.input_ids, dtype=torch.long),
+        "chosen_labels": torch.tensor(final_reply_labels(chosen.labels), dtype=torch.long),
+        "rejected_input_ids": torch.tensor(rejected.input_ids, dtype=torch.long),
+        "rejected_labels": torch.tensor(final_reply_labels(rejected.labels), dtype=torch.long),
+        "images": opened,
+    }
+
+
+class PreferenceCollator:
+    """Pads B pairs into one batch of 2B rows: `{"input_ids" (2B, T), "attention_mask" (2B, T), "labels" (2B, T),
+    "pixel_values" (N, 3, H, W) | None (the B pairs' images, once), "pair_index" (B,)}`; rows 0..B-1 are the
+    chosen sides, B..2B-1 the rejected ones in the same order (the model repeats the image features for them).
+    The replaced samples travel under `DATA_DROPS_KEY` as with `DataCollator`."""
+
+    def __init__(self, pad_token_id: int):
+        self.padder = DataCollator(pad_token_id=pad_token_id)
+
+    def __call__(self, pairs: list[dict[str, Any]]) -> dict[str, Any]:
+        rows = [{"input_ids": p["chosen_input_ids"], "labels": p["chosen_labels"], "pixel_values": p["pixel_values"],
+                 **({DATA_DROPS_KEY: p[DATA_DROPS_KEY]} if DATA_DROPS_KEY in p else {})} for p in pairs]
+        rows += [{"input_ids": p["rejected_input_ids"], "labels": p["rejected_labels"]} for p in pairs]
+        batch = self.padder(rows)
+        batch[PAIR_INDEX_KEY] = torch.tensor([p[PAIR_INDEX_KEY] for p in pairs], dtype=torch.long)  # (B,)
+        return batch

@@ -1,0 +1,299 @@
+"""Direct preference optimisation (DPO): the losses, and `DPOTrainer`, the `VLMTrainer` that trains on pairs.
+
+The losses follow TRL (trl/trainer/dpo_trainer.py, `DPOTrainer._compute_loss`, trl 1.16) with TRL's names and
+meanings; tests/test_dpo.py calls TRL's own code on the same log-probabilities and compares loss and gradient.
+With Δ = (log π(chosen) − log π_ref(chosen)) − (log π(rejected) − log π_ref(rejected)), per pair:
+- `sigmoid` (DPO): −log σ(βΔ); with `label_smoothing` ε > 0 the conservative cDPO form
+  −(1−ε) log σ(βΔ) − ε log σ(−βΔ) (TRL ≤ 0.x's sigmoid; TRL 1.16 keeps this form in its `aot` losses and dropped
+  it from `sigmoid`);
+- `robust` (rDPO, TRL's `robust`): (−(1−ε) log σ(βΔ) + ε log σ(−βΔ)) / (1 − 2ε);
+- `ipo`: (Δc/nc − Δr/nr − 1/(2β))², each log-ratio divided by its answer's token count as TRL does (its comment:
+  the normalisation the IPO authors confirmed);
+- `rpo_alpha` α adds α × the mean negative log-likelihood of the chosen answers' tokens (RPO; TRL 1.16's
+  `loss_type=["sigmoid", "sft"]` with `loss_weights=[1, α]`).
+The batch loss is the mean over pairs (+ the NLL term). Rewards: β × each side's log-ratio, logged with TRL's names
+(`rewards/chosen`, `rewards/rejected`, `rewards/accuracies`, `rewards/margins`, `logps/chosen`, `logps/rejected`).
+
+The trainer:
+- one forward of 2B rows per batch (the collator's chosen rows, then rejected: vlm.data.preference), each
+  image encoded once (`image_repeats=2`), the log-probabilities of the answer tokens only (`answer_labels`: the
+  LM head runs on the answer positions, no (2B, T, V) logits; vlm.llm.loss.answer_log_probs);
+- the reference: with LoRA the same model with its adapters disabled (peft's `disable_adapter()`), and the
+  other parameters that train (the projector, a trainable vision tower) at their start values, swapped in for
+  the reference forward from a copy of those parameters only, never of the LLM; without LoRA a frozen copy of the
+  start model (eval mode, no gradients); with `--precompute_ref_log_probs` neither: the reference log-probs of
+  every pair are computed once before training, by process 0, from the start model, and stored in the output
+  folder (`REF_LOG_PROBS_FILE`), which a resume reads back;
+- gradient accumulation: each micro-batch's mean divided by the accumulation steps (`loss_is_scaled_for_ga`
+  False), so equal micro-batches give the update of one large batch; under DDP the gradients' average over
+  processes does the same.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import json
+import os
+from collections import defaultdict
+from dataclasses import dataclass
+
+import torch
+from torch.nn import functional as F
+
+from vlm.data.preference import PAIR_INDEX_KEY
+from vlm.train.trainer import VLMTrainer, unwrap
+
+LOSS_TYPES = ("sigmoid", "ipo", "robust")
+SMOOTHED_LOSS_TYPES = ("sigmoid", "robust")  # the ones `label_smoothing` applies to
+REF_LOG_PROBS_FILE = "ref_log_probs.safetensors"
+
+
+@dataclass(frozen=True)
+class DPOSettings:
+    """The DPO flags (TRL's names): `--beta --loss_type --label_smoothing --rpo_alpha --precompute_ref_log_probs`."""
+    beta: float = 0.1
+    loss_type: str = "sigmoid"
+    label_smoothing: float = 0.0
+    rpo_alpha: float | None = None
+    precompute_ref_log_probs: bool = False
+
+    @classmethod
+    def from_args(cls, args) -> "DPOSettings":
+        return cls(beta=args.beta, loss_type=args.loss_type, label_smoothing=args.label_smoothing,
+                   rpo_alpha=args.rpo_alpha, precompute_ref_log_probs=args.precompute_ref_log_probs)
+
+
+def dpo_losses(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, ref_chosen_logps: torch.Tensor,
+               ref_rejected_logps: torch.Tensor, *, beta: float, loss_type: str = "sigmoid",
+               label_smoothing: float = 0.0, chosen_num_tokens: torch.Tensor | None = None,
+               rejected_num_tokens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-pair DPO losses (module docstring) from (B,) summed answer log-probabilities.
+
+    Args:
+        chosen_logps, rejected_logps: (B,) the policy's log-probabilities of each answer.
+        ref_chosen_logps, ref_rejected_logps: (B,) the reference's.
+        beta: β; label_smoothing: ε (sigmoid: cDPO, robust: rDPO).
+        chosen_num_tokens, rejected_num_tokens: (B,) answer token counts (`ipo` divides by them).
+    Returns:
+        (losses (B,), chosen_rewards (B,), rejected_rewards (B,)); the rewards are detached.
+    """
+    chosen_logratios = chosen_logps - ref_chosen_logps  # (B,)
+    rejected_logratios = rejected_logps - ref_rejected_logps  # (B,)
+    delta = chosen_logratios - rejected_logratios  # (B,)
+    eps = label_smoothing
+    if loss_type == "sigmoid":
+        losses = -F.logsigmoid(beta * delta) * (1 - eps) - F.logsigmoid(-beta * delta) * eps
+    elif loss_type == "robust":
+        losses = (-(1 - eps) * F.logsigmoid(beta * delta) + eps * F.logsigmoid(-beta * delta)) / (1 - 2 * eps)
+    elif loss_type == "ipo":
+        if chosen_num_tokens is None or rejected_num_tokens is None:
+            raise ValueError("loss_type='ipo' needs chosen_num_tokens and rejected_num_tokens")
+        ipo_delta = (chosen_logratios / chosen_num_tokens.clamp(min=1)
+                     - rejected_logratios / rejected_num_tokens.clamp(min=1))
+        losses = (ipo_delta - 1 / (2 * beta)) ** 2
+    else:
+        raise ValueError(f"loss_type {loss_type!r}; expected one of {LOSS_TYPES}")
+    return losses, beta * chosen_logratios.detach(), beta * rejected_logratios.detach()
+
+
+def chosen_nll(chosen_logps: torch.Tensor, chosen_num_tokens: torch.Tensor) -> torch.Tensor:
+    """The mean negative log-likelihood per token of the chosen answers (RPO's term): −Σ log p / Σ tokens."""
+    return -chosen_logps.sum() / chosen_num_tokens.sum().clamp(min=1)
+
+
+def dpo_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, settings: DPOSettings, *,
+             chosen_num_tokens: torch.Tensor, rejected_num_tokens: torch.Tensor
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The batch loss under `settings`: mean of `dpo_losses`, plus `rpo_alpha` × `chosen_nll` when set;
+    returns (loss, chosen_rewards (B,), rejected_rewards (B,))."""
+    losses, chosen_rewards, rejected_rewards = dpo_losses(
+        chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, beta=settings.beta,
+        loss_type=settings.loss_type, label_smoothing=settings.label_smoothing,
+        chosen_num_tokens=chosen_num_tokens, rejected_num_tokens=rejected_num_tokens)
+    loss = losses.mean()
+    if settings.rpo_alpha:
+        loss = loss + settings.rpo_alpha * chosen_nll(chosen_logps, chosen_num_tokens)
+    return loss, chosen_rewards, rejected_rewards
+
+
+def pair_log_probs(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """One forward of a pair batch (vlm.data.preference.PreferenceCollator): (2B,) answer log-probabilities and
+    (2B,) answer token counts, chosen rows first. Each image is encoded once for both halves."""
+    out = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
+                pixel_values=batch.get("pixel_values"), answer_labels=batch["labels"], image_repeats=2)
+    return out.logps, out.num_tokens
+
+
+class DPOTrainer(VLMTrainer):
+    """`VLMTrainer` whose loss is DPO's on pair batches (module docstring); `dpo`: the `DPOSettings`."""
+
+    loss_is_scaled_for_ga = False  # a per-pair mean: transformers divides it by the accumulation steps
+
+    def __init__(self, *args, dpo: DPOSettings, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.dpo = dpo
+        self.ref_model = None
+        self._ref_start_values: dict[torch.nn.Parameter, torch.Tensor] = {}
+        self._ref_table: torch.Tensor | None = None  # (N, 2) precomputed reference log-probs
+        self._sums: dict[str, float] = defaultdict(float)
+        self._pairs = 0
+        if self.lora:
+            # Adapters off gives the base LLM; the other trainable parts need their start values for the reference.
+            peft_model = self.accelerator.unwrap_model(self.model)
+            self._ref_start_values = {p: p.detach().clone() for name, p in peft_model.named_parameters()
+                                      if p.requires_grad and "lora_" not in name}
+        elif not dpo.precompute_ref_log_probs:
+            self.ref_model = frozen_copy(unwrap(self.model)).to(self.args.device)
+
+    # -- the reference --------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _start_values(self):
+        """The non-adapter parameters of a LoRA run at their start values, for a forward under no_grad."""
+        current = {p: p.data for p in self._ref_start_values}
+        try:
+            for p, start in self._ref_start_values.items():
+                p.data = start
+            yield
+        finally:
+            for p, data in current.items():
+                p.data = data
+
+    @torch.no_grad()
+    def reference_log_probs(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """(2B,) the reference's answer log-probabilities and counts for a pair batch, computed (not looked up)."""
+        if self.ref_model is not None:
+            return pair_log_probs(self.ref_model, batch)
+        if self.lora:
+            peft_model = self.accelerator.unwrap_model(self.model)
+            with peft_model.disable_adapter(), self._start_values():
+                return pair_log_probs(peft_model, batch)
+        return pair_log_probs(unwrap(self.model), batch)  # precomputing, before any step: the start model itself
+
+    def _reference(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        b = batch[PAIR_INDEX_KEY].numel()
+        if self._ref_table is not None:
+            table = self._ref_table[batch[PAIR_INDEX_KEY].cpu()].to(batch["input_ids"].device)  # (B, 2)
+            return table[:, 0], table[:, 1]
+        logps, _ = self.reference_log_probs(batch)
+        return logps[:b], logps[b:]
+
+    # -- the loss -------------------------------------------------------------------------------
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        b = inputs[PAIR_INDEX_KEY].numel()
+        ref_chosen, ref_rejected = self._reference(inputs)
+        logps, num_tokens = pair_log_probs(model, inputs)  # (2B,), (2B,)
+        loss, chosen_rewards, rejected_rewards = dpo_loss(
+            logps[:b], logps[b:], ref_chosen, ref_rejected, self.dpo,
+            chosen_num_tokens=num_tokens[:b], rejected_num_tokens=num_tokens[b:])
+        if model.training:
+            self._record(chosen_rewards, rejected_rewards, logps[:b].detach(), logps[b:].detach())
+        return (loss, {"logps": logps.detach()}) if return_outputs else loss
+
+    def _record(self, chosen_rewards, rejected_rewards, chosen_logps, rejected_logps) -> None:
+        """Sums over the pairs of every process since the last log (a collective: every process calls it)."""
+        values = torch.stack([chosen_rewards, rejected_rewards, (chosen_rewards > rejected_rewards).float(),
+                              chosen_rewards - rejected_rewards, chosen_logps, rejected_logps], dim=1)  # (B, 6)
+        values = self.accelerator.gather(values.float())  # (world * B, 6)
+        for name, total in zip(METRIC_NAMES, values.sum(dim=0).tolist()):
+            self._sums[name] += total
+        self._pairs += values.shape[0]
+
+    def log(self, logs: dict, start_time: float | None = None) -> None:
+        if "loss" in logs and self._pairs:
+            logs.update({name: round(total / self._pairs, 6) for name, total in self._sums.items()})
+            self._sums.clear()
+            self._pairs = 0
+        super().log(logs, start_time)
+
+    # -- precomputed reference log-probs ----------------------------------------------------------
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        if self.dpo.precompute_ref_log_probs and self._ref_table is None:
+            self._ref_table = self._precomputed_table()
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def _precomputed_table(self) -> torch.Tensor:
+        """(N, 2) reference log-probs of every pair (chosen, rejected): read from the output folder when it holds
+        this data's (a resume), else computed by process 0 from the start model and written there."""
+        path = os.path.join(self.args.output_dir, REF_LOG_PROBS_FILE)
+        key = dataset_key(self.train_dataset)
+        if self.args.process_index == 0:
+            table = read_ref_table(path, key)
+            if table is None:
+                table = self._compute_table()
+                write_ref_table(path, table, key)
+                print(f"dpo: reference log-probs of {table.shape[0]} pairs computed and stored in {path}", flush=True)
+            else:
+                print(f"dpo: reference log-probs read from {path}", flush=True)
+        _barrier()
+        if self.args.process_index != 0:
+            table = read_ref_table(path, key)
+            if table is None:
+                raise RuntimeError(f"{path} is missing after process 0 wrote it: is --output_dir shared by all nodes?")
+        return table
+
+    def _compute_table(self) -> torch.Tensor:
+        from torch.utils.data import DataLoader
+
+        loader = DataLoader(self.train_dataset, batch_size=self.args.per_device_train_batch_size, shuffle=False,
+                            collate_fn=self.data_collator, num_workers=self.args.dataloader_num_workers)
+        table = torch.zeros(len(self.train_dataset), 2)
+        unwrap(self.model).to(self.args.device)
+        for batch in loader:
+            batch.pop("data_drops", None)  # replaced samples: scored as the stand-in they were replaced by
+            batch = {k: v.to(self.args.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+            logps, _ = self.reference_log_probs(batch)
+            b = batch[PAIR_INDEX_KEY].numel()
+            table[batch[PAIR_INDEX_KEY].cpu()] = torch.stack([logps[:b], logps[b:]], dim=1).float().cpu()
+        return table
+
+
+METRIC_NAMES = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
+                "logps/rejected")
+
+
+def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy of `model` for the reference: eval mode, no parameter requires grad."""
+    ref = copy.deepcopy(model)
+    ref.eval()
+    ref.requires_grad_(False)
+    return ref
+
+
+def dataset_key(dataset) -> str:
+    """What identifies the pairs a table belongs to: their record positions in the mix (the data files are part of
+    the run record, which a resume must match)."""
+    positions = getattr(dataset, "_positions", range(len(dataset)))
+    return hashlib.sha256(json.dumps(list(positions)).encode()).hexdigest()[:16]
+
+
+def read_ref_table(path: str, key: str) -> torch.Tensor | None:
+    """The stored (N, 2) table when `path` holds one for `key`, else None."""
+    from safetensors import safe_open
+
+    if not os.path.isfile(path):
+        return None
+    try:
+        with safe_open(path, framework="pt") as f:
+            if (f.metadata() or {}).get("pairs_key") != key:
+                return None
+            return f.get_tensor("ref_logps")
+    except Exception:  # damaged: computed again
+        return None
+
+
+def write_ref_table(path: str, table: torch.Tensor, key: str) -> None:
+    from safetensors.torch import save_file
+
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = path + ".tmp"
+    save_file({"ref_logps": table.contiguous()}, tmp, metadata={"pairs_key": key, "columns": "chosen,rejected"})
+    os.replace(tmp, path)
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()

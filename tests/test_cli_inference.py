@@ -262,9 +262,9 @@ def test_vlm_eval_uses_the_models_template_and_refuses_another_unless_forced(tmp
     folder = save_tiny_folder(tmp_path / "m", "clip", "qwen2", template="vicuna_v1", seed=1)
     argv = ["--model", str(folder), *_eval_set(tmp_path)]
     eval_main = command("eval")
-    used, real = [], vlm.cli.eval.evaluate_exact_match
-    monkeypatch.setattr(vlm.cli.eval, "evaluate_exact_match",
-                        lambda *a, template, **k: used.append(template) or real(*a, template=template, **k))
+    used, real = [], vlm.cli.eval.evaluate
+    monkeypatch.setattr(vlm.cli.eval, "evaluate",
+                        lambda generator, *a, **k: used.append(generator.template) or real(generator, *a, **k))
     assert eval_main(argv) == 0
     assert used == ["vicuna_v1"]  # the folder's own, no longer a fixed chatml
     assert "template: 'vicuna_v1'" in capsys.readouterr().err

@@ -264,9 +264,9 @@ EVAL_FAULTS = {
                                                                   {"from": "gpt", "value": "red"}]},
                "record 1 (0-based, id 'a'): unsafe_path: image path '../img.png' leaves --image_folder"),
     "no_conversations": ({"id": "b", "image": "img.png"},
-                         "record 1 (0-based, id 'b'): no 'conversations' list with a question and an answer"),
+                         "record 1 (0-based, id 'b'): no 'conversations' list (the record's keys: ['id', 'image'])"),
     "image_int": ({"id": "c", "image": 5, "conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]},
-                  "record 1 (0-based, id 'c'): 'image' must be a relative path string, got 5"),
+                  "record 1 (0-based, id 'c'): 'image' must be a file name or a list of file names, got 5"),
 }
 
 
@@ -444,12 +444,14 @@ def test_eval_prints_the_result_before_a_full_disk_refuses_the_output(model_dir,
     data.write_text(json.dumps([{"id": "g", "image": "img.png", "conversations": [
         {"from": "human", "value": "<image>\nq"}, {"from": "gpt", "value": "red"}]}]))
     shutil.copy(image, tmp_path / "img.png")
-    result = {"accuracy": 1.0, "blind_accuracy": 0.0, "n": 1, "per_question_type": {}}
-    monkeypatch.setattr(vlm.cli.eval, "evaluate_exact_match", lambda *a, **k: result)
+    from vlm.eval.evaluate import EvalResult
+
+    result = EvalResult("exact", {"exact": 1.0}, 1, [], blind_scores={"exact": 0.0})
+    monkeypatch.setattr(vlm.cli.eval, "evaluate", lambda *a, **k: result)
     code = command("eval")(["--model", str(model_dir), "--data_path", str(data), "--image_folder", str(tmp_path),
                             "--output", "/dev/full"])
     out, err = capsys.readouterr()
-    assert code == 2 and "accuracy=1.0000 blind_accuracy=0.0000" in out
+    assert code == 2 and "exact=1.0000 blind_exact=0.0000" in out
     assert one_line(err.replace("template: 'chatml'\n", "")) == ("vlm eval: error: no space left on device writing --output '/dev/full'; the result is "
                              "printed above: free space or choose another --output")
 

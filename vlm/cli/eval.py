@@ -1,63 +1,138 @@
-"""`vlm eval --model FOLDER --data_path eval.json --image_folder images`: exact-match accuracy with a blind baseline.
+"""`vlm eval --model M --data_path D [--image_folder F] --metric vqa|chartqa|choice|exact|caption`: score a model.
 
-The work (and why the blind baseline) is in `vlm.eval.evaluate`. The chat template is the one the model folder
-records; `--template` names another, an error when it prompts differently unless `--force-template`.
+    vlm eval --model runs/demo/model --data_path runs/demo/data/eval.json \\
+        --image_folder runs/demo/data/images --metric exact --output_dir runs/demo/eval
+    vlm eval --model llava-v1.5-7b --data_path vqav2_val.jsonl --image_folder coco/val2014 \\
+        --metric vqa --references_field answers --output_dir eval/vqav2
+
+Any model the library loads (vlm folder, LoRA run, LLaVA-1.5, llava-hf; `vlm.generate.generator`), prompted
+with the template its folder records (`--template` another: an error when it prompts differently, unless
+`--force-template`); any data file the readers read (`--data_format`, detected by default). References are
+the final assistant reply of each record, or `--references_field NAME`: the record's field NAME (a list such
+as VQA's ten answers, or a JSON list in a CSV cell). Writes `predictions.jsonl` and `metrics.json` into
+`--output_dir` (`vlm.eval.evaluate`), and prints the metrics. The blind baseline (images shuffled across
+samples) is on by default for exact and vqa (`--no-blind` skips it; `--blind` adds it to the others).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import errno
 import json
 import sys
 
 from vlm.errors import UserError
-from vlm.eval.evaluate import evaluate_exact_match, read_eval_records
-from vlm.generate.prompts import choose_template
+from vlm.eval.evaluate import METRICS_FILE, PREDICTIONS_FILE, evaluate, metrics_record, write_outputs
+from vlm.eval.items import read_items
+from vlm.eval.metrics import METRIC_NAMES, check_metric
+from vlm.eval.metrics.caption import TOKENIZERS
 
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+BLIND_BY_DEFAULT = ("exact", "vqa")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from vlm.cli.options import add_decoding_arguments, add_model_arguments
+    from vlm.data.formats import FORMATS
+
+    parser = argparse.ArgumentParser(prog="vlm eval", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_arguments(parser)
+    parser.add_argument("--template", dest="conv_mode", default=None,
+                        help="chat template (as --conv-mode; default: the one the model folder records; another one "
+                             "is an error unless --force-template)")
+    data = parser.add_argument_group("data")
+    data.add_argument("--data_path", required=True, help="the evaluation set: LLaVA JSON, a QA table, ... (any format "
+                                                         "`vlm data check` reads)")
+    data.add_argument("--image_folder", default=None, help="the folder the records' image paths are relative to")
+    data.add_argument("--data_format", default="auto", choices=("auto", *FORMATS), help="default: detected")
+    data.add_argument("--references_field", default=None,
+                      help="the record field holding the reference answers (a list, e.g. VQA's 'answers'; or one "
+                           "answer); default: each record's final assistant reply")
+    scoring = parser.add_argument_group("scoring")
+    scoring.add_argument("--metric", default="exact", help=f"one of {', '.join(METRIC_NAMES)} (default exact)")
+    scoring.add_argument("--blind", action=argparse.BooleanOptionalAction, default=None,
+                         help="also score the model with the images shuffled across samples (default: on for "
+                              f"{' and '.join(BLIND_BY_DEFAULT)})")
+    scoring.add_argument("--caption_tokenizer", default="auto", choices=TOKENIZERS,
+                         help="caption tokenisation: ptb (pycocoevalcap's, needs Java), python, auto (ptb when Java is "
+                              "installed)")
+    scoring.add_argument("--batch_size", type=int, default=16, help="questions decoded together (default 16)")
+    add_decoding_arguments(parser, max_new_tokens=64)
+    output = parser.add_argument_group("output")
+    output.add_argument("--output_dir", default=None, help=f"write {PREDICTIONS_FILE} and {METRICS_FILE} here")
+    output.add_argument("--output", default=None, help=f"also write the metrics JSON ({METRICS_FILE}'s content) to this file")
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    from vlm.hub import add_trust_remote_code_argument
-
-    parser = argparse.ArgumentParser(prog="vlm eval", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", required=True, help="vlm model folder")
-    parser.add_argument("--data_path", required=True, help="LLaVA JSON with one question and answer per record")
-    parser.add_argument("--image_folder", required=True)
-    parser.add_argument("--template", default=None,
-                        help="chat template (default: the one the model folder records it was trained with; another "
-                             "one is an error unless --force-template)")
-    parser.add_argument("--force-template", "--force_template", dest="force_template", action="store_true",
-                        help="use --template even when the model folder records another template")
-    parser.add_argument("--batch_size", type=int, default=64)
-    add_trust_remote_code_argument(parser)
-    parser.add_argument("--output", help="write the result JSON here")
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.batch_size < 1:
         parser.error(f"--batch_size={args.batch_size} must be >= 1")
-    import vlm
-    from vlm.hub import auto_tokenizer
-    from vlm.visual.processor import ImageProcessor
-
+    metric = check_metric(args.metric)
+    blind = args.blind if args.blind is not None else metric in BLIND_BY_DEFAULT
+    template = _template(args, argv if argv is not None else sys.argv[1:])
     # before the model is loaded: a wrong flag or record costs seconds, not an evaluation
-    tokenizer = auto_tokenizer(args.model, trust_remote_code=args.trust_remote_code)
-    template = choose_template(args.model, args.template, tokenizer, force=args.force_template, flag="--template")
-    records = read_eval_records(args.data_path, args.image_folder)
+    items = read_items(args.data_path, metric=metric, image_folder=args.image_folder,
+                       references_field=args.references_field, data_format=args.data_format)
     print(f"template: {template!r}", file=sys.stderr)
-    model = vlm.from_pretrained(args.model)
-    processor = ImageProcessor.from_pretrained(args.model)
-    result = evaluate_exact_match(model, tokenizer, processor, records, args.image_folder, template=template,
-                                  batch_size=args.batch_size)
-    text = json.dumps(result, indent=2)
+    generator = _generator(args, template)
+    result = evaluate(generator, items, metric, image_folder=args.image_folder, batch_size=args.batch_size,
+                      blind=blind, seed=args.seed or 0, caption_tokenizer=args.caption_tokenizer,
+                      progress=sys.stderr.isatty())
+    context = {"model": args.model, "template": template, "data_path": args.data_path,
+               "references": _references_source(args.references_field), "max_new_tokens": args.max_new_tokens,
+               "temperature": args.temperature}
+    record = metrics_record(result, **context)
+    text = json.dumps(record, indent=2)
     print(text)  # first: a full disk or a bad --output must not cost the evaluation
-    print(f"accuracy={result['accuracy']:.4f} blind_accuracy={result['blind_accuracy']:.4f}")
-    if args.output:
+    summary = " ".join(f"{name}={value:.4f}" for name, value in result.scores.items())
+    if result.blind_scores is not None:
+        summary += " " + " ".join(f"blind_{name}={value:.4f}" for name, value in result.blind_scores.items())
+    print(summary)
+    for flag, write in (("--output_dir", lambda: write_outputs(args.output_dir, result, **context)),
+                        ("--output", lambda: _write_text(args.output, text + "\n"))):
+        target = getattr(args, flag[2:])
+        if target is None:
+            continue
         try:
-            with open(args.output, "w", encoding="utf-8") as f:
-                f.write(text + "\n")
+            write()
         except OSError as exc:
             reason = "no space left on device" if exc.errno in DISK_FULL else (exc.strerror or str(exc))
-            raise UserError(f"{reason} writing --output {args.output!r}; the result is printed above: free space or "
-                            "choose another --output") from None
+            raise UserError(f"{reason} writing {flag} {target!r}; the result is printed above: free space or "
+                            f"choose another {flag}") from None
     return 0
+
+
+def _template(args, argv: list[str]) -> str:
+    """The template to prompt with, checked against the model folder's record before anything heavy is loaded."""
+    from vlm.folders.kinds import load_tokenizer, resolve_model_path
+    from vlm.generate.prompts import choose_template
+    from vlm.hub import check_remote_code
+
+    folder = resolve_model_path(args.model)
+    check_remote_code(folder, args.trust_remote_code)
+    tokenizer = load_tokenizer(folder, trust_remote_code=args.trust_remote_code)
+    flag = "--template" if any(a.split("=")[0] == "--template" for a in argv) else "--conv-mode"
+    return choose_template(folder, args.conv_mode, tokenizer, force=args.force_template, flag=flag)
+
+
+def _generator(args, template: str):
+    """The model the flags name (`vlm.cli.options.generator_from_args`), prompted with `template`."""
+    from vlm.cli.options import generator_from_args
+    from vlm.processing import stop_token_ids
+
+    generator = generator_from_args(argparse.Namespace(**{**vars(args), "conv_mode": None, "force_template": False}))
+    stop_token_ids(generator.tokenizer, template)  # the template renders for this tokenizer
+    return dataclasses.replace(generator, template=template)
+
+
+def _references_source(field: str | None) -> str:
+    return f"field {field!r}" if field else "final assistant reply"
+
+
+def _write_text(path: str, text: str) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)

@@ -3,7 +3,7 @@
 A reader turns one raw record into either a canonical sample
 `{"id": str, "images": [str], "messages": [{"role", "content"}], "meta"?: {...}}` or a
 `SampleError` carrying the record's position, so the caller can report it; nothing is skipped here.
-`meta` (optional) keeps the record's other scalar top-level fields (e.g. `source`), so
+`meta` (optional) keeps the record's other scalar top-level fields (e.g. `source`) and lists of scalars, so
 `vlm data filter --field` can select on them and `vlm data convert` writes them back.
 """
 
@@ -44,9 +44,14 @@ def image_list(value: Any) -> list[str]:
 
 
 def extra_fields(record: dict, used: Iterable[str]) -> dict[str, Any]:
-    """The record's scalar top-level fields other than `used` (kept as the sample's `meta`)."""
+    """The record's scalar top-level fields other than `used` (kept as the sample's `meta`), and its lists of
+    scalars (VQA's ten answers, several reference captions: what `vlm eval --references_field` reads)."""
     skip = set(used)
-    return {k: v for k, v in record.items() if k not in skip and isinstance(v, (str, int, float, bool))}
+    return {k: v for k, v in record.items() if k not in skip and (isinstance(v, _SCALARS) or (
+        isinstance(v, list) and all(isinstance(x, _SCALARS) for x in v)))}
+
+
+_SCALARS = (str, int, float, bool)
 
 
 def make_sample(sample_id: str, images: list[str], messages: list[dict], meta: dict | None = None) -> dict:

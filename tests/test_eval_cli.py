@@ -1,0 +1,182 @@
+"""`vlm eval` end to end on a tiny model: any data the readers read, every metric, the outputs, the bad inputs.
+
+The tiny model has random weights, so its answers are arbitrary but fixed: the module first asks it every
+question through `Generator.answer` (the one decode loop, the folder's template) and then writes evaluation
+sets whose references agree with those answers for some records and not for others, so each score is known
+in advance from the metric's published rule (e.g. 3 of 10 VQA annotators agreeing gives 0.9).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+
+from inference_helpers import command, save_tiny_folder, write_image
+from vlm.eval.metrics import vqa
+
+COLORS = {"red": (220, 40, 40), "blue": (40, 80, 220), "green": (40, 180, 60), "yellow": (230, 210, 40)}
+QUESTIONS = ["What color is the circle?", "What shape is it?", "How many shapes are there?", "Is there a blue square?"]
+MAX_NEW_TOKENS = "4"
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """(model folder, image folder, {(image, question): the model's answer})."""
+    from vlm.generate.decoding import GenerationSettings
+    from vlm.generate.generator import load_generator
+
+    root = tmp_path_factory.mktemp("eval_cli")
+    folder = save_tiny_folder(root / "model", "clip", "qwen2", template="chatml", seed=3)
+    images = root / "images"
+    images.mkdir()
+    for name, color in COLORS.items():
+        write_image(images / f"{name}.png", color)
+    generator = load_generator(str(folder), settings=GenerationSettings(max_new_tokens=int(MAX_NEW_TOKENS)))
+    answers = {(f"{name}.png", q): generator.answer(f"<image>\n{q}", str(images / f"{name}.png"))
+               for name in COLORS for q in QUESTIONS + ["Describe the image."]}
+    assert all(a.strip() for a in answers.values())  # the references below are built from them
+    return folder, images, answers
+
+
+def run_eval(setup, data: Path, out: Path, *extra: str) -> tuple[int, dict, list[dict]]:
+    folder, images, _ = setup
+    code = command("eval")(["--model", str(folder), "--data_path", str(data), "--image_folder", str(images),
+                            "--output_dir", str(out), "--max_new_tokens", MAX_NEW_TOKENS, "--batch_size", "3", *extra])
+    if code != 0:
+        return code, {}, []
+    metrics = json.loads((out / "metrics.json").read_text())
+    rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    return code, metrics, rows
+
+
+def llava(record_id, image, question, reply=None, **fields):
+    turns = [{"from": "human", "value": f"<image>\n{question}"}] + ([{"from": "gpt", "value": reply}] if reply else [])
+    return {"id": record_id, "image": image, "conversations": turns, **fields}
+
+
+def test_exact_on_llava_json_writes_predictions_metrics_and_the_blind_baseline(setup, tmp_path, capsys):
+    _, _, answers = setup
+    keys = [("red.png", QUESTIONS[0]), ("blue.png", QUESTIONS[1]), ("green.png", QUESTIONS[2]), ("yellow.png", QUESTIONS[3])]
+    # the first two references are the model's own answers (one in other case, with a period): exact match 1.0
+    references = [answers[keys[0]], answers[keys[1]].upper() + ".", "no such answer", "nor this one"]
+    records = [llava(f"q{i}", image, q, ref, question_type=["color", "color", "count", "exist"][i])
+               for i, ((image, q), ref) in enumerate(zip(keys, references))]
+    data = tmp_path / "eval.json"
+    data.write_text(json.dumps(records))
+    code, metrics, rows = run_eval(setup, data, tmp_path / "out")
+    assert code == 0
+    assert [r["prediction"] for r in rows] == [answers[k] for k in keys]  # the one decode loop, batched
+    assert [r["score"] for r in rows] == [1.0, 1.0, 0.0, 0.0]
+    assert rows[0]["id"] == "q0" and rows[0]["question"] == QUESTIONS[0] and rows[1]["references"] == [references[1]]
+    assert metrics["metric"] == "exact" and metrics["scores"] == {"exact": 0.5} and metrics["n"] == 4
+    assert metrics["template"] == "chatml" and metrics["model"] == str(setup[0])
+    assert metrics["references"] == "final assistant reply"
+    assert set(metrics["blind_scores"]) == {"exact"} and all("blind_score" in r for r in rows)  # on for exact
+    assert metrics["per_question_type"]["color"]["score"] == 1.0 and metrics["per_question_type"]["count"]["n"] == 1
+    out = capsys.readouterr().out
+    assert out.splitlines()[-1].startswith("exact=0.5000 blind_exact=")
+
+
+def test_vqa_with_a_references_field_scores_the_official_way(setup, tmp_path):
+    _, _, answers = setup
+    said = vqa.normalise_prediction(answers[("red.png", QUESTIONS[0])])
+    other = vqa.normalise_prediction(answers[("blue.png", QUESTIONS[0])])
+    records = [  # 3 of 10 annotators agree -> 0.9; 1 -> 0.3 (JSON Lines, the answers a list field)
+        llava("a", "red.png", QUESTIONS[0], answers=[said] * 3 + ["zzz"] * 7),
+        llava("b", "blue.png", QUESTIONS[0], answers=[other] + ["zzz"] * 9),
+    ]
+    data = tmp_path / "vqa.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    code, metrics, rows = run_eval(setup, data, tmp_path / "out", "--metric", "vqa", "--references_field", "answers",
+                                   "--no-blind")
+    assert code == 0 and [r["score"] for r in rows] == pytest.approx([0.9, 0.3])
+    assert metrics["scores"]["vqa"] == pytest.approx(0.6) and "blind_scores" not in metrics
+    assert metrics["references"] == "field 'answers'" and len(rows[0]["references"]) == 10
+
+
+def test_chartqa_on_a_qa_table_and_choice_with_option_fields(setup, tmp_path):
+    _, _, answers = setup
+    table = tmp_path / "chart.csv"
+    with open(table, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["imgname", "query", "label"])
+        writer.writeheader()
+        writer.writerow({"imgname": "green.png", "query": QUESTIONS[2], "label": answers[("green.png", QUESTIONS[2])]})
+        writer.writerow({"imgname": "red.png", "query": QUESTIONS[2], "label": "12345"})
+    code, metrics, rows = run_eval(setup, table, tmp_path / "chart", "--metric", "chartqa")
+    assert code == 0 and [r["score"] for r in rows] == [1.0, 0.0] and metrics["scores"] == {"chartqa": 0.5}
+    assert "blind_scores" not in metrics  # off by default for chartqa
+    # MMBench style: options in fields A-C, the right letter in 'answer'; option B is what the model says
+    said = answers[("yellow.png", QUESTIONS[1])]
+    records = [llava("m1", "yellow.png", QUESTIONS[1], A="zzz qqq", B=said, C="www", answer="B"),
+               llava("m2", "yellow.png", QUESTIONS[1], A="zzz qqq", B=said, C="www", answer="C")]
+    data = tmp_path / "mmb.json"
+    data.write_text(json.dumps(records))
+    code, metrics, rows = run_eval(setup, data, tmp_path / "mmb", "--metric", "choice", "--references_field", "answer")
+    assert code == 0 and [r["score"] for r in rows] == [1.0, 0.0]
+
+
+def test_caption_merges_the_captions_of_an_image_and_records_the_tokenizer(setup, tmp_path):
+    from vlm.eval.metrics.caption import score_captions
+
+    records = [llava(f"c{i}", image, "Describe the image.", caption)
+               for i, (image, caption) in enumerate([("red.png", "a red square on white"), ("red.png", "red block"),
+                                                     ("blue.png", "a blue square"), ("blue.png", "blue box on white")])]
+    data = tmp_path / "captions.json"
+    data.write_text(json.dumps(records))
+    code, metrics, rows = run_eval(setup, data, tmp_path / "out", "--metric", "caption", "--caption_tokenizer", "python")
+    assert code == 0 and metrics["n"] == 2 and len(rows) == 2
+    assert rows[0]["references"] == ["a red square on white", "red block"]
+    assert metrics["caption_tokenizer"].startswith("python")
+    expected = score_captions([r["prediction"] for r in rows], [r["references"] for r in rows], tokenizer="python")
+    assert metrics["scores"] == pytest.approx(expected.values) and set(metrics["scores"]) == {"bleu4", "rouge_l", "cider_d"}
+
+
+def test_a_llava_hf_export_of_the_model_gives_the_same_predictions(setup, tmp_path):
+    from vlm.folders.export import export
+
+    folder, images, answers = setup
+    hf = tmp_path / "llava-hf"
+    export(str(folder), str(hf))
+    records = [llava(f"q{i}", f"{name}.png", QUESTIONS[0], "red") for i, name in enumerate(COLORS)]
+    data = tmp_path / "eval.json"
+    data.write_text(json.dumps(records))
+    code = command("eval")(["--model", str(hf), "--data_path", str(data), "--image_folder", str(images),
+                            "--output_dir", str(tmp_path / "out"), "--max_new_tokens", MAX_NEW_TOKENS, "--no-blind"])
+    rows = [json.loads(line) for line in (tmp_path / "out" / "predictions.jsonl").read_text().splitlines()]
+    assert code == 0 and [r["prediction"] for r in rows] == [answers[(f"{n}.png", QUESTIONS[0])] for n in COLORS]
+    # the export carries chatml as the tokenizer's own chat template, which is what the folder prompts with
+    assert json.loads((tmp_path / "out" / "metrics.json").read_text())["template"] == "tokenizer"
+
+
+BAD = {
+    "missing_field": ([llava("a", "red.png", "q", "red", answers=["red"] * 10), llava("b", "red.png", "q", "red")],
+                      ["--metric", "vqa", "--references_field", "answers"],
+                      "record 1 (0-based, id 'b'): no field 'answers' (--references_field)"),
+    "no_answer": ([llava("a", "red.png", "q", "red"), llava("b", "red.png", "q")], [],
+                  "record 1 (0-based, id 'b'): no answer to compare with"),
+    "vqa_one_reference": ([llava("a", "red.png", "q", "red")], ["--metric", "vqa"],
+                          "record 0 (0-based, id 'a'): 1 reference answer(s); VQA accuracy"),
+    "not_an_option": ([llava("a", "red.png", "q\nA. red\nB. blue", "green")], ["--metric", "choice"],
+                      "record 0 (0-based, id 'a'): reference 'green' is neither an option letter"),
+    "unknown_metric": ([llava("a", "red.png", "q", "red")], ["--metric", "bleu"],
+                       "--metric 'bleu' is not a metric; use one of vqa, chartqa, choice, exact, caption"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_input_is_one_line_naming_the_file_and_record(case, setup, tmp_path, capsys, monkeypatch):
+    import vlm.cli.eval
+
+    records, flags, expected = BAD[case]
+    data = tmp_path / "bad.json"
+    data.write_text(json.dumps(records))
+    monkeypatch.setattr(vlm.cli.eval, "_generator", lambda *a: pytest.fail("the model was loaded"))
+    code, _, _ = run_eval(setup, data, tmp_path / "out", *flags)
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 2 and err.startswith("vlm eval: error: ") and expected in err, err
+    if case != "unknown_metric":
+        assert str(data) in err
+    assert not (tmp_path / "out").exists()

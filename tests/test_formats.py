@@ -159,7 +159,9 @@ def test_qa_table_jsonl_configured_columns_system_and_imgname(write_data):
                            answer_column="answer", id_column="qid", system="Read the chart.")
     assert sample == {"id": "q1", "images": ["c.png"], "messages": qa("<image>\nMax?", "3.5", system="Read the chart."),
                       "meta": {"split": "train"}}
-    chartqa = write_data("train_augmented.json", [{"imgname": "41699051005347.png", "query": "Value?", "label": ["x"]}])
+    # one answer in a list is that answer (ChartQA on the hub: label is a list of strings); several are refused
+    chartqa = write_data("train_augmented.json", [{"imgname": "41699051005347.png", "query": "Value?",
+                                                   "label": ["x", "y"]}])
     (broken,) = samples_of(chartqa)
     assert broken.reason == "bad_schema" and "'label'" in broken.detail
 

@@ -8,7 +8,8 @@ every sample again (`vlm.train.dataset.build_train_dataset` uses it).
 
 Design choices:
 - The key is a SHA-256 over everything the result depends on: each data file's absolute path, size and
-  mtime (and those of any file a source's reader options name, such as Basic-VLM's image map), each
+  mtime (and those of any file a source's reader options name, such as Basic-VLM's image map; and of each
+  file of a table folder or pattern, `vlm.data.formats.table`), each
   source's mix settings (format, repeat, max_samples, options), each image folder's path and mtime, the
   tokenizer (its serialised `tokenizers` model, or vocabulary, plus special tokens and chat template), the
   checker's settings (template, num_image_tokens, max length, truncation, check_images, escaping, seed), and
@@ -27,7 +28,11 @@ import dataclasses
 import hashlib
 import json
 import os
+from pathlib import Path
 from typing import Any, Sequence
+
+from vlm.data.errors import DataError
+from vlm.data.formats.table import is_pattern, table_files
 
 CACHE_DIR = ".vlm_cache"
 _FORMAT = 1  # bump when the stored layout or the checks change meaning
@@ -48,7 +53,17 @@ def _source_part(source: Any) -> dict:
                     for v in opts.values() if isinstance(v, str) and os.path.isfile(v)]
     folder = fields.get("image_folder")
     return {"source": fields, "file": _stat(fields["path"]), "option_files": option_files,
-            "image_folder": _stat(folder) if folder else None}
+            "image_folder": _stat(folder) if folder else None, "table_files": _table_files(fields["path"])}
+
+
+def _table_files(path: str) -> list:
+    """The files behind a table folder or pattern (their rewrite leaves the folder's own stat unchanged)."""
+    if not (os.path.isdir(path) or is_pattern(Path(path))):
+        return []
+    try:
+        return [_stat(str(f)) for f in table_files(Path(path))]
+    except DataError:
+        return []
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:

@@ -43,6 +43,7 @@ import yaml
 from vlm.data.errors import DataError, SampleError
 from vlm.data.formats import detect_format, detection_summary, format_votes, read_opened, reader_options, resolve_format
 from vlm.data.formats.source import open_source
+from vlm.data.formats.table import is_table_path
 from vlm.data.paths import ImageFolder
 
 MIX_SUFFIXES = (".yaml", ".yml")
@@ -178,7 +179,7 @@ def load_mix_file(path: str | Path, *, shared_options: dict[str, Any] | None = N
                 options[key] = str(base / options[key])
         folder = entry.get("image_folder")
         data_file = base / entry["path"]
-        if not data_file.is_file():
+        if not (data_file.is_file() or is_table_path(data_file)):  # a table may be a folder or a pattern
             raise DataError(f"{where}: data file {str(data_file)!r} not found (paths are relative to the mix file's folder)")
         try:
             source = Source(

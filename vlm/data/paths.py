@@ -13,14 +13,19 @@ Design choices:
 - `missing_image`: the path does not exist (or is not a file). `unreadable_image`: it exists but
   `vlm.visual.processor.load_image` cannot decode it completely (corrupt, truncated, not an image,
   over the pixel limit). Only `mode="full"` decodes; `"exists"` stops at the file system.
+- An embedded image (an `images` entry that is a dict: bytes, or a cell of a table, `vlm.data.embedded`) has
+  no path to confine: its bytes are read (and decoded for "full"/`open`) from the table; a cell that names
+  a file instead of holding bytes is that file under the folder, with the rules above.
 - Errors are `SampleError`s without a sample position; the caller adds it (`sample.with_context`).
 """
 
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
 
+from vlm.data.embedded import EmbeddedPath, describe, read_bytes
 from vlm.data.errors import SampleError
 from vlm.errors import ConfigError
 from vlm.visual.processor import PIL_DEFAULT_MAX_IMAGE_PIXELS, load_image
@@ -83,10 +88,17 @@ class ImageFolder:
             raise SampleError("missing_image", f"image {image!r} {what} under --image_folder {self.root!r}")
         return Path(joined)
 
-    def check(self, image: str, mode: str = "full", *, max_image_pixels: int | None = PIL_DEFAULT_MAX_IMAGE_PIXELS) -> None:
-        """Raise the SampleError that `image` deserves under check `mode` ("full", "exists", "none")."""
+    def check(self, image: str | dict, mode: str = "full", *,
+              max_image_pixels: int | None = PIL_DEFAULT_MAX_IMAGE_PIXELS) -> None:
+        """Raise the SampleError that `image` deserves under check `mode` ("full", "exists", "none").
+
+        An embedded image (`vlm.data.embedded`): "exists" reads its bytes from the table, "full" decodes them."""
         if mode not in CHECK_MODES:
             raise ConfigError(f"image check mode {mode!r}; expected one of {CHECK_MODES}")
+        if isinstance(image, dict):
+            if mode != "none":
+                self._embedded(image, decode=mode == "full", max_image_pixels=max_image_pixels)
+            return
         if mode == "none":
             self.lexical(image)
             return
@@ -94,14 +106,28 @@ class ImageFolder:
         if mode == "full":
             load(path, image, max_image_pixels=max_image_pixels).close()
 
-    def open(self, image: str, *, max_image_pixels: int | None = PIL_DEFAULT_MAX_IMAGE_PIXELS):
-        """The decoded RGB image (a PIL image); SampleError for unsafe, missing or unreadable files."""
+    def open(self, image: str | dict, *, max_image_pixels: int | None = PIL_DEFAULT_MAX_IMAGE_PIXELS):
+        """The decoded RGB image (a PIL image); SampleError for unsafe, missing or unreadable files or cells."""
+        if isinstance(image, dict):
+            return self._embedded(image, decode=True, max_image_pixels=max_image_pixels)
         return load(self.resolve(image), image, max_image_pixels=max_image_pixels)
 
+    def _embedded(self, image: dict, *, decode: bool, max_image_pixels: int | None):
+        """An embedded image's decoded RGB image (`decode`), else None once its bytes are read; a cell that names
+        a file instead of holding its bytes is that file under this folder."""
+        try:
+            data = read_bytes(image)
+        except EmbeddedPath as e:
+            return self.open(e.path, max_image_pixels=max_image_pixels) if decode else self.check(e.path, "exists")
+        return load(data, describe(image), max_image_pixels=max_image_pixels) if decode else None
 
-def load(path: Path, name: str, *, max_image_pixels: int | None):
+
+def load(path: Path | bytes, name: str, *, max_image_pixels: int | None):
+    source: Path | io.BytesIO = path if not isinstance(path, bytes) else io.BytesIO(path)
+    if isinstance(source, io.BytesIO):
+        source.name = name  # what load_image's messages call it
     try:
-        return load_image(path, max_image_pixels=max_image_pixels)
+        return load_image(source, max_image_pixels=max_image_pixels)
     except FileNotFoundError:
         raise SampleError("missing_image", f"image {name!r} disappeared: {path}") from None
     except ValueError as e:  # ImageLoadError, or over the pixel limit

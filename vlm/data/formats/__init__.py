@@ -2,6 +2,10 @@
 
     read_source("llava_v1_5_mix665k.json")                       # format detected
     read_source("captions.json", format="ai_challenger", caption_mode="sample", seed=1)
+    read_source("rlaif_v/train.parquet")                         # tables: vlm.data.formats.table
+
+Preference readers (`trl_preference`, `llava_preference`, `rlaif_v`) give preference samples
+(`vlm.data.formats.preference`); the others supervised ones.
 
 Every reader module has `NAME`, `detect(src, **options) -> bool` and
 `read(src, **options) -> Iterator[sample | SampleError]` (one item per raw record, or several for
@@ -23,10 +27,12 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from vlm.data.errors import DataError, SampleError
-from vlm.data.formats import ai_challenger, basic_vlm, coco, llava, qa_table, xtuner
+from vlm.data.formats import (ai_challenger, basic_vlm, coco, llava, llava_preference, qa_table, rlaif_v,
+                              trl_preference, xtuner)
 from vlm.data.formats.source import _DETECT_RECORDS, SourceFile, open_source
 
-READERS = {m.NAME: m for m in (llava, xtuner, coco, ai_challenger, qa_table, basic_vlm)}
+READERS = {m.NAME: m for m in (llava, xtuner, coco, ai_challenger, qa_table, basic_vlm, trl_preference,
+                               llava_preference, rlaif_v)}
 FORMATS: tuple[str, ...] = tuple(READERS)
 
 

@@ -13,6 +13,7 @@ import random
 from pathlib import Path
 from typing import Any, Iterable
 
+from vlm.data.embedded import EmbeddedImage
 from vlm.data.errors import SampleError
 from vlm.errors import ConfigError
 
@@ -32,13 +33,16 @@ def bad(detail: str, path: Path, index: int, sample_id: str | None = None, reaso
     return SampleError(reason, f"{path.name} record {index}: {detail}", index=index, sample_id=sample_id)
 
 
-def image_list(value: Any) -> list[str]:
-    """`image` as LLaVA writes it (absent, a string, or a list of strings) -> list; TypeError otherwise."""
+def image_list(value: Any) -> list[str | EmbeddedImage]:
+    """`image` as LLaVA writes it (absent, a string, or a list of strings) -> list; TypeError otherwise.
+
+    A table's image cell (an `EmbeddedImage` reference, or a list of them) counts as a file name; a dict
+    written in a JSON file does not (it could point anywhere)."""
     if value is None or value == "":
         return []
-    if isinstance(value, str):
+    if isinstance(value, (str, EmbeddedImage)):
         return [value]
-    if isinstance(value, list) and all(isinstance(v, str) and v for v in value):
+    if isinstance(value, list) and all((isinstance(v, str) and v) or isinstance(v, EmbeddedImage) for v in value):
         return list(value)
     raise TypeError(f"'image' must be a file name or a list of file names, got {value!r:.80}")
 

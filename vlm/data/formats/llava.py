@@ -23,7 +23,9 @@ _WRITE_ROLES = {"user": "human", "assistant": "gpt", "system": "system"}
 
 
 def detect(src: SourceFile, **options: Any) -> bool:
-    return src.kind in ("array", "lines") and isinstance(src.first, dict) and "conversations" in src.first
+    first = src.first
+    return (src.kind in ("array", "lines", "table") and isinstance(first, dict) and "conversations" in first
+            and not ("chosen" in first and "rejected" in first))  # a preference record: llava_preference
 
 
 def read(src: SourceFile) -> Iterator[dict | SampleError]:

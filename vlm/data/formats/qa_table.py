@@ -5,13 +5,16 @@ Row: image column (default `image`, or ChartQA's `imgname` when `image` is absen
 configurable. A row becomes user `<image>\\n{question}` (no second `<image>` when the question has one)
 -> assistant `{answer}`, after an optional
 `system` message; a row with an empty image cell is a text-only sample. Numbers in JSON answers are
-written as text; anything else that is not a string is `bad_schema`.
+written as text, and a list holding one answer (ChartQA on the hub: `label: ["14"]`) is that answer;
+anything else that is not a string is `bad_schema`. In a Parquet/Arrow table (`vlm.data.formats.table`) the
+image column may hold the embedded image itself (the `datasets` Image feature), read lazily from the file.
 """
 
 from __future__ import annotations
 
 from typing import Any, Iterator
 
+from vlm.data.embedded import EmbeddedImage
 from vlm.data.errors import SampleError
 from vlm.data.formats.common import IMAGE, bad, extra_fields, make_sample, record_id
 from vlm.data.formats.source import SourceFile
@@ -22,7 +25,7 @@ _IMAGE_COLUMNS = ("image", "imgname")
 
 def detect(src: SourceFile, *, question_column: str = "query", answer_column: str = "label", **options: Any) -> bool:
     first = src.first
-    if src.kind not in ("array", "lines", "csv") or not isinstance(first, dict):
+    if src.kind not in ("array", "lines", "csv", "table") or not isinstance(first, dict):
         return False
     return question_column in first and answer_column in first
 
@@ -49,11 +52,13 @@ def read(
         question, answer = row.get(question_column), row.get(answer_column)
         if isinstance(answer, (int, float)) and not isinstance(answer, bool):
             answer = str(answer)
+        if isinstance(answer, list) and len(answer) == 1:
+            answer = answer[0]
         problem = next(
             (
                 f"'{name}' must be a string, got {value!r:.80}"
                 for name, value in ((column, image), (question_column, question), (answer_column, answer))
-                if not isinstance(value, str)
+                if not isinstance(value, str) and not (name == column and isinstance(value, EmbeddedImage))
             ),
             None,
         )

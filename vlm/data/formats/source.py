@@ -19,6 +19,8 @@ Design choices:
   `ValueError` naming the file, the byte and the way out.
 - `SourceFile.sample` holds the first few readable records, so format detection can vote over
   more than one record (a broken or misspelt first record does not decide the format).
+- Parquet / Arrow files and folders (`datasets` save_to_disk, Parquet shards) are record streams too, read in
+  batches with their images left in the file (`vlm.data.formats.table`).
 - A `.json` file that holds several top-level objects is read as JSON Lines (found after parsing
   only the first object, so a large JSON Lines file is not loaded to find out).
 """
@@ -35,6 +37,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from vlm.data.errors import DataError, SampleError
+from vlm.data.formats.table import is_pattern, is_table_path, iter_table_records
 
 _CHUNK_CHARS = 1 << 22  # 4 Mi characters read at a time while streaming a JSON array
 _SPACE = re.compile(r"[ \t\n\r]*")
@@ -51,7 +54,8 @@ class SourceFile:
 
     Attributes:
         path: the file.
-        kind: "array" (JSON list), "object" (JSON object), "lines" (JSON Lines) or "csv".
+        kind: "array" (JSON list), "object" (JSON object), "lines" (JSON Lines), "csv", or "table" (Parquet,
+            Arrow, a `datasets` save_to_disk folder: `vlm.data.formats.table`).
         first: the first raw record ("array", "lines", "csv"; None when there is none); for
             "object", the whole loaded object.
         sample: the first readable raw records (up to 20; for "object", [the object]), for detection.
@@ -71,12 +75,16 @@ class SourceFile:
             return iter_json_lines(self.path)
         if self.kind == "csv":
             return iter_csv(self.path)
+        if self.kind == "table":
+            return iter_table_records(self.path)
         raise AssertionError(f"{self.path}: a JSON object file has no record stream; use .data")
 
 
 def open_source(path: str | Path) -> SourceFile:
     """Open `path` and find its container kind; ValueError when the file is missing, empty or not JSON/CSV."""
     path = Path(path)
+    if (path.exists() or is_pattern(path)) and is_table_path(path):
+        return _streamed(path, "table")
     if not path.is_file():
         raise DataError(f"data file {str(path)!r} not found (check --data_path)")
     if path.suffix.lower() == ".csv":
@@ -92,7 +100,8 @@ def open_source(path: str | Path) -> SourceFile:
             return _streamed(path, "lines")
         return SourceFile(path, "object", first=data, data=data, sample=[data])
     what = "empty" if start == "" else f"starts with {start!r}"
-    raise DataError(f"{path}: {what}; expected a JSON array or object, JSON Lines (.jsonl) or CSV (.csv)")
+    raise DataError(f"{path}: {what}; expected a JSON array or object, JSON Lines (.jsonl), CSV (.csv), or a table "
+                    "(.parquet, .arrow, a datasets save_to_disk folder)")
 
 
 def _streamed(path: Path, kind: str) -> SourceFile:

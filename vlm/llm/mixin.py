@@ -173,7 +173,10 @@ class VLMMixin:
                 return self._forward_as_one_row(inputs_embeds, position_ids, labels, kwargs)
         if answer_labels is not None:
             return self._forward_answer_log_probs(inputs_embeds, attention_mask, position_ids, answer_labels, kwargs)
-        if labels is not None and self.training and self.supervised_only_loss:
+        # `skip_logits`: an evaluation that keeps only the loss (vlm.train.trainer.VLMTrainer.prediction_step; the
+        # keyword transformers' Trainer passes for Liger kernels) takes the training path: no (B, T, V) logits
+        skip_logits = kwargs.pop("skip_logits", False)
+        if labels is not None and self.supervised_only_loss and (self.training or skip_logits):
             return self._forward_supervised_loss(inputs_embeds, attention_mask, position_ids, labels, kwargs)
         return super().forward(
             input_ids=None,
@@ -190,8 +193,8 @@ class VLMMixin:
     def _forward_supervised_loss(self, inputs_embeds, attention_mask, position_ids, labels, kwargs):
         """The training forward without (B, T, V) logits: `logits` is None, `loss` equals the parent's.
 
-        Only in train mode: evaluation (`Trainer.prediction_step`, which returns logits unless
-        `prediction_loss_only`) and generation take the parent's path and get full logits.
+        In train mode, and in an evaluation that asks for the loss only (`skip_logits`); other evaluation and
+        generation take the parent's path and get full logits.
         """
         num_items_in_batch = kwargs.pop("num_items_in_batch", None)
         shift_labels = kwargs.pop("shift_labels", None)

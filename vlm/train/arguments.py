@@ -99,6 +99,10 @@ class DataArguments:
         "help": "accept absolute image paths (each must resolve to a regular file)"})
     escape_special_tokens: bool = field(default=False, metadata={
         "help": "tokenise <|im_end|>, </s>... in the data as text, not control tokens"})
+    eval_data_path: str | None = field(default=None, metadata={
+        "help": "read and checked like --data_path; eval_loss every --eval_steps N"})
+    eval_image_folder: str | None = field(default=None, metadata={
+        "help": "image folder(s) of the eval data (default: --image_folder)"})
 
 
 @dataclass
@@ -147,6 +151,10 @@ class VLMTrainingArguments(transformers.TrainingArguments):
     double_quant: bool = field(default=True, metadata={"help": "--bits 4: quantise the quantisation constants too"})
     quant_type: str = field(default="nf4", metadata={"help": "--bits 4: data type nf4 | fp4 (bnb_4bit_quant_type)"})
     freeze_mm_mlp_adapter: bool = field(default=False, metadata={"help": "keep the projector frozen"})
+    eval_generation_samples: int = field(default=0, metadata={
+        "help": "greedy answers to the first N eval samples, scored: eval_<metric>"})
+    eval_metric: str = field(default="exact", metadata={
+        "help": "their score: exact | vqa | chartqa | choice"})
     evaluation_strategy: str | None = field(default=None, metadata={"help": "old name of --eval_strategy"})
     warmup_ratio: float | None = field(default=None, metadata={
         "help": "old name: warmup as a fraction of the steps (transformers 5 takes a float --warmup_steps)"})
@@ -165,6 +173,9 @@ class VLMTrainingArguments(transformers.TrainingArguments):
         self._resolve_lora()
         if self.evaluation_strategy is not None:
             self.eval_strategy = self.evaluation_strategy
+        if self.eval_steps is not None and _strategy_name(self.eval_strategy) == "no":
+            self.eval_strategy = "steps"  # --eval_steps N means evaluating every N steps (vlm.train.evaluation)
+        self._check_eval_generation()
         if self.warmup_ratio is not None:
             if not 0 <= self.warmup_ratio < 1:
                 raise ConfigError(f"--warmup_ratio {self.warmup_ratio}: expected a fraction in [0, 1)")
@@ -182,6 +193,14 @@ class VLMTrainingArguments(transformers.TrainingArguments):
             # Non-reentrant checkpointing works with frozen embeddings (LoRA, stage 1) without input hacks.
             self.gradient_checkpointing_kwargs = {"use_reentrant": False}
         super().__post_init__()
+
+    def _check_eval_generation(self) -> None:
+        from vlm.train.evaluation import EVAL_METRICS
+
+        if self.eval_generation_samples < 0:
+            raise ConfigError(f"--eval_generation_samples {self.eval_generation_samples}: expected N >= 0 (0: off)")
+        if self.eval_metric not in EVAL_METRICS:
+            raise ConfigError(f"--eval_metric {self.eval_metric!r}: expected one of {', '.join(EVAL_METRICS)}")
 
     def _resolve_lora(self) -> None:
         """LoRA flags without `--lora_enable` mean LoRA (Basic-VLM's train.sh never passes it); with
@@ -267,6 +286,10 @@ class VLMTrainingArguments(transformers.TrainingArguments):
             if not self.lora_enable:
                 raise ConfigError(f"--bits {self.bits} quantises the LLM, whose own weights then cannot be trained or "
                                  "saved: add --lora_enable True (QLoRA), or drop --bits")
+
+
+def _strategy_name(value) -> str:
+    return getattr(value, "value", value)  # an IntervalStrategy or its string
 
 
 def parse_args(argv: list[str]) -> tuple[ModelArguments, DataArguments, VLMTrainingArguments]:

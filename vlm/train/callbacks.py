@@ -46,13 +46,19 @@ class ProgressBarCallback(TrainerCallback):
 
 
 class MetricsCallback(TrainerCallback):
-    """Appends one JSON object per logged step to `<output_dir>/metrics.jsonl`."""
+    """Appends one JSON object per logged step to `<output_dir>/metrics.jsonl`: training rows (`step`, `loss`, `lr`,
+    ...) and evaluation rows (`step`, `eval_loss`, `eval_<metric>`, `eval_runtime`, ...; vlm.train.evaluation)."""
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if not state.is_world_process_zero or not logs or "loss" not in logs:
+        if not state.is_world_process_zero or not logs:
             return
-        record = {"step": state.global_step, "loss": logs["loss"], "lr": logs.get("learning_rate"),
-                  **{k: v for k, v in logs.items() if k not in ("loss", "learning_rate")}}
+        if "loss" in logs:
+            record = {"step": state.global_step, "loss": logs["loss"], "lr": logs.get("learning_rate"),
+                      **{k: v for k, v in logs.items() if k not in ("loss", "learning_rate")}}
+        elif "eval_loss" in logs:
+            record = {"step": state.global_step, **logs}
+        else:
+            return
         os.makedirs(args.output_dir, exist_ok=True)
         with open(os.path.join(args.output_dir, METRICS_FILE), "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
@@ -97,17 +103,28 @@ def truncate_metrics(path: str, last_step: int) -> int:
 
 
 def plot_loss(metrics_path: str, out_path: str) -> bool:
-    """Training-loss curve from metrics.jsonl (unreadable lines skipped, counted in a notice); False when
-    there is nothing to plot."""
+    """Training-loss curve from metrics.jsonl, with the eval loss as a second series when the run evaluated
+    (unreadable lines skipped, counted in a notice); False when there is nothing to plot."""
     if not os.path.isfile(metrics_path):
         return False
     records, bad = read_metrics(metrics_path)
     if bad:
         print(f"note: {metrics_path}: skipped {bad} unreadable line(s) in the loss plot", flush=True)
+    fig = loss_figure(records)
+    if fig is None:
+        return False
+    fig.savefig(out_path, dpi=100)
+    return True
+
+
+def loss_figure(records: list[dict]):
+    """The loss plot's `matplotlib.figure.Figure` of metrics.jsonl records: the training loss, and the eval loss
+    (rows with `eval_loss`) as a second, labelled series; None without training-loss rows."""
     points = [(r["step"], r["loss"]) for r in records if isinstance(r.get("loss"), (int, float))]
     if not points:
-        return False
+        return None
     steps, losses = zip(*points)
+    evals = [(r["step"], r["eval_loss"]) for r in records if isinstance(r.get("eval_loss"), (int, float))]
     # the object API draws without pyplot's global backend (no matplotlib.use, nothing left open)
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -115,11 +132,13 @@ def plot_loss(metrics_path: str, out_path: str) -> bool:
     fig = Figure(figsize=(6, 4))
     FigureCanvasAgg(fig)
     ax = fig.subplots()
-    ax.plot(steps, losses)
+    ax.plot(steps, losses, label="training loss")
+    if evals:
+        ax.plot(*zip(*evals), marker="o", label="eval loss")
+        ax.legend()
     ax.set_xlabel("step")
-    ax.set_ylabel("training loss")
+    ax.set_ylabel("loss" if evals else "training loss")
     ax.set_yscale("log")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(out_path, dpi=100)
-    return True
+    return fig

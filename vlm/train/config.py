@@ -19,6 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from vlm.errors import ConfigError
+from vlm.train.evaluation import check_evaluation
 from vlm.train.arguments import (DataArguments, ModelArguments, VLMTrainingArguments, check_fixed_values,
                                   check_output_dir_given, parse_args, with_shipped_deepspeed_config)
 
@@ -45,6 +46,7 @@ class RunConfig:
         if self.training.method == "dpo" and getattr(self.data, "eval_data_path", None):
             raise ConfigError("--eval_data_path is not supported with --method dpo yet (evaluation scores conversations, "
                               "not pairs): drop it")
+        check_evaluation(self.data, self.training)
 
     @classmethod
     def from_flags(cls, argv: list[str]) -> "RunConfig":

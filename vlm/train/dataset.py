@@ -56,14 +56,7 @@ def build_train_dataset(data_args, training_args, tokenizer, image_processor, nu
 
     records = MixedRecords(build_sources(data_args), seed=training_args.seed)
     kept, report = _validated(records, data_args, training_args, tokenizer, num_image_tokens, template)
-    report_path = os.path.join(training_args.output_dir, "data_report.json")
-    if training_args.process_index == 0:
-        os.makedirs(training_args.output_dir, exist_ok=True)
-        with open(report_path, "w", encoding="utf-8") as f:
-            json.dump(report, f, indent=2, ensure_ascii=False)
-        dropped = ", ".join(f"{k}={v}" for k, v in report["dropped"].items()) or "none"
-        print(f"data: {report['total']} samples, kept {report['kept']}, dropped: {dropped} "
-              f"(report: {report_path})", flush=True)
+    report_path = write_report(report, training_args, "data_report.json", label="data")
     enforce_max_drop_ratio(report, data_args.max_drop_ratio, report_path=report_path)
     if preference:
         _check_all_pairs(records, kept)
@@ -90,6 +83,20 @@ def _check_all_pairs(records, kept) -> None:
         if isinstance(item, dict) and not is_preference(item):
             raise ConfigError(f"--method dpo trains on preference pairs, but sample {item.get('id')!r} of --data_path "
                               "is a plain conversation (no 'chosen'/'rejected'): pass preference data, or --method sft")
+
+
+def write_report(report: dict, training_args, name: str, *, label: str) -> str:
+    """Process 0 writes the validation `report` to `<output_dir>/<name>` and prints its one-line summary; returns
+    the path (the training data's `data_report.json`, the eval data's `eval_data_report.json`)."""
+    path = os.path.join(training_args.output_dir, name)
+    if training_args.process_index == 0:
+        os.makedirs(training_args.output_dir, exist_ok=True)
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(report, f, indent=2, ensure_ascii=False)
+        dropped = ", ".join(f"{k}={v}" for k, v in report["dropped"].items()) or "none"
+        print(f"{label}: {report['total']} samples, kept {report['kept']}, dropped: {dropped} (report: {path})",
+              flush=True)
+    return path
 
 
 def groups_by_modality(flag: bool | None, dataset) -> bool:

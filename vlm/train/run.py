@@ -130,6 +130,24 @@ def _find_resume(config: RunConfig) -> str | None:
     return resume
 
 
+def _evaluation(config: RunConfig, model, tokenizer, image_processor, template: str):
+    """(eval dataset, generation metric) of `--eval_data_path` / `--eval_generation_samples` (vlm.train.evaluation);
+    (None, None) without eval data."""
+    from vlm.train.evaluation import GenerationEval, build_eval_dataset
+    from vlm.train.trainer import unwrap
+
+    training = config.training
+    if not config.data.eval_data_path:
+        return None, None
+    dataset = build_eval_dataset(config.data, training, tokenizer, image_processor,
+                                 unwrap(model).vlm_config.num_image_tokens, template)
+    generation = None
+    if training.eval_generation_samples:
+        generation = GenerationEval(dataset, training.eval_generation_samples, training.eval_metric,
+                                    template=template, batch_size=training.per_device_eval_batch_size)
+    return dataset, generation
+
+
 def _fit_locked(model, tokenizer, image_processor, config: RunConfig, *, template: str) -> RunResult:
     from transformers.trainer_callback import PrinterCallback, ProgressCallback, TrainerState
 
@@ -154,6 +172,8 @@ def _fit_locked(model, tokenizer, image_processor, config: RunConfig, *, templat
     dataset = None if done else build_train_dataset(config.data, training, tokenizer, image_processor,
                                                     unwrap(model).vlm_config.num_image_tokens, template,
                                                     preference=dpo)
+    eval_dataset, generation_eval = (None, None) if done else _evaluation(config, model, tokenizer, image_processor,
+                                                                          template)
     trainable, total = count_parameters(model)
     unwrap(model).supervised_only_loss = training.supervised_only_loss  # vlm.llm.loss: same loss, no (B, T, V) logits
     collator = (PackingCollator(tokenizer.pad_token_id, max_length=training.model_max_length) if training.packing
@@ -170,8 +190,8 @@ def _fit_locked(model, tokenizer, image_processor, config: RunConfig, *, templat
               flush=True)
 
     trainer = trainer_class(
-        model=model, args=training, train_dataset=dataset, processing_class=tokenizer,
-        data_collator=collator,
+        model=model, args=training, train_dataset=dataset, eval_dataset=eval_dataset, processing_class=tokenizer,
+        data_collator=collator, generation_eval=generation_eval,
         image_processor=image_processor, template=template, lora=training.lora_enable,
         save_projector=config.model.tune_mm_mlp_adapter, **method_kwargs,
         callbacks=[MetricsCallback(), *data_drops_callbacks(dataset, config.data.max_drop_ratio,
@@ -192,6 +212,9 @@ def _fit_locked(model, tokenizer, image_processor, config: RunConfig, *, templat
                   f"{config.model_dir} (--overwrite_output_dir to train again)", flush=True)
         trainer._load_from_checkpoint(resume)
         trainer.state = TrainerState.load_from_json(os.path.join(resume, "trainer_state.json"))
+        best = trainer.state.best_model_checkpoint
+        if training.load_best_model_at_end and best is not None and os.path.isdir(best):
+            trainer._load_best_model()  # the final model is the best checkpoint's, as when training ended
     else:
         runtime = trainer.train(resume_from_checkpoint=resume).metrics.get("train_runtime")
         raise_if_stopped(trainer)  # too many unusable images: a checkpoint, no final model

@@ -14,7 +14,9 @@ Changed here:
 - DeepSpeed ZeRO-3 and FSDP: the model runs its vision path on text-only batches too
   (`vision_on_text_only`), as every rank must gather the same sharded parameters;
 - loading a checkpoint for resume with our strict loaders (which checkpoint, and whether the run is
-  already finished: `vlm.train.run_folder`).
+  already finished: `vlm.train.run_folder`), and the best checkpoint for `--load_best_model_at_end`;
+- evaluation (`vlm.train.evaluation`): `eval_loss` with the supervised-only loss (no (B, T, V) logits), plus
+  the optional generation metric `eval_<metric>` in the same logged row.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from safetensors.torch import save_file
 from vlm.folders.lora import load_lora_checkpoint
 from vlm.folders.weights import load_state_dict, load_state_dict_strict, save_model_folder
 from vlm.train.checkpointing import staged_folder
+from vlm.data.dataset import DATA_DROPS_KEY
 from vlm.train.data_drops import record_drops
 from vlm.train.dataset import groups_by_modality
 
@@ -141,8 +144,9 @@ def init_deepspeed_comm(training_args) -> None:
 
 class VLMTrainer(Trainer):
     def __init__(self, *args, image_processor=None, template: str | None = None, lora: bool = False,
-                 save_projector: bool = False, **kwargs):
+                 save_projector: bool = False, generation_eval=None, **kwargs):
         super().__init__(*args, **kwargs)
+        self.generation_eval = generation_eval  # vlm.train.evaluation.GenerationEval, or None
         self.image_processor = image_processor
         self.template = template
         self.lora = lora
@@ -234,6 +238,9 @@ class VLMTrainer(Trainer):
             self.store_flos()
         run_dir = self._get_output_dir(trial=trial)
         final = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        best = self._best_checkpoint(run_dir)
+        if best is not None:  # before the state is written, so the checkpoint records it as transformers' does
+            self.state.best_model_checkpoint = best
         with staged_folder(final, is_writer=self.args.should_save) as folder:
             self.save_model(folder, _internal_call=True)
             if not self.args.save_only_model:
@@ -243,15 +250,31 @@ class VLMTrainer(Trainer):
             if self.args.should_save:
                 self._export_callback_states()
                 self.state.save_to_json(os.path.join(folder, TRAINER_STATE_NAME))
-        if self.state.best_global_step:
-            best = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.best_global_step}")
-            if os.path.exists(best):
-                self.state.best_model_checkpoint = best
         if self.args.push_to_hub:
             self._push_from_checkpoint(final)
         if self.args.should_save:
             rotate_checkpoints(output_dir=run_dir, save_total_limit=self.args.save_total_limit,
                                best_model_checkpoint=self.state.best_model_checkpoint)
+
+    def _best_checkpoint(self, run_dir: str) -> str | None:
+        """The checkpoint of the best evaluation so far (`state.best_global_step`, set by the Trainer's
+        `_determine_best_metric`): the one being written now, or an earlier one still on disk; None when none."""
+        step = self.state.best_global_step
+        if not step:
+            return None
+        best = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{step}")
+        return best if step == self.state.global_step or os.path.isdir(best) else None
+
+    def _load_best_model(self) -> None:
+        """`--load_best_model_at_end`: the best checkpoint's weights through our strict loaders (a vlm model folder
+        or LoRA run, not the files transformers' own loader looks for); DeepSpeed and FSDP load their engine's
+        checkpoint as transformers does."""
+        if self.is_deepspeed_enabled or self.is_fsdp_enabled:
+            return super()._load_best_model()
+        if self.args.should_save:
+            print(f"loading the best model: {self.state.best_model_checkpoint} ({self.args.metric_for_best_model} "
+                  f"{self.state.best_metric})", flush=True)
+        self._load_checkpoint_weights(self.state.best_model_checkpoint, self.model)
 
     def _export_callback_states(self) -> None:
         """Stateful callbacks (early stopping, ...) and the control flags into `self.state`, as the Trainer does."""
@@ -303,6 +326,24 @@ class VLMTrainer(Trainer):
         else:
             load_state_dict_strict(unwrap(model), load_state_dict(resume_from_checkpoint),
                                    source=f"checkpoint {resume_from_checkpoint!r}")
+
+    # -- evaluation ------------------------------------------------------------------------------
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        inputs.pop(DATA_DROPS_KEY, None)  # an eval sample whose image went bad: its stand-in is already in the batch
+        if prediction_loss_only and getattr(self.args, "supervised_only_loss", False):
+            inputs = {**inputs, "skip_logits": True}  # the loss alone: vlm.llm.mixin skips the (B, T, V) logits
+        return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
+
+    def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
+                        metric_key_prefix="eval"):
+        """transformers' loop (`eval_loss`), then `eval_<metric>` of the generation subset in the same metrics."""
+        output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys,
+                                         metric_key_prefix)
+        if self.generation_eval is not None:
+            scores = self.generation_eval(unwrap(self.model), self.processing_class, self.image_processor,
+                                          process_index=self.args.process_index)
+            output.metrics.update({f"{metric_key_prefix}_{k.removeprefix('eval_')}": v for k, v in scores.items()})
+        return output
 
     # -- throughput -----------------------------------------------------------------------------
     def training_step(self, model, inputs, num_items_in_batch=None):

@@ -180,3 +180,30 @@ def test_bad_input_is_one_line_naming_the_file_and_record(case, setup, tmp_path,
     if case != "unknown_metric":
         assert str(data) in err
     assert not (tmp_path / "out").exists()
+
+
+
+def test_vlm_eval_on_the_demo_set_reproduces_the_demos_eval_json(setup, tmp_path, capsys):
+    """The README command on the demo's data (`vlm.data.synth`, as `python train.py` writes it): the same answers,
+    accuracy, blind accuracy and question types as the demo's own evaluation (`evaluate_exact_match`, which
+    writes eval.json) of the same model."""
+    from vlm.data.synth import generate_shapes_dataset
+    from vlm.eval.evaluate import evaluate_exact_match
+    from vlm.eval.metrics.exact import normalise
+    from vlm.generate.generator import load_generator
+
+    folder, _, _ = setup
+    info = generate_shapes_dataset(tmp_path / "data", n_train=1, n_eval=6, image_size=64, seed=0)
+    generator = load_generator(str(folder))
+    demo = evaluate_exact_match(generator.model, generator.tokenizer, generator.image_processor,
+                                json.loads(Path(info["eval"]).read_text()), info["image_folder"], template="chatml")
+    code = command("eval")(["--model", str(folder), "--data_path", info["eval"], "--image_folder", info["image_folder"],
+                            "--output_dir", str(tmp_path / "eval"), "--max_new_tokens", "8"])
+    assert code == 0
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    rows = [json.loads(line) for line in (tmp_path / "eval" / "predictions.jsonl").read_text().splitlines()]
+    assert metrics["n"] == demo["n"] == len(rows) > 6
+    assert [normalise(r["prediction"]) for r in rows[:10]] == [e["answer"] for e in demo["examples"]]
+    assert (metrics["scores"]["exact"], metrics["blind_scores"]["exact"]) == (demo["accuracy"], demo["blind_accuracy"])
+    assert {k: v["n"] for k, v in metrics["per_question_type"].items()} == \
+        {k: v["n"] for k, v in demo["per_question_type"].items()}

@@ -22,7 +22,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("vlm.cli.generate", "answer a JSONL file of image questions in batches"),
     "merge-lora": ("vlm.cli.merge_lora", "merge a LoRA run into its base model"),
     "export": ("vlm.cli.export", "export a model folder to another format (llava-hf)"),
-    "eval": ("vlm.cli.eval", "exact-match evaluation on a LLaVA JSON set"),
+    "eval": ("vlm.cli.eval", "score a model: VQA accuracy, ChartQA relaxed accuracy, choice, exact match, captions"),
     "serve": ("vlm.cli.serve", "OpenAI-compatible chat API and chat page for a model"),
 }
 

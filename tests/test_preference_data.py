@@ -104,3 +104,131 @@ def test_preference_sides_are_the_prompt_with_each_answer(tiny_tokenizer, data_i
     encoded, _ = check_sample(sample, ImageFolder(data_image_folder), tiny_tokenizer, "vicuna_v1",
                               num_image_tokens=4)
     assert encoded.input_ids == chosen.input_ids
+
+
+# ---------------------------------------------------------------- readers: TRL's format, against TRL itself
+
+# A chat template in llava-hf's manner: an image part renders as "<image>\n" before its text, string content as is.
+LLAVA_HF_LIKE_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>"
+    "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for p in m['content'] %}"
+    "{% if p['type'] == 'image' %}<image>\n{% else %}{{ p['text'] }}{% endif %}{% endfor %}{% endif %}"
+    "<|end|>\n{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+USER, ASSISTANT, SYSTEM = ({"role": r, "content": c} for r, c in (("user", "What color is the circle?"),
+                                                                   ("assistant", "red"),
+                                                                   ("system", "Answer in one word.")))
+TRL_RECORDS = {
+    "conversational": {"prompt": [USER], "chosen": [ASSISTANT], "rejected": [{"role": "assistant", "content": "blue"}],
+                       "images": ["ok.png"]},
+    "conversational_system_image": {"prompt": [SYSTEM, USER], "chosen": [ASSISTANT],
+                                    "rejected": [{"role": "assistant", "content": "green"}], "image": "ok.png"},
+    "parts": {"prompt": [{"role": "user", "content": [{"type": "image"}, {"type": "image"},
+                                                      {"type": "text", "text": "Same colour?"}]}],
+              "chosen": [{"role": "assistant", "content": [{"type": "text", "text": "yes"}]}],
+              "rejected": [{"role": "assistant", "content": [{"type": "text", "text": "no"}]}],
+              "images": ["ok.png", "sub/ok2.png"]},
+    "implicit_multi_turn": {"chosen": [USER, ASSISTANT, {"role": "user", "content": "And the square?"},
+                                       {"role": "assistant", "content": "green"}],
+                            "rejected": [USER, ASSISTANT, {"role": "user", "content": "And the square?"},
+                                         {"role": "assistant", "content": "red"}]},
+    "text_prompt_conversational_answers": {"prompt": "What color is the circle?",  # TRL extracts from the answers
+                                           "chosen": [USER, ASSISTANT],
+                                           "rejected": [USER, {"role": "assistant", "content": "blue"}]},
+}
+TRL_TEXT_RECORDS = {
+    "text": {"prompt": "<image>\nWhat color is the circle?", "chosen": "red", "rejected": "blue",
+             "images": ["ok.png"]},
+    "text_implicit": {"chosen": "Q: What color is the circle? A: red", "rejected": "Q: What color is the circle? A: blue"},
+}
+
+
+@pytest.fixture(scope="module")
+def chat_tokenizer(tiny_tokenizer):
+    import copy
+
+    tokenizer = copy.deepcopy(tiny_tokenizer)
+    tokenizer.chat_template = LLAVA_HF_LIKE_TEMPLATE
+    return tokenizer
+
+
+def read_records(write_data, name: str, records: list[dict]) -> list:
+    from vlm.data.formats import detect_format, read_source
+
+    path = write_data(name, records)
+    assert detect_format(path) == "trl_preference"
+    return list(read_source(path))
+
+
+def test_trl_conversational_records_render_as_trl_renders_them(write_data, chat_tokenizer):
+    """TRL's own functions (maybe_extract_prompt, prepare_multimodal_messages, apply_chat_template: what its
+    DPOTrainer and vision collator do) give the same prompt and answers as our samples rendered with the same
+    chat template, for explicit, implicit, system, one/two-image and content-part records."""
+    from trl.data_utils import apply_chat_template, maybe_extract_prompt, prepare_multimodal_messages
+
+    samples = read_records(write_data, "trl.jsonl", list(TRL_RECORDS.values()))
+    for (name, record), sample in zip(TRL_RECORDS.items(), samples):
+        validate_sample(sample)
+        example = maybe_extract_prompt({k: v for k, v in record.items() if k not in ("images", "image")})
+        images = record.get("images", [record["image"]] if "image" in record else [])
+        example["prompt"] = prepare_multimodal_messages(example["prompt"], images=images)
+        example["chosen"] = prepare_multimodal_messages(example["chosen"])
+        example["rejected"] = prepare_multimodal_messages(example["rejected"])
+        trl = apply_chat_template(example, chat_tokenizer)
+        ours_prompt = chat_tokenizer.apply_chat_template(sample["messages"], add_generation_prompt=True, tokenize=False)
+        assert ours_prompt == trl["prompt"], name
+        for key in ("chosen", "rejected"):
+            full = chat_tokenizer.apply_chat_template(
+                sample["messages"] + [{"role": "assistant", "content": sample[key]}], tokenize=False)
+            assert full == trl["prompt"] + trl[key], (name, key)
+        assert sample["images"] == images, name
+
+
+def test_trl_text_records_give_trl_prompt_and_answers(write_data):
+    from trl.data_utils import maybe_extract_prompt
+
+    samples = read_records(write_data, "trl_text.json", list(TRL_TEXT_RECORDS.values()))
+    for (name, record), sample in zip(TRL_TEXT_RECORDS.items(), samples):
+        trl = maybe_extract_prompt({k: v for k, v in record.items() if k != "images"})
+        assert sample["messages"] == [{"role": "user", "content": trl["prompt"].strip()}], name
+        assert (sample["chosen"], sample["rejected"]) == (trl["chosen"].strip(), trl["rejected"].strip()), name
+    assert samples[1]["messages"][0]["content"] == "Q: What color is the circle? A:" and samples[1]["chosen"] == "red"
+
+
+def test_trl_records_that_cannot_be_a_pair_are_bad_schema(write_data):
+    from vlm.data.formats import read_source
+
+    records = [{"prompt": [USER], "chosen": [ASSISTANT, USER], "rejected": [ASSISTANT]},  # multi-turn completion
+               {"prompt": "Hi?", "chosen": "hello", "rejected": None},
+               {"prompt": "Hi?", "chosen": "hello", "rejected": "bye", "images": {"not": "a path"}}]
+    errors = list(read_source(write_data("bad.jsonl", records), format="trl_preference"))
+    assert [type(e) for e in errors] == [SampleError] * 3 and {e.reason for e in errors} == {"bad_schema"}
+    assert "one assistant message" in errors[0].detail and "'rejected'" in errors[1].detail
+
+
+# ---------------------------------------------------------------- readers: LLaVA-style
+
+
+def test_llava_style_preference_records(write_data, data_image_folder, tiny_tokenizer):
+    from vlm.data.formats import detect_format, read_source
+
+    records = [
+        {"id": "a", "image": "ok.png", "conversations": [{"from": "human", "value": "<image>\nWhat color?"}],
+         "chosen": "red", "rejected": "blue", "question_type": "color"},
+        {"id": "b", "image": "ok.png", "conversations": [
+            {"from": "human", "value": "<image>\nHow many shapes?"}, {"from": "gpt", "value": "1"},
+            {"from": "human", "value": "What color is it?"}], "chosen": "red", "rejected": "green"},
+        {"id": "c", "conversations": [{"from": "human", "value": "Q?"}, {"from": "gpt", "value": "A"}],
+         "chosen": "x", "rejected": "y"},  # ends with a reply: not a prompt
+    ]
+    path = write_data("pairs.json", records)
+    assert detect_format(path) == "llava_preference"  # not llava, though it has `conversations`
+    a, b, c = read_source(path)
+    assert a == {"id": "a", "images": ["ok.png"], "messages": [{"role": "user", "content": "<image>\nWhat color?"}],
+                 "meta": {"question_type": "color"}, "chosen": "red", "rejected": "blue"}
+    assert [m["role"] for m in b["messages"]] == ["user", "assistant", "user"] and b["chosen"] == "red"
+    from vlm.data.mix import Source
+
+    kept, report = check_dataset(Source(str(path), str(data_image_folder)), tokenizer=tiny_tokenizer, **CHECK)
+    assert kept == [0, 1] and report["dropped"] == {"bad_roles": 1}
+    assert report["notes"]["sources"][0]["format"] == "llava_preference"

@@ -97,6 +97,15 @@ def test_vqa_with_a_references_field_scores_the_official_way(setup, tmp_path):
     assert metrics["references"] == "field 'answers'" and len(rows[0]["references"]) == 10
 
 
+def test_the_default_blind_baseline_is_skipped_with_the_reason_when_images_cannot_be_shuffled(setup, tmp_path):
+    data = tmp_path / "one.json"
+    text_only = {"id": "t", "conversations": [{"from": "human", "value": "Say hi."}, {"from": "gpt", "value": "hi"}]}
+    data.write_text(json.dumps([llava("a", "red.png", QUESTIONS[0], "red"), text_only]))
+    code, metrics, rows = run_eval(setup, data, tmp_path / "out")
+    assert code == 0 and metrics["n"] == 2 and "blind_scores" not in metrics and "blind_score" not in rows[0]
+    assert metrics["blind_skipped"].startswith("the blind baseline shuffles images across samples, but only one")
+
+
 def test_chartqa_on_a_qa_table_and_choice_with_option_fields(setup, tmp_path):
     _, _, answers = setup
     table = tmp_path / "chart.csv"
@@ -161,6 +170,8 @@ BAD = {
                           "record 0 (0-based, id 'a'): 1 reference answer(s); VQA accuracy"),
     "not_an_option": ([llava("a", "red.png", "q\nA. red\nB. blue", "green")], ["--metric", "choice"],
                       "record 0 (0-based, id 'a'): reference 'green' is neither an option letter"),
+    "blind_one_image": ([llava("a", "red.png", "q", "red")], ["--blind", "--metric", "chartqa"],
+                        "the blind baseline shuffles images across samples, but only one sample has 1 image(s)"),
     "unknown_metric": ([llava("a", "red.png", "q", "red")], ["--metric", "bleu"],
                        "--metric 'bleu' is not a metric; use one of vqa, chartqa, choice, exact, caption"),
 }
@@ -177,7 +188,7 @@ def test_bad_input_is_one_line_naming_the_file_and_record(case, setup, tmp_path,
     code, _, _ = run_eval(setup, data, tmp_path / "out", *flags)
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert code == 2 and err.startswith("vlm eval: error: ") and expected in err, err
-    if case != "unknown_metric":
+    if case not in ("unknown_metric", "blind_one_image"):
         assert str(data) in err
     assert not (tmp_path / "out").exists()
 

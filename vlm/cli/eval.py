@@ -11,7 +11,8 @@ with the template its folder records (`--template` another: an error when it pro
 the final assistant reply of each record, or `--references_field NAME`: the record's field NAME (a list such
 as VQA's ten answers, or a JSON list in a CSV cell). Writes `predictions.jsonl` and `metrics.json` into
 `--output_dir` (`vlm.eval.evaluate`), and prints the metrics. The blind baseline (images shuffled across
-samples) is on by default for exact and vqa (`--no-blind` skips it; `--blind` adds it to the others).
+samples) is on by default for exact and vqa where the images can be shuffled (metrics.json says why when they
+cannot); `--no-blind` skips it, `--blind` adds it to the other metrics.
 """
 
 from __future__ import annotations
@@ -72,11 +73,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.batch_size < 1:
         parser.error(f"--batch_size={args.batch_size} must be >= 1")
     metric = check_metric(args.metric)
-    blind = args.blind if args.blind is not None else metric in BLIND_BY_DEFAULT
     template = _template(args, argv if argv is not None else sys.argv[1:])
     # before the model is loaded: a wrong flag or record costs seconds, not an evaluation
     items = read_items(args.data_path, metric=metric, image_folder=args.image_folder,
                        references_field=args.references_field, data_format=args.data_format)
+    blind, blind_skipped = _blind(args.blind, metric, items, args.seed or 0)
     print(f"template: {template!r}", file=sys.stderr)
     generator = _generator(args, template)
     result = evaluate(generator, items, metric, image_folder=args.image_folder, batch_size=args.batch_size,
@@ -85,6 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     context = {"model": args.model, "template": template, "data_path": args.data_path,
                "references": _references_source(args.references_field), "max_new_tokens": args.max_new_tokens,
                "temperature": args.temperature}
+    if blind_skipped:
+        context["blind_skipped"] = blind_skipped
     record = metrics_record(result, **context)
     text = json.dumps(record, indent=2)
     print(text)  # first: a full disk or a bad --output must not cost the evaluation
@@ -127,6 +130,22 @@ def _generator(args, template: str):
     generator = generator_from_args(argparse.Namespace(**{**vars(args), "conv_mode": None, "force_template": False}))
     stop_token_ids(generator.tokenizer, template)  # the template renders for this tokenizer
     return dataclasses.replace(generator, template=template)
+
+
+def _blind(requested: bool | None, metric: str, items, seed: int) -> tuple[bool, str | None]:
+    """(run the blind baseline, why the default one is skipped). Asked for with --blind, a set whose images cannot
+    be shuffled is an error; by default (exact, vqa) it is skipped and the reason goes into metrics.json."""
+    from vlm.eval.evaluate import blind_order
+
+    if requested is not None or metric not in BLIND_BY_DEFAULT:
+        if requested:
+            blind_order(items, seed)  # the error now, before the model loads
+        return bool(requested), None
+    try:
+        blind_order(items, seed)
+    except UserError as exc:
+        return False, str(exc).split(";")[0]
+    return True, None
 
 
 def _references_source(field: str | None) -> str:

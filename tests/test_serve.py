@@ -95,12 +95,14 @@ def images(tmp_path_factory) -> Path:
         write_image(folder / f"img{i}.png", color=color, size=(40 + 8 * i, 32))
     (folder / "broken.png").write_bytes(b"not an image at all")
     Image.effect_noise((160, 160), 64).convert("RGB").save(folder / "big.png")  # ~77 KB: over the limit below
+    Image.new("RGB", (400, 300), "white").save(folder / "wide.png")  # few bytes, too many pixels for the server
     (root / "outside.png").write_bytes((folder / "img0.png").read_bytes())
     (folder / "link.png").symlink_to(root / "outside.png")
     return folder
 
 
 MAX_IMAGE_BYTES = 40_000
+MAX_PIXELS = 50_000
 
 
 @pytest.fixture(scope="module")
@@ -112,7 +114,7 @@ def generator(model_dir):
 def server(generator, images):
     """The server (batches of up to 8, waiting 50 ms for them) and its app."""
     config = ServeConfig(MODEL, max_batch_size=8, batch_wait_ms=50, max_queue=64,
-                         images=ImagePolicy(folder=str(images), max_bytes=MAX_IMAGE_BYTES))
+                         images=ImagePolicy(folder=str(images), max_bytes=MAX_IMAGE_BYTES, max_pixels=MAX_PIXELS))
     app = create_app(generator, config)
     with running(app) as base:
         yield base, app
@@ -287,6 +289,7 @@ def bad_requests(images: Path) -> dict[str, tuple[dict, str]]:
         "not base64": ({"messages": [user(q, "data:image/png;base64,@@@@")]}, "invalid_image"),
         "oversized image": ({"messages": [user(q, "big.png")]}, "image_too_large"),
         "oversized data URL": ({"messages": [user(q, data_url(images / "big.png"))]}, "image_too_large"),
+        "too many pixels": ({"messages": [user(q, "wide.png")]}, "invalid_image"),
         "remote URL": ({"messages": [user(q, "https://example.com/cat.png")]}, "remote_image_not_allowed"),
         "path outside the folder": ({"messages": [user(q, str(images.parent / "outside.png"))]},
                                     "image_path_not_allowed"),
@@ -405,6 +408,17 @@ def test_serve_command_line_mistakes_are_one_line_and_exit_2(model_dir, tmp_path
     assert "--max_batch_size=0" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # argparse: not a boolean
         serve(["--model", str(model_dir), "--allow_remote_images", "maybe"])
-    from vlm.cli.serve import build_parser
-    args = build_parser().parse_args(["--model", "m", "--allow_remote_images", "False"])
-    assert args.allow_remote_images is False
+
+
+
+def test_serve_flags_reach_the_server_config(model_dir, images):
+    from vlm.cli.serve import build_parser, serve_config
+
+    parse = build_parser().parse_args
+    config = serve_config(parse(["--model", f"{model_dir}/", "--max_batch_size", "3", "--batch_wait_ms", "7",
+                                 "--max_queue", "5", "--image_folder", str(images), "--allow_remote_images", "True",
+                                 "--max_image_bytes", "1234", "--max_image_pixels", "99"]))
+    assert (config.model_name, config.max_batch_size, config.batch_wait_ms, config.max_queue) == (model_dir.name, 3, 7, 5)
+    assert config.images == ImagePolicy(folder=str(images), allow_remote=True, max_bytes=1234, max_pixels=99)
+    config = serve_config(parse(["--model", "m", "--allow_remote_images", "False", "--served_model_name", "x"]))
+    assert config.images == ImagePolicy() and config.model_name == "x"

@@ -77,23 +77,29 @@ def main(argv: list[str] | None = None) -> int:
     import logging
 
     from vlm.cli.options import generator_from_args
-    from vlm.serve.app import ServeConfig, create_app
-    from vlm.serve.images import ImagePolicy
+    from vlm.serve.app import create_app
 
-    # everything the flags say is checked before the model loads
-    name = args.served_model_name or os.path.basename(os.path.normpath(args.model))
-    config = ServeConfig(model_name=name, max_batch_size=args.max_batch_size, batch_wait_ms=args.batch_wait_ms,
-                         max_queue=args.max_queue,
-                         images=ImagePolicy(folder=args.image_folder, allow_remote=args.allow_remote_images,
-                                            max_bytes=args.max_image_bytes, max_pixels=args.max_image_pixels))
+    config = serve_config(args)  # everything the flags say is checked before the model loads
     check_port_free(args.host, args.port)
     generator = generator_from_args(args)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s")
     app = create_app(generator, config)
+    name = config.model_name
     print(f"vlm serve: {name!r} on http://{args.host}:{args.port}/ (chat page), API at "
           f"http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0
+
+
+def serve_config(args):
+    """The server's settings from the parsed flags (`vlm.serve.app.ServeConfig`, validated there)."""
+    from vlm.serve.app import ServeConfig
+    from vlm.serve.images import ImagePolicy
+
+    return ServeConfig(model_name=args.served_model_name or os.path.basename(os.path.normpath(args.model)),
+                       max_batch_size=args.max_batch_size, batch_wait_ms=args.batch_wait_ms, max_queue=args.max_queue,
+                       images=ImagePolicy(folder=args.image_folder, allow_remote=args.allow_remote_images,
+                                          max_bytes=args.max_image_bytes, max_pixels=args.max_image_pixels))
 
 
 def check_port_free(host: str, port: int) -> None:

@@ -127,6 +127,26 @@ def test_chartqa_on_a_qa_table_and_choice_with_option_fields(setup, tmp_path):
     assert code == 0 and [r["score"] for r in rows] == [1.0, 0.0]
 
 
+def test_chartqa_on_a_parquet_table_with_embedded_images(setup, tmp_path):
+    """ChartQA as the hub ships it (image bytes in the table, query, label): no image folder; the answers are the
+    ones the model gives for the same pictures as files."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder, images, answers = setup
+    image_type = pa.struct([("bytes", pa.binary()), ("path", pa.string())])  # the datasets Image feature's storage
+    cells = [{"bytes": (images / f"{name}.png").read_bytes(), "path": None} for name in ("green", "red")]
+    table = pa.table({"image": pa.array(cells, type=image_type), "query": [QUESTIONS[2]] * 2,
+                      "label": [answers[("green.png", QUESTIONS[2])], "12345"]})
+    pq.write_table(table, tmp_path / "chartqa.parquet")
+    out = tmp_path / "out"
+    code = command("eval")(["--model", str(folder), "--data_path", str(tmp_path / "chartqa.parquet"), "--metric", "chartqa",
+                            "--output_dir", str(out), "--max_new_tokens", MAX_NEW_TOKENS])
+    rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert code == 0 and [r["prediction"] for r in rows] == [answers[(f"{n}.png", QUESTIONS[2])] for n in ("green", "red")]
+    assert [r["score"] for r in rows] == [1.0, 0.0]
+
+
 def test_caption_merges_the_captions_of_an_image_and_records_the_tokenizer(setup, tmp_path):
     from vlm.eval.metrics.caption import score_captions
 

@@ -44,7 +44,7 @@ from vlm.eval.metrics.exact import normalise
 from vlm.generate.decoding import GenerationSettings
 from vlm.generate.generator import Generator
 
-CHUNK = 512  # items whose images are decoded at once
+CHUNK = 256  # items whose image inputs are prepared at once (embedded images decoded)
 PREDICTIONS_FILE = "predictions.jsonl"
 METRICS_FILE = "metrics.json"
 
@@ -94,17 +94,11 @@ def blind_order(items: Sequence[EvalItem], seed: int) -> list[int]:
 
 
 def image_input(entry: Any, folder: ImageFolder) -> Any:
-    """An `images` entry as `Generator.reply_many` takes it: a confined file path, or an embedded image's bytes."""
+    """An `images` entry as `Generator.reply_many` takes it: a file path confined to the folder (decoded by the
+    decode loop), or an embedded image (bytes, a table cell: `vlm.data.embedded`) decoded by the folder's rules."""
     if isinstance(entry, str):
         return str(folder.resolve(entry))
-    if entry.get("bytes") is not None:
-        return bytes(entry["bytes"])
-    from vlm.data.embedded import EmbeddedPath, read_bytes  # tables with embedded images
-
-    try:
-        return read_bytes(entry)
-    except EmbeddedPath as path:
-        return str(folder.resolve(str(path.args[0])))
+    return folder.open(entry)
 
 
 @torch.no_grad()

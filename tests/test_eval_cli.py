@@ -147,6 +147,27 @@ def test_chartqa_on_a_parquet_table_with_embedded_images(setup, tmp_path):
     assert [r["score"] for r in rows] == [1.0, 0.0]
 
 
+def test_vqa_v2_as_a_table_with_answer_objects_and_reader_columns(setup, tmp_path):
+    """VQA v2 as the hub's tables store it: `question`, `multiple_choice_answer`, and `answers` a list of
+    {"answer", "answer_confidence", "answer_id"}; the columns named with the reader flags."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder, images, answers = setup
+    said = vqa.normalise_prediction(answers[("blue.png", QUESTIONS[3])])
+    annotators = [{"answer": a, "answer_confidence": "yes", "answer_id": k + 1}
+                  for k, a in enumerate([said] * 2 + ["zzz"] * 8)]
+    image_type = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    table = pa.table({"image": pa.array([{"bytes": (images / "blue.png").read_bytes(), "path": None}], type=image_type),
+                      "question": [QUESTIONS[3]], "multiple_choice_answer": ["zzz"], "answers": [annotators]})
+    pq.write_table(table, tmp_path / "vqav2.parquet")
+    code, metrics, rows = run_eval(setup, tmp_path / "vqav2.parquet", tmp_path / "out", "--metric", "vqa",
+                                   "--question_column", "question", "--answer_column", "multiple_choice_answer",
+                                   "--references_field", "answers")
+    assert code == 0 and rows[0]["references"] == [said] * 2 + ["zzz"] * 8
+    assert rows[0]["score"] == pytest.approx(0.6) and metrics["blind_skipped"]  # 2 of 10 agree; one image
+
+
 def test_caption_merges_the_captions_of_an_image_and_records_the_tokenizer(setup, tmp_path):
     from vlm.eval.metrics.caption import score_captions
 

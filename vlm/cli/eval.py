@@ -31,6 +31,7 @@ from vlm.eval.metrics.caption import TOKENIZERS
 
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 BLIND_BY_DEFAULT = ("exact", "vqa")
+EVAL_READER_OPTIONS = ("caption_mode",)  # left out: evaluation takes every caption of an image as a reference
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,6 +49,11 @@ def build_parser() -> argparse.ArgumentParser:
                                                          "`vlm data check` reads)")
     data.add_argument("--image_folder", default=None, help="the folder the records' image paths are relative to")
     data.add_argument("--data_format", default="auto", choices=("auto", *FORMATS), help="default: detected")
+    from vlm.cli.data import _READER_OPTIONS  # the reader flags `vlm data check` takes, with the same names
+
+    for name, help_ in _READER_OPTIONS.items():
+        if name not in EVAL_READER_OPTIONS:
+            data.add_argument(f"--{name}", default=None, help=help_)
     data.add_argument("--references_field", default=None,
                       help="the record field holding the reference answers (a list, e.g. VQA's 'answers'; or one "
                            "answer); default: each record's final assistant reply")
@@ -76,7 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     template = _template(args, argv if argv is not None else sys.argv[1:])
     # before the model is loaded: a wrong flag or record costs seconds, not an evaluation
     items = read_items(args.data_path, metric=metric, image_folder=args.image_folder,
-                       references_field=args.references_field, data_format=args.data_format)
+                       references_field=args.references_field, data_format=args.data_format,
+                       reader_options=_reader_options(args))
     blind, blind_skipped = _blind(args.blind, metric, items, args.seed or 0)
     print(f"template: {template!r}", file=sys.stderr)
     generator = _generator(args, template)
@@ -146,6 +153,13 @@ def _blind(requested: bool | None, metric: str, items, seed: int) -> tuple[bool,
     except UserError as exc:
         return False, str(exc).split(";")[0]
     return True, None
+
+
+def _reader_options(args) -> dict:
+    from vlm.cli.data import _READER_OPTIONS
+
+    return {name: getattr(args, name) for name in _READER_OPTIONS
+            if name not in EVAL_READER_OPTIONS and getattr(args, name) is not None}
 
 
 def _references_source(field: str | None) -> str:

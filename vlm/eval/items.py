@@ -7,8 +7,9 @@ becomes one `EvalItem`:
 - the prompt: the conversation up to its last user turn (earlier turns are context), checked by the one
   validator (`vlm.data.sample.validate_messages`, as a generation prompt);
 - the references: with `references_field`, the record's field of that name (kept in the sample's `meta`):
-  a list of strings (VQA's ten answers, several captions), a JSON list written as a string (CSV cells), or
-  one string or number; without it, the sample's final assistant reply;
+  a list of strings (VQA's ten answers, several captions) or of `{"answer": ...}` objects (VQA v2 tables),
+  a JSON list written as a string (CSV cells), or one string or number; without it, the sample's final
+  assistant reply;
 - for `choice`, the options: the record's fields named by one capital letter (`A`, `B`, ... as MMBench's
   tables have them), else the question's "A. text" lines (`vlm.eval.metrics.choice.parse_options`);
 - `question_type`: the record's `question_type` field when it has one (scores per type in metrics.json).
@@ -62,13 +63,15 @@ class EvalItem:
 
 
 def read_items(data_path: str | Path, *, metric: str, image_folder: str | None = None,
-               references_field: str | None = None, data_format: str = "auto") -> list[EvalItem]:
-    """The evaluation items of `data_path` (module docstring); UserError for the first bad record."""
+               references_field: str | None = None, data_format: str = "auto",
+               reader_options: dict[str, Any] | None = None) -> list[EvalItem]:
+    """The evaluation items of `data_path` (module docstring); UserError for the first bad record.
+    `reader_options` go to the reader (`read_source`: e.g. `question_column` for QA tables)."""
     check_metric(metric)
     folder = ImageFolder(image_folder)
     items: list[EvalItem] = []
     bad: list[tuple[int, str | None, str]] = []
-    for index, sample in enumerate(read_source(data_path, format=data_format)):
+    for index, sample in enumerate(read_source(data_path, format=data_format, **(reader_options or {}))):
         try:
             if isinstance(sample, SampleError):
                 raise sample
@@ -134,7 +137,9 @@ def _references(meta: dict, answer: str | None, references_field: str | None, in
         except json.JSONDecodeError:
             pass
     values = value if isinstance(value, list) else [value]
-    references = [str(v) for v in values if not isinstance(v, bool) and str(v).strip()]
+    # VQA v2 as tables store it: [{"answer": "2", "answer_confidence": "yes", "answer_id": 1}, ...]
+    values = [v.get("answer") if isinstance(v, dict) else v for v in values]
+    references = [str(v) for v in values if isinstance(v, (str, int, float)) and not isinstance(v, bool) and str(v).strip()]
     if not references or len(references) != len(values):
         raise fail(f"field {references_field!r} (--references_field) must hold answers (strings or numbers), "
                    f"got {value!r:.100}")

@@ -49,13 +49,19 @@ def image_list(value: Any) -> list[str | EmbeddedImage]:
 
 def extra_fields(record: dict, used: Iterable[str]) -> dict[str, Any]:
     """The record's scalar top-level fields other than `used` (kept as the sample's `meta`), and its lists of
-    scalars (VQA's ten answers, several reference captions: what `vlm eval --references_field` reads)."""
+    scalars or of flat objects of scalars (VQA's ten answers as strings or as `{"answer", "answer_id", ...}`,
+    several reference captions: what `vlm eval --references_field` reads)."""
     skip = set(used)
     return {k: v for k, v in record.items() if k not in skip and (isinstance(v, _SCALARS) or (
-        isinstance(v, list) and all(isinstance(x, _SCALARS) for x in v)))}
+        isinstance(v, list) and all(_scalar_or_flat(x) for x in v)))}
 
 
 _SCALARS = (str, int, float, bool)
+
+
+def _scalar_or_flat(value: Any) -> bool:
+    return isinstance(value, _SCALARS) or (isinstance(value, dict) and not isinstance(value, EmbeddedImage) and all(
+        isinstance(x, _SCALARS) or x is None for x in value.values()))
 
 
 def make_sample(sample_id: str, images: list[str], messages: list[dict], meta: dict | None = None) -> dict:

@@ -257,3 +257,195 @@ def test_cdpo_label_smoothing_equals_trl_and_the_published_formula():
 def test_chosen_nll_is_the_mean_token_nll():
     logps, counts = torch.tensor([-6.0, -2.0]), torch.tensor([3, 1])
     assert chosen_nll(logps, counts).item() == pytest.approx(2.0)
+
+
+# -- the reference model ---------------------------------------------------------------------------------------
+
+def _more_pairs(samples: list[dict]) -> list[dict]:
+    """Eight pairs: the fixture's four and the same prompts with the answers' roles swapped."""
+    swapped = [{**s, "id": s["id"] + "_swapped", "chosen": s["rejected"], "rejected": s["chosen"]} for s in samples]
+    return samples + swapped
+
+
+def _trainer(tmp_path, model, tokenizer, data, *, lora: bool = False, **flags) -> DPOTrainer:
+    from vlm.train.arguments import VLMTrainingArguments
+
+    settings = {**dict(output_dir=str(tmp_path), method="dpo", use_cpu=True, report_to="none", seed=0, max_steps=3,
+                       per_device_train_batch_size=4, learning_rate=0.05, optim="sgd", lr_scheduler_type="constant",
+                       logging_steps=1, save_strategy="no", dataloader_num_workers=0,
+                       train_sampling_strategy="sequential", lora_enable=lora), **flags}
+    args = VLMTrainingArguments(**settings)
+    return DPOTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer,
+                      data_collator=PreferenceCollator(tokenizer.pad_token_id), lora=lora,
+                      dpo=DPOSettings.from_args(args))
+
+
+def _fresh(tokenizer):
+    model, _, _ = tiny_model(tokenizer=tokenizer, seed=1)
+    return model
+
+
+def test_lora_reference_is_the_start_model_with_adapters_disabled_and_no_second_model(pairs, model_parts, tmp_path):
+    from vlm.folders.lora import apply_lora
+
+    samples, folder = pairs
+    _, tokenizer, processor = model_parts
+    model = _fresh(tokenizer)
+    start = copy.deepcopy(model)  # the test's own copy, to compare with
+    model.mm_projector.requires_grad_(True)
+    peft_model = apply_lora(model, r=4, alpha=8, dropout=0.0)
+    data = PairList(_more_pairs(samples), folder, tokenizer, processor, model.vlm_config.num_image_tokens)
+    trainer = _trainer(tmp_path, peft_model, tokenizer, data, lora=True)
+    assert trainer.ref_model is None  # no second model
+    names = {n for n, p in peft_model.named_parameters() if any(p is q for q in trainer._ref_start_values)}
+    assert names and all(".mm_projector." in n for n in names)  # only the projector's start values are kept
+    trainer.train()
+    batch = PreferenceCollator(tokenizer.pad_token_id)(data.items[:4])
+    with torch.no_grad():
+        reference, _ = trainer.reference_log_probs(batch)
+        expected, _ = pair_log_probs(start.eval(), batch)
+        policy, _ = pair_log_probs(peft_model, batch)
+    torch.testing.assert_close(reference, expected, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(policy, expected, rtol=1e-3, atol=1e-3)  # the adapters and the projector did train
+    projector = dict(peft_model.get_base_model().mm_projector.named_parameters())
+    assert not torch.equal(projector["0.weight"], start.mm_projector.state_dict()["0.weight"])  # restored after
+
+
+def test_full_weight_reference_is_a_frozen_copy_of_the_start_model(pairs, model_parts, tmp_path):
+    samples, folder = pairs
+    _, tokenizer, processor = model_parts
+    model = _fresh(tokenizer)
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    data = PairList(_more_pairs(samples), folder, tokenizer, processor, model.vlm_config.num_image_tokens)
+    trainer = _trainer(tmp_path, model, tokenizer, data)
+    assert trainer.ref_model is not None and not trainer.ref_model.training
+    assert not any(p.requires_grad for p in trainer.ref_model.parameters())
+    trainer.train()
+    for key, value in trainer.ref_model.state_dict().items():
+        assert torch.equal(value, start[key]), key
+    assert any(not torch.equal(v, start[k]) for k, v in model.state_dict().items())
+
+
+def test_precomputed_reference_equals_on_the_fly_and_is_reused(pairs, model_parts, tmp_path, capsys):
+    from vlm.train.dpo import REF_LOG_PROBS_FILE
+
+    samples, folder = pairs
+    _, tokenizer, processor = model_parts
+    model = _fresh(tokenizer)
+    data = PairList(_more_pairs(samples), folder, tokenizer, processor, model.vlm_config.num_image_tokens)
+    start = copy.deepcopy(model).eval()
+    trainer = _trainer(tmp_path, model, tokenizer, data, precompute_ref_log_probs=True)
+    assert trainer.ref_model is None
+    trainer.train()
+    table = trainer._ref_table
+    assert (tmp_path / REF_LOG_PROBS_FILE).is_file()
+    batch = PreferenceCollator(tokenizer.pad_token_id)(data.items)
+    with torch.no_grad():
+        expected, _ = pair_log_probs(start, batch)
+    torch.testing.assert_close(table, torch.stack([expected[:8], expected[8:]], dim=1), rtol=1e-5, atol=1e-5)
+    # a second trainer in the same folder (a resume) reads the table instead of computing it
+    again = _trainer(tmp_path, _fresh(tokenizer), tokenizer, data, precompute_ref_log_probs=True, max_steps=1)
+    again._compute_table = lambda: pytest.fail("the stored reference log-probs were computed again")
+    again.train()
+    assert torch.equal(again._ref_table, table)
+    assert "reference log-probs read from" in capsys.readouterr().out
+
+
+# -- gradient accumulation ---------------------------------------------------------------------------------------
+
+def test_gradient_accumulation_gives_the_update_of_one_large_batch(pairs, model_parts, tmp_path):
+    samples, folder = pairs
+    _, tokenizer, processor = model_parts
+    data = PairList(_more_pairs(samples), folder, tokenizer, processor, _fresh(tokenizer).vlm_config.num_image_tokens)
+    finals = {}
+    for name, flags in {"b4": dict(per_device_train_batch_size=4),
+                        "b2x2": dict(per_device_train_batch_size=2, gradient_accumulation_steps=2),
+                        "b2": dict(per_device_train_batch_size=2, max_steps=4)}.items():
+        model = _fresh(tokenizer)
+        _trainer(tmp_path / name, model, tokenizer, data, **{"max_steps": 2, **flags}).train()
+        finals[name] = {k: v.clone() for k, v in model.state_dict().items()}
+    for key, value in finals["b4"].items():
+        torch.testing.assert_close(finals["b2x2"][key], value, rtol=1e-5, atol=1e-6, msg=key)
+    # sensitive: the same 8 pairs in 4 unaccumulated updates end elsewhere
+    assert any(not torch.allclose(finals["b2"][k], v, rtol=1e-5, atol=1e-6) for k, v in finals["b4"].items())
+
+
+# -- a run through vlm.train.run.run ------------------------------------------------------------------------------
+
+def dpo_workspace(root: Path) -> dict:
+    """The synthetic shapes set's preference pairs (LLaVA-style: chosen = the truth, rejected = a wrong answer of
+    the same kind) and tiny LLM / vision folders; also used by tests/test_dpo_distributed.py."""
+    import json
+
+    from vlm.data.synth import generate_shapes_dataset, write_preference_pairs
+    from vlm.tiny import save_tiny_components
+
+    data = generate_shapes_dataset(root / "data", n_train=16, n_eval=2, image_size=32, seed=0)
+    pairs = write_preference_pairs(root / "data", splits=("train",))["train"]
+    records = json.loads(Path(pairs).read_text())
+    texts = [t["value"] for r in records for t in r["conversations"]] + [r[k] for r in records
+                                                                         for k in ("chosen", "rejected")]
+    llm, vision = save_tiny_components(root / "models", texts)
+    return {"llm": llm, "vision": vision, "data": pairs, "images": data["image_folder"]}
+
+
+def dpo_flags(ws: dict, out, *extra: str) -> list[str]:
+    return ["--model_name_or_path", ws["llm"], "--vision_tower", ws["vision"], "--data_path", ws["data"],
+            "--image_folder", ws["images"], "--output_dir", str(out), "--report_to", "none", "--use_cpu", "True",
+            "--dataloader_num_workers", "0", "--seed", "0", "--logging_steps", "1", "--method", "dpo", *extra]
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    return dpo_workspace(tmp_path_factory.mktemp("dpo_run"))
+
+
+def test_dpo_run_learns_resumes_and_saves_a_model_that_loads(workspace, tmp_path, capsys):
+    import json
+    import shutil
+
+    import vlm
+    from safetensors.torch import load_file
+
+    from vlm.train.config import RunConfig
+    from vlm.train.dpo import METRIC_NAMES, REF_LOG_PROBS_FILE
+    from vlm.train.run import run
+
+    flags = ("--max_steps", "16", "--per_device_train_batch_size", "8", "--learning_rate", "1e-2", "--beta", "0.5",
+             "--precompute_ref_log_probs", "True", "--save_strategy", "steps", "--save_steps", "8")
+    result = run(RunConfig.from_flags(dpo_flags(workspace, tmp_path / "full", *flags)))
+    out = tmp_path / "full"
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 17))
+    assert all(name in row for row in rows for name in (*METRIC_NAMES, "loss"))
+    loss = [r["loss"] for r in rows]
+    accuracy = [r["rewards/accuracies"] for r in rows]
+    assert sum(loss[-4:]) / 4 < sum(loss[:4]) / 4 - 0.08, loss  # measured 0.74 -> 0.54
+    assert sum(accuracy[-4:]) / 4 > sum(accuracy[:4]) / 4 + 0.15, accuracy  # measured 0.40 -> 0.68
+    record = json.loads((out / "vlm_run.json").read_text())
+    assert record["method"] == "dpo" and record["beta"] == 0.5 and record["precompute_ref_log_probs"] is True
+
+    # the saved folder loads, with the trained weights
+    model, _ = vlm.load(out)
+    trained = result.model.state_dict()
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, trained[key]), key
+
+    # killed after the first checkpoint: the same command resumes there, reuses the stored reference log-probs and
+    # ends with the same weights
+    resumed = tmp_path / "resumed"
+    shutil.copytree(out / "checkpoint-8", resumed / "checkpoint-8")
+    for name in ("vlm_run.json", REF_LOG_PROBS_FILE):
+        shutil.copy(out / name, resumed / name)
+    capsys.readouterr()
+    again = run(RunConfig.from_flags(dpo_flags(workspace, resumed, *flags)))
+    assert again.resumed_from.endswith("checkpoint-8")
+    assert "reference log-probs read from" in capsys.readouterr().out
+    a, b = load_file(out / "model.safetensors"), load_file(resumed / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    # other DPO settings in that folder are refused, naming the flag
+    from vlm.errors import UserError
+
+    with pytest.raises(UserError, match="--beta"):
+        run(RunConfig.from_flags(dpo_flags(workspace, resumed, *("0.1" if f == "0.5" else f for f in flags))))

@@ -13,6 +13,11 @@ Design choices:
   derangement: no sample keeps its own image; samples are shuffled among those with the same number of
   images). A model that reads the picture scores far above it; one that learned only answer priors from
   the question text scores the same. It doubles the cost, so it is a choice (`blind`).
+- Outputs (`write_outputs`): `predictions.jsonl`, one object per item: `id`, `question` (the last user turn,
+  without `<image>`), `prediction`, `references`, `score` (the item's value; captions: its CIDEr-D, with all
+  three in `scores`), and `blind_score` / `question_type` when there are some; `metrics.json`: `metric`,
+  `scores` (the set's value(s)), `n`, `blind_scores`, `per_question_type`, `caption_tokenizer` (captions),
+  and what the command adds (model, template, data_path, references, decoding settings).
 - `evaluate_exact_match` is the demo's contract (DESIGN.md: `eval.json` `{"accuracy", "blind_accuracy", "n",
   "per_question_type"}`): the same pieces with the `exact` metric on LLaVA records.
 

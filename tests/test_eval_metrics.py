@@ -88,6 +88,7 @@ OPTIONS = {"A": "dog", "B": "cat", "C": "bird", "D": "fish"}
     ("B", "B"), ("(B)", "B"), ("B. cat", "B"), ("B) cat", "B"), ("The answer is B", "B"), ("Answer: B.", "B"),
     ("cat", "B"), ("It is a cat.", "B"),   # no letter: the one option whose text occurs
     ("A or B", None), ("dog or cat", None), ("an elephant", None),  # ambiguous or nothing: no pick
+    ("Z, not a bird", None), ("Cannot determine the answer; maybe a cat", None),  # VLMEvalKit's 'Z' (no option)
 ])
 def test_choice_extraction_follows_vlmevalkit_can_infer(prediction, letter):
     assert choice.extract_choice(prediction, OPTIONS) == letter

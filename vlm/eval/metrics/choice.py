@@ -6,7 +6,8 @@ lmms-eval has the same two steps), without its ChatGPT fallback for answers it c
    exactly one option letter is a word of it, that letter ("B", "(B)", "B. cat", "The answer is B");
 2. otherwise the text: when exactly one option's text occurs in the lower-cased answer, that option
    ("a cat" picks the option "cat" when no other option's text occurs in it).
-Anything else (no letter, two letters, two option texts) picks nothing and scores 0.
+Anything else (no letter, two letters, two option texts) picks nothing and scores 0, and so do VLMEvalKit's
+"Z" cases: one of its refusal sentences, or no option letter but a word "Z" (then the text is not matched).
 
 Options are a {letter: text} mapping (`parse_options` reads them from "A. cat" lines of a question); with
 none known, only step 1 runs, over the letters A-D and those the references name. A reference is a letter,
@@ -22,6 +23,9 @@ _SEPARATORS = ".()[],:;!*#{}"
 _SPACES = str.maketrans(_SEPARATORS, " " * len(_SEPARATORS))
 _OPTION_LINE = re.compile(r"^\s*\(?([A-Z])[.):]\s+(\S.*?)\s*$", re.MULTILINE)
 DEFAULT_LETTERS = "ABCD"
+# answers VLMEvalKit reads as picking no option (its 'Z'), before looking for a letter
+REFUSALS = ("Sorry, I can't help with images of people yet.", "I can't process this file.",
+            "I'm sorry, but without the image provided", "Cannot determine the answer")
 
 
 def parse_options(question: str) -> dict[str, str]:
@@ -40,11 +44,15 @@ def parse_options(question: str) -> dict[str, str]:
 
 def extract_choice(prediction: str, options: Mapping[str, str] | None = None, letters: str = DEFAULT_LETTERS) -> str | None:
     """The option letter `prediction` picks (steps 1 and 2 of the module docstring), or None."""
+    if any(refusal in prediction for refusal in REFUSALS):
+        return None
     candidates = list(options) if options else list(letters)
     words = prediction.translate(_SPACES).split()
     named = [letter for letter in candidates if letter in words]
     if len(named) == 1:
         return named[0]
+    if not named and "Z" in words:  # VLMEvalKit's "Z": the answer says none of the options
+        return None
     if options:
         answer = prediction.lower()
         matched = [letter for letter, text in options.items() if str(text).lower() in answer]

@@ -232,3 +232,15 @@ def test_llava_style_preference_records(write_data, data_image_folder, tiny_toke
     kept, report = check_dataset(Source(str(path), str(data_image_folder)), tokenizer=tiny_tokenizer, **CHECK)
     assert kept == [0, 1] and report["dropped"] == {"bad_roles": 1}
     assert report["notes"]["sources"][0]["format"] == "llava_preference"
+
+
+def test_convert_keeps_the_pair_and_reads_back_the_same_samples(write_data, tmp_path):
+    from vlm.data.convert import convert_file
+    from vlm.data.formats import read_source
+
+    trl = write_data("trl.jsonl", [TRL_RECORDS["conversational_system_image"], TRL_TEXT_RECORDS["text"]])
+    out = tmp_path / "llava_pairs.json"
+    assert convert_file(trl, out)["written"] == 2
+    again = list(read_source(out))
+    assert [{k: v for k, v in s.items() if k != "id"} for s in again] == \
+           [{k: v for k, v in s.items() if k != "id"} for s in read_source(trl)]

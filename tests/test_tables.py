@@ -151,6 +151,16 @@ def test_rlaif_v_table_with_bad_rows_dropped_with_reasons(tmp_path):
                                                                   "4": "unreadable_image"}
     broken = next(p for p in report["problems"] if p["id"] == "4")
     assert "rlaif.parquet row 4 column 'image'" in broken["detail"]
+    # `vlm data check` writes the same report (and stops over the drop ratio: 3 of 6 dropped)
+    from vlm.cli import run
+    from vlm.cli.data import main as data_main
+
+    argv = ["check", "--data_path", str(tmp_path / "rlaif.parquet"), "--report", str(tmp_path / "data_report.json"),
+            "--num_image_tokens", "4"]
+    assert run("vlm data", data_main, argv) == 1
+    assert run("vlm data", data_main, argv + ["--max_drop_ratio", "0.5"]) == 0
+    written = json.loads((tmp_path / "data_report.json").read_text())
+    assert (written["dropped"], written["problems"]) == (report["dropped"], report["problems"])
 
 
 def test_a_missing_column_drops_each_row_by_name(tmp_path):
@@ -267,3 +277,39 @@ def test_the_validation_cache_key_follows_a_rewritten_shard(tmp_path):
     os.utime(shard, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
     assert os.stat(folder).st_mtime_ns == stat.st_mtime_ns
     assert validation_key([Source(str(folder))], tokenizer, {}) != before
+
+
+def test_convert_and_filter_refuse_embedded_images_in_one_line(chartqa, tmp_path, capsys):
+    from vlm.cli import run
+    from vlm.cli.data import main as data_main
+
+    root, _ = chartqa
+    output = tmp_path / "out.json"
+    for argv in (["convert", "--input", str(root / "train.parquet"), "--output", str(output)],
+                 ["filter", "--data_path", str(root / "train.parquet"), "--keep-prefix", "chart", "--output",
+                  str(output)]):
+        assert run("vlm data", data_main, argv) == 2
+        assert "embedded in a table" in capsys.readouterr().err
+        assert not output.exists() and not list(tmp_path.glob("*.tmp"))
+
+
+def test_train_py_trains_on_a_parquet_file_without_unpacking_images(chartqa, tmp_path):
+    """`train.py --data_path chartqa/train.parquet`: the run validates the table (no image file on disk is read:
+    the PNGs are removed first) and trains."""
+    from vlm.cli.train import main as train_main
+    from vlm.tiny import save_tiny_components
+
+    root, pngs = chartqa
+    table = tmp_path / "train.parquet"
+    table.write_bytes((root / "train.parquet").read_bytes())  # beside no image file at all
+    llm, vision = save_tiny_components(tmp_path / "models", ["How many bars? What is the peak? Which year? 3 14 2019"])
+    out = tmp_path / "run"
+    assert train_main(["--model_name_or_path", llm, "--vision_tower", vision, "--data_path", str(table),
+                       "--output_dir", str(out), "--report_to", "none", "--dataloader_num_workers", "0",
+                       "--use_cpu", "True", "--max_steps", "2", "--per_device_train_batch_size", "3",
+                       "--save_strategy", "no", "--logging_steps", "1"]) == 0
+    report = json.loads((out / "data_report.json").read_text())
+    assert (report["total"], report["kept"]) == (3, 3) and report["notes"]["sources"][0]["format"] == "qa_table"
+    losses = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()
+              if "loss" in json.loads(line)]
+    assert len(losses) == 2 and all(np.isfinite(losses))

@@ -34,13 +34,17 @@ def write_llava(samples: Iterable[dict], output: str | Path) -> int:
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = output.with_name(output.name + ".tmp")
     count = 0
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write("[")
-        for sample in samples:
-            f.write(",\n" if count else "\n")
-            f.write(json.dumps(to_llava(sample), ensure_ascii=False, separators=(",", ":")))
-            count += 1
-        f.write("\n]\n")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write("[")
+            for sample in samples:
+                f.write(",\n" if count else "\n")
+                f.write(json.dumps(to_llava(sample), ensure_ascii=False, separators=(",", ":")))
+                count += 1
+            f.write("\n]\n")
+    except BaseException:  # a record that cannot be written (an embedded image), Ctrl-C: no half file left
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, output)
     return count
 

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from vlm.data.convert import ProblemLog, write_llava
-from vlm.data.errors import SampleError
+from vlm.data.errors import DataError, SampleError
 from vlm.data.mix import Source, iter_source
 from vlm.data.paths import ImageFolder
 from vlm.errors import ConfigError
@@ -58,6 +58,9 @@ class SubsetRule:
             return name, name in self.values
         if not sample["images"]:
             return None, False
+        if isinstance(sample["images"][0], dict):  # embedded in a table: the output, LLaVA JSON, holds paths
+            raise DataError(f"sample {sample['id']!r} has images embedded in a table; vlm data filter writes LLaVA "
+                            "JSON, which holds file paths (filter the table itself, e.g. with the datasets library)")
         path = sample["images"][0].removeprefix("./")
         matched = next((prefix for prefix in self.values if path.startswith(prefix)), None)
         if matched is not None:

@@ -122,10 +122,19 @@ class ImageFolder:
         return load(data, describe(image), max_image_pixels=max_image_pixels) if decode else None
 
 
+class _NamedBytes(io.BytesIO):
+    """An embedded image's bytes, named in messages (load_image's, and Pillow's, which show the file's repr)."""
+
+    def __init__(self, data: bytes, name: str):
+        super().__init__(data)
+        self.name = name
+
+    def __repr__(self) -> str:
+        return self.name
+
+
 def load(path: Path | bytes, name: str, *, max_image_pixels: int | None):
-    source: Path | io.BytesIO = path if not isinstance(path, bytes) else io.BytesIO(path)
-    if isinstance(source, io.BytesIO):
-        source.name = name  # what load_image's messages call it
+    source = path if not isinstance(path, bytes) else _NamedBytes(path, name)
     try:
         return load_image(source, max_image_pixels=max_image_pixels)
     except FileNotFoundError:

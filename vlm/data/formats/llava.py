@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Iterator
 
-from vlm.data.errors import SampleError
+from vlm.data.errors import DataError, SampleError
 from vlm.data.formats.common import bad, extra_fields, image_list, make_sample, record_id
 from vlm.data.formats.source import SourceFile
 
@@ -99,14 +99,22 @@ def turn_message(turn: Any) -> dict | str:
 
 
 def to_llava(sample: dict) -> dict:
-    """Canonical sample -> LLaVA record (the output format of `vlm data convert`)."""
+    """Canonical sample -> LLaVA record (the output format of `vlm data convert`); a preference sample keeps its
+    `chosen` and `rejected` (LLaVA-style preference, read back by `llava_preference`). DataError for an image
+    embedded in a table: LLaVA JSON holds file paths."""
     record: dict[str, Any] = {"id": sample["id"]}
     images = sample.get("images") or []
+    if any(isinstance(image, dict) for image in images):
+        raise DataError(f"sample {sample['id']!r} has images embedded in a table, and LLaVA JSON holds file paths; "
+                        "train from the table itself (--data_path x.parquet) instead of converting it")
     if len(images) == 1:
         record["image"] = images[0]
     elif images:
         record["image"] = list(images)
     record["conversations"] = [{"from": _WRITE_ROLES[m["role"]], "value": m["content"]} for m in sample["messages"]]
+    for key in ("chosen", "rejected"):
+        if key in sample:
+            record[key] = sample[key]
     for key, value in (sample.get("meta") or {}).items():
         record.setdefault(key, value)
     return record

@@ -34,7 +34,7 @@ REPO = Path(__file__).resolve().parents[1]
 SHAPES = resources.files("vlm.assets") / "examples" / "shapes.png"  # a red circle, a blue triangle, a yellow square
 COLOR_Q, SHAPE_Q, DESCRIBE_Q = "What color is the circle?", "What shape is the blue one?", "Describe the picture."
 DESCRIPTION = "A red circle, a blue triangle and a yellow square on a white background."
-MAX_NEW = 24
+MAX_NEW = 40
 
 
 def conversation(*turns: str) -> list[dict]:

@@ -285,25 +285,36 @@ def _fresh(tokenizer):
     return model
 
 
-def test_lora_reference_is_the_start_model_with_adapters_disabled_and_no_second_model(pairs, model_parts, tmp_path):
+@pytest.mark.parametrize("adapters", ["new", "trained"])
+def test_lora_reference_is_the_start_model_and_no_second_model(pairs, model_parts, tmp_path, adapters):
+    """New adapters: the reference is the model with its adapters disabled and the projector at its start values.
+    Adapters that start trained (--lora_weight_path) belong to the start model: their start values are used."""
     from vlm.folders.lora import apply_lora
 
     samples, folder = pairs
     _, tokenizer, processor = model_parts
     model = _fresh(tokenizer)
-    start = copy.deepcopy(model)  # the test's own copy, to compare with
     model.mm_projector.requires_grad_(True)
     peft_model = apply_lora(model, r=4, alpha=8, dropout=0.0)
+    if adapters == "trained":
+        with torch.no_grad():
+            for name, p in peft_model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.5)
+    start = copy.deepcopy(peft_model)  # the test's own copy, to compare with
     data = PairList(_more_pairs(samples), folder, tokenizer, processor, model.vlm_config.num_image_tokens)
     trainer = _trainer(tmp_path, peft_model, tokenizer, data, lora=True)
     assert trainer.ref_model is None  # no second model
     names = {n for n, p in peft_model.named_parameters() if any(p is q for q in trainer._ref_start_values)}
-    assert names and all(".mm_projector." in n for n in names)  # only the projector's start values are kept
+    kept = {n for n in names if ".mm_projector." not in n}
+    assert any(".mm_projector." in n for n in names)
+    # only the projector's start values are kept (and the adapters' when they start trained), never the LLM's
+    assert kept == (set() if adapters == "new" else {n for n, _ in peft_model.named_parameters() if "lora_" in n})
     trainer.train()
     batch = PreferenceCollator(tokenizer.pad_token_id)(data.items[:4])
     with torch.no_grad():
         reference, _ = trainer.reference_log_probs(batch)
-        expected, _ = pair_log_probs(start.eval(), batch)
+        expected, _ = pair_log_probs(start, batch)
         policy, _ = pair_log_probs(peft_model, batch)
     torch.testing.assert_close(reference, expected, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(policy, expected, rtol=1e-3, atol=1e-3)  # the adapters and the projector did train
@@ -449,3 +460,22 @@ def test_dpo_run_learns_resumes_and_saves_a_model_that_loads(workspace, tmp_path
 
     with pytest.raises(UserError, match="--beta"):
         run(RunConfig.from_flags(dpo_flags(workspace, resumed, *("0.1" if f == "0.5" else f for f in flags))))
+
+
+def test_dpo_flags_parse_and_are_checked(tmp_path):
+    """TRL's flag names parse into the run config; a DPO flag without --method dpo, or a combination that would
+    silently do something else, is one ConfigError naming the flag."""
+    from vlm.errors import ConfigError
+    from vlm.train.arguments import parse_args
+
+    base = ["--output_dir", str(tmp_path), "--use_cpu", "True"]
+    _, _, args = parse_args([*base, "--method", "dpo", "--beta", "0.3", "--loss_type", "robust", "--label_smoothing",
+                             "0.1", "--rpo_alpha", "0.5", "--precompute_ref_log_probs"])
+    assert DPOSettings.from_args(args) == DPOSettings(beta=0.3, loss_type="robust", label_smoothing=0.1,
+                                                      rpo_alpha=0.5, precompute_ref_log_probs=True)
+    assert parse_args(base)[2].method == "sft"
+    for flags, named in [(["--beta", "0.2"], "--beta"), (["--method", "dpo", "--loss_type", "hinge"], "hinge"),
+                         (["--method", "dpo", "--loss_type", "ipo", "--label_smoothing", "0.1"], "--label_smoothing"),
+                         (["--method", "dpo", "--packing"], "--packing"), (["--method", "ppo"], "ppo")]:
+        with pytest.raises(ConfigError, match=named):
+            parse_args([*base, *flags])

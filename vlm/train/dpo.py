@@ -19,8 +19,10 @@ The trainer:
   image encoded once (`image_repeats=2`), the log-probabilities of the answer tokens only (`answer_labels`: the
   LM head runs on the answer positions, no (2B, T, V) logits; vlm.llm.loss.answer_log_probs);
 - the reference: with LoRA the same model with its adapters disabled (peft's `disable_adapter()`), and the
-  other parameters that train (the projector, a trainable vision tower) at their start values, swapped in for
-  the reference forward from a copy of those parameters only, never of the LLM; without LoRA a frozen copy of the
+  other parameters that train (the projector, a trainable vision tower, LoRA-trained biases) at their start
+  values, swapped in for the reference forward from a copy of those parameters only, never of the LLM (adapters
+  that start trained, from `--lora_weight_path`, are part of the start model: their start values are swapped in
+  too, instead of disabling them, as TRL keeps a "ref" copy of such an adapter); without LoRA a frozen copy of the
   start model (eval mode, no gradients); with `--precompute_ref_log_probs` neither: the reference log-probs of
   every pair are computed once before training, by process 0, from the start model, and stored in the output
   folder (`REF_LOG_PROBS_FILE`), which a resume reads back;
@@ -139,11 +141,15 @@ class DPOTrainer(VLMTrainer):
         self._ref_table: torch.Tensor | None = None  # (N, 2) precomputed reference log-probs
         self._sums: dict[str, float] = defaultdict(float)
         self._pairs = 0
+        self._disable_adapters = False
         if self.lora:
-            # Adapters off gives the base LLM; the other trainable parts need their start values for the reference.
+            # New adapters (lora_B = 0) change nothing at the start: with them off the LLM is the start model's, and
+            # only the other trainable parts need their start values. Adapters that start trained
+            # (--lora_weight_path) are part of the start model: their start values are kept too, and stay on.
             peft_model = self.accelerator.unwrap_model(self.model)
+            self._disable_adapters = all(not p.any() for n, p in peft_model.named_parameters() if "lora_B" in n)
             self._ref_start_values = {p: p.detach().clone() for name, p in peft_model.named_parameters()
-                                      if p.requires_grad and "lora_" not in name}
+                                      if p.requires_grad and not (self._disable_adapters and "lora_" in name)}
         elif not dpo.precompute_ref_log_probs:
             self.ref_model = frozen_copy(unwrap(self.model)).to(self.args.device)
 
@@ -167,7 +173,8 @@ class DPOTrainer(VLMTrainer):
             return pair_log_probs(self.ref_model, batch)
         if self.lora:
             peft_model = self.accelerator.unwrap_model(self.model)
-            with peft_model.disable_adapter(), self._start_values():
+            adapters_off = peft_model.disable_adapter() if self._disable_adapters else contextlib.nullcontext()
+            with adapters_off, self._start_values():
                 return pair_log_probs(peft_model, batch)
         return pair_log_probs(unwrap(self.model), batch)  # precomputing, before any step: the start model itself
 

@@ -103,6 +103,7 @@ def images(tmp_path_factory) -> Path:
 
 MAX_IMAGE_BYTES = 40_000
 MAX_PIXELS = 50_000
+MAX_REQUEST_BYTES = 200_000
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +114,7 @@ def generator(model_dir):
 @pytest.fixture(scope="module")
 def server(generator, images):
     """The server (batches of up to 8, waiting 50 ms for them) and its app."""
-    config = ServeConfig(MODEL, max_batch_size=8, batch_wait_ms=50, max_queue=64,
+    config = ServeConfig(MODEL, max_batch_size=8, batch_wait_ms=50, max_queue=64, max_request_bytes=MAX_REQUEST_BYTES,
                          images=ImagePolicy(folder=str(images), max_bytes=MAX_IMAGE_BYTES, max_pixels=MAX_PIXELS))
     app = create_app(generator, config)
     with running(app) as base:
@@ -334,6 +335,15 @@ def test_bad_input_is_a_400_with_openai_error_object(api, images, server):
     with pytest.raises(urllib.error.HTTPError) as caught:
         urllib.request.urlopen(request, timeout=30)
     assert caught.value.code == 400 and json.loads(caught.value.read())["error"]["code"] == "invalid_json"
+    # a body over --max_request_bytes: 413, whether its length is declared or it arrives in chunks
+    with pytest.raises(openai.APIStatusError) as caught:
+        ask(api, [user("red " * 60_000)])
+    assert caught.value.status_code == 413 and caught.value.code == "request_too_large"
+    chunked = urllib.request.Request(f"{server[0]}/v1/chat/completions", data=iter([b"[" + b" " * 150_000] * 2),
+                                     headers={"Content-Type": "application/json", "Transfer-Encoding": "chunked"})
+    with pytest.raises(urllib.error.HTTPError) as caught:
+        urllib.request.urlopen(chunked, timeout=30)
+    assert caught.value.code == 413
     # and the server still answers
     assert ask(api, [user("What color is the circle?", "img0.png")])
     assert get_json(f"{server[0]}/health")["jobs_failed"] == 0
@@ -419,8 +429,9 @@ def test_serve_flags_reach_the_server_config(model_dir, images):
     parse = build_parser().parse_args
     config = serve_config(parse(["--model", f"{model_dir}/", "--max_batch_size", "3", "--batch_wait_ms", "7",
                                  "--max_queue", "5", "--image_folder", str(images), "--allow_remote_images", "True",
-                                 "--max_image_bytes", "1234", "--max_image_pixels", "99"]))
-    assert (config.model_name, config.max_batch_size, config.batch_wait_ms, config.max_queue) == (model_dir.name, 3, 7, 5)
+                                 "--max_image_bytes", "1234", "--max_image_pixels", "99", "--max_request_bytes", "777"]))
+    assert (config.model_name, config.max_batch_size, config.batch_wait_ms, config.max_queue,
+            config.max_request_bytes) == (model_dir.name, 3, 7, 5, 777)
     assert config.images == ImagePolicy(folder=str(images), allow_remote=True, max_bytes=1234, max_pixels=99)
     config = serve_config(parse(["--model", "m", "--allow_remote_images", "False", "--served_model_name", "x"]))
     assert config.images == ImagePolicy() and config.model_name == "x"

@@ -49,6 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="how long the first request of a batch waits for others (default 10 ms)")
     server.add_argument("--max_queue", "--max-queue", dest="max_queue", type=int, default=64,
                         help="requests that may wait; more get HTTP 503 (default 64)")
+    server.add_argument("--max_request_bytes", "--max-request-bytes", dest="max_request_bytes", type=int,
+                        default=64 * 1024 * 1024, help="largest request body; larger ones get HTTP 413 (default 64 MiB)")
     images = parser.add_argument_group("images")
     images.add_argument("--image_folder", "--image-folder", dest="image_folder", default=None,
                         help="folder whose files requests may name by path or file:// URL (default: none; only "
@@ -98,6 +100,7 @@ def serve_config(args):
 
     return ServeConfig(model_name=args.served_model_name or os.path.basename(os.path.normpath(args.model)),
                        max_batch_size=args.max_batch_size, batch_wait_ms=args.batch_wait_ms, max_queue=args.max_queue,
+                       max_request_bytes=args.max_request_bytes,
                        images=ImagePolicy(folder=args.image_folder, allow_remote=args.allow_remote_images,
                                           max_bytes=args.max_image_bytes, max_pixels=args.max_image_pixels))
 

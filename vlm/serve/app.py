@@ -52,6 +52,7 @@ class ServeConfig:
     max_batch_size: int = 8
     batch_wait_ms: float = 10.0
     max_queue: int = 64
+    max_request_bytes: int = 64 * 1024 * 1024  # a larger body is refused (413) before it is read into memory
     images: ImagePolicy = field(default_factory=ImagePolicy)
 
     def __post_init__(self) -> None:
@@ -63,6 +64,8 @@ class ServeConfig:
             raise ConfigError(f"--batch_wait_ms={self.batch_wait_ms} must be >= 0")
         if self.max_queue < 1:
             raise ConfigError(f"--max_queue={self.max_queue} must be >= 1")
+        if self.max_request_bytes < 1:
+            raise ConfigError(f"--max_request_bytes={self.max_request_bytes} must be >= 1")
 
 
 def create_app(generator, config: ServeConfig) -> FastAPI:
@@ -118,7 +121,7 @@ def create_app(generator, config: ServeConfig) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         try:
-            body = await request.json()
+            body = json.loads(await _read_body(request, config.max_request_bytes))
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise RequestError("the request body is not valid JSON", code="invalid_json") from None
         parsed = protocol.parse_request(body)
@@ -137,6 +140,23 @@ def create_app(generator, config: ServeConfig) -> FastAPI:
                                    completion.completion_tokens)
 
     return app
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused (413) as soon as it is known to exceed `limit` bytes: from Content-Length, or
+    while a chunked body arrives."""
+    too_large = RequestError(f"the request body is larger than this server takes ({limit} bytes, "
+                             "--max_request_bytes); send smaller images", code="request_too_large", status=413)
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise too_large
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_large
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def _settings(parsed: protocol.ParsedRequest, defaults: GenerationSettings) -> GenerationSettings:

@@ -104,6 +104,27 @@ def test_only_the_final_reply_is_supervised(pairs, model_parts):
     assert final_reply_labels([-100, 5, 6, -100, -100, 7, 8, -100]) == [-100] * 5 + [7, 8, -100]
 
 
+@pytest.mark.parametrize("template", ["vicuna_v1", "llava_v1", "chatml", "llama3"])
+def test_final_reply_only_for_every_chat_template(template):
+    from vlm.data.errors import SampleError
+    from vlm.data.templates import get_template
+
+    tokenizer = tiny_tokenizer()
+    sample = {"id": "m", "images": [], "chosen": "red", "rejected": "yellow", "messages": [
+        {"role": "user", "content": "Is there a blue square?"}, {"role": "assistant", "content": "no"},
+        {"role": "user", "content": "What color is the circle?"}]}
+    end = {"vicuna_v1": "</s>", "llava_v1": "</s>", "chatml": "<|im_end|>", "llama3": "<|eot_id|>"}[template]
+    space = " " if template.endswith("_v1") else ""  # vicuna supervises the space after "ASSISTANT:" (LLaVA)
+    pair = encode_pair(sample, ImageFolder(None), tokenizer, get_template(template, tokenizer), num_image_tokens=4)
+    for side in ("chosen", "rejected"):
+        labels = pair[f"{side}_labels"]
+        assert tokenizer.decode(labels[labels != -100].tolist()) == space + sample[side] + end
+    # `plain` writes the replies back to back: the final one cannot be told apart, so the pair is refused
+    with pytest.raises(SampleError, match="final reply") as caught:
+        encode_pair(sample, ImageFolder(None), tokenizer, get_template("plain", tokenizer), num_image_tokens=4)
+    assert caught.value.reason == "template_mismatch"
+
+
 def test_collator_puts_chosen_rows_then_rejected_and_each_image_once(pairs, model_parts):
     samples, folder = pairs
     model, tokenizer, processor = model_parts

@@ -18,7 +18,8 @@ Design choices:
 - Only the final reply is supervised (its tokens and the end-of-turn token closing it): earlier assistant turns
   of a multi-turn prompt are context. The template labels every reply; a reply is one contiguous labelled run
   and replies are separated by unlabelled user turns, so the last labelled run is the final reply
-  (`final_reply_labels`).
+  (`final_reply_labels`). A template that writes replies back to back (`plain`, for captions) with a multi-turn
+  prompt is refused for that pair (`template_mismatch`): the runs are counted, one per reply.
 - The images are the pair's, decoded once; the collator puts them once in the batch and the model encodes
   them once for both halves (`forward(image_repeats=2)`, vlm.llm.mixin).
 - Training replaces a pair whose image became unusable after the check, as `SupervisedDataset` does (this
@@ -54,6 +55,12 @@ def final_reply_labels(labels: list[int]) -> list[int]:
         start -= 1
     out[start:end] = labels[start:end]
     return out
+
+
+def _supervised_runs(labels: list[int]) -> int:
+    """How many maximal runs of supervised positions `labels` holds."""
+    return sum(1 for i, label in enumerate(labels)
+               if label != IGNORE_INDEX and (i == 0 or labels[i - 1] == IGNORE_INDEX))
 
 
 class PreferenceDataset(SupervisedDataset):
@@ -101,6 +108,12 @@ def encode_pair(item: Any, folder: ImageFolder, tokenizer: Any, template: Any, *
     _, opened = check_sample(item, folder, tokenizer, template, image_check="open", max_image_pixels=max_image_pixels,
                              **options)
     chosen, rejected = encode_preference_sides(item, tokenizer, template, **options)
+    replies = 1 + sum(m.get("role") == "assistant" for m in item["messages"])
+    for side, encoded in (("chosen", chosen), ("rejected", rejected)):
+        if _supervised_runs(encoded.labels) != replies:  # e.g. `plain`, which writes replies back to back
+            raise SampleError("template_mismatch", f"prompt + {side}: the template joins the {replies} replies into "
+                              "fewer labelled runs, so the final reply cannot be told apart; use a chat template "
+                              "(--version) or a single-turn prompt", sample_id=item.get("id"))
     return {
         "chosen_input_ids": torch.tensor(chosen.input_ids, dtype=torch.long),
         "chosen_labels": torch.tensor(final_reply_labels(chosen.labels), dtype=torch.long),

@@ -89,6 +89,9 @@ def test_eval_steps_sets_the_strategy_and_the_flags_are_checked_together(workspa
         ([*eval_flags(workspace), "--eval_generation_samples", "-1"], "expected N >= 0"),
         (["--eval_generation_samples", "2"], "needs --eval_data_path"),
         ([*eval_flags(workspace), "--eval_generation_samples", "2", "--deepspeed", "zero3"], "ZeRO-3 or FSDP"),
+        (["--load_best_model_at_end", "--save_steps", "4"], "--load_best_model_at_end needs evaluations to compare"),
+        # transformers' own check of its flags, as a one-line ConfigError
+        ([*eval_flags(workspace), "--load_best_model_at_end", "--save_steps", "3"], "not a round multiple of 2"),
     ]:
         with pytest.raises(ConfigError, match=message):
             RunConfig.from_flags(flags(workspace, tmp_path, *extra))

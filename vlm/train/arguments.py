@@ -175,6 +175,9 @@ class VLMTrainingArguments(transformers.TrainingArguments):
             self.eval_strategy = self.evaluation_strategy
         if self.eval_steps is not None and _strategy_name(self.eval_strategy) == "no":
             self.eval_strategy = "steps"  # --eval_steps N means evaluating every N steps (vlm.train.evaluation)
+        if self.load_best_model_at_end and _strategy_name(self.eval_strategy) == "no":
+            raise ConfigError("--load_best_model_at_end needs evaluations to compare: add --eval_data_path FILE and "
+                              "--eval_steps N (N dividing --save_steps), or drop the flag")
         self._check_eval_generation()
         if self.warmup_ratio is not None:
             if not 0 <= self.warmup_ratio < 1:
@@ -192,7 +195,10 @@ class VLMTrainingArguments(transformers.TrainingArguments):
         if self.gradient_checkpointing and self.gradient_checkpointing_kwargs is None:
             # Non-reentrant checkpointing works with frozen embeddings (LoRA, stage 1) without input hacks.
             self.gradient_checkpointing_kwargs = {"use_reentrant": False}
-        super().__post_init__()
+        try:
+            super().__post_init__()
+        except ValueError as exc:  # transformers' checks of its own flags (e.g. --save_steps not a multiple of
+            raise ConfigError(" ".join(str(exc).split())) from None  # --eval_steps): a user mistake, one line
 
     def _check_eval_generation(self) -> None:
         from vlm.train.evaluation import EVAL_METRICS

@@ -13,6 +13,8 @@ import torch
 from safetensors.torch import load_file
 
 from tests.test_dpo import dpo_flags, dpo_workspace
+from vlm.train.config import RunConfig
+from vlm.train.run import run
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -26,9 +28,7 @@ def test_two_processes_give_the_update_of_one(tmp_path):
     ws = dpo_workspace(tmp_path / "ws")
     flags = ("--max_steps", "3", "--learning_rate", "5e-2", "--lr_scheduler_type", "constant", "--optim", "sgd",
              "--train_sampling_strategy", "sequential", "--save_strategy", "no", "--precompute_ref_log_probs", "True")
-    one = _run([sys.executable, "train.py", *dpo_flags(ws, tmp_path / "one", *flags,
-                                                       "--per_device_train_batch_size", "4")])
-    assert one.returncode == 0, one.stderr[-3000:]
+    run(RunConfig.from_flags(dpo_flags(ws, tmp_path / "one", *flags, "--per_device_train_batch_size", "4")))
     two = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train.py",
                 *dpo_flags(ws, tmp_path / "two", *flags, "--per_device_train_batch_size", "2")])
     assert two.returncode == 0, two.stderr[-3000:]

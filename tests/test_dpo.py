@@ -147,18 +147,23 @@ def _alone(model, ids: torch.Tensor, labels: torch.Tensor, pixels) -> torch.Tens
     return logp[keep].gather(1, target[keep, None]).sum()
 
 
-def test_batched_pair_log_probs_equal_each_sequence_alone(pairs, model_parts):
+@pytest.mark.parametrize("supervised_only", [True, False], ids=["answer_positions_only", "full_logits"])
+def test_batched_pair_log_probs_equal_each_sequence_alone(pairs, model_parts, supervised_only):
+    """Both ways the model scores answers (the head at the answer positions only, the default; every position
+    with --supervised_only_loss False) equal each side run alone with full logits."""
     samples, folder = pairs
     model, tokenizer, processor = model_parts
     data = PairList(samples, folder, tokenizer, processor, model.vlm_config.num_image_tokens)
     batch = PreferenceCollator(tokenizer.pad_token_id)(data.items)
     calls = []
     hook = model.vision_tower.register_forward_hook(lambda m, args, out: calls.append(args[0].shape[0]))
+    model.supervised_only_loss = supervised_only
     try:
         with torch.no_grad():
             logps, counts = pair_log_probs(model, batch)
     finally:
         hook.remove()
+        model.supervised_only_loss = True
     assert calls == [3]  # one vision forward for the 3 images of 8 rows
     expected, expected_counts = [], []
     with torch.no_grad():

@@ -73,7 +73,7 @@ def supervised_lm_loss(hidden_states: torch.Tensor, labels: torch.Tensor | None,
 
 
 def answer_log_probs(hidden_states: torch.Tensor, labels: torch.Tensor, lm_head: Callable, *,
-                     ignore_index: int = IGNORE_INDEX) -> tuple[torch.Tensor, torch.Tensor]:
+                     all_positions: bool = False, ignore_index: int = IGNORE_INDEX) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-sequence log-probability of the supervised tokens, from the hidden states at those positions only.
 
     Preference training (DPO) scores a whole answer: the sum over its tokens of log p(token | prefix). As for
@@ -83,11 +83,17 @@ def answer_log_probs(hidden_states: torch.Tensor, labels: torch.Tensor, lm_head:
         hidden_states: (B, T, D) the decoder's final hidden states.
         labels: (B, T) unshifted labels, `ignore_index` where unsupervised.
         lm_head: maps (N, D) hidden states to (N, V) logits.
+        all_positions: run the head on every position, (B, T, V) logits, and pick the supervised ones after
+            (`--supervised_only_loss False`: the plain computation, same values).
     Returns:
         (logps, num_tokens): (B,) float32 sums of the supervised tokens' log-probabilities, and (B,) their counts.
     """
     targets = shift_labels_left(labels, ignore_index).to(hidden_states.device)  # (B, T)
     keep = targets != ignore_index  # (B, T)
+    if all_positions:
+        logits = lm_head(hidden_states).float()  # (B, T, V)
+        token_logps = torch.log_softmax(logits, dim=-1).gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        return (token_logps * keep).sum(dim=1), keep.sum(dim=1)  # (B,), (B,)
     logits = lm_head(hidden_states[keep]).float()  # (N, V), upcast as the loss does
     token_logps = -F.cross_entropy(logits, targets[keep], reduction="none")  # (N,)
     rows = keep.nonzero()[:, 0]  # (N,) the sequence of each selected token

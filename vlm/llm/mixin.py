@@ -207,11 +207,13 @@ class VLMMixin:
 
     def _forward_answer_log_probs(self, inputs_embeds, attention_mask, position_ids, answer_labels, kwargs):
         """Each row's summed log-probability of its labelled tokens (`vlm.llm.loss.answer_log_probs`), no (B, T, V)
-        logits; in train and eval mode alike (the policy and the reference of preference training)."""
+        logits unless `supervised_only_loss` is off; in train and eval mode alike (the policy and the reference of
+        preference training)."""
         kwargs.pop("num_items_in_batch", None)
         outputs = self.model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
                              use_cache=False, **kwargs)
-        logps, num_tokens = answer_log_probs(outputs.last_hidden_state, answer_labels, self.lm_head)
+        logps, num_tokens = answer_log_probs(outputs.last_hidden_state, answer_labels, self.lm_head,
+                                             all_positions=not self.supervised_only_loss)
         return AnswerLogProbs(logps=logps, num_tokens=num_tokens)
 
     def _forward_as_one_row(self, inputs_embeds, position_ids, labels, kwargs):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 
 import numpy as np
 import pyarrow.parquet  # noqa: F401  (pa.parquet below)
@@ -23,6 +24,17 @@ import datasets  # noqa: F401  (the dev extra: the outside reference that writes
 import pyarrow as pa
 
 CHECK = dict(template="vicuna_v1", num_image_tokens=4)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def table_cache(tmp_path_factory):
+    """Arrow copies of Parquet image tables go to a temporary folder, not ~/.cache."""
+    from vlm.data.formats.table import TABLE_CACHE_ENV
+
+    folder = tmp_path_factory.mktemp("table_cache")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(TABLE_CACHE_ENV, str(folder))
+        yield folder
 PROCESSOR = ImageProcessor(ImageProcessorConfig(image_size=16, image_mean=(0.5,) * 3, image_std=(0.5,) * 3))
 
 
@@ -150,7 +162,7 @@ def test_rlaif_v_table_with_bad_rows_dropped_with_reasons(tmp_path):
     assert {p["id"]: p["reason"] for p in report["problems"]} == {"1": "same_answers", "2": "empty_answer",
                                                                   "4": "unreadable_image"}
     broken = next(p for p in report["problems"] if p["id"] == "4")
-    assert "rlaif.parquet row 4 column 'image'" in broken["detail"]
+    assert re.search(r"image in rlaif\.parquet-\w+\.arrow row 4 column 'image'", broken["detail"])  # its Arrow copy
     # `vlm data check` writes the same report (and stops over the drop ratio: 3 of 6 dropped)
     from vlm.cli import run
     from vlm.cli.data import main as data_main
@@ -313,3 +325,19 @@ def test_train_py_trains_on_a_parquet_file_without_unpacking_images(chartqa, tmp
     losses = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()
               if "loss" in json.loads(line)]
     assert len(losses) == 2 and all(np.isfinite(losses))
+
+
+def test_parquet_image_cells_are_read_from_an_arrow_copy_made_once(chartqa, table_cache, tmp_path):
+    """A Parquet image table is copied once to Arrow (random access without decoding whole row groups); the copy
+    is reused while the file is unchanged and made again when it changes."""
+    root, _ = chartqa
+    table = tmp_path / "train.parquet"
+    table.write_bytes((root / "train.parquet").read_bytes())
+    first = MixedRecords([Source(str(table))])[0][0]["images"][0]["table"]
+    assert first.endswith(".arrow") and os.path.dirname(first) == str(table_cache)
+    made = os.stat(first).st_mtime_ns
+    assert MixedRecords([Source(str(table))])[0][0]["images"][0]["table"] == first
+    assert os.stat(first).st_mtime_ns == made  # reused, not rewritten
+    os.utime(table, ns=(made, made + 10**9))
+    assert MixedRecords([Source(str(table))])[0][0]["images"][0]["table"] != first
+    assert not list(table_cache.glob("*.tmp"))

@@ -4,8 +4,9 @@ An `images` entry of a canonical sample may be an embedded image (DESIGN.md, `vl
 - `{"bytes": <the encoded image file>, "path": str | None}`, as the `datasets` Image feature stores it, in
   memory (samples built in Python);
 - `{"table": <file>, "row": int, "column": str, "item"?: int, "path": str | None}`: the cell `column` of row
-  `row` of a Parquet or Arrow IPC file (`item`: the position in a list-of-images cell), which holds the
-  `{"bytes", "path"}` struct. The table readers (`vlm.data.formats.table`) produce this form, as an
+  `row` of an Arrow IPC file (`item`: the position in a list-of-images cell), which holds the
+  `{"bytes", "path"}` struct (a Parquet source's cells point into its Arrow copy, `vlm.data.formats.table`).
+  The table readers (`vlm.data.formats.table`) produce this form, as an
   `EmbeddedImage` (a dict, so it stores as JSON like any sample; the subclass tells readers that the value
   came from a table cell and was not written in a JSON data file).
 
@@ -14,9 +15,8 @@ Design choices:
   image's size); `read_bytes` opens the file on first use in this process and keeps it open, memory-mapped
   (`_TABLES`, keyed by path, size and mtime, so a rewritten file is opened again). Arrow IPC files (stream
   format, what `datasets.save_to_disk` writes, or file format) are mapped whole; reading a cell is a zero-copy
-  slice of the map and one copy of that image's bytes. Parquet stores column chunks compressed per row group,
-  so a cell costs reading that row group's image column (the last `_ROW_GROUPS` groups are kept: neighbours in
-  a sequential pass are free; `datasets` writes image tables with 100 rows per group).
+  slice of the map and one copy of that image's bytes; the pages touched are the file's, which the OS can
+  drop again at will (they are not the process's own memory).
 - A cell whose `bytes` is null but whose `path` is set (the Image feature pointing at a file instead of
   embedding it) is the image file `path` under the source's image folder, with the folder's safety rules
   (`vlm.data.paths.ImageFolder` does that; here it is `EmbeddedPath`).
@@ -28,15 +28,13 @@ from __future__ import annotations
 
 import os
 import threading
-from collections import OrderedDict
 from typing import Any
 
 from vlm.data.errors import SampleError
 from vlm.errors import MissingDependencyError
 
-_ROW_GROUPS = 4  # Parquet row groups kept decoded per process (all tables together)
 _LOCK = threading.Lock()
-_TABLES: dict[str, tuple[tuple, Any]] = {}  # path -> ((size, mtime_ns), _Arrow | _Parquet)
+_TABLES: dict[str, tuple[tuple, Any]] = {}  # path -> ((size, mtime_ns), _Arrow)
 
 
 class EmbeddedImage(dict):
@@ -97,7 +95,7 @@ def import_pyarrow():
     try:
         import pyarrow
         import pyarrow.ipc
-        import pyarrow.parquet  # noqa: F401
+        import pyarrow.parquet  # noqa: F401  (vlm.data.formats.table reads Parquet through it)
     except ImportError:
         raise MissingDependencyError("reading Parquet/Arrow tables needs pyarrow: pip install 'vlm-kit[tables]'") from None
     return pyarrow
@@ -115,17 +113,11 @@ def _open(path: str):
         if cached is not None and cached[0] == stamp:
             return cached[1]
         try:
-            table = (_Parquet if path.lower().endswith(".parquet") else _Arrow)(path)
+            table = _Arrow(path)
         except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError, ArrowIOError an OSError
             raise SampleError("unreadable_image", f"the table {path!r} holding the image cannot be read: {e}") from None
         _TABLES[path] = (stamp, table)
         return table
-
-
-def _cell_of(column: Any, row: int, name: str, where: str):
-    if row >= len(column):
-        raise SampleError("missing_image", f"{where}: the table has {len(column)} rows")
-    return column[row]
 
 
 class _Arrow:
@@ -144,40 +136,6 @@ class _Arrow:
     def cell(self, row: int, column: str, where: str):
         if column not in self.table.column_names:
             raise SampleError("missing_image", f"{where}: the table has no column {column!r}")
-        return _cell_of(self.table.column(column), row, column, where)
-
-
-class _Parquet:
-    """A Parquet file, memory-mapped; a cell reads its row group's column (kept in a small LRU)."""
-
-    _groups: OrderedDict = OrderedDict()  # (path, group, column) -> the group's column; shared by all files
-
-    def __init__(self, path: str):
-        pa = import_pyarrow()
-        self.path = path
-        self.file = pa.parquet.ParquetFile(path, memory_map=True)
-        meta = self.file.metadata
-        self.starts = [0]
-        for k in range(meta.num_row_groups):
-            self.starts.append(self.starts[-1] + meta.row_group(k).num_rows)
-
-    def cell(self, row: int, column: str, where: str):
-        import bisect
-
-        if column not in self.file.schema_arrow.names:
-            raise SampleError("missing_image", f"{where}: the table has no column {column!r}")
-        if row >= self.starts[-1]:
-            raise SampleError("missing_image", f"{where}: the table has {self.starts[-1]} rows")
-        group = bisect.bisect_right(self.starts, row) - 1
-        key = (self.path, group, column)
-        groups = _Parquet._groups
-        with _LOCK:
-            values = groups.get(key)
-            if values is None:
-                values = self.file.read_row_group(group, columns=[column], use_threads=False).column(0)
-                groups[key] = values
-                while len(groups) > _ROW_GROUPS:
-                    groups.popitem(last=False)
-            else:
-                groups.move_to_end(key)
-        return _cell_of(values, row - self.starts[group], column, where)
+        if row >= self.table.num_rows:
+            raise SampleError("missing_image", f"{where}: the table has {self.table.num_rows} rows")
+        return self.table.column(column)[row]

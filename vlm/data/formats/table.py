@@ -13,10 +13,16 @@ reference `{"table", "row", "column", "item"?, "path"}` (a list of them for a li
 cell), never the bytes.
 
 Design choices:
-- Rows are read in record batches of `_BATCH_ROWS`: a Parquet file through `ParquetFile.iter_batches` with
-  the image columns' `bytes` leaves left out (only their `path` leaves are read, so indexing a 10 GB image
-  table reads its text columns, not its images); an Arrow IPC file memory-mapped (zero-copy batches; only the
-  non-image columns and the image paths become Python objects).
+- Rows are read in record batches of `_BATCH_ROWS` from a memory-mapped Arrow IPC file (zero-copy batches;
+  only the non-image columns and the image paths become Python objects, the image bytes stay in the map).
+- A Parquet file with image columns is first copied, once, to an Arrow IPC file in the table cache
+  (`table_cache_dir`: `$VLM_TABLE_CACHE`, else `~/.cache/vlm/tables`; named by the file's path, size and
+  mtime), streamed 64 rows at a time; its image cells then point into the copy. This is what `datasets`'
+  `load_dataset` does with Parquet, and for the same reason: Parquet compresses each row group's column as a
+  whole, so reading one image at random costs decoding its whole row group (~100 images; measured 11 ms per
+  image against 0.3 ms from Arrow, bench/RESULTS.md), while an Arrow cell is a slice of the map. The copy
+  costs one sequential read of the file and its size on disk. A Parquet file without image columns is read
+  directly, in batches.
 - A `save_to_disk` folder's shards are its `state.json` `_data_files`, in order; a folder without one is
   read as its `*.parquet` shards (else `*.arrow`), sorted by name; a file-name pattern (`train-*.parquet`)
   as the files it matches, sorted. A folder that mixes several splits' shards (the hub's `data/` folder:
@@ -28,7 +34,9 @@ Design choices:
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import re
 from pathlib import Path
 from typing import Any, Iterator
@@ -37,6 +45,8 @@ from vlm.data.embedded import EmbeddedImage, import_pyarrow
 from vlm.data.errors import DataError
 
 TABLE_SUFFIXES = (".parquet", ".arrow", ".feather")
+TABLE_CACHE_ENV = "VLM_TABLE_CACHE"
+_COPY_ROWS = 64  # rows per batch while copying Parquet to Arrow: bounds the copy's memory (64 images)
 _SHARD = re.compile(r"(.+?)-\d{5}-of-\d{5}")  # datasets' / the hub's shard names: <split>-00000-of-00003...
 _BATCH_ROWS = 1024
 
@@ -119,8 +129,10 @@ def iter_table_records(path: str | Path) -> Iterator[dict]:
 
 def _file_records(file: Path) -> Iterator[dict]:
     pa = import_pyarrow()
-    reference = str(file.resolve())
     try:
+        if file.suffix.lower() == ".parquet" and image_columns(pa, pa.parquet.read_schema(file)):
+            file = arrow_copy(pa, file)  # cells are then read from the memory-mapped copy (module docstring)
+        reference = str(file.resolve())
         schema, batches = _batches(pa, file)
         images = image_columns(pa, schema)
         row = 0
@@ -137,16 +149,48 @@ def _file_records(file: Path) -> Iterator[dict]:
                         "file? (--data_path)") from None
 
 
+def table_cache_dir() -> Path:
+    """Where Arrow copies of Parquet image tables go: `$VLM_TABLE_CACHE`, else `$XDG_CACHE_HOME/vlm/tables`
+    (`~/.cache/vlm/tables`)."""
+    if os.environ.get(TABLE_CACHE_ENV):
+        return Path(os.environ[TABLE_CACHE_ENV])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "vlm" / "tables"
+
+
+def arrow_copy(pa: Any, parquet: Path) -> Path:
+    """The Arrow IPC copy of a Parquet file, made on first use (streamed `_COPY_ROWS` rows at a time) and kept,
+    named by the file's path, size and mtime, so a changed file gets a new copy. Written to a temporary name
+    and renamed: processes making it at once (DDP ranks) each finish a whole file, and the last rename wins."""
+    st = parquet.stat()
+    key = hashlib.sha256(f"{parquet.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    copy = table_cache_dir() / f"{parquet.name[:60]}-{key}.arrow"  # named after its source in messages
+    if copy.is_file():
+        return copy
+    copy.parent.mkdir(parents=True, exist_ok=True)
+    tmp = copy.with_name(f"{copy.name}.{os.getpid()}.tmp")
+    # read in 1 MiB pieces, not mapped (mapped pages would count as this process's memory): the peak is about
+    # two row groups' image column (bench/RESULTS.md), whatever the file's size
+    source = pa.parquet.ParquetFile(parquet, buffer_size=1 << 20, pre_buffer=False)
+    pool = pa.default_memory_pool()
+    try:
+        with pa.ipc.new_file(str(tmp), source.schema_arrow) as writer:
+            for batch in source.iter_batches(batch_size=_COPY_ROWS, use_threads=False):
+                writer.write_batch(batch)
+                del batch
+                pool.release_unused()  # the allocator (mimalloc) keeps freed batches otherwise
+        os.replace(tmp, copy)
+    finally:
+        del source
+        pool.release_unused()
+        tmp.unlink(missing_ok=True)
+    return copy
+
+
 def _batches(pa: Any, file: Path) -> tuple[Any, Iterator]:
-    """(Arrow schema, record batches without image bytes where the format allows)."""
-    if file.suffix.lower() == ".parquet":
+    """(Arrow schema, record batches): Parquet read in batches, Arrow memory-mapped (zero-copy)."""
+    if file.suffix.lower() == ".parquet":  # no image column (those are read from their Arrow copy)
         parquet = pa.parquet.ParquetFile(file, memory_map=True)
-        schema = parquet.schema_arrow
-        images = image_columns(pa, schema)
-        leaves = [parquet.schema.column(i).path for i in range(len(parquet.schema))]
-        wanted = [leaf for leaf in leaves
-                  if not (leaf.split(".", 1)[0] in images and leaf.endswith(".bytes"))]
-        return schema, parquet.iter_batches(batch_size=_BATCH_ROWS, columns=wanted, use_threads=False)
+        return parquet.schema_arrow, parquet.iter_batches(batch_size=_BATCH_ROWS, use_threads=False)
     source = pa.memory_map(str(file))
     try:
         reader = pa.ipc.open_file(source)

@@ -201,6 +201,47 @@ def test_a_llava_hf_export_of_the_model_gives_the_same_predictions(setup, tmp_pa
     assert json.loads((tmp_path / "out" / "metrics.json").read_text())["template"] == "tokenizer"
 
 
+def test_a_lora_run_is_evaluated_as_the_adapted_model(setup, tmp_path):
+    """A vlm LoRA run folder (adapter + base named by path) through the one loader: the predictions are the
+    in-memory adapted model's answers."""
+    import torch
+    from transformers import Qwen2ForCausalLM
+
+    import vlm
+    from inference_helpers import tiny_tokenizer
+    from vlm.folders.kinds import record_template
+    from vlm.folders.lora import apply_lora, save_lora_run
+    from vlm.generate.decoding import GenerationSettings
+    from vlm.generate.generator import Generator
+    from vlm.tiny import tiny_llm_config, tiny_vision_config
+    from vlm.visual.processor import ImageProcessor
+
+    _, images, _ = setup
+    torch.manual_seed(0)
+    Qwen2ForCausalLM(tiny_llm_config("qwen2", vocab_size=256)).save_pretrained(tmp_path / "base")
+    tokenizer = tiny_tokenizer()
+    config = vlm.VLMConfig(vision=vlm.VisionConfig(hf_config=tiny_vision_config("clip").to_dict()),
+                           llm=vlm.LLMConfig(name_or_path=str(tmp_path / "base")))
+    model = apply_lora(vlm.build_model(config, tokenizer=tokenizer), r=4, alpha=8)
+    for name, p in model.named_parameters():  # B starts at zero: make the adapter change the answers
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.3)
+    model.eval()
+    processor = ImageProcessor.from_vision_config(model.vlm_config.vision.hf_config, aspect_ratio="pad")
+    save_lora_run(model, tmp_path / "run", tokenizer=tokenizer, image_processor=processor)
+    record_template(tmp_path / "run", "chatml")
+    live = Generator(model, tokenizer, processor, "chatml", 512, GenerationSettings(max_new_tokens=int(MAX_NEW_TOKENS)))
+    expected = [live.answer(f"<image>\n{QUESTIONS[0]}", str(images / f"{n}.png")) for n in COLORS]
+    with model.disable_adapter():  # the adapter matters: a loader that dropped it would answer otherwise
+        assert [live.answer(f"<image>\n{QUESTIONS[0]}", str(images / f"{n}.png")) for n in COLORS] != expected
+    data = tmp_path / "eval.json"
+    data.write_text(json.dumps([llava(f"q{i}", f"{n}.png", QUESTIONS[0], "red") for i, n in enumerate(COLORS)]))
+    code = command("eval")(["--model", str(tmp_path / "run"), "--data_path", str(data), "--image_folder", str(images),
+                            "--output_dir", str(tmp_path / "out"), "--max_new_tokens", MAX_NEW_TOKENS, "--no-blind"])
+    rows = [json.loads(line) for line in (tmp_path / "out" / "predictions.jsonl").read_text().splitlines()]
+    assert code == 0 and [r["prediction"] for r in rows] == expected
+
+
 BAD = {
     "missing_field": ([llava("a", "red.png", "q", "red", answers=["red"] * 10), llava("b", "red.png", "q", "red")],
                       ["--metric", "vqa", "--references_field", "answers"],

@@ -341,3 +341,26 @@ def test_parquet_image_cells_are_read_from_an_arrow_copy_made_once(chartqa, tabl
     os.utime(table, ns=(made, made + 10**9))
     assert MixedRecords([Source(str(table))])[0][0]["images"][0]["table"] != first
     assert not list(table_cache.glob("*.tmp"))
+
+
+def test_in_memory_embedded_images_in_plain_samples(tmp_path):
+    """`{"bytes", "path"}` entries (as `datasets` hands out an undecoded Image cell) are checked and decoded like
+    the files they hold; `{"bytes": None, "path": ...}` is that file under the image folder."""
+    from vlm.data.paths import ImageFolder
+
+    png = noise_png(tmp_path / "n.png", 10, 7)
+    data = png.read_bytes()
+
+    def sample(sample_id, image):
+        return {"id": sample_id, "images": [image], "messages": [{"role": "user", "content": "<image>\nWhat?"},
+                                                                  {"role": "assistant", "content": "noise"}]}
+
+    samples = [sample("bytes", {"bytes": data, "path": "n.png"}), sample("by_path", {"bytes": None, "path": "n.png"}),
+               sample("broken", {"bytes": data[:40], "path": None}), sample("gone", {"bytes": None, "path": "x.png"}),
+               sample("bad_entry", {"bytes": "not bytes"})]
+    kept, report = check_dataset(samples, image_folder=str(tmp_path), **CHECK)
+    assert kept == [0, 1]
+    assert {p["id"]: p["reason"] for p in report["problems"]} == {"broken": "unreadable_image", "gone": "missing_image",
+                                                                  "bad_entry": "bad_schema"}
+    expected = np.asarray(Image.open(png).convert("RGB"))
+    assert (np.asarray(ImageFolder(str(tmp_path)).open({"bytes": data, "path": None})) == expected).all()

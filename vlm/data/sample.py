@@ -8,7 +8,9 @@ A **preference sample** is the same with `"chosen": str` and `"rejected": str` a
 the prompt and end with a user turn (only a preference sample may end so). An entry of `images` is a
 relative path, or an **embedded image** (an image stored inside a table, as the `datasets` Image feature
 stores it), a dict in one of two forms:
-- `{"bytes": <the encoded image file>, "path": str | None}`: in memory (samples built in Python);
+- `{"bytes": <the encoded image file>, "path": str | None}`: in memory (samples built in Python); with
+  `"bytes": None` the image is the file `path` under the image folder (as `datasets` stores a file it did
+  not embed);
 - `{"table": <data file>, "row": int, "column": str, "item"?: int, "path": str | None}`: a reference to
   a cell of a Parquet / Arrow table (`item`: the position in a list-of-images cell), what the table
   readers produce; the bytes are read from the memory-mapped file when the sample is used
@@ -150,8 +152,11 @@ def _embedded_problem(image: dict) -> str | None:
         return (f"an embedded image is {{'bytes', 'path'}} or {{'table', 'row', 'column', 'item'?, 'path'}}, "
                 f"got keys {sorted(image)}")
     if "bytes" in image:
-        if not isinstance(image["bytes"], (bytes, bytearray, memoryview)) or {"table", "row", "column", "item"} & set(image):
-            return f"an embedded image's 'bytes' must be the image file's bytes (and no table reference), got {image!r:.100}"
+        data = image["bytes"]
+        if {"table", "row", "column", "item"} & set(image) or not (
+                isinstance(data, (bytes, bytearray, memoryview)) or (data is None and path)):
+            return (f"an embedded image's 'bytes' must be the image file's bytes (or None with a 'path'), and no table "
+                    f"reference, got {image!r:.100}")
         return None
     table, row, column, item = image.get("table"), image.get("row"), image.get("column"), image.get("item", 0)
     if not (isinstance(table, str) and table and "\x00" not in table and isinstance(column, str)

@@ -46,7 +46,7 @@ from vlm.data.errors import DataError
 
 TABLE_SUFFIXES = (".parquet", ".arrow", ".feather")
 TABLE_CACHE_ENV = "VLM_TABLE_CACHE"
-_COPY_ROWS = 64  # rows per batch while copying Parquet to Arrow: bounds the copy's memory (64 images)
+_COPY_ROWS = 64  # rows per batch while copying Parquet to Arrow (the peak is about two row groups: RESULTS.md)
 _SHARD = re.compile(r"(.+?)-\d{5}-of-\d{5}")  # datasets' / the hub's shard names: <split>-00000-of-00003...
 _BATCH_ROWS = 1024
 

@@ -88,6 +88,7 @@ def test_eval_steps_sets_the_strategy_and_the_flags_are_checked_together(workspa
         ([*eval_flags(workspace), "--eval_metric", "bleu"], "--eval_metric 'bleu': expected one of"),
         ([*eval_flags(workspace), "--eval_generation_samples", "-1"], "expected N >= 0"),
         (["--eval_generation_samples", "2"], "needs --eval_data_path"),
+        ([*eval_flags(workspace), "--eval_references_field", "answers"], "add --eval_generation_samples N"),
         ([*eval_flags(workspace), "--eval_generation_samples", "2", "--deepspeed", "zero3"], "ZeRO-3 or FSDP"),
         (["--load_best_model_at_end", "--save_steps", "4"], "--load_best_model_at_end needs evaluations to compare"),
         # transformers' own check of its flags, as a one-line ConfigError
@@ -106,13 +107,11 @@ def test_eval_steps_without_data_is_one_line_and_exit_2(workspace, tmp_path, cap
     assert not (tmp_path / "x").exists()
 
 
-def test_every_eval_metric_is_vlm_evals_per_answer_metric():
+def test_every_eval_metric_is_one_of_vlm_evals_per_answer_metrics():
     from vlm.eval.metrics import METRICS
-    from vlm.train.evaluation import EVAL_METRICS, metric_scorer
+    from vlm.train.evaluation import EVAL_METRICS
 
     assert set(EVAL_METRICS) == set(METRICS)
-    for name in EVAL_METRICS:
-        assert metric_scorer(name) is METRICS[name]
 
 
 # -- 2. the run: eval data, eval_loss, the generation metric ----------------------------------------------
@@ -160,42 +159,84 @@ def test_eval_loss_is_transformers_loss_on_full_logits_padded_or_packed(best_run
     assert padded == pytest.approx(full.loss.item(), rel=1e-5) and packed == pytest.approx(padded, rel=1e-5)
 
 
-def test_generation_metric_scores_the_models_greedy_answers(best_run, workspace, tmp_path):
-    """References equal to an (untrained, so talkative) model's own greedy answers for two of four eval samples, a
-    wrong one for the others: eval_exact is 0.5, so the metric answers the right questions, with the right images
-    and template, through the one decode loop, and scores them."""
-    from vlm.data.dataset import SupervisedDataset
+@pytest.fixture(scope="module")
+def talkative(workspace, tmp_path_factory):
+    """An untrained model (it answers something) and its greedy answers (6 new tokens) to the first 4 eval
+    questions, by a `Generator` of its own."""
     from vlm.data.paths import ImageFolder
-    from vlm.eval.evaluate import evaluate_exact_match
     from vlm.generate.decoding import GenerationSettings
-    from vlm.generate.generator import Generator, load_generator
-    from vlm.train.evaluation import GenerationEval
+    from vlm.generate.generator import Generator
     from vlm.train.model_setup import build_for_training
 
-    config = RunConfig.from_flags(flags(workspace, tmp_path / "unused"))
+    config = RunConfig.from_flags(flags(workspace, tmp_path_factory.mktemp("unused")))
     model, tokenizer, image_processor = build_for_training(config.model, config.data, config.training)
     model.eval()
-    records, folder = workspace["eval_records"][:4], workspace["images"]
+    records = workspace["eval_records"][:4]
     generator = Generator(model, tokenizer, image_processor, "v1", 2048, GenerationSettings(max_new_tokens=6))
     answers = [generator.reply([{"role": "user", "content": r["conversations"][0]["value"]}],
-                               [ImageFolder(folder).open(r["image"])]).strip() for r in records]
+                               [ImageFolder(workspace["images"]).open(r["image"])]).strip() for r in records]
     assert all(answers), answers
-    edited = [{**r, "conversations": [r["conversations"][0], {"from": "gpt", "value": a if i % 2 == 0 else "zzz " + a}]}
-              for i, (r, a) in enumerate(zip(records, answers))]
-    path = tmp_path / "answers.json"
-    path.write_text(json.dumps(edited))
-    dataset = SupervisedDataset(str(path), tokenizer, "v1", image_processor, image_folder=folder,
-                                num_image_tokens=model.vlm_config.num_image_tokens)
+    return {"model": model, "tokenizer": tokenizer, "image_processor": image_processor, "records": records,
+            "answers": answers}
+
+
+def _eval_dataset(talkative, records: list[dict], path: Path, images: Path):
+    """`records` as build_eval_dataset reads eval data (every field kept in `meta`)."""
+    from vlm.data.dataset import SupervisedDataset
+    from vlm.data.mix import MixedRecords, parse_sources
+
+    path.write_text(json.dumps(records))
+    return SupervisedDataset(MixedRecords(parse_sources(str(path), str(images)), keep_meta=True),
+                             talkative["tokenizer"], "v1", talkative["image_processor"],
+                             num_image_tokens=talkative["model"].vlm_config.num_image_tokens)
+
+
+def _with_reply(record: dict, reply: str, **extra) -> dict:
+    return {**record, "conversations": [record["conversations"][0], {"from": "gpt", "value": reply}], **extra}
+
+
+def test_generation_metric_scores_the_models_greedy_answers(talkative, workspace, best_run, tmp_path):
+    """References equal to the model's own greedy answers for two of four eval samples, a wrong one for the others:
+    eval_exact is 0.5, so the metric answers the right questions, with the right template, through the one decode
+    loop, and scores them."""
+    from vlm.eval.evaluate import evaluate_exact_match
+    from vlm.generate.generator import load_generator
+    from vlm.train.evaluation import GenerationEval
+
+    t = talkative
+    images = Path(workspace["images"])
+    records = [_with_reply(r, a if i % 2 == 0 else "zzz " + a)
+               for i, (r, a) in enumerate(zip(t["records"], t["answers"]))]
+    dataset = _eval_dataset(t, records, tmp_path / "answers.json", images)
     metric = GenerationEval(dataset, 4, "exact", template="v1", batch_size=3, max_new_tokens=6)
-    score, produced = metric.compute(model, tokenizer, image_processor)
-    assert [p.strip() for p in produced] == answers and score == 0.5
-    assert metric(model, tokenizer, image_processor) == {"eval_exact": 0.5}
+    score, produced = metric.compute(t["model"], t["tokenizer"], t["image_processor"])
+    assert [p.strip() for p in produced] == t["answers"] and score == 0.5
+    assert metric(t["model"], t["tokenizer"], t["image_processor"]) == {"eval_exact": 0.5}
     # the metric logged at the best step is what `vlm eval` measures on the saved (best) model
     best = next(r for r in best_run["evals"] if r["step"] == 2)
     saved = load_generator(best_run["result"].model_dir)
     measured = evaluate_exact_match(saved.model, saved.tokenizer, saved.image_processor, workspace["eval_records"][:3],
-                                    folder, template="v1", max_new_tokens=32)["accuracy"]
+                                    str(images), template="v1", max_new_tokens=32)["accuracy"]
     assert best["eval_exact"] == pytest.approx(measured)
+
+
+def test_vqa_metric_reads_the_annotators_answers_from_a_field(talkative, workspace, tmp_path):
+    """--eval_metric vqa with --eval_references_field answers: the official VQA accuracy, min(#other annotators
+    agreeing / 3, 1) averaged over the 10 leave-one-out subsets: 3 of 10 agreeing -> (3 * 2/3 + 7 * 1) / 10 = 0.9;
+    10 of 10 -> 1.0. With the final reply as the only reference, a right answer could never score: refused."""
+    from vlm.train.evaluation import GenerationEval
+
+    t, images = talkative, Path(workspace["images"])
+    first, second = t["records"][:2]
+    records = [_with_reply(first, "ignored", answers=[t["answers"][0]] * 3 + [f"no{i}" for i in range(7)]),
+               _with_reply(second, "ignored", answers=[t["answers"][1]] * 10)]
+    dataset = _eval_dataset(t, records, tmp_path / "vqa.json", images)
+    metric = GenerationEval(dataset, 2, "vqa", template="v1", batch_size=2, references_field="answers",
+                            max_new_tokens=6)
+    score, _ = metric.compute(t["model"], t["tokenizer"], t["image_processor"])
+    assert score == pytest.approx((0.9 + 1.0) / 2)
+    with pytest.raises(ConfigError, match=r"eval sample 0 .*1 reference answer.*--eval_references_field FIELD"):
+        GenerationEval(dataset, 2, "vqa", template="v1", batch_size=2)
 
 
 # -- 3. the best checkpoint -------------------------------------------------------------------------------

@@ -75,7 +75,7 @@ def read_items(data_path: str | Path, *, metric: str, image_folder: str | None =
         try:
             if isinstance(sample, SampleError):
                 raise sample
-            items.append(_item(sample, index, metric, folder, references_field))
+            items.append(eval_item(sample, index, metric, folder, references_field))
         except SampleError as exc:
             detail = _READER_PREFIX.sub("", exc.detail)
             bad.append((index, exc.sample_id or (sample.get("id") if isinstance(sample, dict) else None),
@@ -90,7 +90,9 @@ def read_items(data_path: str | Path, *, metric: str, image_folder: str | None =
     return merge_captions(items) if metric == "caption" else items
 
 
-def _item(sample: dict, index: int, metric: str, folder: ImageFolder, references_field: str | None) -> EvalItem:
+def eval_item(sample: dict, index: int, metric: str, folder: ImageFolder, references_field: str | None) -> EvalItem:
+    """One canonical sample (`meta` kept) as an item, as `read_items` makes each (also used by training-time
+    evaluation, `vlm.train.evaluation`); a SampleError when it cannot be evaluated."""
     messages = list(sample["messages"])
     answer = None
     if messages and messages[-1].get("role") == "assistant":

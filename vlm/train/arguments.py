@@ -103,6 +103,8 @@ class DataArguments:
         "help": "read and checked like --data_path; eval_loss every --eval_steps N"})
     eval_image_folder: str | None = field(default=None, metadata={
         "help": "image folder(s) of the eval data (default: --image_folder)"})
+    eval_references_field: str | None = field(default=None, metadata={
+        "help": "the records' field of reference answers (default: the final reply)"})
 
 
 @dataclass

@@ -8,9 +8,9 @@ What the Trainer logs at each evaluation (`metrics.jsonl`, the loss plot, `--rep
   or padded) and the supervised-only loss (`VLMTrainer.prediction_step` asks the model to skip the (B, T, V)
   logits, as transformers does for Liger kernels: `skip_logits`);
 - `eval_<metric>` when `--eval_generation_samples N` > 0: greedy answers to the first N eval samples (the
-  conversation up to its last user turn; the last assistant reply is the reference) through the one decode
-  loop (`vlm.generate.generator.Generator.reply_many`) with the run's template, scored per sample by
-  `--eval_metric` and averaged.
+  conversation up to its last user turn) through the one decode loop (`vlm.generate.generator.Generator.
+  reply_many`) with the run's template, scored as `vlm eval` scores them (`vlm.eval.items.eval_item`: the
+  references are the final reply or `--eval_references_field`, VQA's ten answers; `vlm.eval.metrics.corpus_scores`).
 
 Design choices:
 - The eval data is read and validated exactly like the training data (`vlm.train.dataset`: same readers, same
@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Any, Callable
+from typing import Any
 
 from vlm.errors import ConfigError
 
@@ -55,6 +55,9 @@ def check_evaluation(data_args, training_args) -> None:
         raise ConfigError("--eval_image_folder without --eval_data_path: add the eval data, or drop the flag")
     if training_args.eval_generation_samples and not data_args.eval_data_path:
         raise ConfigError("--eval_generation_samples needs --eval_data_path (the samples it answers)")
+    if data_args.eval_references_field and not training_args.eval_generation_samples:
+        raise ConfigError(f"--eval_references_field {data_args.eval_references_field} names the answers of the "
+                          "generation metric: add --eval_generation_samples N, or drop the flag")
     if training_args.eval_generation_samples and (training_args.deepspeed and _zero3(training_args.deepspeed)
                                                    or training_args.fsdp):
         raise ConfigError("--eval_generation_samples under DeepSpeed ZeRO-3 or FSDP is not supported (every rank "
@@ -100,7 +103,8 @@ def build_eval_dataset(data_args, training_args, tokenizer, image_processor, num
     from vlm.train.dataset import _validated, build_sources, write_report
 
     eval_args = eval_data_arguments(data_args)
-    records = MixedRecords(build_sources(eval_args), seed=training_args.seed)
+    # meta kept: a --eval_references_field, a choice question's options (vlm.eval.items)
+    records = MixedRecords(build_sources(eval_args), seed=training_args.seed, keep_meta=True)
     kept, report = _validated(records, eval_args, training_args, tokenizer, num_image_tokens, template)
     report_path = write_report(report, training_args, EVAL_REPORT, label="eval data")
     enforce_max_drop_ratio(report, data_args.max_drop_ratio, report_path=report_path)
@@ -110,36 +114,25 @@ def build_eval_dataset(data_args, training_args, tokenizer, image_processor, num
                              on_bad_image="replace")  # an image gone bad since the check: its neighbour instead
 
 
-def metric_scorer(name: str) -> Callable[[str, list[str]], float]:
-    """score(prediction, references) -> [0, 1] of `--eval_metric name`: `vlm eval`'s per-answer metric of that
-    name (`vlm.eval.metrics.METRICS`: official VQA accuracy, ChartQA relaxed accuracy, option letter, exact)."""
-    from vlm.eval.metrics import METRICS
+def generation_items(dataset, n: int, metric: str, references_field: str | None = None) -> list[tuple[Any, Any]]:
+    """(`vlm.eval.items.EvalItem`, image folder) of the first `n` samples of the eval dataset (its order, kept
+    samples only), made as `vlm eval` makes its items (`eval_item`): the prompt is the conversation up to its last
+    user turn; the references are the final reply, or the record's `references_field` (VQA's ten answers); the
+    options for `choice`. A sample that cannot be scored so is a ConfigError before training starts."""
+    from vlm.data.errors import SampleError
+    from vlm.eval.items import eval_item
 
-    if name not in EVAL_METRICS:
-        raise ConfigError(f"--eval_metric {name!r}: expected one of {', '.join(EVAL_METRICS)}")
-    return METRICS[name]
-
-
-@dataclasses.dataclass
-class GenerationQuestion:
-    """One eval sample as a question: the conversation up to its last user turn, its images, the reference."""
-    messages: list[dict]
-    images: list[Any]  # entries of the sample's `images` (paths or embedded images), opened with `folder`
-    folder: Any  # vlm.data.paths.ImageFolder
-    references: list[str]
-
-
-def generation_questions(dataset, n: int) -> list[GenerationQuestion]:
-    """The first `n` samples of the eval dataset (its order, kept samples only) as questions: each sample's last
-    assistant reply is the reference, what comes before it the prompt."""
-    questions = []
+    items = []
     for index in range(min(n, len(dataset))):
-        sample, folder, _ = dataset.records[dataset._positions[index]]
-        messages = sample["messages"]
-        last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
-        questions.append(GenerationQuestion(messages=[dict(m) for m in messages[:last]], images=list(sample["images"]),
-                                            folder=folder, references=[messages[last]["content"]]))
-    return questions
+        sample, folder, where = dataset.records[dataset._positions[index]]
+        try:
+            items.append((eval_item(sample, index, metric, folder, references_field), folder))
+        except SampleError as exc:  # vlm eval's flag names in its message are ours here
+            detail = exc.detail.replace("--references_field", "--eval_references_field").replace(
+                "--metric ", "--eval_metric ")
+            raise ConfigError(f"--eval_generation_samples {n} --eval_metric {metric}: eval sample {index} (id "
+                              f"{sample.get('id')!r}, {where}): {detail}") from None
+    return items
 
 
 class GenerationEval:
@@ -148,7 +141,8 @@ class GenerationEval:
     Args:
         dataset: the eval `SupervisedDataset`.
         n: how many of its first samples to answer.
-        metric: an `EVAL_METRICS` name.
+        metric: an `EVAL_METRICS` name (`vlm.eval.metrics`, scored as `vlm eval` scores it).
+        references_field: the records' field holding the reference answers (None: the final reply).
         template: the run's chat template.
         batch_size: questions decoded together (the run's --per_device_eval_batch_size).
         max_new_tokens: the answer budget; None: the longest reference's tokens + `GENERATION_HEADROOM` (an answer
@@ -156,13 +150,14 @@ class GenerationEval:
     """
 
     def __init__(self, dataset, n: int, metric: str, *, template: str, batch_size: int,
-                 max_new_tokens: int | None = None):
-        self.questions = generation_questions(dataset, n)
-        if not self.questions:
+                 references_field: str | None = None, max_new_tokens: int | None = None):
+        if metric not in EVAL_METRICS:
+            raise ConfigError(f"--eval_metric {metric!r}: expected one of {', '.join(EVAL_METRICS)}")
+        self.items = generation_items(dataset, n, metric, references_field)
+        if not self.items:
             raise ConfigError("--eval_generation_samples: the eval data kept no sample to answer")
         self.max_new_tokens = max_new_tokens
         self.metric = metric
-        self.score = metric_scorer(metric)
         self.template = template
         self.batch_size = batch_size
 
@@ -183,25 +178,27 @@ class GenerationEval:
         """(mean score, the answers) on this process."""
         import torch
 
+        from vlm.eval.metrics import corpus_scores
         from vlm.folders.load import context_length
         from vlm.generate.decoding import GenerationSettings
         from vlm.generate.generator import Generator
 
+        items = [item for item, _ in self.items]
         budget = self.max_new_tokens or GENERATION_HEADROOM + max(
-            len(tokenizer(r, add_special_tokens=False)["input_ids"]) for q in self.questions for r in q.references)
+            len(tokenizer(r, add_special_tokens=False)["input_ids"]) for item in items for r in item.references)
         generator = Generator(model, tokenizer, image_processor, self.template, context_length(model, tokenizer),
                               GenerationSettings(temperature=0.0, max_new_tokens=budget))
-        images = [[q.folder.open(image) for image in q.images] for q in self.questions]
+        images = [[folder.open(image) for image in item.images] for item, folder in self.items]
         was_training = model.training
         model.eval()
         try:
             with torch.no_grad():
-                answers = generator.reply_many([q.messages for q in self.questions], images,
-                                               batch_size=self.batch_size)
+                answers = generator.reply_many([item.messages for item in items], images, batch_size=self.batch_size)
         finally:
             model.train(was_training)
-        scores = [self.score(answer, q.references) for answer, q in zip(answers, self.questions)]
-        return sum(scores) / len(scores), answers
+        scores = corpus_scores(self.metric, answers, [item.references for item in items],
+                               options=[item.options for item in items])
+        return scores[self.metric], answers
 
 
 def _broadcast(value: list) -> None:

@@ -144,7 +144,8 @@ def _evaluation(config: RunConfig, model, tokenizer, image_processor, template: 
     generation = None
     if training.eval_generation_samples:
         generation = GenerationEval(dataset, training.eval_generation_samples, training.eval_metric,
-                                    template=template, batch_size=training.per_device_eval_batch_size)
+                                    template=template, batch_size=training.per_device_eval_batch_size,
+                                    references_field=config.data.eval_references_field)
     return dataset, generation
 
 

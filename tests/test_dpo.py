@@ -321,13 +321,14 @@ def test_lora_reference_is_the_start_model_and_no_second_model(pairs, model_part
     _, tokenizer, processor = model_parts
     model = _fresh(tokenizer)
     model.mm_projector.requires_grad_(True)
-    peft_model = apply_lora(model, r=4, alpha=8, dropout=0.0)
+    # trained adapters with dropout: the reference forward must not drop anything (eval mode)
+    peft_model = apply_lora(model, r=4, alpha=8, dropout=0.0 if adapters == "new" else 0.5)
     if adapters == "trained":
         with torch.no_grad():
             for name, p in peft_model.named_parameters():
                 if "lora_B" in name:
                     p.normal_(0, 0.5)
-    start = copy.deepcopy(peft_model)  # the test's own copy, to compare with
+    start = copy.deepcopy(peft_model).eval()  # the test's own copy, to compare with
     data = PairList(_more_pairs(samples), folder, tokenizer, processor, model.vlm_config.num_image_tokens)
     trainer = _trainer(tmp_path, peft_model, tokenizer, data, lora=True)
     assert trainer.ref_model is None  # no second model

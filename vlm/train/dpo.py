@@ -22,7 +22,8 @@ The trainer:
   other parameters that train (the projector, a trainable vision tower, LoRA-trained biases) at their start
   values, swapped in for the reference forward from a copy of those parameters only, never of the LLM (adapters
   that start trained, from `--lora_weight_path`, are part of the start model: their start values are swapped in
-  too, instead of disabling them, as TRL keeps a "ref" copy of such an adapter); without LoRA a frozen copy of the
+  too, instead of disabling them, as TRL keeps a "ref" copy of such an adapter), in eval mode (no dropout) for
+  that forward; without LoRA a frozen copy of the
   start model (eval mode, no gradients); with `--precompute_ref_log_probs` neither: the reference log-probs of
   every pair are computed once before training, by process 0, from the start model, and stored in the output
   folder (`REF_LOG_PROBS_FILE`), which a resume reads back;
@@ -174,9 +175,10 @@ class DPOTrainer(VLMTrainer):
         if self.lora:
             peft_model = self.accelerator.unwrap_model(self.model)
             adapters_off = peft_model.disable_adapter() if self._disable_adapters else contextlib.nullcontext()
-            with adapters_off, self._start_values():
+            with adapters_off, self._start_values(), eval_mode(peft_model):
                 return pair_log_probs(peft_model, batch)
-        return pair_log_probs(unwrap(self.model), batch)  # precomputing, before any step: the start model itself
+        with eval_mode(unwrap(self.model)):  # precomputing, before any step: the start model itself
+            return pair_log_probs(unwrap(self.model), batch)
 
     def _reference(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         b = batch[PAIR_INDEX_KEY].numel()
@@ -258,6 +260,17 @@ class DPOTrainer(VLMTrainer):
 
 METRIC_NAMES = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
                 "logps/rejected")
+
+
+@contextlib.contextmanager
+def eval_mode(model: torch.nn.Module):
+    """`model` in eval mode inside the block (no dropout: the reference is deterministic, as the frozen copy is)."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
 
 
 def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:

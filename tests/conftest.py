@@ -20,6 +20,14 @@ def pytest_configure(config):
     threads = int(os.environ.get(TEST_THREADS_ENV, DEFAULT_TEST_THREADS))
     torch.set_num_threads(threads)
     os.environ["OMP_NUM_THREADS"] = str(threads)  # the scripts tests start as subprocesses
+    # Parquet image tables are copied to Arrow once (vlm.data.formats.table): into the run's temporary folder,
+    # never the user's ~/.cache, unless the caller chose a cache.
+    if "VLM_TABLE_CACHE" not in os.environ:
+        import shutil
+        import tempfile
+
+        os.environ["VLM_TABLE_CACHE"] = cache = tempfile.mkdtemp(prefix="vlm-test-tables-")
+        config.add_cleanup(lambda: shutil.rmtree(cache, ignore_errors=True))
 
 
 TINY_CORPUS = [

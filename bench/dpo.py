@@ -39,6 +39,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # vlm from this checkout
 
 from common import PeakRss, append_result, emit, load_average, parse_result, rss_mib, summarise  # noqa: E402
 

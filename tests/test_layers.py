@@ -19,7 +19,7 @@ LAYERS: dict[str, int] = {
     "vlm.data": 1, "vlm.visual": 1, "vlm.projector": 1, "vlm.llm": 1,
     "vlm.model": 2, "vlm.quantization": 2, "vlm.folders": 2, "vlm.processing": 2, "vlm.tiny": 2,
     "vlm.train": 3, "vlm.generate": 3, "vlm.eval": 3, "vlm.serve": 3,
-    "vlm.cli": 4, "vlm.demo": 4, "vlm.__main__": 4,
+    "vlm.cli": 4, "vlm.demo": 4, "vlm.demo_preference": 4, "vlm.__main__": 4,
 }
 
 

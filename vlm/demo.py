@@ -331,11 +331,17 @@ FLAG_HELP = {
 
 def build_parser() -> argparse.ArgumentParser:
     """`vlm demo` flags: one per DemoConfig field (`--output_dir` for `run_dir`), defaults shown."""
-    parser = argparse.ArgumentParser(prog="vlm demo", description=__doc__.split("\n\n")[0])
-    for name, value in asdict(DemoConfig()).items():
+    return config_parser("vlm demo", __doc__.split("\n\n")[0], DemoConfig(), FLAG_HELP)
+
+
+def config_parser(prog: str, description: str, config, flag_help: dict[str, str]) -> argparse.ArgumentParser:
+    """A parser with one flag per field of the dataclass `config` (`--output_dir` for `run_dir`), its values as
+    the defaults (shown), `flag_help` as the help (the demo's and the preference demo's flags)."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    for name, value in asdict(config).items():
         flags = ["--output_dir"] if name == "run_dir" else [f"--{name}"]
         kind = str if name == "run_dir" else (type(value) if value is not None else int)
-        help_ = FLAG_HELP.get(name, "demo setting") + ("" if name == "run_dir" else " (default: %(default)s)")
+        help_ = flag_help.get(name, "demo setting") + ("" if name == "run_dir" else " (default: %(default)s)")
         if kind is bool:
             parser.add_argument(*flags, dest=name, type=lambda s: s.lower() in ("1", "true", "yes"), default=value,
                                 help=help_)

@@ -100,6 +100,9 @@ def main(argv: list[str] | None = None) -> int:
     if name not in SUBCOMMANDS:
         print(f"vlm: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
         return 2
+    if name == "demo" and "--preference" in rest:  # the demo, then DPO from it (vlm.demo_preference builds on vlm.demo)
+        module = importlib.import_module("vlm.demo_preference")
+        return run("vlm demo --preference", module.main, [a for a in rest if a != "--preference"])
     module = importlib.import_module(SUBCOMMANDS[name][0])
     return run(f"vlm {name}", module.main, rest)
 

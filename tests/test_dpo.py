@@ -506,3 +506,18 @@ def test_dpo_flags_parse_and_are_checked(tmp_path):
                          (["--method", "dpo", "--packing"], "--packing"), (["--method", "ppo"], "ppo")]:
         with pytest.raises(ConfigError, match=named):
             parse_args([*base, *flags])
+
+
+def test_dpo_on_plain_conversations_is_one_line(workspace, tmp_path):
+    """Supervised data given to --method dpo is refused before training, naming a sample and the way out."""
+    from vlm.errors import ConfigError
+    from vlm.train.config import RunConfig
+    from vlm.train.run import run
+
+    sft_data = str(Path(workspace["data"]).with_name("train.json"))  # the same pictures' supervised conversations
+    flags = [f if f != workspace["data"] else sft_data
+             for f in dpo_flags(workspace, tmp_path / "out", "--max_steps", "1")]
+    with pytest.raises(ConfigError, match="plain conversation .*--method sft") as caught:
+        run(RunConfig.from_flags(flags))
+    assert "\n" not in str(caught.value)
+    assert not (tmp_path / "out" / "model.safetensors").exists()

@@ -122,7 +122,8 @@ def main() -> int:
     first = {mode: results[mode][0]["first_logps"] for mode in MODES}
     # the same pairs, the same answer log-probs (the loss itself is log 2 at the first step: policy = reference)
     assert all(abs(a - b) <= 1e-4 * abs(b) for a, b in zip(first["answer"], first["full"])), first
-    table = ["| answers scored | peak growth MiB min | median | s/step min | median |", "| --- | --- | --- | --- | --- |"]
+    table = ["| answers scored | peak growth MiB min | median | s/step min | median |",
+             "| --- | --- | --- | --- | --- |"]
     for mode in MODES:
         memory, seconds = summarise([r["peak_growth_mib"] for r in results[mode]]), summarise(
             [r["s_per_step"] for r in results[mode]])

@@ -46,18 +46,25 @@ DEFAULT_RUN_DIR = "runs/demo_preference"
 @dataclass
 class PreferenceDemoConfig:
     run_dir: str | None = None  # None: ./runs/demo_preference
-    n_train: int = 6000
+    n_train: int = 4000
     n_eval: int = 100
-    sft_steps: int = 500
+    sft_steps: int = 400
     dpo_steps: int = 300
     batch_size: int = 16
-    learning_rate: float = 3e-4  # DPO's; the supervised stage keeps the demo's 1e-3
+    learning_rate: float = 1e-3  # DPO's, warmup then cosine as in the supervised stage
     beta: float = 0.1
     loss_type: str = "sigmoid"
     rpo_alpha: float = 1.0  # 0: pure DPO
     lora: bool = False
+    method: str = "dpo"  # "sft": the control, supervised training on the chosen answers for the same steps
     seed: int = 0
     threads: int = 1
+
+    def __post_init__(self):
+        from vlm.errors import ConfigError
+
+        if self.method not in ("dpo", "sft"):
+            raise ConfigError(f"--method {self.method!r}: expected dpo, or sft (the control)")
 
 
 def run_preference_demo(config: PreferenceDemoConfig) -> dict:
@@ -94,10 +101,12 @@ def _run(config: PreferenceDemoConfig) -> dict:
     pairs = write_preference_pairs(data_dir)
     images = os.path.join(data_dir, "images")
 
-    print(f"preference demo: DPO from the supervised model, {config.dpo_steps} steps "
-          f"(beta {config.beta}, {config.loss_type}, rpo_alpha {config.rpo_alpha}, "
-          f"{'LoRA' if config.lora else 'full weights'})", flush=True)
-    result = run(dpo_run_config(config, run_dir, os.path.join(sft.run_dir, "model"), pairs["train"], images))
+    stage = (f"DPO (beta {config.beta}, {config.loss_type}, rpo_alpha {config.rpo_alpha})" if config.method == "dpo"
+             else "the control: supervised training on the chosen answers")
+    print(f"preference demo: {stage} from the supervised model, {config.dpo_steps} steps, "
+          f"{'LoRA' if config.lora else 'full weights'}", flush=True)
+    train_data = pairs["train"] if config.method == "dpo" else os.path.join(data_dir, "train.json")
+    result = run(second_stage_config(config, run_dir, os.path.join(sft.run_dir, "model"), train_data, images))
 
     sft_model = vlm.from_pretrained(os.path.join(sft.run_dir, "model"))
     tokenizer, model, image_processor, _ = load_pretrained_model(result.model_dir)
@@ -132,21 +141,26 @@ def _run(config: PreferenceDemoConfig) -> dict:
     return figures
 
 
-def dpo_run_config(config: PreferenceDemoConfig, run_dir: str, start_model: str, pairs_path: str, image_folder: str):
-    """The DPO stage's `RunConfig`: from the supervised model folder, on the pairs, ChatML, warmup then cosine."""
+def second_stage_config(config: PreferenceDemoConfig, run_dir: str, start_model: str, data_path: str,
+                        image_folder: str):
+    """The second stage's `RunConfig`: from the supervised model folder, ChatML, warmup then cosine; DPO on the pairs
+    in `<run>/dpo`, or (`method="sft"`, the control) supervised training on the same questions' answers in
+    `<run>/sft_control`."""
     from vlm.demo import TEMPLATE
     from vlm.train.arguments import DataArguments, ModelArguments, VLMTrainingArguments
     from vlm.train.config import RunConfig
 
     model = ModelArguments(model_name_or_path=start_model)
-    data = DataArguments(data_path=pairs_path, image_folder=image_folder, version=TEMPLATE,
+    data = DataArguments(data_path=data_path, image_folder=image_folder, version=TEMPLATE,
                          image_aspect_ratio="resize", check_images="exists")
+    method = (dict(method="dpo", beta=config.beta, loss_type=config.loss_type, rpo_alpha=config.rpo_alpha or None)
+              if config.method == "dpo" else dict(method="sft"))
     training = VLMTrainingArguments(
-        output_dir=os.path.join(run_dir, "dpo"), method="dpo", beta=config.beta, loss_type=config.loss_type,
-        rpo_alpha=config.rpo_alpha or None, lora_enable=config.lora, max_steps=config.dpo_steps,
+        output_dir=os.path.join(run_dir, "dpo" if config.method == "dpo" else "sft_control"), **method,
+        lora_enable=config.lora, max_steps=config.dpo_steps,
         per_device_train_batch_size=config.batch_size, learning_rate=config.learning_rate,
         mm_projector_lr=config.learning_rate, weight_decay=0.0, warmup_steps=0.1, lr_scheduler_type="cosine",
-        logging_steps=10, save_strategy="no", report_to="none", seed=config.seed, use_cpu=True,
+        logging_steps=10 if config.dpo_steps >= 20 else 1, save_strategy="no", report_to="none", seed=config.seed, use_cpu=True,
         dataloader_num_workers=0, model_max_length=256, disable_tqdm=False, overwrite_output_dir=True,
     )
     return RunConfig(model=model, data=data, training=training, final_dir=os.path.join(run_dir, "model"))
@@ -187,13 +201,14 @@ FLAG_HELP = {
     "n_train": "training images (two questions each; the pairs are the same questions)",
     "n_eval": "held-out images",
     "sft_steps": "steps of the supervised stage (short: the model stays mediocre)",
-    "dpo_steps": "DPO steps",
+    "dpo_steps": "DPO steps (or the control's supervised steps)",
     "batch_size": "samples per step (pairs per step in DPO)",
     "learning_rate": "DPO learning rate (the supervised stage keeps the demo's)",
     "beta": "DPO beta",
     "loss_type": "DPO loss (train.py --loss_type)",
     "rpo_alpha": "weight of the NLL term on the chosen answer (0: pure DPO)",
     "lora": "True: DPO with LoRA adapters (the reference is the model with adapters disabled)",
+    "method": "dpo, or sft: the control, the second stage trains on the chosen answers (the supervised set) instead",
     "seed": "same seed, same data, weights and figures",
     "threads": "torch CPU threads (0: torch's default)",
 }

@@ -124,13 +124,15 @@ class VLMTrainingArguments(transformers.TrainingArguments):
     method: str = field(default="sft", metadata={
         "help": "sft | dpo (preference pairs: prompt, chosen, rejected)"})
     beta: float = field(default=0.1, metadata={"help": "dpo: β, how far the policy may move from the reference"})
-    loss_type: str = field(default="sigmoid", metadata={"help": "dpo: sigmoid | ipo | robust (TRL's losses)"})
+    loss_type: str = field(default="sigmoid", metadata={
+        "help": "dpo: sigmoid | ipo | robust (TRL's losses); orpo | simpo (no reference model)"})
     label_smoothing: float = field(default=0.0, metadata={
         "help": "dpo: ε in [0, 0.5): cDPO (sigmoid), rDPO (robust)"})
     rpo_alpha: float | None = field(default=None, metadata={
         "help": "dpo: weight of the chosen answers' NLL in the loss (RPO)"})
     precompute_ref_log_probs: bool = field(default=False, metadata={
         "help": "dpo: reference log-probs computed once, kept in --output_dir"})
+    simpo_gamma: float = field(default=0.5, metadata={"help": "--loss_type simpo: the target reward margin γ"})
     lora_enable: bool | None = field(default=None, metadata={
         "nargs": "?", "const": True,  # a bare --lora_enable is True, as for the plain bool flags
         "help": "train the LLM with LoRA (default: True when a LoRA flag below is given, as Basic-VLM's train.sh "
@@ -230,12 +232,12 @@ class VLMTrainingArguments(transformers.TrainingArguments):
 
     def _check_method(self) -> None:
         """`--method` and the DPO flags (TRL's names and ranges); a DPO flag with `--method sft` would do nothing."""
-        from vlm.train.dpo import LOSS_TYPES, SMOOTHED_LOSS_TYPES
+        from vlm.train.dpo import LOSS_TYPES, REFERENCE_FREE_LOSS_TYPES, SMOOTHED_LOSS_TYPES
 
         if self.method not in ("sft", "dpo"):
             raise ConfigError(f"--method {self.method!r}: expected sft or dpo")
         defaults = {"beta": 0.1, "loss_type": "sigmoid", "label_smoothing": 0.0, "rpo_alpha": None,
-                    "precompute_ref_log_probs": False}
+                    "precompute_ref_log_probs": False, "simpo_gamma": 0.5}
         if self.method == "sft":
             given = [f"--{k}" for k, v in defaults.items() if getattr(self, k) != v]
             if given:
@@ -250,6 +252,10 @@ class VLMTrainingArguments(transformers.TrainingArguments):
         if self.label_smoothing and self.loss_type not in SMOOTHED_LOSS_TYPES:
             raise ConfigError(f"--label_smoothing applies to --loss_type {' or '.join(SMOOTHED_LOSS_TYPES)}, not "
                               f"{self.loss_type}: drop it")
+        if self.simpo_gamma != 0.5 and self.loss_type != "simpo":
+            raise ConfigError(f"--simpo_gamma applies to --loss_type simpo, not {self.loss_type}: drop it")
+        if self.precompute_ref_log_probs and self.loss_type in REFERENCE_FREE_LOSS_TYPES:
+            raise ConfigError(f"--loss_type {self.loss_type} uses no reference model: drop --precompute_ref_log_probs")
         if self.rpo_alpha is not None and self.rpo_alpha < 0:
             raise ConfigError(f"--rpo_alpha {self.rpo_alpha}: expected a weight >= 0")
         if self.packing:

@@ -11,6 +11,10 @@ With Δ = (log π(chosen) − log π_ref(chosen)) − (log π(rejected) − log 
   the normalisation the IPO authors confirmed);
 - `rpo_alpha` α adds α × the mean negative log-likelihood of the chosen answers' tokens (RPO; TRL 1.16's
   `loss_type=["sigmoid", "sft"]` with `loss_weights=[1, α]`).
+Reference-free objectives (`reference_free_losses`; no reference model is built or run), on the mean log-probability
+per token p̄ of each answer: `orpo` (Hong et al. 2024; TRL's ORPOTrainer) −β log σ(log odds(p̄c) − log odds(p̄r)) plus
+the chosen answers' NLL; `simpo` (Meng et al. 2024; TRL's CPOTrainer loss_type="simpo") −log σ(β(p̄c − p̄r) − γ),
+γ = `--simpo_gamma`. tests/test_preference_losses.py compares both with TRL's code and the papers' formulas.
 The batch loss is the mean over pairs (+ the NLL term). Rewards: β × each side's log-ratio, logged with TRL's names
 (`rewards/chosen`, `rewards/rejected`, `rewards/accuracies`, `rewards/margins`, `logps/chosen`, `logps/rejected`).
 
@@ -48,8 +52,9 @@ from torch.nn import functional as F
 from vlm.data.preference import PAIR_INDEX_KEY
 from vlm.train.trainer import VLMTrainer, unwrap
 
-LOSS_TYPES = ("sigmoid", "ipo", "robust")
-SMOOTHED_LOSS_TYPES = ("sigmoid", "robust")  # the ones `label_smoothing` applies to
+LOSS_TYPES = ("sigmoid", "ipo", "robust", "orpo", "simpo")
+SMOOTHED_LOSS_TYPES = ("sigmoid", "robust", "simpo")  # the ones `label_smoothing` applies to
+REFERENCE_FREE_LOSS_TYPES = ("orpo", "simpo")  # no reference model: none is built, none is run
 REF_LOG_PROBS_FILE = "ref_log_probs.safetensors"
 
 
@@ -61,11 +66,17 @@ class DPOSettings:
     label_smoothing: float = 0.0
     rpo_alpha: float | None = None
     precompute_ref_log_probs: bool = False
+    simpo_gamma: float = 0.5
 
     @classmethod
     def from_args(cls, args) -> "DPOSettings":
         return cls(beta=args.beta, loss_type=args.loss_type, label_smoothing=args.label_smoothing,
-                   rpo_alpha=args.rpo_alpha, precompute_ref_log_probs=args.precompute_ref_log_probs)
+                   rpo_alpha=args.rpo_alpha, precompute_ref_log_probs=args.precompute_ref_log_probs,
+                   simpo_gamma=args.simpo_gamma)
+
+    @property
+    def reference_free(self) -> bool:
+        return self.loss_type in REFERENCE_FREE_LOSS_TYPES
 
 
 def dpo_losses(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, ref_chosen_logps: torch.Tensor,
@@ -101,6 +112,38 @@ def dpo_losses(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, ref_cho
     return losses, beta * chosen_logratios.detach(), beta * rejected_logratios.detach()
 
 
+def reference_free_losses(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, *, beta: float, loss_type: str,
+                          chosen_num_tokens: torch.Tensor, rejected_num_tokens: torch.Tensor,
+                          label_smoothing: float = 0.0, simpo_gamma: float = 0.5
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-pair losses of the objectives without a reference model, from (B,) summed answer log-probabilities; both
+    score an answer by its mean log-probability per token, p̄ = logps / num_tokens, as the papers and TRL do.
+
+    - `orpo` (Hong et al. 2024, ORPO, eq. 4-7; TRL's `ORPOTrainer.odds_ratio_loss`): the log odds ratio
+      r = (p̄c − p̄r) − (log(1 − e^p̄c) − log(1 − e^p̄r)), loss −β log σ(r) (β is the paper's λ); the paper's
+      NLL on the chosen answer is added by `dpo_loss` with weight 1.
+    - `simpo` (Meng et al. 2024, SimPO, eq. 6; TRL's `CPOTrainer` with `loss_type="simpo"`): −log σ(β(p̄c − p̄r) − γ)
+      with γ = `simpo_gamma`, and TRL's label smoothing −(1−ε) log σ(x) − ε log σ(−x).
+    Returns (losses (B,), chosen_rewards (B,), rejected_rewards (B,)): rewards β p̄, detached, as TRL logs them.
+    """
+    chosen = chosen_logps.float() / chosen_num_tokens.clamp(min=1)  # (B,) mean log-probability per token
+    rejected = rejected_logps.float() / rejected_num_tokens.clamp(min=1)  # (B,)
+    if loss_type == "orpo":
+        log_odds = (chosen - rejected) - (_log1mexp(chosen) - _log1mexp(rejected))  # (B,)
+        losses = -beta * F.logsigmoid(log_odds)
+    elif loss_type == "simpo":
+        logits = beta * (chosen - rejected) - simpo_gamma
+        losses = -F.logsigmoid(logits) * (1 - label_smoothing) - F.logsigmoid(-logits) * label_smoothing
+    else:
+        raise ValueError(f"loss_type {loss_type!r}; expected one of {REFERENCE_FREE_LOSS_TYPES}")
+    return losses, beta * chosen.detach(), beta * rejected.detach()
+
+
+def _log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 − eˣ) for x < 0, without cancellation: two forms, split at −log 2 (Mächler 2012; TRL's log1mexp)."""
+    return torch.where(x < -0.6931471805599453, torch.log1p(-torch.exp(x)), torch.log(-torch.expm1(x)))
+
+
 def chosen_nll(chosen_logps: torch.Tensor, chosen_num_tokens: torch.Tensor) -> torch.Tensor:
     """The mean negative log-likelihood per token of the chosen answers (RPO's term): −Σ log p / Σ tokens."""
     return -chosen_logps.sum() / chosen_num_tokens.sum().clamp(min=1)
@@ -110,12 +153,21 @@ def dpo_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
              chosen_num_tokens: torch.Tensor, rejected_num_tokens: torch.Tensor
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The batch loss under `settings`: mean of `dpo_losses`, plus `rpo_alpha` × `chosen_nll` when set;
-    returns (loss, chosen_rewards (B,), rejected_rewards (B,))."""
-    losses, chosen_rewards, rejected_rewards = dpo_losses(
-        chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, beta=settings.beta,
-        loss_type=settings.loss_type, label_smoothing=settings.label_smoothing,
-        chosen_num_tokens=chosen_num_tokens, rejected_num_tokens=rejected_num_tokens)
+    returns (loss, chosen_rewards (B,), rejected_rewards (B,)). Reference-free losses (orpo, simpo) ignore the
+    reference log-probs (None); ORPO's loss always includes the chosen answers' NLL (weight 1)."""
+    if settings.reference_free:
+        losses, chosen_rewards, rejected_rewards = reference_free_losses(
+            chosen_logps, rejected_logps, beta=settings.beta, loss_type=settings.loss_type,
+            chosen_num_tokens=chosen_num_tokens, rejected_num_tokens=rejected_num_tokens,
+            label_smoothing=settings.label_smoothing, simpo_gamma=settings.simpo_gamma)
+    else:
+        losses, chosen_rewards, rejected_rewards = dpo_losses(
+            chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, beta=settings.beta,
+            loss_type=settings.loss_type, label_smoothing=settings.label_smoothing,
+            chosen_num_tokens=chosen_num_tokens, rejected_num_tokens=rejected_num_tokens)
     loss = losses.mean()
+    if settings.loss_type == "orpo":
+        loss = loss + chosen_nll(chosen_logps, chosen_num_tokens)
     if settings.rpo_alpha:
         loss = loss + settings.rpo_alpha * chosen_nll(chosen_logps, chosen_num_tokens)
     return loss, chosen_rewards, rejected_rewards
@@ -143,7 +195,9 @@ class DPOTrainer(VLMTrainer):
         self._sums: dict[str, float] = defaultdict(float)
         self._pairs = 0
         self._disable_adapters = False
-        if self.lora:
+        if dpo.reference_free:
+            pass  # orpo, simpo: no reference model, no start values
+        elif self.lora:
             # New adapters (lora_B = 0) change nothing at the start: with them off the LLM is the start model's, and
             # only the other trainable parts need their start values. Adapters that start trained
             # (--lora_weight_path) are part of the start model: their start values are kept too, and stay on.
@@ -191,7 +245,7 @@ class DPOTrainer(VLMTrainer):
     # -- the loss -------------------------------------------------------------------------------
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         b = inputs[PAIR_INDEX_KEY].numel()
-        ref_chosen, ref_rejected = self._reference(inputs)
+        ref_chosen, ref_rejected = (None, None) if self.dpo.reference_free else self._reference(inputs)
         logps, num_tokens = pair_log_probs(model, inputs)  # (2B,), (2B,)
         loss, chosen_rewards, rejected_rewards = dpo_loss(
             logps[:b], logps[b:], ref_chosen, ref_rejected, self.dpo,

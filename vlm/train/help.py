@@ -36,7 +36,7 @@ GROUPS: list[tuple[str, tuple[str, ...]]] = [
     ("evaluation (with transformers' --eval_steps, --metric_for_best_model, --load_best_model_at_end)",
      ("eval_data_path", "eval_image_folder", "eval_generation_samples", "eval_metric", "eval_references_field")),
     ("preference training (DPO; TRL's flags)", ("method", "beta", "loss_type", "label_smoothing", "rpo_alpha",
-                                                 "precompute_ref_log_probs")),
+                                                 "precompute_ref_log_probs", "simpo_gamma")),
     ("accepted for LLaVA's scripts and older transformers", ("mm_use_im_start_end", "mm_use_im_patch_token",
                                                              "lazy_preprocess", "is_multimodal",
                                                              "evaluation_strategy", "warmup_ratio")),

@@ -91,6 +91,21 @@ def test_check_dataset_reports_preference_reasons_like_training(data_image_folde
         assert e.value.reason == got[sample["id"]]
 
 
+def test_a_multi_turn_pair_under_plain_is_dropped_in_the_report_not_mid_run(data_image_folder, tiny_tokenizer):
+    # `plain` writes replies back to back, so a multi-turn prompt's final reply cannot be told apart: the up-front
+    # check (the report) drops the pair with the reason training would give, instead of a crash hours in
+    multi = pair("multi", messages=[{"role": "user", "content": "<image>\nIs there a blue square?"},
+                                    {"role": "assistant", "content": "no"},
+                                    {"role": "user", "content": "What color is the circle?"}])
+    kept, report = check_dataset([pair("single"), multi], image_folder=str(data_image_folder),
+                                 tokenizer=tiny_tokenizer, **{**CHECK, "template": "plain"})
+    assert kept == [0]
+    assert report["dropped"] == {"template_mismatch": 1}
+    assert "final reply cannot be told apart" in report["problems"][0]["detail"]
+    _, report = check_dataset([multi], image_folder=str(data_image_folder), tokenizer=tiny_tokenizer, **CHECK)
+    assert report["dropped"] == {}  # a chat template separates the replies
+
+
 def test_preference_sides_are_the_prompt_with_each_answer(tiny_tokenizer, data_image_folder):
     from vlm.data.conversation import encode_sample
 

@@ -47,7 +47,7 @@ from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from typing import Any, Iterable, Sequence
 
-from vlm.data.conversation import EncodedSample, check_encode_options, encode_sample
+from vlm.data.conversation import IGNORE_INDEX, EncodedSample, check_encode_options, encode_sample
 from vlm.data.errors import REASONS, DataError, SampleError
 from vlm.data.mix import MixedRecords, Source
 from vlm.data.paths import CHECK_MODES, ImageFolder
@@ -302,6 +302,7 @@ def encode_preference_sides(item: dict, tokenizer: Any, template: Any, **encode_
     as "none" here."""
     encode_options = {**encode_options, "truncate": "none"}
     base = {k: v for k, v in item.items() if k not in PREFERENCE_KEYS}
+    replies = 1 + sum(m.get("role") == "assistant" for m in item["messages"])
     sides = []
     for key in PREFERENCE_KEYS:
         side = {**base, "messages": [*item["messages"], {"role": "assistant", "content": item[key]}]}
@@ -309,7 +310,18 @@ def encode_preference_sides(item: dict, tokenizer: Any, template: Any, **encode_
             sides.append(encode_sample(side, tokenizer, template, **encode_options))
         except SampleError as e:
             raise SampleError(e.reason, f"prompt + {key}: {e.detail}", sample_id=e.sample_id) from None
+        # Preference training labels only the final reply, found as the last labelled run: a template that writes
+        # replies back to back (`plain`) joins them, so the pair is dropped here, in the report, not mid-run.
+        if labelled_runs(sides[-1].labels) != replies:
+            raise SampleError("template_mismatch", f"prompt + {key}: the template joins the {replies} replies into "
+                              "fewer labelled runs, so the final reply cannot be told apart; use a chat template "
+                              "(--version) or a single-turn prompt", sample_id=item.get("id"))
     return sides[0], sides[1]
+
+
+def labelled_runs(labels: list[int]) -> int:
+    """How many maximal runs of supervised positions `labels` holds."""
+    return sum(1 for i, label in enumerate(labels) if label != IGNORE_INDEX and (i == 0 or labels[i - 1] == IGNORE_INDEX))
 
 
 class _Checker:

@@ -57,12 +57,6 @@ def final_reply_labels(labels: list[int]) -> list[int]:
     return out
 
 
-def _supervised_runs(labels: list[int]) -> int:
-    """How many maximal runs of supervised positions `labels` holds."""
-    return sum(1 for i, label in enumerate(labels)
-               if label != IGNORE_INDEX and (i == 0 or labels[i - 1] == IGNORE_INDEX))
-
-
 class PreferenceDataset(SupervisedDataset):
     """Lazily encoded preference pairs; the arguments are `SupervisedDataset`'s (`truncate` must be "none": a pair
     is never cut). An item is `{"chosen_input_ids" (Tc,), "chosen_labels" (Tc,), "rejected_input_ids" (Tr,),
@@ -107,13 +101,7 @@ def encode_pair(item: Any, folder: ImageFolder, tokenizer: Any, template: Any, *
                    escape_special_tokens=escape_special_tokens)
     _, opened = check_sample(item, folder, tokenizer, template, image_check="open", max_image_pixels=max_image_pixels,
                              **options)
-    chosen, rejected = encode_preference_sides(item, tokenizer, template, **options)
-    replies = 1 + sum(m.get("role") == "assistant" for m in item["messages"])
-    for side, encoded in (("chosen", chosen), ("rejected", rejected)):
-        if _supervised_runs(encoded.labels) != replies:  # e.g. `plain`, which writes replies back to back
-            raise SampleError("template_mismatch", f"prompt + {side}: the template joins the {replies} replies into "
-                              "fewer labelled runs, so the final reply cannot be told apart; use a chat template "
-                              "(--version) or a single-turn prompt", sample_id=item.get("id"))
+    chosen, rejected = encode_preference_sides(item, tokenizer, template, **options)  # checks the final reply
     return {
         "chosen_input_ids": torch.tensor(chosen.input_ids, dtype=torch.long),
         "chosen_labels": torch.tensor(final_reply_labels(chosen.labels), dtype=torch.long),

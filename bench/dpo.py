@@ -23,8 +23,10 @@ resident memory when they start (activations, gradients; sampled every 2 ms), "p
 ru_maxrss (load, model, data, training).
 
 What differs by design, and shows in the figures: TRL's collator feeds every image twice (once for the chosen,
-once for the rejected row) and TRL appends an EOS after ChatML's `<|im_end|>` of each answer; ours encodes each
-image once for both rows (`image_repeats`).
+once for the rejected row) and computes the (2B, T, V) logits; ours encodes each image once for both rows
+(`image_repeats`) and runs the LM head on the answer positions only. TRL's completion is the chat template's
+rendering after the prompt, so it scores one token more per answer than ours (the newline ChatML writes after
+`<|im_end|>`; ours: the answer and `<|im_end|>`, the labels contract of DESIGN.md).
 """
 
 from __future__ import annotations
@@ -224,11 +226,12 @@ def main() -> int:
              f"{(args.image_size // args.patch_size) ** 2} image tokens; Qwen2-style {args.llm_layers}x{args.llm_hidden}),"
              f" batch {args.batch} pairs, {args.warmup} warmup + {args.steps} timed steps, {args.threads} thread(s). "
              f"First logged logps/chosen (mean): ours {results['ours'][0]['first_logps_chosen']}, "
-             f"TRL {results['trl'][0]['first_logps_chosen']} (TRL scores one more token per answer: the EOS it "
-             "appends). Busy machine: other engineers' work ran on the same 2 cores; compare min and median."]
+             f"TRL {results['trl'][0]['first_logps_chosen']} (TRL scores one token more per answer: the newline "
+             "after <|im_end|>). Busy machine: other engineers' work ran on the same 2 cores; compare min and "
+             "median."]
     print("\n".join(table + notes))
     if not args.no_record:
-        append_result("LoRA DPO step, ours vs TRL's DPOTrainer (issue 13)", "python bench/dpo.py " + " ".join(sys.argv[1:]),
+        append_result("LoRA DPO step, ours vs TRL's DPOTrainer (issue 13)", " ".join(["python bench/dpo.py", *sys.argv[1:]]),
                       table, notes)
     return 0
 

@@ -133,7 +133,7 @@ def test_dpo_metrics_log_rewards_and_training_reward_accuracy_rises(preference_d
     assert train_rows[-1]["rewards/margins"] > train_rows[0]["rewards/margins"] > -0.01
 
 
-def test_demo_prints_the_figures_last_and_its_model_folder_reloads(preference_demo, capsys):
+def test_demo_model_folders_reload(preference_demo):
     import vlm
 
     run, figures = preference_demo

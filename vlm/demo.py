@@ -331,7 +331,9 @@ FLAG_HELP = {
 
 def build_parser() -> argparse.ArgumentParser:
     """`vlm demo` flags: one per DemoConfig field (`--output_dir` for `run_dir`), defaults shown."""
-    return config_parser("vlm demo", __doc__.split("\n\n")[0], DemoConfig(), FLAG_HELP)
+    parser = config_parser("vlm demo", __doc__.split("\n\n")[0], DemoConfig(), FLAG_HELP)
+    parser.epilog = "vlm demo --preference: this demo cut short, then DPO from it (vlm demo --preference --help)"
+    return parser
 
 
 def config_parser(prog: str, description: str, config, flag_help: dict[str, str]) -> argparse.ArgumentParser:

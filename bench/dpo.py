@@ -105,7 +105,7 @@ class StepClock:
                 "process_peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
-def run_ours(folder: str, args: argparse.Namespace, clock: StepClock) -> dict:
+def run_ours(folder: str, args: argparse.Namespace) -> dict:
     from vlm.train.config import RunConfig
     from vlm.train.run import run
 
@@ -126,7 +126,7 @@ def run_ours(folder: str, args: argparse.Namespace, clock: StepClock) -> dict:
             "global_step": result.global_step}
 
 
-def run_trl(folder: str, args: argparse.Namespace, clock: StepClock) -> dict:
+def run_trl(folder: str, args: argparse.Namespace) -> dict:
     from datasets import Dataset
     from peft import LoraConfig
     from PIL import Image
@@ -168,8 +168,8 @@ def worker(args: argparse.Namespace) -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    clock = StepClock(args.warmup)
-    side = (run_ours if args.worker == "ours" else run_trl)(args.folder, args, clock)
+    clock = StepClock(args.warmup)  # a global optimizer hook: it sees each side's steps
+    side = (run_ours if args.worker == "ours" else run_trl)(args.folder, args)
     emit({**clock.result(args.batch), **side})
 
 
@@ -223,7 +223,8 @@ def main() -> int:
                  f"{ours['step_peak_mib'][1] / max(trl['step_peak_mib'][1], 1e-9):.2f}x | | "
                  f"{ours['process_peak_mib'][1] / trl['process_peak_mib'][1]:.2f}x |")
     notes = [f"Model: the preference demo's ({args.image_size} px, patch {args.patch_size}, "
-             f"{(args.image_size // args.patch_size) ** 2} image tokens; Qwen2-style {args.llm_layers}x{args.llm_hidden}),"
+             f"{(args.image_size // args.patch_size) ** 2} image tokens; Qwen2-style "
+             f"{args.llm_layers}x{args.llm_hidden}),"
              f" batch {args.batch} pairs, {args.warmup} warmup + {args.steps} timed steps, {args.threads} thread(s). "
              f"First logged logps/chosen (mean): ours {results['ours'][0]['first_logps_chosen']}, "
              f"TRL {results['trl'][0]['first_logps_chosen']} (TRL scores one token more per answer: the newline "
@@ -231,7 +232,8 @@ def main() -> int:
              "median."]
     print("\n".join(table + notes))
     if not args.no_record:
-        append_result("LoRA DPO step, ours vs TRL's DPOTrainer (issue 13)", " ".join(["python bench/dpo.py", *sys.argv[1:]]),
+        append_result("LoRA DPO step, ours vs TRL's DPOTrainer (issue 13)",
+                      " ".join(["python bench/dpo.py", *sys.argv[1:]]),
                       table, notes)
     return 0
 

@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 from vlm.data.synth import DEFAULT_COLORS, DEFAULT_SHAPES, generate_shapes_dataset, main, write_preference_pairs
+from vlm.demo_preference import PreferenceDemoConfig, run_preference_demo
 
 
 @pytest.fixture(scope="module")
@@ -87,8 +88,6 @@ def test_pairs_need_a_complete_set(tmp_path):
 
 
 # --- the preference demo: a short supervised stage, then DPO from it -------------------------------------------
-
-from vlm.demo_preference import PreferenceDemoConfig, run_preference_demo  # noqa: E402
 
 REWARD_KEYS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins")
 # Measured with these defaults (seeded: the figures do not depend on the machine's load): held-out exact match

@@ -166,7 +166,8 @@ def second_stage_config(config: PreferenceDemoConfig, run_dir: str, start_model:
         lora_enable=config.lora, max_steps=config.dpo_steps,
         per_device_train_batch_size=config.batch_size, learning_rate=config.learning_rate,
         mm_projector_lr=config.learning_rate, weight_decay=0.0, warmup_steps=0.1, lr_scheduler_type="cosine",
-        logging_steps=10 if config.dpo_steps >= 20 else 1, save_strategy="no", report_to="none", seed=config.seed, use_cpu=True,
+        logging_steps=10 if config.dpo_steps >= 20 else 1, save_strategy="no", report_to="none", seed=config.seed,
+        use_cpu=True,
         dataloader_num_workers=0, model_max_length=256, disable_tqdm=False, overwrite_output_dir=True,
     )
     return RunConfig(model=model, data=data, training=training, final_dir=os.path.join(run_dir, "model"))

@@ -35,6 +35,8 @@ seeded, so the same command gives the same numbers):
   both answers until greedy decoding says neither: held-out exact match 0.585 -> 0.190 (seed 0) while its reward
   accuracy is still 0.605, the known DPO failure the NLL term (RPO; TRL's `loss_type=["sigmoid", "sft"]`) exists
   for. (A hand-written loop at lr 1e-4 kept the answers and moved the figures by about 0.01.)
+- Other second stages from the same start (seed 0): `--lora True` 0.675 exact match, preference accuracy 0.735,
+  reward accuracy 0.670; `--loss_type orpo --rpo_alpha 0` (ORPO, its own NLL term) 0.640, 0.725, 0.715.
 """
 
 from __future__ import annotations

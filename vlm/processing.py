@@ -44,8 +44,13 @@ Conversation = list[dict]  # [{"role": "system"|"user"|"assistant", "content": s
 # Prompts and images
 
 
-def build_prompt(messages: list[dict], tokenizer, template, *, num_image_tokens: int, num_images: int) -> list[int]:
+def build_prompt(messages: list[dict], tokenizer, template, *, num_image_tokens: int, num_images: int,
+                 escape_special_tokens: bool = False) -> list[int]:
     """Token ids of the conversation so far (ending with a user turn) plus the assistant header.
+
+    `escape_special_tokens`: special-token strings typed in the messages (`<|im_end|>`, `</s>`) are tokenised as
+    their characters, so text from someone else (a server's clients) cannot close a turn or open a new one; the
+    template's own markers and `<image>` stay control tokens (`vlm.data.conversation.encode_prompt`).
 
     Basic-VLM's `<|extra_0|>` in a user message marks the image, as in its training data (`<image>`). A
     conversation that cannot be prompted (placeholders and images disagree, roles out of order) is a UserError
@@ -58,7 +63,8 @@ def build_prompt(messages: list[dict], tokenizer, template, *, num_image_tokens:
     messages = [{**m, "content": mark_image(m["content"])} if m["role"] == "user" and isinstance(m["content"], str)
                 else m for m in messages]
     try:
-        return encode_prompt(messages, tokenizer, template, num_image_tokens=num_image_tokens, num_images=num_images)
+        return encode_prompt(messages, tokenizer, template, num_image_tokens=num_image_tokens, num_images=num_images,
+                             escape_special_tokens=escape_special_tokens)
     except SampleError as exc:
         raise UserError(f"the prompt cannot be built: {exc.detail}") from None
 

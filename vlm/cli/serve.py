@@ -63,6 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
     images.add_argument("--max_image_pixels", "--max-image-pixels", dest="max_image_pixels", type=int,
                         default=PIL_DEFAULT_MAX_IMAGE_PIXELS,
                         help=f"largest image in pixels, width x height (default {PIL_DEFAULT_MAX_IMAGE_PIXELS})")
+    parser.add_argument("--escape_special_tokens", "--escape-special-tokens", dest="escape_special_tokens",
+                        type=true_or_false, default=True, metavar="{True,False}",
+                        help="special-token strings in requests (<|im_end|>, </s>) are plain text, so a client cannot "
+                             "end its turn or write another role's (default True)")
     parser.add_argument("--log_level", "--log-level", dest="log_level", default="info",
                         choices=["critical", "error", "warning", "info", "debug"], help="server log level")
     return parser
@@ -100,7 +104,7 @@ def serve_config(args):
 
     return ServeConfig(model_name=args.served_model_name or os.path.basename(os.path.normpath(args.model)),
                        max_batch_size=args.max_batch_size, batch_wait_ms=args.batch_wait_ms, max_queue=args.max_queue,
-                       max_request_bytes=args.max_request_bytes,
+                       max_request_bytes=args.max_request_bytes, escape_special_tokens=args.escape_special_tokens,
                        images=ImagePolicy(folder=args.image_folder, allow_remote=args.allow_remote_images,
                                           max_bytes=args.max_image_bytes, max_pixels=args.max_image_pixels))
 

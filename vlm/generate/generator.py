@@ -41,6 +41,8 @@ class Generator:
     template: str
     context_len: int
     settings: GenerationSettings
+    # True: special-token strings in the messages are plain text (a server's clients must not forge turns)
+    escape_special_tokens: bool = False
 
     @property
     def num_image_tokens(self) -> int:
@@ -48,7 +50,7 @@ class Generator:
 
     def prompt(self, messages: list[dict], num_images: int) -> list[int]:
         ids = build_prompt(messages, self.tokenizer, self.template, num_image_tokens=self.num_image_tokens,
-                           num_images=num_images)
+                           num_images=num_images, escape_special_tokens=self.escape_special_tokens)
         check_prompt_length(len(ids), self.context_len, num_image_tokens=num_images * self.num_image_tokens)
         return ids
 

@@ -19,6 +19,7 @@ Design choices:
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import queue
@@ -54,6 +55,8 @@ class ServeConfig:
     max_queue: int = 64
     max_request_bytes: int = 64 * 1024 * 1024  # a larger body is refused (413) before it is read into memory
     images: ImagePolicy = field(default_factory=ImagePolicy)
+    # clients' text is text: `<|im_end|>` typed in a message cannot close the turn or forge a system message
+    escape_special_tokens: bool = True
 
     def __post_init__(self) -> None:
         if not self.model_name:
@@ -71,6 +74,7 @@ class ServeConfig:
 def create_app(generator, config: ServeConfig) -> FastAPI:
     """The FastAPI app serving `generator` (a `vlm.generate.generator.Generator`; its settings are the defaults
     for requests that name none). The batching worker starts and stops with the app (its lifespan)."""
+    generator = dataclasses.replace(generator, escape_special_tokens=config.escape_special_tokens)
     batcher = Batcher(generator, max_batch_size=config.max_batch_size, batch_wait_ms=config.batch_wait_ms,
                       max_queue=config.max_queue)
     created = int(time.time())

@@ -4,6 +4,7 @@ spellings too), and loading the model they name (`generator_from_args`).
 
 from __future__ import annotations
 
+import argparse
 import sys
 
 import torch
@@ -43,13 +44,33 @@ def add_model_arguments(parser, *, required: bool = True) -> None:
     add_force_base_argument(group)
 
 
-def add_decoding_arguments(parser, *, max_new_tokens: int = 256) -> None:
+def true_or_false(value: str) -> bool:
+    """A boolean flag value as users type it (`True`, `false`, `1`, `no`); argparse's `type=bool` takes any
+    non-empty string, "False" included, as true."""
+    lowered = value.strip().lower()
+    if lowered in ("true", "1", "yes", "y", "on"):
+        return True
+    if lowered in ("false", "0", "no", "n", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected True or False, got {value!r}")
+
+
+def add_decoding_arguments(parser, *, max_new_tokens: int = 256, escape_special_tokens: bool = False) -> None:
+    """Decoding flags, and how the prompt's text is tokenised. `escape_special_tokens`: the command's default
+    (False, as training's, for a user's own questions; True for `vlm serve`, whose clients must not forge turns)."""
     group = parser.add_argument_group("decoding")
     group.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
     group.add_argument("--top_p", "--top-p", dest="top_p", type=float, default=None, help="nucleus sampling threshold")
     group.add_argument("--max_new_tokens", "--max-new-tokens", dest="max_new_tokens", type=int, default=max_new_tokens,
                        help=f"longest answer in tokens (default {max_new_tokens})")
     group.add_argument("--seed", type=int, default=None, help="random seed for sampling")
+    # bare `--escape_special_tokens` is True and `--escape_special_tokens False` works, as in training's flags
+    group.add_argument("--escape_special_tokens", "--escape-special-tokens", dest="escape_special_tokens",
+                       type=true_or_false, nargs="?", const=True, default=escape_special_tokens,
+                       metavar="{True,False}",
+                       help="tokenise special-token strings in the messages (<|im_end|>, </s>) as plain text, so text "
+                            "cannot end a turn or start another role's; match training's --escape_special_tokens "
+                            f"(default {escape_special_tokens})")
 
 
 def generator_from_args(args) -> Generator:
@@ -65,6 +86,7 @@ def generator_from_args(args) -> Generator:
                                device=device, dtype=args.dtype, load_8bit=args.load_8bit, load_4bit=args.load_4bit,
                                force_template=args.force_template, trust_remote_code=args.trust_remote_code,
                                force_base=args.force_base)
+    generator.escape_special_tokens = args.escape_special_tokens
     if language_model is not None and model_base is None:
         _check_language_model(generator.model, language_model)
     tower = generator.model.vlm_config.vision.name_or_path

@@ -17,26 +17,16 @@ import sys
 from vlm.errors import ConfigError, MissingDependencyError
 
 
-def true_or_false(value: str) -> bool:
-    """A boolean flag value as users type it (`True`, `false`, `1`, `no`); argparse's `type=bool` takes any
-    non-empty string, "False" included, as true."""
-    lowered = value.strip().lower()
-    if lowered in ("true", "1", "yes", "y", "on"):
-        return True
-    if lowered in ("false", "0", "no", "n", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected True or False, got {value!r}")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    from vlm.cli.options import add_decoding_arguments, add_model_arguments
+    from vlm.cli.options import add_decoding_arguments, add_model_arguments, true_or_false
     from vlm.serve.images import DEFAULT_MAX_IMAGE_BYTES
     from vlm.visual.processor import PIL_DEFAULT_MAX_IMAGE_PIXELS
 
     parser = argparse.ArgumentParser(prog="vlm serve", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_arguments(parser)
-    add_decoding_arguments(parser, max_new_tokens=256)  # the defaults for requests that name none
+    # the defaults for requests that name none; clients' special-token strings are text unless told otherwise
+    add_decoding_arguments(parser, max_new_tokens=256, escape_special_tokens=True)
     server = parser.add_argument_group("server")
     server.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine "
                                                             "only; 0.0.0.0 for every interface)")
@@ -63,10 +53,6 @@ def build_parser() -> argparse.ArgumentParser:
     images.add_argument("--max_image_pixels", "--max-image-pixels", dest="max_image_pixels", type=int,
                         default=PIL_DEFAULT_MAX_IMAGE_PIXELS,
                         help=f"largest image in pixels, width x height (default {PIL_DEFAULT_MAX_IMAGE_PIXELS})")
-    parser.add_argument("--escape_special_tokens", "--escape-special-tokens", dest="escape_special_tokens",
-                        type=true_or_false, default=True, metavar="{True,False}",
-                        help="special-token strings in requests (<|im_end|>, </s>) are plain text, so a client cannot "
-                             "end its turn or write another role's (default True)")
     parser.add_argument("--log_level", "--log-level", dest="log_level", default="info",
                         choices=["critical", "error", "warning", "info", "debug"], help="server log level")
     return parser

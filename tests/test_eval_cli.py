@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from inference_helpers import command, save_tiny_folder, write_image
+from test_convert import llava_folder  # noqa: F401  (a fixture: a tiny original LLaVA-1.5 folder)
 from vlm.eval.metrics import vqa
 
 COLORS = {"red": (220, 40, 40), "blue": (40, 80, 220), "green": (40, 180, 60), "yellow": (230, 210, 40)}
@@ -300,3 +301,89 @@ def test_vlm_eval_on_the_demo_set_reproduces_the_demos_eval_json(setup, tmp_path
     assert (metrics["scores"]["exact"], metrics["blind_scores"]["exact"]) == (demo["accuracy"], demo["blind_accuracy"])
     assert {k: v["n"] for k, v in metrics["per_question_type"].items()} == \
         {k: v["n"] for k, v in demo["per_question_type"].items()}
+
+
+# LLaVA-1.5's conv_vicuna_v1 (llava/conversation.py), the conv mode its evaluation scripts pass: written out here,
+# not imported from vlm, so the test compares with LLaVA's format rather than with our own template
+LLAVA_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, "
+                "detailed, and polite answers to the user's questions.")
+
+
+def llava_greedy(tower, llm, projector, tokenizer, prompt: str, pixels, max_new_tokens: int) -> str:
+    """LLaVA-1.5's answer, written out: `tokenizer_image_token` (each chunk around <image> tokenised with its BOS,
+    which only the first keeps), the CLIP patches of layer -2 through the projector in place of the image, greedy
+    decoding until </s> (eos), `batch_decode(skip_special_tokens=True)[0].strip()` as llava/eval/model_vqa.py."""
+    import torch
+
+    before, after = prompt.split("<image>")
+    embed = llm.get_input_embeddings()
+    with torch.no_grad():
+        features = projector(tower(pixels, output_hidden_states=True).hidden_states[-2][:, 1:])[0]  # (P, D)
+        inputs = torch.cat([embed(torch.tensor(tokenizer(before).input_ids)), features,
+                            embed(torch.tensor(tokenizer(after).input_ids[1:]))])[None]  # (1, T, D)
+        new: list[int] = []
+        for _ in range(max_new_tokens):
+            token = int(llm(inputs_embeds=inputs).logits[0, -1].argmax())
+            if token == tokenizer.eos_token_id:
+                break
+            new.append(token)
+            inputs = torch.cat([inputs, embed(torch.tensor([[token]]))], dim=1)
+    return tokenizer.decode(new, skip_special_tokens=True).strip()
+
+
+@pytest.fixture(scope="module")
+def llava15(llava_folder, tmp_path_factory):  # noqa: F811
+    """tests/test_convert.py's tiny LLaVA-1.5 folder (LLaMA weights + model.mm_projector.* in pytorch_model.bin, the
+    CLIP tower by path) with the LLM drawn at std 0.2: at transformers' 0.02 it answers every question alike."""
+    import copy
+    import shutil
+
+    import torch
+
+    folder, tower, llm, projector, tokenizer = llava_folder
+    llm = copy.deepcopy(llm)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in llm.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.2, generator=generator)
+    copied = tmp_path_factory.mktemp("llava15") / folder.name
+    shutil.copytree(folder, copied)
+    state = torch.load(folder / "pytorch_model.bin", weights_only=True)
+    state.update({k: v for k, v in llm.state_dict().items()})
+    torch.save(state, copied / "pytorch_model.bin")
+    return copied, tower, llm, projector, tokenizer
+
+
+def test_an_original_llava_1_5_folder_is_evaluated_with_its_own_template_and_weights(setup, llava15, tmp_path):
+    """`vlm eval` on an original LLaVA-1.5 folder: its predictions equal LLaVA-1.5's own forward and vicuna_v1
+    prompt run by hand on the same weights; another prompt format or other projector weights answer otherwise."""
+    import torch
+
+    from vlm.generate.generator import load_generator
+    from vlm.processing import load_pixels
+
+    _, images, _ = setup
+    folder, tower, llm, projector, tokenizer = llava15
+    image_processor = load_generator(str(folder)).image_processor  # LLaVA's pad-to-square + CLIP normalisation
+    pixels = {n: load_pixels([str(images / f"{n}.png")], image_processor) for n in COLORS}  # (1, 3, H, W) each
+
+    cases = list(zip(COLORS, QUESTIONS))  # (image, question) per record
+
+    def answers(prompt: str, proj=projector) -> list[str]:
+        return [llava_greedy(tower, llm, proj, tokenizer, prompt.format(q=q), pixels[n], int(MAX_NEW_TOKENS))
+                for n, q in cases]
+
+    expected = answers(LLAVA_SYSTEM + " USER: <image>\n{q} ASSISTANT:")
+    assert len(set(expected)) > 1 and all(expected)  # records answered differently: a mix-up would show
+    other = torch.nn.Sequential(*(torch.nn.Linear(m.in_features, m.out_features) if isinstance(m, torch.nn.Linear)
+                                  else m for m in projector))
+    assert answers("<image>\n{q}\n") != expected  # LLaVA's plain format: the template matters
+    assert answers(LLAVA_SYSTEM + " USER: <image>\n{q} ASSISTANT:", other) != expected  # so do the weights
+    data = tmp_path / "eval.json"
+    data.write_text(json.dumps([llava(f"q{i}", f"{n}.png", q, "red") for i, (n, q) in enumerate(cases)]))
+    code = command("eval")(["--model", str(folder), "--data_path", str(data), "--image_folder", str(images),
+                            "--output_dir", str(tmp_path / "out"), "--max_new_tokens", MAX_NEW_TOKENS, "--no-blind"])
+    rows = [json.loads(line) for line in (tmp_path / "out" / "predictions.jsonl").read_text().splitlines()]
+    assert code == 0 and [r["prediction"] for r in rows] == expected
+    assert json.loads((tmp_path / "out" / "metrics.json").read_text())["template"] == "vicuna_v1"

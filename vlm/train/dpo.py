@@ -43,6 +43,7 @@ import copy
 import hashlib
 import json
 import os
+import sys
 from collections import defaultdict
 from dataclasses import dataclass
 
@@ -318,13 +319,28 @@ METRIC_NAMES = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rew
 
 @contextlib.contextmanager
 def eval_mode(model: torch.nn.Module):
-    """`model` in eval mode inside the block (no dropout: the reference is deterministic, as the frozen copy is)."""
+    """`model` in eval mode inside the block (no dropout: the reference is deterministic, as the frozen copy is).
+
+    bitsandbytes' 4-bit layers stay in train mode: on a CPU with AVX512-BF16, bitsandbytes 0.50's `Linear4bit`
+    repacks its weight in place, for good, on its first no-grad forward in eval mode, into a layout only its
+    inference kernel reads, and the policy's next training forward then fails ("a view of a leaf Variable that
+    requires grad is being used in an in-place operation"). The flag changes nothing else in that layer (it has no
+    dropout): the reference runs the same kernel as the policy (tests/test_dpo_qlora.py)."""
     was_training = model.training
     model.eval()
+    for module in _quantized_4bit_layers(model):
+        module.train()
     try:
         yield model
     finally:
         model.train(was_training)
+
+
+def _quantized_4bit_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    if "bitsandbytes" not in sys.modules:  # not imported: the model holds none
+        return []
+    linear4bit = sys.modules["bitsandbytes"].nn.Linear4bit
+    return [m for m in model.modules() if isinstance(m, linear4bit)]
 
 
 def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:

@@ -501,9 +501,10 @@ def test_dpo_flags_parse_and_are_checked(tmp_path):
     assert DPOSettings.from_args(args) == DPOSettings(beta=0.3, loss_type="robust", label_smoothing=0.1,
                                                       rpo_alpha=0.5, precompute_ref_log_probs=True)
     assert parse_args(base)[2].method == "sft"
+    assert parse_args([*base, "--method", "dpo", "--packing"])[2].packing  # packed pairs: tests/test_dpo_packing.py
     for flags, named in [(["--beta", "0.2"], "--beta"), (["--method", "dpo", "--loss_type", "hinge"], "hinge"),
                          (["--method", "dpo", "--loss_type", "ipo", "--label_smoothing", "0.1"], "--label_smoothing"),
-                         (["--method", "dpo", "--packing"], "--packing"), (["--method", "ppo"], "ppo")]:
+                         (["--method", "ppo"], "ppo")]:
         with pytest.raises(ConfigError, match=named):
             parse_args([*base, *flags])
 

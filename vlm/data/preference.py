@@ -22,6 +22,11 @@ Design choices:
   prompt is refused for that pair (`template_mismatch`): the runs are counted, one per reply.
 - The images are the pair's, decoded once; the collator puts them once in the batch and the model encodes
   them once for both halves (`forward(image_repeats=2)`, vlm.llm.mixin).
+- Packing (`--packing`): the 2B sides are packed by the supervised `PackingCollator` (position ids restart per
+  sequence, no attention mask: attention never crosses sequences), the images stay once, in pair order, with the
+  image of each image run in the rows (`image_index`), and each position carries its sequence
+  (`answer_sequence_index`), so each answer's log-probability is summed over its own segment: the padded batch's
+  values (tests/test_dpo_packing.py).
 - Training replaces a pair whose image became unusable after the check, as `SupervisedDataset` does (this
   class is one: the same indexing, lengths, modality flags and replacement).
 """
@@ -33,7 +38,7 @@ from typing import Any
 import torch
 
 from vlm.data.check import check_sample, encode_preference_sides
-from vlm.data.collate import DataCollator
+from vlm.data.collate import DataCollator, PackingCollator, _concat_images
 from vlm.data.conversation import IGNORE_INDEX
 from vlm.data.dataset import DATA_DROPS_KEY, SupervisedDataset
 from vlm.data.errors import SampleError
@@ -42,6 +47,8 @@ from vlm.data.sample import is_preference, with_context
 from vlm.visual.processor import PIL_DEFAULT_MAX_IMAGE_PIXELS
 
 PAIR_INDEX_KEY = "pair_index"  # the pair's position in the dataset: where its precomputed reference log-probs are
+ANSWER_SEQUENCE_KEY = "answer_sequence_index"  # packed rows: the sequence of each position (forward's keyword)
+IMAGE_INDEX_KEY = "image_index"  # packed rows: the image of each image run (forward's keyword)
 
 
 def final_reply_labels(labels: list[int]) -> list[int]:
@@ -115,15 +122,46 @@ class PreferenceCollator:
     """Pads B pairs into one batch of 2B rows: `{"input_ids" (2B, T), "attention_mask" (2B, T), "labels" (2B, T),
     "pixel_values" (N, 3, H, W) | None (the B pairs' images, once), "pair_index" (B,)}`; rows 0..B-1 are the
     chosen sides, B..2B-1 the rejected ones in the same order (the model repeats the image features for them).
-    The replaced samples travel under `DATA_DROPS_KEY` as with `DataCollator`."""
+    The replaced samples travel under `DATA_DROPS_KEY` as with `DataCollator`.
 
-    def __init__(self, pad_token_id: int):
+    With `packing_max_length` (`--packing`) the 2B sequences (chosen ones, then rejected ones: sequence s is pair
+    s mod B) are packed by `PackingCollator` into R rows of at most that many tokens, position ids restarting per
+    sequence, no attention mask: `{"input_ids" (R, W), "position_ids" (R, W), "labels" (R, W),
+    "answer_sequence_index" (R, W) (the sequence of each position, -1 on a row's padding tail), "pixel_values"
+    (N, 3, H, W) | None (the pairs' images once, in pair order), "image_index" (M,) (the image of each image run in
+    the rows' reading order: a pair's images serve both its sides), "pair_index" (B,)}`. The model then scores each
+    sequence on its own segment: the same log-probabilities as padded rows (tests/test_dpo_packing.py)."""
+
+    def __init__(self, pad_token_id: int, packing_max_length: int | None = None):
         self.padder = DataCollator(pad_token_id=pad_token_id)
+        self.packer = None if packing_max_length is None else PackingCollator(pad_token_id, packing_max_length)
 
     def __call__(self, pairs: list[dict[str, Any]]) -> dict[str, Any]:
         rows = [{"input_ids": p["chosen_input_ids"], "labels": p["chosen_labels"], "pixel_values": p["pixel_values"],
                  **({DATA_DROPS_KEY: p[DATA_DROPS_KEY]} if DATA_DROPS_KEY in p else {})} for p in pairs]
         rows += [{"input_ids": p["rejected_input_ids"], "labels": p["rejected_labels"]} for p in pairs]
-        batch = self.padder(rows)
+        batch = self.padder(rows) if self.packer is None else self._pack(pairs, rows)
         batch[PAIR_INDEX_KEY] = torch.tensor([p[PAIR_INDEX_KEY] for p in pairs], dtype=torch.long)  # (B,)
+        return batch
+
+    def _pack(self, pairs: list[dict[str, Any]], sequences: list[dict[str, Any]]) -> dict[str, Any]:
+        lengths = [len(s["input_ids"]) for s in sequences]
+        text_only = [{k: v for k, v in s.items() if k != "pixel_values"} for s in sequences]
+        batch = self.packer(text_only)  # the images go in pair order below, not in the packed order
+        rows = self.packer.rows(lengths)  # the packer's own placement (deterministic: the same rows)
+        n_images = [0 if p["pixel_values"] is None else p["pixel_values"].shape[0] for p in pairs]
+        first_image = [sum(n_images[:i]) for i in range(len(pairs))]
+        sequence_index = torch.full_like(batch["input_ids"], -1)  # (R, W)
+        image_index = []
+        for r, row in enumerate(rows):
+            start = 0
+            for s in row:
+                sequence_index[r, start:start + lengths[s]] = s
+                start += lengths[s]
+                pair = s % len(pairs)
+                image_index += range(first_image[pair], first_image[pair] + n_images[pair])
+        batch[ANSWER_SEQUENCE_KEY] = sequence_index
+        batch["pixel_values"] = _concat_images(pairs)  # (N, 3, H, W) or None
+        if batch["pixel_values"] is not None:
+            batch[IMAGE_INDEX_KEY] = torch.tensor(image_index, dtype=torch.long)  # (M,)
         return batch

@@ -73,7 +73,8 @@ def supervised_lm_loss(hidden_states: torch.Tensor, labels: torch.Tensor | None,
 
 
 def answer_log_probs(hidden_states: torch.Tensor, labels: torch.Tensor, lm_head: Callable, *,
-                     all_positions: bool = False, ignore_index: int = IGNORE_INDEX) -> tuple[torch.Tensor, torch.Tensor]:
+                     sequence_index: torch.Tensor | None = None, all_positions: bool = False,
+                     ignore_index: int = IGNORE_INDEX) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-sequence log-probability of the supervised tokens, from the hidden states at those positions only.
 
     Preference training (DPO) scores a whole answer: the sum over its tokens of log p(token | prefix). As for
@@ -83,22 +84,35 @@ def answer_log_probs(hidden_states: torch.Tensor, labels: torch.Tensor, lm_head:
         hidden_states: (B, T, D) the decoder's final hidden states.
         labels: (B, T) unshifted labels, `ignore_index` where unsupervised.
         lm_head: maps (N, D) hidden states to (N, V) logits.
+        sequence_index: (B, T) packed rows (vlm.data.preference, `--packing`): the sequence 0..S-1 each position
+            belongs to (-1 on padding); each sequence's tokens are summed on their own. None: one sequence per row.
         all_positions: run the head on every position, (B, T, V) logits, and pick the supervised ones after
             (`--supervised_only_loss False`: the plain computation, same values).
     Returns:
-        (logps, num_tokens): (B,) float32 sums of the supervised tokens' log-probabilities, and (B,) their counts.
+        (logps, num_tokens): (S,) float32 sums of the supervised tokens' log-probabilities, and (S,) their counts;
+        S = B without `sequence_index`.
     """
     targets = shift_labels_left(labels, ignore_index).to(hidden_states.device)  # (B, T)
     keep = targets != ignore_index  # (B, T)
+    if sequence_index is None:
+        owner = torch.arange(labels.shape[0], device=keep.device)[:, None].expand_as(keep)  # (B, T)
+        count = labels.shape[0]
+    else:
+        # the token scored at t is the one at t+1: its sequence's (a sequence's first label is never supervised,
+        # so t and t+1 belong to the same one wherever a target is kept)
+        owner = shift_labels_left(sequence_index, -1).to(keep.device)  # (B, T)
+        count = int(sequence_index.max()) + 1  # every sequence has positions in the rows
     if all_positions:
         logits = lm_head(hidden_states).float()  # (B, T, V)
         token_logps = torch.log_softmax(logits, dim=-1).gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-        return (token_logps * keep).sum(dim=1), keep.sum(dim=1)  # (B,), (B,)
-    logits = lm_head(hidden_states[keep]).float()  # (N, V), upcast as the loss does
-    token_logps = -F.cross_entropy(logits, targets[keep], reduction="none")  # (N,)
-    rows = keep.nonzero()[:, 0]  # (N,) the sequence of each selected token
-    logps = token_logps.new_zeros(labels.shape[0]).index_add(0, rows, token_logps)  # (B,)
-    return logps, keep.sum(dim=1)
+        token_logps = token_logps[keep]  # (N,)
+    else:
+        logits = lm_head(hidden_states[keep]).float()  # (N, V), upcast as the loss does
+        token_logps = -F.cross_entropy(logits, targets[keep], reduction="none")  # (N,)
+    owners = owner[keep]  # (N,) the sequence of each selected token
+    logps = token_logps.new_zeros(count).index_add(0, owners, token_logps)  # (S,)
+    num_tokens = torch.zeros(count, dtype=torch.long, device=keep.device).index_add(0, owners, torch.ones_like(owners))
+    return logps, num_tokens
 
 
 def _summed_cross_entropy(hidden: torch.Tensor, targets: torch.Tensor, lm_head: Callable) -> torch.Tensor:

@@ -77,16 +77,21 @@ class VLMMixin:
         return self.get_input_embeddings().weight.dtype
 
     def embed_multimodal(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None,
-                         *, prefill: bool = True, image_repeats: int = 1) -> torch.Tensor:
+                         *, prefill: bool = True, image_repeats: int = 1,
+                         image_index: torch.Tensor | None = None) -> torch.Tensor:
         """(B, T) ids and (N, 3, H, W) pixels -> (B, T, D) input embeddings with images spliced in.
 
         `image_repeats`: the rows hold the same images `image_repeats` times over, in the same order (preference
         training puts a batch's chosen rows, then its rejected rows): each image is encoded once and its features
-        are used for every copy."""
+        are used for every copy. `image_index` (M,): the image (0..N-1) of each image run in reading order, where
+        the rows use the images in another order (packed preference rows: each pair's two sides, wherever the
+        packing put them); each image is encoded once too."""
         inputs_embeds = self.get_input_embeddings()(input_ids)  # (B, T, D)
         if pixel_values is not None:
             features = self.encode_images(pixel_values)  # (N, P, D)
-            if image_repeats > 1:
+            if image_index is not None:
+                features = features[image_index.to(features.device)]  # (M, P, D)
+            elif image_repeats > 1:
                 features = features.repeat(image_repeats, 1, 1)  # (k*N, P, D): copy j holds images 0..N-1 again
             return scatter_image_features(inputs_embeds, image_token_mask(input_ids, self.image_token_id), features)
         if prefill and self.vlm_config is not None:
@@ -148,16 +153,21 @@ class VLMMixin:
 
         Preference training (`vlm.train.dpo`) passes two more keywords: `answer_labels` (B, T), labelled like
         `labels`, returns `AnswerLogProbs` (each row's summed log-probability of its labelled tokens, computed at
-        those positions only) instead of logits; `image_repeats` (see `embed_multimodal`) encodes each image
-        once for rows that repeat the batch's images.
+        those positions only) instead of logits; `image_repeats` / `image_index` (see `embed_multimodal`) encode
+        each image once for rows that use the batch's images more than once. Packed pair rows add
+        `answer_sequence_index` (B, T): the sequence each position belongs to; the log-probabilities are then per
+        sequence, not per row (`vlm.llm.loss.answer_log_probs`).
         """
         answer_labels = kwargs.pop("answer_labels", None)
+        answer_sequence_index = kwargs.pop("answer_sequence_index", None)
         image_repeats = kwargs.pop("image_repeats", 1)
+        image_index = kwargs.pop("image_index", None)
         if inputs_embeds is None:
             if input_ids is None:
                 raise ValueError("pass input_ids (or inputs_embeds)")
             prefill = past_key_values is None or past_key_values.get_seq_length() == 0
-            inputs_embeds = self.embed_multimodal(input_ids, pixel_values, prefill=prefill, image_repeats=image_repeats)
+            inputs_embeds = self.embed_multimodal(input_ids, pixel_values, prefill=prefill, image_repeats=image_repeats,
+                                                  image_index=image_index)
             # ZeRO-3: in every forward that could have run the vision path (eval too, not decoding steps)
             needs_zero = self.vision_on_text_only and prefill or self.training and torch.is_grad_enabled()
             if pixel_values is None and needs_zero:
@@ -170,9 +180,13 @@ class VLMMixin:
             use_cache = False
             if inputs_embeds.shape[0] > 1 and "flash" in str(self.config._attn_implementation):
                 # flash-attn's varlen path reads packed position ids in one row only; more rows would attend across
+                if answer_labels is not None:
+                    return self._answer_log_probs_as_one_row(inputs_embeds, position_ids, answer_labels,
+                                                             answer_sequence_index, kwargs)
                 return self._forward_as_one_row(inputs_embeds, position_ids, labels, kwargs)
         if answer_labels is not None:
-            return self._forward_answer_log_probs(inputs_embeds, attention_mask, position_ids, answer_labels, kwargs)
+            return self._forward_answer_log_probs(inputs_embeds, attention_mask, position_ids, answer_labels,
+                                                  answer_sequence_index, kwargs)
         # `skip_logits`: an evaluation that keeps only the loss (vlm.train.trainer.VLMTrainer.prediction_step; the
         # keyword transformers' Trainer passes for Liger kernels) takes the training path: no (B, T, V) logits
         skip_logits = kwargs.pop("skip_logits", False)
@@ -205,14 +219,16 @@ class VLMMixin:
         return CausalLMOutputWithPast(loss=loss, logits=None, hidden_states=outputs.hidden_states,
                                       attentions=outputs.attentions)
 
-    def _forward_answer_log_probs(self, inputs_embeds, attention_mask, position_ids, answer_labels, kwargs):
-        """Each row's summed log-probability of its labelled tokens (`vlm.llm.loss.answer_log_probs`), no (B, T, V)
-        logits unless `supervised_only_loss` is off; in train and eval mode alike (the policy and the reference of
-        preference training)."""
+    def _forward_answer_log_probs(self, inputs_embeds, attention_mask, position_ids, answer_labels,
+                                  answer_sequence_index, kwargs):
+        """Each row's (packed rows: each sequence's) summed log-probability of its labelled tokens
+        (`vlm.llm.loss.answer_log_probs`), no (B, T, V) logits unless `supervised_only_loss` is off; in train and
+        eval mode alike (the policy and the reference of preference training)."""
         kwargs.pop("num_items_in_batch", None)
         outputs = self.model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
                              use_cache=False, **kwargs)
         logps, num_tokens = answer_log_probs(outputs.last_hidden_state, answer_labels, self.lm_head,
+                                             sequence_index=answer_sequence_index,
                                              all_positions=not self.supervised_only_loss)
         return AnswerLogProbs(logps=logps, num_tokens=num_tokens)
 
@@ -226,6 +242,16 @@ class VLMMixin:
         if out.logits is not None:
             out.logits = out.logits.reshape(rows, width, -1)
         return out
+
+    def _answer_log_probs_as_one_row(self, inputs_embeds, position_ids, answer_labels, answer_sequence_index, kwargs):
+        """`_forward_as_one_row` for answer log-probabilities: the rows joined into one, each position keeping its
+        sequence (its row's, or `answer_sequence_index`'s), so the sums stay per sequence."""
+        rows, width, dim = inputs_embeds.shape
+        if answer_sequence_index is None:
+            answer_sequence_index = torch.arange(rows, device=answer_labels.device)[:, None].expand(rows, width)
+        one_row = lambda x: x.expand(rows, width).reshape(1, rows * width)  # noqa: E731
+        return self._forward_answer_log_probs(inputs_embeds.reshape(1, rows * width, dim), None, one_row(position_ids),
+                                              one_row(answer_labels), one_row(answer_sequence_index), kwargs)
 
     def save_pretrained(self, save_directory, state_dict: dict | None = None, **kwargs: Any) -> None:
         """Write the vlm model folder (`config.json` + safetensors); `transformers.Trainer` calls this too."""

@@ -258,9 +258,6 @@ class VLMTrainingArguments(transformers.TrainingArguments):
             raise ConfigError(f"--loss_type {self.loss_type} uses no reference model: drop --precompute_ref_log_probs")
         if self.rpo_alpha is not None and self.rpo_alpha < 0:
             raise ConfigError(f"--rpo_alpha {self.rpo_alpha}: expected a weight >= 0")
-        if self.packing:
-            raise ConfigError("--packing is not supported with --method dpo (each answer's log-probability is scored "
-                              "on padded rows): drop --packing")
         if self.deepspeed:
             raise ConfigError("--deepspeed is not supported with --method dpo yet (the reference model is not "
                               "sharded): train with DDP (torchrun / train.sh) instead")

@@ -21,7 +21,8 @@ The batch loss is the mean over pairs (+ the NLL term). Rewards: β × each side
 The trainer:
 - one forward of 2B rows per batch (the collator's chosen rows, then rejected: vlm.data.preference), each
   image encoded once (`image_repeats=2`), the log-probabilities of the answer tokens only (`answer_labels`: the
-  LM head runs on the answer positions, no (2B, T, V) logits; vlm.llm.loss.answer_log_probs);
+  LM head runs on the answer positions, no (2B, T, V) logits; vlm.llm.loss.answer_log_probs); with `--packing`
+  the 2B sides packed into rows, each answer scored on its own segment (vlm.data.preference.PreferenceCollator);
 - the reference: with LoRA the same model with its adapters disabled (peft's `disable_adapter()`), and the
   other parameters that train (the projector, a trainable vision tower, LoRA-trained biases) at their start
   values, swapped in for the reference forward from a copy of those parameters only, never of the LLM (adapters
@@ -50,7 +51,7 @@ from dataclasses import dataclass
 import torch
 from torch.nn import functional as F
 
-from vlm.data.preference import PAIR_INDEX_KEY
+from vlm.data.preference import ANSWER_SEQUENCE_KEY, IMAGE_INDEX_KEY, PAIR_INDEX_KEY
 from vlm.train.trainer import VLMTrainer, unwrap
 
 LOSS_TYPES = ("sigmoid", "ipo", "robust", "orpo", "simpo")
@@ -175,10 +176,15 @@ def dpo_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
 
 
 def pair_log_probs(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """One forward of a pair batch (vlm.data.preference.PreferenceCollator): (2B,) answer log-probabilities and
-    (2B,) answer token counts, chosen rows first. Each image is encoded once for both halves."""
-    out = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
-                pixel_values=batch.get("pixel_values"), answer_labels=batch["labels"], image_repeats=2)
+    """One forward of a pair batch (vlm.data.preference.PreferenceCollator, padded or packed): (2B,) answer
+    log-probabilities and (2B,) answer token counts, chosen sides first. Each image is encoded once for both sides."""
+    if ANSWER_SEQUENCE_KEY in batch:  # packed rows: per-sequence sums, images by index
+        out = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+                    pixel_values=batch.get("pixel_values"), image_index=batch.get(IMAGE_INDEX_KEY),
+                    answer_labels=batch["labels"], answer_sequence_index=batch[ANSWER_SEQUENCE_KEY])
+    else:
+        out = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
+                    pixel_values=batch.get("pixel_values"), answer_labels=batch["labels"], image_repeats=2)
     return out.logps, out.num_tokens
 
 

@@ -184,7 +184,8 @@ def _fit_locked(model, tokenizer, image_processor, config: RunConfig, *, templat
         from vlm.data.preference import PreferenceCollator
         from vlm.train.dpo import DPOSettings, DPOTrainer
 
-        collator = PreferenceCollator(tokenizer.pad_token_id)
+        collator = PreferenceCollator(tokenizer.pad_token_id,
+                                      packing_max_length=training.model_max_length if training.packing else None)
         trainer_class, method_kwargs = DPOTrainer, {"dpo": DPOSettings.from_args(training)}
     if config.main_process:
         print(f"model: {total / 1e6:.2f}M parameters, {trainable / 1e6:.2f}M trainable; template {template!r}",

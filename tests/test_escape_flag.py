@@ -79,8 +79,8 @@ def run(name: str, model_dir, image: str, tmp_path, monkeypatch, capsys, flags: 
         return capsys.readouterr().out.strip()
     if name == "eval":
         data, out = tmp_path / "eval.json", tmp_path / "out"
-        record = {"id": "a", "image": os.path.basename(image), "conversations": [{"from": "human", "value": f"<image>\n{FORGED}"},
-                                                                {"from": "gpt", "value": "red"}]}
+        turns = [{"from": "human", "value": f"<image>\n{FORGED}"}, {"from": "gpt", "value": "red"}]
+        record = {"id": "a", "image": os.path.basename(image), "conversations": turns}
         data.write_text(json.dumps([record]))
         assert command("eval")([*common, "--data_path", str(data), "--output_dir", str(out), "--no-blind",
                                 "--image_folder", os.path.dirname(image)]) == 0

@@ -241,6 +241,73 @@ def test_streaming_yields_the_same_text_and_usage(api, images):
         assert chunks[-1].usage.model_dump() == plain.usage.model_dump()
 
 
+def test_concurrent_streamed_requests_are_batched_and_each_stream_equals_its_answer(server, api, images, generator):
+    """8 streamed requests at once (the server batches up to 8, waiting 50 ms): fewer than 8 generate calls, and
+    each stream's text, finish reason and usage equal the same request's non-streamed answer."""
+    base, _ = server
+    cases = [(QUESTIONS[i % 4], f"img{(i + i // 4) % 4}.png") for i in range(8)]  # 8 distinct prompts
+    plain = [api.chat.completions.create(model=MODEL, messages=[user(q, img)]) for q, img in cases]
+    assert len({p.choices[0].message.content for p in plain}) > 1
+    before = get_json(f"{base}/health")
+    barrier = threading.Barrier(len(cases))
+    chunks: list = [None] * len(cases)
+
+    def one(i: int) -> None:
+        question, image = cases[i]
+        barrier.wait()
+        try:
+            chunks[i] = list(api.chat.completions.create(model=MODEL, messages=[user(question, image)], stream=True,
+                                                         stream_options={"include_usage": True}))
+        except BaseException as exc:  # noqa: BLE001 - reported by the assertion below
+            chunks[i] = exc
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(cases))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    after = get_json(f"{base}/health")
+    for got, want in zip(chunks, plain):
+        assert isinstance(got, list), got
+        assert "".join(c.choices[0].delta.content or "" for c in got if c.choices) == want.choices[0].message.content
+        assert [c.choices[0].finish_reason for c in got if c.choices and c.choices[0].finish_reason] == \
+            [want.choices[0].finish_reason]
+        assert got[-1].usage.model_dump() == want.usage.model_dump()
+    assert after["jobs_answered"] - before["jobs_answered"] == 8
+    assert after["generate_calls"] - before["generate_calls"] < 8 and after["largest_batch"] > 1, after
+
+
+def test_row_streams_in_one_batch_each_get_their_row_and_stop_alone(generator, images):
+    """The decode loop's per-row streams (`generate_ids(streams=...)`): in one batch of three, rows 0 and 2 streamed,
+    row 1 not; each stream joins to its row's answer; a row whose callback stops it after its first piece ends
+    alone (its ids are a prefix of its full answer) while the other rows answer as before."""
+    from vlm.generate.decoding import RowText, StopGeneration, decode, generate_ids
+    from vlm.processing import load_pixels, pad_id, stop_token_ids
+
+    prompts = [generator.prompt([{"role": "user", "content": f"<image>\n{q}"}], 1) for q in QUESTIONS[:3]]
+    pixels = load_pixels([str(images / f"img{i}.png") for i in range(3)], generator.image_processor)  # (3, 3, H, W)
+    kwargs = dict(stop_ids=stop_token_ids(generator.tokenizer, "chatml"), pad_token_id=pad_id(generator.tokenizer),
+                  settings=generator.settings, context_len=generator.context_len)
+    plain = generate_ids(generator.model, prompts, pixels, **kwargs)
+    pieces: list[list[str]] = [[], [], []]
+    streams = [RowText(generator.tokenizer, pieces[0].append), None, RowText(generator.tokenizer, pieces[2].append)]
+    assert generate_ids(generator.model, prompts, pixels, streams=streams, **kwargs) == plain
+    assert not pieces[1]
+    for i in (0, 2):
+        assert "".join(pieces[i]).strip() == decode(generator.tokenizer, plain[i]) and not streams[i].stopped
+
+    class StopsAfterTwo(RowText):  # as a client that leaves after two tokens: StopGeneration from inside the stream
+        def put(self, value) -> None:
+            if self.tokens >= 2:
+                raise StopGeneration
+            super().put(value)
+
+    streams = [StopsAfterTwo(generator.tokenizer), None, RowText(generator.tokenizer)]
+    rows = generate_ids(generator.model, prompts, pixels, streams=streams, **kwargs)
+    assert streams[0].stopped and streams[0].tokens == 2 and rows[0] == plain[0][:2] and len(plain[0]) > 2
+    assert rows[1:] == plain[1:] and not streams[2].stopped
+
+
 def test_stop_strings_cut_both_ways(api):
     messages = [user("What shape is it?", "img1.png")]
     full = ask(api, messages)
@@ -317,6 +384,20 @@ def bad_requests(images: Path) -> dict[str, tuple[dict, str]]:
     }
 
 
+def chunked_post(base: str, body: bytes) -> bytes:
+    """The server's reply to a POST whose body comes as one chunk with no end chunk: the server can have read every
+    byte sent when it refuses, so it closes cleanly. (A client still sending when the server closes gets a TCP reset,
+    which can destroy the reply before it is read: urllib with a longer chunked body failed this way at random.)"""
+    host, port = base.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as conn:
+        conn.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json\r\n"
+                     b"Transfer-Encoding: chunked\r\n\r\n%x\r\n%s\r\n" % (host.encode(), len(body), body))
+        reply = b""
+        while b"request_too_large" not in reply and (piece := conn.recv(65536)):
+            reply += piece
+    return reply
+
+
 def test_bad_input_is_a_400_with_openai_error_object(api, images, server):
     for name, (request, code) in bad_requests(images).items():
         body = {"model": MODEL, **request}
@@ -339,11 +420,7 @@ def test_bad_input_is_a_400_with_openai_error_object(api, images, server):
     with pytest.raises(openai.APIStatusError) as caught:
         ask(api, [user("red " * 60_000)])
     assert caught.value.status_code == 413 and caught.value.code == "request_too_large"
-    chunked = urllib.request.Request(f"{server[0]}/v1/chat/completions", data=iter([b"[" + b" " * 150_000] * 2),
-                                     headers={"Content-Type": "application/json", "Transfer-Encoding": "chunked"})
-    with pytest.raises(urllib.error.HTTPError) as caught:
-        urllib.request.urlopen(chunked, timeout=30)
-    assert caught.value.code == 413
+    assert chunked_post(server[0], b"[" + b" " * MAX_REQUEST_BYTES).startswith(b"HTTP/1.1 413 ")
     # and the server still answers
     assert ask(api, [user("What color is the circle?", "img0.png")])
     assert get_json(f"{server[0]}/health")["jobs_failed"] == 0

@@ -11,6 +11,10 @@ Design choices:
   `generate` call decodes all rows); rows are sorted by length to waste little padding and answers are
   returned in input order. Greedy batched answers equal one-at-a-time answers (tests).
 - `max_new_tokens` is capped so prompt + answer fit the context.
+- Streaming is per row: `generate_ids(..., streams=[RowText or None per row])` hands each row's new tokens to
+  its own `RowText` (transformers' `TextStreamer` rule for when text is final), until the row's stop token, so
+  streamed rows batch like the others (`vlm serve`). A row's callback that raises `StopGeneration` ends that
+  row only (a stopping criterion marks it finished; `generate` pads it from then on) and the others go on.
 """
 
 from __future__ import annotations
@@ -18,10 +22,11 @@ from __future__ import annotations
 import math
 import sys
 from dataclasses import dataclass
-from typing import IO, Any, Sequence
+from typing import IO, Any, Callable, Sequence
 
 import torch
-from transformers import GenerationConfig, TextStreamer
+from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList, TextStreamer
+from transformers.generation.streamers import BaseStreamer
 
 from vlm.errors import ConfigError, UserError
 from vlm.processing import left_pad, load_pixels
@@ -49,11 +54,30 @@ class GenerationSettings:
             raise ConfigError(f"max_new_tokens={self.max_new_tokens} must be >= 1")
 
 
-class StreamToFile(TextStreamer):
-    """Writes the decoded answer to `file` as tokens arrive (batch size 1), then a newline."""
+class StopGeneration(Exception):
+    """Raised by a row's stream callback to end that row's decoding early (a stop string appeared, the client left)."""
+
+
+class RowText(TextStreamer):
+    """One row's answer as it is generated: each piece of text that is final (TextStreamer's rule: up to a space,
+    a newline or a CJK character) goes to `on_text`, the rest when the row ends. Fed by `RowStreams`."""
+
+    def __init__(self, tokenizer, on_text: Callable[[str], None] | None = None):
+        super().__init__(tokenizer, skip_prompt=False, skip_special_tokens=True)
+        self.on_text = on_text
+        self.tokens = 0  # tokens this row generated, its end-of-turn token included
+        self.stopped = False  # ended by `on_text` raising StopGeneration
+
+    def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+        if text and self.on_text is not None:
+            self.on_text(text)
+
+
+class StreamToFile(RowText):
+    """Writes the decoded answer to `file` as tokens arrive, then a newline."""
 
     def __init__(self, tokenizer, file: IO[str] | None = None):
-        super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        super().__init__(tokenizer)
         self.file = file if file is not None else sys.stdout
 
     def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
@@ -61,13 +85,60 @@ class StreamToFile(TextStreamer):
         self.file.flush()
 
 
+class RowStreams(BaseStreamer, StoppingCriteria):
+    """The streamer and stopping criterion `generate` gets for one batch: row i's new tokens go to `rows[i]` (None:
+    a row nobody streams) until its stop token; rows whose callback raised StopGeneration are reported finished."""
+
+    def __init__(self, rows: Sequence[RowText | None], stop_ids: Sequence[int]):
+        self.rows = list(rows)
+        self.stop_ids = set(stop_ids)
+        self.live = [row is not None for row in self.rows]
+        self.prompt = True  # generate's first put is the prompt ids (B, T)
+
+    def put(self, value: torch.Tensor) -> None:
+        if self.prompt:
+            self.prompt = False
+            return
+        tokens = value.reshape(-1).tolist()  # (B,) one new token per row
+        assert len(tokens) == len(self.rows), f"{len(tokens)} new tokens for a batch of {len(self.rows)}"
+        for i, token in enumerate(tokens):
+            if not self.live[i]:
+                continue
+            row = self.rows[i]
+            row.tokens += 1
+            if token in self.stop_ids:
+                self._finish(i)
+            else:
+                self._feed(i, lambda: row.put(torch.tensor([token])))
+
+    def end(self) -> None:
+        for i, live in enumerate(self.live):
+            if live:
+                self._finish(i)
+
+    def _finish(self, i: int) -> None:
+        self._feed(i, self.rows[i].end)
+        self.live[i] = False
+
+    def _feed(self, i: int, step: Callable[[], None]) -> None:
+        try:
+            step()
+        except StopGeneration:
+            self.rows[i].stopped, self.live[i] = True, False
+
+    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
+        return torch.tensor([row is not None and row.stopped for row in self.rows], device=input_ids.device)
+
+
 @torch.no_grad()
 def generate_ids(model, prompts: Sequence[Sequence[int]], pixel_values: torch.Tensor | None, *, stop_ids: list[int],
                  pad_token_id: int, settings: GenerationSettings, context_len: int | None = None,
-                 streamer=None, use_cache: bool = True) -> list[list[int]]:
+                 streams: Sequence[RowText | None] | None = None, use_cache: bool = True) -> list[list[int]]:
     """Generate for one left-padded batch; returns each row's new ids, cut before the first stop id.
 
     `pixel_values` (N, 3, H, W) holds the images of all prompts in order (the image runs in the ids).
+    `streams`: one `RowText` (or None) per row, fed the row's text as it is generated; a row whose callback
+    raised StopGeneration returns the ids generated until then (`RowText.tokens` of them).
     """
     ids, mask = left_pad(prompts, pad_token_id)  # (B, T), (B, T)
     max_new = settings.max_new_tokens
@@ -81,11 +152,17 @@ def generate_ids(model, prompts: Sequence[Sequence[int]], pixel_values: torch.Te
     device = model.get_input_embeddings().weight.device
     if pixel_values is not None:
         pixel_values = pixel_values.to(device)
+    if streams is not None and len(streams) != len(prompts):
+        raise UserError(f"{len(streams)} streams for {len(prompts)} prompts; pass one (or None) per prompt")
+    watch = RowStreams(streams, stop_ids) if streams is not None else None
     out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), pixel_values=pixel_values,
-                         generation_config=config, streamer=streamer)
+                         generation_config=config, streamer=watch,
+                         stopping_criteria=StoppingCriteriaList([watch] if watch is not None else []))
     answers = []
-    for row in out[:, ids.shape[1]:].tolist():
-        cut = next((i for i, token in enumerate(row) if token in stop_ids), len(row))
+    for i, row in enumerate(out[:, ids.shape[1]:].tolist()):
+        if streams is not None and streams[i] is not None and streams[i].stopped:
+            row = row[:streams[i].tokens]  # what its stream saw; generate went on one step before noticing
+        cut = next((k for k, token in enumerate(row) if token in stop_ids), len(row))
         answers.append(row[:cut])
     return answers
 
@@ -109,7 +186,7 @@ def decode_prompts(model, tokenizer, image_processor, prompts: Sequence[Sequence
         raise ConfigError(f"batch_size={batch_size} must be >= 1")
     if stream is not None and len(prompts) != 1:
         raise UserError(f"stream= writes one answer as it is generated; got {len(prompts)} prompts")
-    streamer = StreamToFile(tokenizer, stream) if stream is not None else None
+    streams = [StreamToFile(tokenizer, stream)] if stream is not None else None
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     answers: list[str] = [""] * len(prompts)
     bar = tqdm(total=len(prompts), disable=not progress, desc="generating", unit="q", file=sys.stderr)
@@ -117,7 +194,7 @@ def decode_prompts(model, tokenizer, image_processor, prompts: Sequence[Sequence
         rows = order[start:start + batch_size]
         pixels = load_pixels([image for i in rows for image in images[i]], image_processor)  # (N, 3, H, W) or None
         out = generate_ids(model, [prompts[i] for i in rows], pixels, stop_ids=stop_ids, pad_token_id=pad_token_id,
-                           settings=settings, context_len=context_len, streamer=streamer)
+                           settings=settings, context_len=context_len, streams=streams)
         for i, ids in zip(rows, out):
             answers[i] = decode(tokenizer, ids)
         bar.update(len(rows))

@@ -36,9 +36,9 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from vlm.errors import ConfigError, UserError
-from vlm.generate.decoding import GenerationSettings
+from vlm.generate.decoding import GenerationSettings, StopGeneration
 from vlm.serve import protocol
-from vlm.serve.batching import Batcher, Completion, Job, QueueFull, StopGeneration
+from vlm.serve.batching import Batcher, Completion, Job, QueueFull
 from vlm.serve.images import ImagePolicy, load_image_url
 from vlm.serve.protocol import RequestError, TextStream, cut_at_stop
 

@@ -8,7 +8,9 @@ Design choices:
   in one left-padded `generate` call (`vlm.generate.decoding.generate_ids`, the loop `Generator.reply_many`
   runs). Greedy batched answers equal one-at-a-time answers (tests/test_generate.py; tests/test_serve.py
   checks it through the server). Jobs with other settings wait for a later batch, in arrival order.
-- A streamed job is decoded alone: the decode loop streams one row (transformers' `TextStreamer`).
+- Streamed jobs batch too, with each other and with plain ones: the decode loop streams per row
+  (`vlm.generate.decoding.RowText`); a stream that stops early (a stop string, the client left) ends its own
+  row only.
 - The queue is bounded: `submit` raises `QueueFull` when `max_queue` jobs are waiting (the caller answers 503).
 - The counters (`stats`) show that batching happens: generate calls, jobs answered, batch sizes.
 """
@@ -23,9 +25,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from transformers import TextStreamer
-
-from vlm.generate.decoding import GenerationSettings, decode, generate_ids
+from vlm.generate.decoding import GenerationSettings, RowText, decode, generate_ids
 from vlm.processing import load_pixels, pad_id, stop_token_ids
 
 log = logging.getLogger("vlm.serve")
@@ -33,10 +33,6 @@ log = logging.getLogger("vlm.serve")
 
 class QueueFull(Exception):
     """`max_queue` jobs are already waiting."""
-
-
-class StopGeneration(Exception):
-    """Raised by a job's `on_text` to end its decoding early (a stop string appeared, the client left)."""
 
 
 @dataclass
@@ -56,14 +52,13 @@ class Job:
     prompt: list[int]  # (T,) ids ending with the assistant header
     images: list[Any]  # PIL images, in the order of the prompt's image runs
     settings: GenerationSettings
-    on_text: Callable[[str], None] | None = None  # streaming: called with each decoded piece (may raise StopGeneration)
+    # streaming: called with each decoded piece; may raise vlm.generate.decoding.StopGeneration to end this job
+    on_text: Callable[[str], None] | None = None
     future: Future = field(default_factory=Future)
 
     @property
-    def batch_key(self) -> tuple | None:
-        """Jobs with equal keys can share a generate call; None: decoded alone (streamed)."""
-        if self.on_text is not None:
-            return None
+    def batch_key(self) -> tuple:
+        """Jobs with equal keys can share a generate call."""
         return (self.settings.temperature, self.settings.top_p, self.settings.max_new_tokens)
 
 
@@ -139,8 +134,6 @@ class Batcher:
                 return None
             first = self._waiting.popleft()
             batch = [first]
-            if first.batch_key is None:
-                return batch
             deadline = time.monotonic() + self.batch_wait_s
             while len(batch) < self.max_batch_size:
                 for job in [j for j in self._waiting if j.batch_key == first.batch_key]:
@@ -179,41 +172,23 @@ class Batcher:
         settings = batch[0].settings
         prompts = [job.prompt for job in batch]
         pixels = load_pixels([image for job in batch for image in job.images], g.image_processor)  # (N, 3, H, W)
-        streamer = _JobStreamer(g.tokenizer, batch[0].on_text) if batch[0].on_text is not None else None
+        streams = [RowText(g.tokenizer, job.on_text) if job.on_text is not None else None for job in batch]
         start = time.perf_counter()
         self.stats.generate_calls += 1
         self.stats.batch_sizes[len(batch)] += 1
-        try:
-            rows = generate_ids(g.model, prompts, pixels, stop_ids=self.stop_ids, pad_token_id=self.pad_token_id,
-                                settings=settings, context_len=g.context_len, streamer=streamer)
-        except StopGeneration:  # a streamed job ended early: what was generated so far
-            assert streamer is not None and len(batch) == 1
-            return [Completion("", len(prompts[0]), streamer.tokens, "stop")]
+        rows = generate_ids(g.model, prompts, pixels, stop_ids=self.stop_ids, pad_token_id=self.pad_token_id,
+                            settings=settings, context_len=g.context_len,
+                            streams=streams if any(streams) else None)
         log.info("generate call %d: %d request(s), %.0f ms", self.stats.generate_calls, len(batch),
                  (time.perf_counter() - start) * 1000)
         # as generate_ids caps it: prompt + answer fit the context
         cap = max(1, min(settings.max_new_tokens, g.context_len - max(len(p) for p in prompts)))
         results = []
-        for prompt, row in zip(prompts, rows):
+        for prompt, row, stream in zip(prompts, rows, streams):
+            if stream is not None and stream.stopped:  # ended by its stream (a stop string, the client left)
+                results.append(Completion(decode(g.tokenizer, row), len(prompt), stream.tokens, "stop"))
+                continue
             hit_cap = len(row) >= cap
             results.append(Completion(decode(g.tokenizer, row), len(prompt), len(row) + (0 if hit_cap else 1),
                                       "length" if hit_cap else "stop"))
         return results
-
-
-class _JobStreamer(TextStreamer):
-    """Hands each decoded piece of the one row to `on_text` and counts the generated tokens."""
-
-    def __init__(self, tokenizer, on_text: Callable[[str], None]):
-        super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True)
-        self.on_text = on_text
-        self.tokens = 0
-
-    def put(self, value) -> None:
-        if not self.next_tokens_are_prompt:
-            self.tokens += value.numel()
-        super().put(value)
-
-    def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
-        if text:
-            self.on_text(text)

@@ -195,6 +195,36 @@ def test_multi_turn_messages_map_to_the_conversation(api, images, generator):
     assert ask(api, messages) == expected
 
 
+def at_once(n: int, request) -> list:
+    """`request(i)` for i < n, from n threads released together; each one's result, or the exception it raised."""
+    barrier = threading.Barrier(n)
+    results: list = [None] * n
+
+    def one(i: int) -> None:
+        barrier.wait()
+        try:
+            results[i] = request(i)
+        except BaseException as exc:  # noqa: BLE001 - the caller's assertions report it
+            results[i] = exc
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    return results
+
+
+def assert_stream_equals(chunks: list, plain) -> None:
+    """A streamed answer's chunks say what the non-streamed completion `plain` says: text, finish reason, usage."""
+    assert {c.object for c in chunks} == {"chat.completion.chunk"}
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == plain.choices[0].message.content
+    finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finish == [plain.choices[0].finish_reason]
+    assert chunks[-1].usage.model_dump() == plain.usage.model_dump()
+
+
 def test_32_concurrent_requests_are_batched_and_each_equals_its_one_by_one_answer(server, api, images, generator):
     base, _ = server
     cases = [(QUESTIONS[i % 4], f"img{(i // 4) % 4}.png") for i in range(16)]
@@ -202,22 +232,7 @@ def test_32_concurrent_requests_are_batched_and_each_equals_its_one_by_one_answe
     expected = generator.reply_many([[{"role": "user", "content": f"<image>\n{q}"}] for q, _ in cases],
                                     [[str(images / img)] for _, img in cases], batch_size=1)
     before = get_json(f"{base}/health")
-    barrier = threading.Barrier(len(cases))
-    answers: list[str | BaseException | None] = [None] * len(cases)
-
-    def one(i: int) -> None:
-        question, image = cases[i]
-        barrier.wait()
-        try:
-            answers[i] = ask(api, [user(question, image)])
-        except BaseException as exc:  # noqa: BLE001 - reported by the assertion below
-            answers[i] = exc
-
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(cases))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=120)
+    answers = at_once(len(cases), lambda i: ask(api, [user(*cases[i])]))
     assert answers == expected
     after = get_json(f"{base}/health")
     calls = after["generate_calls"] - before["generate_calls"]
@@ -232,13 +247,7 @@ def test_streaming_yields_the_same_text_and_usage(api, images):
         plain = api.chat.completions.create(model=MODEL, messages=messages)
         chunks = list(api.chat.completions.create(model=MODEL, messages=messages, stream=True,
                                                   stream_options={"include_usage": True}))
-        assert {c.object for c in chunks} == {"chat.completion.chunk"}
-        assert chunks[0].choices[0].delta.role == "assistant"
-        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
-        assert text == plain.choices[0].message.content
-        finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
-        assert finish == [plain.choices[0].finish_reason]
-        assert chunks[-1].usage.model_dump() == plain.usage.model_dump()
+        assert_stream_equals(chunks, plain)
 
 
 def test_concurrent_streamed_requests_are_batched_and_each_stream_equals_its_answer(server, api, images, generator):
@@ -249,30 +258,12 @@ def test_concurrent_streamed_requests_are_batched_and_each_stream_equals_its_ans
     plain = [api.chat.completions.create(model=MODEL, messages=[user(q, img)]) for q, img in cases]
     assert len({p.choices[0].message.content for p in plain}) > 1
     before = get_json(f"{base}/health")
-    barrier = threading.Barrier(len(cases))
-    chunks: list = [None] * len(cases)
-
-    def one(i: int) -> None:
-        question, image = cases[i]
-        barrier.wait()
-        try:
-            chunks[i] = list(api.chat.completions.create(model=MODEL, messages=[user(question, image)], stream=True,
-                                                         stream_options={"include_usage": True}))
-        except BaseException as exc:  # noqa: BLE001 - reported by the assertion below
-            chunks[i] = exc
-
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(cases))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=120)
+    streams = at_once(len(cases), lambda i: list(api.chat.completions.create(
+        model=MODEL, messages=[user(*cases[i])], stream=True, stream_options={"include_usage": True})))
     after = get_json(f"{base}/health")
-    for got, want in zip(chunks, plain):
+    for got, want in zip(streams, plain):
         assert isinstance(got, list), got
-        assert "".join(c.choices[0].delta.content or "" for c in got if c.choices) == want.choices[0].message.content
-        assert [c.choices[0].finish_reason for c in got if c.choices and c.choices[0].finish_reason] == \
-            [want.choices[0].finish_reason]
-        assert got[-1].usage.model_dump() == want.usage.model_dump()
+        assert_stream_equals(got, want)
     assert after["jobs_answered"] - before["jobs_answered"] == 8
     assert after["generate_calls"] - before["generate_calls"] < 8 and after["largest_batch"] > 1, after
 
@@ -435,21 +426,8 @@ def test_a_full_queue_is_a_503(generator):
         first = api.chat.completions.create(model=MODEL, messages=messages, max_tokens=48)
         expected = first.choices[0].message.content
         assert first.usage.completion_tokens == 48  # each answer keeps the worker busy while the others arrive
-        barrier = threading.Barrier(10)
-        results: list = [None] * 10
-
-        def one(i: int) -> None:
-            barrier.wait()
-            try:
-                results[i] = ask(api, messages, max_tokens=48)
-            except openai.APIStatusError as exc:
-                results[i] = exc
-
-        threads = [threading.Thread(target=one, args=(i,)) for i in range(10)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(timeout=120)
+        results = at_once(10, lambda i: ask(api, messages, max_tokens=48))
+    assert all(isinstance(r, (str, openai.APIStatusError)) for r in results), results
     refused = [r for r in results if isinstance(r, openai.APIStatusError)]
     assert refused, "no request was refused"
     assert all(r.status_code == 503 and r.code == "queue_full" and "--max_queue" in r.message for r in refused)

@@ -9,7 +9,7 @@ Tolerance 1e-5 relative + 1e-5 absolute on (2B,) sums of ~10 log-probs (the same
 reduction order differs). The plain LLM runs in train mode (it has no dropout: checked), i.e. through bitsandbytes'
 training kernel (dequantise, fp32 matmul) as the policy and our reference do: on a CPU with AVX512-BF16 its eval-mode
 inference kernel differs from that by up to 1.5e-4 relative (measured), and our reference keeps the 4-bit layers in
-train mode (vlm.train.dpo.eval_mode).
+train mode (vlm.quantization.eval_mode).
 """
 
 from __future__ import annotations

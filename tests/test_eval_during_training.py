@@ -277,6 +277,19 @@ def test_lora_run_evaluates_with_generation(workspace, tmp_path):
         == [(2, ["eval_exact", "eval_loss"])]
 
 
+def test_qlora_run_evaluates_between_training_steps(workspace, tmp_path):
+    """QLoRA with evaluation every step: bitsandbytes 0.50 repacks a 4-bit weight for good on its first no-grad
+    forward in eval mode (on CPUs with AVX512-BF16), after which training fails; evaluation runs with the 4-bit
+    layers left in train mode (`vlm.quantization.eval_mode`), so steps, evaluations and generation alternate."""
+    out = tmp_path / "qlora"
+    run(RunConfig.from_flags(flags(workspace, out, *eval_flags(workspace), "--max_steps", "3", "--eval_steps", "1",
+                                   "--bits", "4", "--lora_enable", "True", "--lora_r", "4",
+                                   "--eval_generation_samples", "2", "--save_strategy", "no")))
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "eval_loss" in r] == [1, 2, 3]
+    assert all("eval_exact" in r for r in rows if "eval_loss" in r)
+
+
 # -- 4. the loss plot ---------------------------------------------------------------------------------------
 
 

@@ -21,9 +21,11 @@ bnb_4bit_use_double_quant=..., bnb_4bit_quant_type=...)`, then `prepare_model_fo
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
+import sys
 
 import torch
 from torch import nn
@@ -158,3 +160,30 @@ def load_quantization_record(folder: str | os.PathLike, bits: int, compute_dtype
         if data.get("load_in_8bit") and bits == 8:
             return bnb_config(8)
     return bnb_config(bits, compute_dtype=compute_dtype)
+
+
+@contextlib.contextmanager
+def eval_mode(model: torch.nn.Module):
+    """`model` in eval mode inside the block (no dropout: a DPO reference or an evaluation is deterministic).
+
+    bitsandbytes' 4-bit layers stay in train mode: on a CPU with AVX512-BF16, bitsandbytes 0.50's `Linear4bit`
+    repacks its weight in place, for good, on its first no-grad forward in eval mode, into a layout only its
+    inference kernel reads, and the policy's next training forward then fails ("a view of a leaf Variable that
+    requires grad is being used in an in-place operation"). The flag changes nothing else in that layer (it has no
+    dropout): the reference runs the same kernel as the policy (tests/test_dpo_qlora.py); the Trainer's evaluation
+    runs in it too (tests/test_eval_during_training.py)."""
+    was_training = model.training
+    model.eval()
+    for module in _quantized_4bit_layers(model):
+        module.train()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
+def _quantized_4bit_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    if "bitsandbytes" not in sys.modules:  # not imported: the model holds none
+        return []
+    linear4bit = sys.modules["bitsandbytes"].nn.Linear4bit
+    return [m for m in model.modules() if isinstance(m, linear4bit)]

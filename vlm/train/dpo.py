@@ -52,6 +52,7 @@ import torch
 from torch.nn import functional as F
 
 from vlm.data.preference import ANSWER_SEQUENCE_KEY, IMAGE_INDEX_KEY, PAIR_INDEX_KEY
+from vlm.quantization import eval_mode
 from vlm.train.trainer import VLMTrainer, unwrap
 
 LOSS_TYPES = ("sigmoid", "ipo", "robust", "orpo", "simpo")
@@ -321,32 +322,6 @@ class DPOTrainer(VLMTrainer):
 
 METRIC_NAMES = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
                 "logps/rejected")
-
-
-@contextlib.contextmanager
-def eval_mode(model: torch.nn.Module):
-    """`model` in eval mode inside the block (no dropout: the reference is deterministic, as the frozen copy is).
-
-    bitsandbytes' 4-bit layers stay in train mode: on a CPU with AVX512-BF16, bitsandbytes 0.50's `Linear4bit`
-    repacks its weight in place, for good, on its first no-grad forward in eval mode, into a layout only its
-    inference kernel reads, and the policy's next training forward then fails ("a view of a leaf Variable that
-    requires grad is being used in an in-place operation"). The flag changes nothing else in that layer (it has no
-    dropout): the reference runs the same kernel as the policy (tests/test_dpo_qlora.py)."""
-    was_training = model.training
-    model.eval()
-    for module in _quantized_4bit_layers(model):
-        module.train()
-    try:
-        yield model
-    finally:
-        model.train(was_training)
-
-
-def _quantized_4bit_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
-    if "bitsandbytes" not in sys.modules:  # not imported: the model holds none
-        return []
-    linear4bit = sys.modules["bitsandbytes"].nn.Linear4bit
-    return [m for m in model.modules() if isinstance(m, linear4bit)]
 
 
 def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:

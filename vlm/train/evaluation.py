@@ -182,6 +182,7 @@ class GenerationEval:
         from vlm.folders.load import context_length
         from vlm.generate.decoding import GenerationSettings
         from vlm.generate.generator import Generator
+        from vlm.quantization import eval_mode
 
         items = [item for item, _ in self.items]
         budget = self.max_new_tokens or GENERATION_HEADROOM + max(
@@ -189,13 +190,8 @@ class GenerationEval:
         generator = Generator(model, tokenizer, image_processor, self.template, context_length(model, tokenizer),
                               GenerationSettings(temperature=0.0, max_new_tokens=budget))
         images = [[folder.open(image) for image in item.images] for item, folder in self.items]
-        was_training = model.training
-        model.eval()
-        try:
-            with torch.no_grad():
-                answers = generator.reply_many([item.messages for item in items], images, batch_size=self.batch_size)
-        finally:
-            model.train(was_training)
+        with eval_mode(model), torch.no_grad():  # 4-bit layers stay trainable (vlm.quantization.eval_mode)
+            answers = generator.reply_many([item.messages for item in items], images, batch_size=self.batch_size)
         scores = corpus_scores(self.metric, answers, [item.references for item in items],
                                options=[item.options for item in items])
         return scores[self.metric], answers

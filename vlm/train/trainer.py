@@ -35,6 +35,7 @@ from safetensors.torch import save_file
 
 from vlm.folders.lora import load_lora_checkpoint
 from vlm.folders.weights import load_state_dict, load_state_dict_strict, save_model_folder
+from vlm.quantization import eval_mode
 from vlm.train.checkpointing import staged_folder
 from vlm.data.dataset import DATA_DROPS_KEY
 from vlm.train.data_drops import record_drops
@@ -332,7 +333,8 @@ class VLMTrainer(Trainer):
         inputs.pop(DATA_DROPS_KEY, None)  # an eval sample whose image went bad: its stand-in is already in the batch
         if prediction_loss_only and getattr(self.args, "supervised_only_loss", False):
             inputs = {**inputs, "skip_logits": True}  # the loss alone: vlm.llm.mixin skips the (B, T, V) logits
-        return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
+        with eval_mode(model):  # 4-bit layers stay trainable (vlm.quantization.eval_mode)
+            return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
 
     def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
                         metric_key_prefix="eval"):

@@ -224,7 +224,7 @@ def test_trl_records_that_cannot_be_a_pair_are_bad_schema(write_data):
 # ---------------------------------------------------------------- readers: LLaVA-style
 
 
-def test_llava_style_preference_records(write_data, data_image_folder, tiny_tokenizer):
+def test_llava_style_preference_records(write_data, data_image_folder, tiny_tokenizer, capsys):
     from vlm.data.formats import detect_format, read_source
 
     records = [
@@ -247,6 +247,16 @@ def test_llava_style_preference_records(write_data, data_image_folder, tiny_toke
     kept, report = check_dataset(Source(str(path), str(data_image_folder)), tokenizer=tiny_tokenizer, **CHECK)
     assert kept == [0, 1] and report["dropped"] == {"bad_roles": 1}
     assert report["notes"]["sources"][0]["format"] == "llava_preference"
+    # supervised training on these pairs trains on prompt + chosen, and says so (vlm.train.dataset)
+    from vlm.train.dataset import _say_pairs_train_as_chosen
+
+    _say_pairs_train_as_chosen(report)
+    said = capsys.readouterr().out
+    assert f"data: {path} holds preference pairs (llava_preference): --method sft trains on each prompt with its " \
+           "chosen answer" in said
+    _, plain = check_dataset([pair("p")], image_folder=str(data_image_folder), tokenizer=tiny_tokenizer, **CHECK)
+    _say_pairs_train_as_chosen(plain)  # in-memory samples, no source format: nothing said
+    assert capsys.readouterr().out == ""
 
 
 def test_convert_keeps_the_pair_and_reads_back_the_same_samples(write_data, tmp_path):

@@ -60,6 +60,8 @@ def build_train_dataset(data_args, training_args, tokenizer, image_processor, nu
     enforce_max_drop_ratio(report, data_args.max_drop_ratio, report_path=report_path)
     if preference:
         _check_all_pairs(records, kept)
+    elif training_args.process_index == 0:
+        _say_pairs_train_as_chosen(report)
     dataset_class = SupervisedDataset
     if preference:
         from vlm.data.preference import PreferenceDataset as dataset_class
@@ -83,6 +85,16 @@ def _check_all_pairs(records, kept) -> None:
         if isinstance(item, dict) and not is_preference(item):
             raise ConfigError(f"--method dpo trains on preference pairs, but sample {item.get('id')!r} of --data_path "
                               "is a plain conversation (no 'chosen'/'rejected'): pass preference data, or --method sft")
+
+
+def _say_pairs_train_as_chosen(report: dict) -> None:
+    """Supervised training on preference data trains on prompt + chosen: said, once per such source."""
+    from vlm.data.formats import PREFERENCE_FORMATS
+
+    for source in report.get("notes", {}).get("sources", []):
+        if source.get("format") in PREFERENCE_FORMATS:
+            print(f"data: {source['path']} holds preference pairs ({source['format']}): --method sft trains on each "
+                  "prompt with its chosen answer (--method dpo trains on the pairs)", flush=True)
 
 
 def write_report(report: dict, training_args, name: str, *, label: str) -> str:

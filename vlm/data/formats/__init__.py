@@ -34,6 +34,7 @@ from vlm.data.formats.source import _DETECT_RECORDS, SourceFile, open_source
 READERS = {m.NAME: m for m in (llava, xtuner, coco, ai_challenger, qa_table, basic_vlm, trl_preference,
                                llava_preference, rlaif_v)}
 FORMATS: tuple[str, ...] = tuple(READERS)
+PREFERENCE_FORMATS = (trl_preference.NAME, llava_preference.NAME, rlaif_v.NAME)  # their samples are pairs
 
 
 def format_votes(src: SourceFile, **options: Any) -> dict[str, int]:
@@ -120,4 +121,4 @@ def read_opened(src: SourceFile, format: str, options: dict[str, Any]) -> Iterat
         raise DataError(f"{src.path} read as {format!r}: {e}") from e
 
 
-__all__ = ["FORMATS", "READERS", "detect_format", "detection_summary", "format_votes", "read_opened", "read_source", "reader_options", "resolve_format"]
+__all__ = ["FORMATS", "PREFERENCE_FORMATS", "READERS", "detect_format", "detection_summary", "format_votes", "read_opened", "read_source", "reader_options", "resolve_format"]

@@ -249,7 +249,8 @@ def main() -> int:
     kind = "streamed requests (stream: true; latency to the last chunk)" if args.stream else "requests"
     notes = [textwrap.fill(f"{args.requests} concurrent {kind} per round (one picture + one question each, "
              f"{args.max_tokens} new tokens at most, greedy), {args.rounds} round(s) after a warm-up; model: "
-             f"{args.model or 'the demo architecture, random weights, untied output layer'}; server on {args.threads} torch thread(s), "
+             f"{args.model or 'the demo architecture, random weights, untied output layer'}; server on "
+             f"{args.threads} torch thread(s), "
              f"--batch_wait_ms {args.batch_wait_ms}; latencies over all rounds, rates the median round. Answers equal "
              f"between modes: {same}/{len(cases)}. Load at the end {load_average()}: a shared 2-core machine with "
              "other work running, so absolute figures are noisy; the ratio is the figure to read.", width=116)]

@@ -59,7 +59,7 @@ def build_train_dataset(data_args, training_args, tokenizer, image_processor, nu
     report_path = write_report(report, training_args, "data_report.json", label="data")
     enforce_max_drop_ratio(report, data_args.max_drop_ratio, report_path=report_path)
     if preference:
-        _check_all_pairs(records, kept)
+        _check_all_pairs(report)
     elif training_args.process_index == 0:
         _say_pairs_train_as_chosen(report)
     dataset_class = SupervisedDataset
@@ -76,15 +76,17 @@ def build_train_dataset(data_args, training_args, tokenizer, image_processor, nu
     return dataset
 
 
-def _check_all_pairs(records, kept) -> None:
-    """`--method dpo` on data that is not preference pairs: one line naming the first such sample."""
-    from vlm.data.sample import is_preference
+def _check_all_pairs(report: dict) -> None:
+    """`--method dpo` on data that is not preference pairs: one line naming the first such file. A file's reader
+    decides what its samples are (the preference readers give only pairs, the others never), so the validation
+    report's source formats answer without reading the samples again."""
+    from vlm.data.formats import PREFERENCE_FORMATS
 
-    for position in kept:
-        item = records[position][0]
-        if isinstance(item, dict) and not is_preference(item):
-            raise ConfigError(f"--method dpo trains on preference pairs, but sample {item.get('id')!r} of --data_path "
-                              "is a plain conversation (no 'chosen'/'rejected'): pass preference data, or --method sft")
+    for source in report.get("notes", {}).get("sources", []):
+        if source.get("format") not in PREFERENCE_FORMATS:
+            raise ConfigError(f"--method dpo trains on preference pairs, but {source['path']} of --data_path is read as "
+                              f"{source.get('format')!r}: plain conversation records (no 'chosen'/'rejected'); pass "
+                              f"preference data ({', '.join(PREFERENCE_FORMATS)}), or --method sft")
 
 
 def _say_pairs_train_as_chosen(report: dict) -> None:

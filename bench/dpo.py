@@ -24,7 +24,7 @@ ru_maxrss (load, model, data, training).
 
 What differs by design, and shows in the figures: TRL's collator feeds every image twice (once for the chosen,
 once for the rejected row) and computes the (2B, T, V) logits; ours encodes each image once for both rows
-(`image_repeats`) and runs the LM head on the answer positions only. TRL's completion is the chat template's
+(`image_index`) and runs the LM head on the answer positions only. TRL's completion is the chat template's
 rendering after the prompt, so it scores one token more per answer than ours (the newline ChatML writes after
 `<|im_end|>`; ours: the answer and `<|im_end|>`, the labels contract of DESIGN.md).
 """

@@ -21,7 +21,7 @@ Design choices:
   (`final_reply_labels`). A template that writes replies back to back (`plain`, for captions) with a multi-turn
   prompt is refused for that pair (`template_mismatch`): the runs are counted, one per reply.
 - The images are the pair's, decoded once; the collator puts them once in the batch and the model encodes
-  them once for both halves (`forward(image_repeats=2)`, vlm.llm.mixin).
+  them once for both halves (`forward(image_index=...)`, vlm.llm.mixin).
 - Packing (`--packing`): the 2B sides are packed by the supervised `PackingCollator` (position ids restart per
   sequence, no attention mask: attention never crosses sequences), the images stay once, in pair order, with the
   image of each image run in the rows (`image_index`), and each position carries its sequence

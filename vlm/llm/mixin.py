@@ -77,22 +77,17 @@ class VLMMixin:
         return self.get_input_embeddings().weight.dtype
 
     def embed_multimodal(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None,
-                         *, prefill: bool = True, image_repeats: int = 1,
-                         image_index: torch.Tensor | None = None) -> torch.Tensor:
+                         *, prefill: bool = True, image_index: torch.Tensor | None = None) -> torch.Tensor:
         """(B, T) ids and (N, 3, H, W) pixels -> (B, T, D) input embeddings with images spliced in.
 
-        `image_repeats`: the rows hold the same images `image_repeats` times over, in the same order (preference
-        training puts a batch's chosen rows, then its rejected rows): each image is encoded once and its features
-        are used for every copy. `image_index` (M,): the image (0..N-1) of each image run in reading order, where
-        the rows use the images in another order (packed preference rows: each pair's two sides, wherever the
-        packing put them); each image is encoded once too."""
+        `image_index` (M,): the image (0..N-1) of each image run in reading order, where the rows use an image more
+        than once or in another order (preference rows: each pair's chosen and rejected sides, padded or packed):
+        each image is encoded once and its features are used for every run that shows it."""
         inputs_embeds = self.get_input_embeddings()(input_ids)  # (B, T, D)
         if pixel_values is not None:
             features = self.encode_images(pixel_values)  # (N, P, D)
             if image_index is not None:
                 features = features[image_index.to(features.device)]  # (M, P, D)
-            elif image_repeats > 1:
-                features = features.repeat(image_repeats, 1, 1)  # (k*N, P, D): copy j holds images 0..N-1 again
             return scatter_image_features(inputs_embeds, image_token_mask(input_ids, self.image_token_id), features)
         if prefill and self.vlm_config is not None:
             mask = image_token_mask(input_ids, self.image_token_id)
@@ -153,21 +148,19 @@ class VLMMixin:
 
         Preference training (`vlm.train.dpo`) passes two more keywords: `answer_labels` (B, T), labelled like
         `labels`, returns `AnswerLogProbs` (each row's summed log-probability of its labelled tokens, computed at
-        those positions only) instead of logits; `image_repeats` / `image_index` (see `embed_multimodal`) encode
-        each image once for rows that use the batch's images more than once. Packed pair rows add
+        those positions only) instead of logits; `image_index` (see `embed_multimodal`) encodes each image once
+        for rows that use the batch's images more than once. Packed pair rows add
         `answer_sequence_index` (B, T): the sequence each position belongs to; the log-probabilities are then per
         sequence, not per row (`vlm.llm.loss.answer_log_probs`).
         """
         answer_labels = kwargs.pop("answer_labels", None)
         answer_sequence_index = kwargs.pop("answer_sequence_index", None)
-        image_repeats = kwargs.pop("image_repeats", 1)
         image_index = kwargs.pop("image_index", None)
         if inputs_embeds is None:
             if input_ids is None:
                 raise ValueError("pass input_ids (or inputs_embeds)")
             prefill = past_key_values is None or past_key_values.get_seq_length() == 0
-            inputs_embeds = self.embed_multimodal(input_ids, pixel_values, prefill=prefill, image_repeats=image_repeats,
-                                                  image_index=image_index)
+            inputs_embeds = self.embed_multimodal(input_ids, pixel_values, prefill=prefill, image_index=image_index)
             # ZeRO-3: in every forward that could have run the vision path (eval too, not decoding steps)
             needs_zero = self.vision_on_text_only and prefill or self.training and torch.is_grad_enabled()
             if pixel_values is None and needs_zero:

@@ -20,7 +20,7 @@ The batch loss is the mean over pairs (+ the NLL term). Rewards: β × each side
 
 The trainer:
 - one forward of 2B rows per batch (the collator's chosen rows, then rejected: vlm.data.preference), each
-  image encoded once (`image_repeats=2`), the log-probabilities of the answer tokens only (`answer_labels`: the
+  image encoded once (`image_index`), the log-probabilities of the answer tokens only (`answer_labels`: the
   LM head runs on the answer positions, no (2B, T, V) logits; vlm.llm.loss.answer_log_probs); with `--packing`
   the 2B sides packed into rows, each answer scored on its own segment (vlm.data.preference.PreferenceCollator);
 - the reference: with LoRA the same model with its adapters disabled (peft's `disable_adapter()`), and the
@@ -183,9 +183,11 @@ def pair_log_probs(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         out = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
                     pixel_values=batch.get("pixel_values"), image_index=batch.get(IMAGE_INDEX_KEY),
                     answer_labels=batch["labels"], answer_sequence_index=batch[ANSWER_SEQUENCE_KEY])
-    else:
+    else:  # padded: chosen rows, then rejected rows in the same order, so the images twice over
+        pixels = batch.get("pixel_values")
+        twice = None if pixels is None else torch.arange(pixels.shape[0]).repeat(2)  # (2N,)
         out = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
-                    pixel_values=batch.get("pixel_values"), answer_labels=batch["labels"], image_repeats=2)
+                    pixel_values=pixels, answer_labels=batch["labels"], image_index=twice)
     return out.logps, out.num_tokens
 
 

@@ -128,6 +128,11 @@ class SupervisedDataset(Dataset):
     def __len__(self) -> int:
         return len(self._positions)
 
+    def record(self, index: int) -> tuple[Any, Any, str]:
+        """Sample `index` as read, not encoded: (canonical sample or the reader's SampleError, its image folder,
+        where it comes from)."""
+        return self.records[self._positions[index]]
+
     def __getitem__(self, index: int) -> dict[str, Any]:
         """`{"input_ids": LongTensor (T,), "labels": LongTensor (T,), "pixel_values": FloatTensor (n, 3, H, W) | None}`,
         plus `DATA_DROPS_KEY: [{"index", "id", "reason", "detail"}, ...]` when samples were replaced."""
@@ -156,7 +161,7 @@ class SupervisedDataset(Dataset):
                           index=index)
 
     def _encode(self, index: int) -> dict[str, torch.Tensor | None]:
-        item, folder, where = self.records[self._positions[index]]
+        item, folder, where = self.record(index)
         sample_id = item.get("id") if isinstance(item, dict) else item.sample_id
         try:
             # the checks of `vlm data check`, in its order; "open" decodes the images as it checks them

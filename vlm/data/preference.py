@@ -76,7 +76,7 @@ class PreferenceDataset(SupervisedDataset):
         super().__init__(*args, **kwargs)
 
     def _encode(self, index: int) -> dict[str, Any]:
-        item, folder, where = self.records[self._positions[index]]
+        item, folder, where = self.record(index)
         sample_id = item.get("id") if isinstance(item, dict) else item.sample_id
         try:
             pair = encode_pair(item, folder, self.tokenizer, self.template, num_image_tokens=self.num_image_tokens,

@@ -124,7 +124,7 @@ def generation_items(dataset, n: int, metric: str, references_field: str | None 
 
     items = []
     for index in range(min(n, len(dataset))):
-        sample, folder, where = dataset.records[dataset._positions[index]]
+        sample, folder, where = dataset.record(index)
         try:
             items.append((eval_item(sample, index, metric, folder, references_field), folder))
         except SampleError as exc:  # vlm eval's flag names in its message are ours here

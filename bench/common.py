@@ -27,6 +27,10 @@ SIZES = {
                   image_size=56, patch=14),
     "42m": dict(vocab=32000, hidden=512, layers=4, heads=8, kv_heads=4, vision_hidden=256, vision_layers=4,
                 image_size=224, patch=14),
+    # Issue 12's GPU model: Qwen2.5-0.5B's LLM shape (tied embeddings) behind a SigLIP-base-shaped tower (196
+    # image tokens); random weights, for throughput and MFU only.
+    "0.5b": dict(vocab=151936, hidden=896, intermediate=4864, layers=24, heads=14, kv_heads=2, tie=True,
+                 vision_hidden=768, vision_layers=12, vision_heads=12, image_size=224, patch=16),
 }
 
 
@@ -73,11 +77,12 @@ def save_reference_folder(folder: str, size: str, seed: int = 0) -> None:
 
     s = SIZES[size]
     vision = SiglipVisionConfig(hidden_size=s["vision_hidden"], intermediate_size=4 * s["vision_hidden"],
-                                num_hidden_layers=s["vision_layers"], num_attention_heads=4,
+                                num_hidden_layers=s["vision_layers"], num_attention_heads=s.get("vision_heads", 4),
                                 image_size=s["image_size"], patch_size=s["patch"], vision_use_head=False)
-    text = Qwen2Config(vocab_size=s["vocab"], hidden_size=s["hidden"], intermediate_size=4 * s["hidden"],
-                       num_hidden_layers=s["layers"], num_attention_heads=s["heads"],
-                       num_key_value_heads=s["kv_heads"], max_position_embeddings=4096, tie_word_embeddings=False)
+    text = Qwen2Config(vocab_size=s["vocab"], hidden_size=s["hidden"],
+                       intermediate_size=s.get("intermediate", 4 * s["hidden"]), num_hidden_layers=s["layers"],
+                       num_attention_heads=s["heads"], num_key_value_heads=s["kv_heads"],
+                       max_position_embeddings=4096, tie_word_embeddings=s.get("tie", False))
     num_image_tokens = (s["image_size"] // s["patch"]) ** 2
     config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=s["vocab"] - 1,
                          vision_feature_select_strategy="full", vision_feature_layer=-2,
@@ -86,15 +91,41 @@ def save_reference_folder(folder: str, size: str, seed: int = 0) -> None:
     LlavaForConditionalGeneration(config).save_pretrained(folder)
 
 
-def load_models(folder: str, which: str):
-    """('ours' | 'reference') -> the model, in train mode, float32."""
+def load_models(folder: str, which: str, attn_implementation: str = "sdpa"):
+    """('ours' | 'reference') -> the model, float32, with the attention backend asked for."""
     if which == "reference":
         from transformers import LlavaForConditionalGeneration
 
-        return LlavaForConditionalGeneration.from_pretrained(folder)
+        return LlavaForConditionalGeneration.from_pretrained(folder, attn_implementation=attn_implementation)
     from vlm.folders.llava_hf import load_llava_hf
 
-    return load_llava_hf(folder)
+    return load_llava_hf(folder, attn_implementation=attn_implementation)
+
+
+def training_flops(size: str, examples: list["Example"]) -> float:
+    """Model FLOPs of one training step on `examples` (the PaLM-paper convention used for MFU: what the model
+    needs, not what an implementation happens to run): per LLM token 6 x (decoder matmul parameters + the LM
+    head); causal attention 12 x layers x hidden x n(n+1)/2 per sample of n tokens (QK^T and AV, forward and
+    backward, each sample attending only to itself); the frozen vision tower forward only (2 x parameters per patch, plus its full attention); the
+    projector trained (6 x parameters per image token). Embedding lookups and norms are left out."""
+    s = SIZES[size]
+    d, L, vocab = s["hidden"], s["layers"], s["vocab"]
+    inter = s.get("intermediate", 4 * d)
+    head_dim = d // s["heads"]
+    kv = s["kv_heads"] * head_dim
+    layer = d * d + 2 * d * kv + d * d + 3 * d * inter  # q, k, v, o, gate/up/down
+    per_token = 6 * (L * layer + d * vocab)
+    vd, vL = s["vision_hidden"], s["vision_layers"]
+    patches = (s["image_size"] // s["patch"]) ** 2
+    vision_image = 2 * patches * vL * (4 * vd * vd + 8 * vd * vd) + 4 * vL * vd * patches * patches
+    projector_token = 6 * (vd * d + d * d)
+    flops = 0.0
+    for e in examples:
+        n = len(e.input_ids)
+        flops += n * per_token + 12 * L * d * n * (n + 1) / 2
+        if e.has_image:
+            flops += vision_image + patches * projector_token
+    return flops
 
 
 @dataclasses.dataclass(frozen=True)

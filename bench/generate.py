@@ -40,6 +40,7 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     parser.add_argument("--no-record", action="store_true", help="print only; do not append to RESULTS.md")
     args = parser.parse_args()
 
@@ -56,11 +57,13 @@ def main() -> int:
     image_token_id, num_image_tokens = s["vocab"] - 1, (s["image_size"] // s["patch"]) ** 2
     with tempfile.TemporaryDirectory() as tmp:
         save_reference_folder(tmp, args.size)
-        ours = load_models(tmp, "ours").to(args.device).eval()
-        ref = load_models(tmp, "reference").to(args.device).eval()
+        dtype = getattr(torch, args.dtype)
+        ours = load_models(tmp, "ours").to(args.device, dtype).eval()
+        ref = load_models(tmp, "reference").to(args.device, dtype).eval()
     prompts = make_prompts(args.prompts, vocab=s["vocab"], image_token_id=image_token_id,
                            num_image_tokens=num_image_tokens)
-    pixels = torch.randn(len(prompts), 3, s["image_size"], s["image_size"], generator=torch.Generator().manual_seed(0))
+    pixels = torch.randn(len(prompts), 3, s["image_size"], s["image_size"],
+                         generator=torch.Generator().manual_seed(0)).to(dtype)
     settings = GenerationSettings(max_new_tokens=args.max_new_tokens, temperature=0.0)
     chunks = [range(i, min(i + args.batch, len(prompts))) for i in range(0, len(prompts), args.batch)]
 
@@ -108,7 +111,8 @@ def main() -> int:
     if not args.no_record:
         append_result("Generation throughput (issue 12)", "python bench/generate.py " + " ".join(sys.argv[1:]), table,
                       [f"{len(prompts)} prompts of {num_image_tokens} image + 23-63 text tokens, "
-                       f"{args.max_new_tokens} new tokens each, greedy, {args.threads} thread(s)."])
+                       f"{args.max_new_tokens} new tokens each, greedy, {args.threads} thread(s), {args.dtype} on "
+                       f"{torch.cuda.get_device_name() if args.device.startswith('cuda') else args.device}."])
     return 0
 
 

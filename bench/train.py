@@ -31,7 +31,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from common import (SIZES, append_result, emit, length_mix, load_average, load_models, padded_batch,  # noqa: E402
-                    parse_result, PeakRss, rss_mib, save_reference_folder, summarise)
+                    parse_result, PeakRss, rss_mib, save_reference_folder, summarise, training_flops)
 
 SIDES = ("ours", "reference")
 
@@ -43,7 +43,7 @@ def worker(args: argparse.Namespace) -> None:
     torch.manual_seed(0)
     s = SIZES[args.size]
     dtype = getattr(torch, args.dtype)
-    model = load_models(args.folder, args.worker).to(device=args.device, dtype=dtype).train()
+    model = load_models(args.folder, args.worker, args.attn).to(device=args.device, dtype=dtype).train()
     image_token_id, num_image_tokens = s["vocab"] - 1, (s["image_size"] // s["patch"]) ** 2
     data = length_mix(args.batch * (args.warmup + args.steps), vocab=s["vocab"], image_token_id=image_token_id,
                       num_image_tokens=num_image_tokens)
@@ -71,8 +71,9 @@ def worker(args: argparse.Namespace) -> None:
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
     peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else rss.peak
+    timed = data[args.batch * args.warmup:]
     emit({"tokens_per_s": tokens / seconds, "peak_growth_mib": peak - base, "first_loss": losses[0],
-          "padding": padding})
+          "padding": padding, "tflops": training_flops(args.size, timed) / seconds / 1e12})
 
 
 def packed(batch: dict, pack_length: int, image_token_id: int, num_image_tokens: int) -> dict:
@@ -111,6 +112,10 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=5, help="runs per side, interleaved")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    parser.add_argument("--attn", default="sdpa", choices=("sdpa", "eager", "flash_attention_2"),
+                        help="attention backend of both sides")
+    parser.add_argument("--peak-tflops", type=float, default=989.4,
+                        help="the device's dense bf16 peak for MFU (H100 SXM: 989.4)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run (1: steady on a busy machine)")
     parser.add_argument("--packing", action="store_true", help="ours on packed rows (vlm's --packing)")
     parser.add_argument("--pack-length", type=int, default=2048, help="--packing: tokens per row (--model_max_length)")
@@ -129,7 +134,8 @@ def main() -> int:
         save_reference_folder(tmp, args.size)
         flags = [f"--{k}={v}" for k, v in (("size", args.size), ("batch", args.batch), ("steps", args.steps),
                                            ("warmup", args.warmup), ("device", args.device), ("dtype", args.dtype),
-                                           ("threads", args.threads), ("pack-length", args.pack_length))]
+                                           ("threads", args.threads), ("pack-length", args.pack_length),
+                                           ("attn", args.attn))]
         flags += ["--packing"] * args.packing + ["--full-logits-loss"] * args.full_logits_loss
         for repeat in range(args.repeats):
             for side in SIDES:
@@ -141,17 +147,25 @@ def main() -> int:
                 results[side].append(result)
                 print(f"run {repeat + 1} {side:<9} {result['tokens_per_s']:9.1f} tokens/s  "
                       f"peak +{result['peak_growth_mib']:.0f} MiB  load {load_average()}", flush=True)
-    ours, ref = ({k: summarise([r[k] for r in results[side]]) for k in ("tokens_per_s", "peak_growth_mib")}
+    ours, ref = ({k: summarise([r[k] for r in results[side]]) for k in ("tokens_per_s", "peak_growth_mib", "tflops")}
                  for side in SIDES)
     assert abs(results["ours"][0]["first_loss"] - results["reference"][0]["first_loss"]) < 1e-3, "losses differ"
-    table = ["| side | tokens/s min | tokens/s median | peak growth MiB min | median |", "| --- | --- | --- | --- | --- |"]
+    table = ["| side | tokens/s min | tokens/s median | peak growth MiB min | median | model TFLOP/s (median) | MFU |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
     for side, r in (("ours", ours), ("transformers LLaVA", ref)):
         table.append(f"| {side} | {r['tokens_per_s'][0]:.1f} | {r['tokens_per_s'][1]:.1f} | "
-                     f"{r['peak_growth_mib'][0]:.0f} | {r['peak_growth_mib'][1]:.0f} |")
+                     f"{r['peak_growth_mib'][0]:.0f} | {r['peak_growth_mib'][1]:.0f} | {r['tflops'][1]:.2f} | "
+                     f"{r['tflops'][1] / args.peak_tflops:.1%} |")
     table.append(f"| ratio ours/reference (median) | | {ours['tokens_per_s'][1] / ref['tokens_per_s'][1]:.2f}x | | "
-                 f"{ours['peak_growth_mib'][1] / ref['peak_growth_mib'][1]:.2f}x |")
+                 f"{ours['peak_growth_mib'][1] / ref['peak_growth_mib'][1]:.2f}x | | |")
     ours_mode = (f"ours: {'packed rows of <= ' + str(args.pack_length) + ' tokens' if args.packing else 'padded'}, "
                  f"{'full-logits' if args.full_logits_loss else 'supervised-only'} loss. ")
+    ours_mode += f"{args.dtype}, {args.attn} attention on {args.device}. "
+    if args.device.startswith("cuda"):
+        import torch
+
+        ours_mode += (f"GPU: {torch.cuda.get_device_name()}; MFU = model FLOPs (`bench/common.py:training_flops`) / "
+                      f"time / {args.peak_tflops} TFLOP/s. ")
     notes = [ours_mode + f"Padding share of the padded batches: {results['ours'][0]['padding']:.0%}; "
              f"first-step loss ours "
              f"{results['ours'][0]['first_loss']:.4f}, reference {results['reference'][0]['first_loss']:.4f}."]

@@ -156,6 +156,11 @@ def test_rows_positions_labels_and_images():
     assert batch["pixel_values"][:, 0, 0, 0].tolist() == [4.0, 1.0, 3.0, 3.0]  # images in the rows' order
     # a sample longer than a row gets a row of its own, never cut
     assert PackingCollator(0, max_length=4).rows([3, 6, 1]) == [[1], [0, 2]]
+    # as few rows as first fit, filled evenly: first fit's rows would be 1024+504+272 | 262, 1800 wide (43% padding)
+    assert PackingCollator(0, max_length=2048).rows([1024, 272, 262, 504]) == [[0], [1, 2, 3]]  # 1038 wide
+    assert PackingCollator(0, max_length=7).rows([3, 3, 2, 2, 2, 2]) == [[0, 4], [1, 5], [2, 3]]  # not 6 | 6 | 2
+    # where the even fill does not fit (5 | 4+3, then 2 to the first, the last 2 fits nowhere): first fit's rows
+    assert PackingCollator(0, max_length=8).rows([5, 2, 4, 2, 3]) == [[0, 4], [1, 2, 3]]
     assert "labels" not in collator([{"input_ids": torch.arange(3)}])
 
 

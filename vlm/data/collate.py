@@ -16,7 +16,8 @@ Design choices:
   batch), and flash-attn runs varlen from the same ids (in one row: the model joins the rows for it). Each
   sample's first label is -100, so no loss crosses a boundary; together with the shift inside the loss the
   packed batch gives each sample exactly the logits, loss terms and gradients it gets alone
-  (tests/test_packing.py). Rows are filled first-fit, longest sample first; the images follow the samples'
+  (tests/test_packing.py). Rows: as few as first fit (longest sample first) needs, filled evenly so that the
+  batch's width (every row is computed to it) is small; the images follow the samples'
   order in the rows. A row's tail is padding whose position ids restart too (a block of its own, label -100).
 """
 
@@ -115,18 +116,34 @@ class PackingCollator:
         return _with_drops(batch, features)
 
     def rows(self, lengths: list[int]) -> list[list[int]]:
-        """Sample indices per row: first fit, longest first (ties by index), each row's samples in index order."""
-        rows: list[list[int]] = []
-        used: list[int] = []
-        for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
-            r = next((r for r, n in enumerate(used) if n + lengths[i] <= self.max_length), None)
-            if r is None:
-                r = len(rows)
-                rows.append([])
-                used.append(0)
-            rows[r].append(i)
+        """Sample indices per row, each row's samples in index order: as few rows as first fit (longest first) needs,
+        filled evenly (each sample, longest first, to the emptiest row it fits in), so the batch's width, and with
+        it the padding every row is computed on, is as small as those rows allow; first fit's rows where the even
+        fill does not fit."""
+        order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+        first_fit = self._fill(order, lengths, rows=None)
+        even = self._fill(order, lengths, rows=len(first_fit))
+        return [sorted(row) for row in (even or first_fit)]
+
+    def _fill(self, order: list[int], lengths: list[int], rows: int | None) -> list[list[int]] | None:
+        """rows=None: first fit, a new row when none fits. rows=R: each sample to the emptiest of R rows it fits in
+        (an empty row takes any sample: a longer one is never cut); None when one fits nowhere."""
+        out: list[list[int]] = [[] for _ in range(rows or 0)]
+        used = [0] * len(out)
+        for i in order:
+            fits = [r for r, n in enumerate(used) if n == 0 or n + lengths[i] <= self.max_length]
+            if rows is None:
+                r = fits[0] if fits else len(out)
+                if not fits:
+                    out.append([])
+                    used.append(0)
+            elif not fits:
+                return None
+            else:
+                r = min(fits, key=lambda r: (used[r], r))
+            out[r].append(i)
             used[r] += lengths[i]
-        return [sorted(row) for row in rows]
+        return out
 
 
 def _pad_token_id(pad_token_id: int | None) -> int:

@@ -31,6 +31,27 @@ def make_prompts(n: int, *, vocab: int, image_token_id: int, num_image_tokens: i
             + [rng.randrange(10, image_token_id) for _ in range(rng.randrange(20, 61))] for _ in range(n)]
 
 
+def workload(size: str, n: int, *, dtype: str = "float32", device: str = "cpu", reference: bool = True):
+    """(ours, transformers' LLaVA or None, n prompts, their (n, 3, H, W) pixels): the same weights on both sides."""
+    import tempfile
+
+    import torch
+
+    s = SIZES[size]
+    with tempfile.TemporaryDirectory() as tmp:
+        save_reference_folder(tmp, size)
+        ours = load_models(tmp, "ours").to(device, getattr(torch, dtype)).eval()
+        ref = load_models(tmp, "reference").to(device, getattr(torch, dtype)).eval() if reference else None
+    prompts = make_prompts(n, vocab=s["vocab"], image_token_id=s["vocab"] - 1, num_image_tokens=num_image_tokens(size))
+    pixels = torch.randn(n, 3, s["image_size"], s["image_size"],
+                         generator=torch.Generator().manual_seed(0)).to(getattr(torch, dtype))
+    return ours, ref, prompts, pixels
+
+
+def num_image_tokens(size: str) -> int:
+    return (SIZES[size]["image_size"] // SIZES[size]["patch"]) ** 2
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", choices=sorted(SIZES), default="42m")
@@ -44,8 +65,6 @@ def main() -> int:
     parser.add_argument("--no-record", action="store_true", help="print only; do not append to RESULTS.md")
     args = parser.parse_args()
 
-    import tempfile
-
     import torch
     from transformers import GenerationConfig
 
@@ -53,17 +72,7 @@ def main() -> int:
     from vlm.processing import left_pad
 
     torch.set_num_threads(args.threads)
-    s = SIZES[args.size]
-    image_token_id, num_image_tokens = s["vocab"] - 1, (s["image_size"] // s["patch"]) ** 2
-    with tempfile.TemporaryDirectory() as tmp:
-        save_reference_folder(tmp, args.size)
-        dtype = getattr(torch, args.dtype)
-        ours = load_models(tmp, "ours").to(args.device, dtype).eval()
-        ref = load_models(tmp, "reference").to(args.device, dtype).eval()
-    prompts = make_prompts(args.prompts, vocab=s["vocab"], image_token_id=image_token_id,
-                           num_image_tokens=num_image_tokens)
-    pixels = torch.randn(len(prompts), 3, s["image_size"], s["image_size"],
-                         generator=torch.Generator().manual_seed(0)).to(dtype)
+    ours, ref, prompts, pixels = workload(args.size, args.prompts, dtype=args.dtype, device=args.device)
     settings = GenerationSettings(max_new_tokens=args.max_new_tokens, temperature=0.0)
     chunks = [range(i, min(i + args.batch, len(prompts))) for i in range(0, len(prompts), args.batch)]
 
@@ -110,7 +119,7 @@ def main() -> int:
     print("\n".join(table))
     if not args.no_record:
         append_result("Generation throughput (issue 12)", "python bench/generate.py " + " ".join(sys.argv[1:]), table,
-                      [f"{len(prompts)} prompts of {num_image_tokens} image + 23-63 text tokens, "
+                      [f"{len(prompts)} prompts of {num_image_tokens(args.size)} image + 23-63 text tokens, "
                        f"{args.max_new_tokens} new tokens each, greedy, {args.threads} thread(s), {args.dtype} on "
                        f"{torch.cuda.get_device_name() if args.device.startswith('cuda') else args.device}."])
     return 0

@@ -29,8 +29,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import SIZES, append_result, load_average, load_models, save_reference_folder  # noqa: E402
-from generate import make_prompts  # noqa: E402
+from common import SIZES, append_result, load_average  # noqa: E402
+from generate import num_image_tokens, workload  # noqa: E402
 
 
 class Timers:
@@ -74,22 +74,12 @@ def main() -> int:
     parser.add_argument("--no-record", action="store_true", help="print only; do not append to RESULTS.md")
     args = parser.parse_args()
 
-    import tempfile
-
     import torch
 
     from vlm.generate.decoding import GenerationSettings, generate_ids
 
     torch.set_num_threads(args.threads)
-    s = SIZES[args.size]
-    image_token_id, num_image_tokens = s["vocab"] - 1, (s["image_size"] // s["patch"]) ** 2
-    with tempfile.TemporaryDirectory() as tmp:
-        save_reference_folder(tmp, args.size)
-        model = load_models(tmp, "ours").eval()
-    # bench/generate.py's first `--batch` prompts and pixels
-    prompts = make_prompts(args.batch, vocab=s["vocab"], image_token_id=image_token_id,
-                           num_image_tokens=num_image_tokens)
-    pixels = torch.randn(args.batch, 3, s["image_size"], s["image_size"], generator=torch.Generator().manual_seed(0))
+    model, _, prompts, pixels = workload(args.size, args.batch, reference=False)  # bench/generate.py's first --batch
     settings = GenerationSettings(max_new_tokens=args.max_new_tokens, temperature=0.0)
     timers = Timers({"forward": model, "vision": model.vision_tower, "head": model.lm_head})
 
@@ -140,7 +130,7 @@ def main() -> int:
     if not args.no_record:
         append_result("Generation profile: batched vs one by one (issue 12)",
                       "python bench/generate_profile.py " + " ".join(sys.argv[1:]), table,
-                      [f"{b} prompts of {num_image_tokens} image + 23-63 text tokens (bench/generate.py's first {b}), "
+                      [f"{b} prompts of {num_image_tokens(args.size)} image + 23-63 text tokens (bench/generate.py's first {b}), "
                        f"{n} new tokens each ({steps} decode steps after the prefill), greedy, {args.threads} "
                        f"thread(s), float32, medians of {args.repeats} interleaved rounds."])
     return 0

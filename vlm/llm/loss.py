@@ -12,13 +12,21 @@ The value is the one `ForCausalLMLoss` gives, by construction:
 - without `num_items_in_batch`: the mean over supervised positions (NaN when there are none, like the
   reference); with it: the sum divided by `num_items_in_batch`, the supervised-token count of the whole
   gradient-accumulation window (DESIGN.md, Labels), which the Trainer passes to the forward.
-Only the order of the reduction differs, so values agree to float rounding (tests/test_supervised_loss.py).
-An empty selection still runs the head on zero rows, so every parameter gets a (zero) gradient as with full
-logits (DDP waits for each one).
+Only the order of the reduction differs, so values agree to float rounding (tests/test_supervised_loss.py,
+tests/test_fused_head_loss.py). An empty selection still gives the head a (zero) gradient, so every parameter
+gets one as with full logits (DDP waits for each one).
 
-`chunk_size` bounds memory further: the selected rows go through head + cross-entropy `chunk_size` at a time,
-each chunk under activation checkpointing, so backward recomputes one chunk's logits at a time instead of
-keeping all of them (costs one more head matmul per chunk).
+No (N, V) logits are kept for backward either. With a plain `nn.Linear` head (the usual case: not LoRA-wrapped,
+quantized or sharded by ZeRO-3) head and cross-entropy are one autograd function, `_LinearCrossEntropy`, run
+`chunk_size` rows at a time (default: about 2**23 logits a chunk): each chunk's logits, loss and gradients
+(softmax - one-hot, times the head's weight and the chunk's hidden states) are computed in forward and the
+logits freed; backward only scales the stored gradients. The same matmuls as autograd's, none repeated; what
+stays until backward is the (N, D) hidden-state gradient and the head's weight gradient (which backward
+produces anyway). Without it the selected rows' logits, their log-softmax and, in backward, two (N, V)
+gradients were the largest tensors of a packed step (42m model, 32K vocabulary: 3 x 122 MiB at 1001
+supervised rows; bench/memory_profile.py). Any other head goes through its own forward (LoRA, bitsandbytes and
+ZeRO-3 hooks run), all rows at once, or `chunk_size` at a time under activation checkpointing (backward then
+recomputes one chunk's logits at a time: one more head matmul per chunk).
 """
 
 from __future__ import annotations
@@ -26,10 +34,13 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
+from torch import nn
 from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
 IGNORE_INDEX = -100
+# Logits per chunk of the fused head + cross-entropy (32 MiB in float32): large enough for efficient matmuls.
+FUSED_CHUNK_LOGITS = 2**23
 
 
 def shift_labels_left(labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
@@ -49,7 +60,8 @@ def supervised_lm_loss(hidden_states: torch.Tensor, labels: torch.Tensor | None,
         lm_head: maps (N, D) hidden states to (N, V) logits.
         num_items_in_batch: supervised tokens of the whole accumulation window: sum / this; None: the mean.
         shift_labels: (B, T) already-shifted targets (transformers' padding-free / context-parallel convention).
-        chunk_size: rows of the head + cross-entropy at a time (None: all at once).
+        chunk_size: rows of the head + cross-entropy at a time (None: about 2**23 logits a chunk with a plain
+            `nn.Linear` head; all rows at once with any other head).
     Returns:
         the scalar loss, equal to transformers' `ForCausalLMLoss` on the full logits.
     """
@@ -59,17 +71,21 @@ def supervised_lm_loss(hidden_states: torch.Tensor, labels: torch.Tensor | None,
     keep = targets != ignore_index
     hidden = hidden_states.reshape(-1, hidden_states.shape[-1])[keep]  # (N, D)
     targets = targets[keep]  # (N,)
+    # 0/0 = NaN with no supervised token and no window count, as the reference's mean
+    denominator = targets.numel() if num_items_in_batch is None else num_items_in_batch
+    if torch.is_tensor(denominator):
+        denominator = denominator.to(hidden.device)
+    linear = _plain_linear(lm_head, hidden.shape[-1])
+    if linear is not None:
+        rows = chunk_size or max(1, FUSED_CHUNK_LOGITS // linear.weight.shape[0])
+        return _LinearCrossEntropy.apply(hidden, linear.weight, linear.bias, targets, rows, denominator)
     if chunk_size is None or hidden.shape[0] <= chunk_size:
         total = _summed_cross_entropy(hidden, targets, lm_head)
     else:
         total = sum(checkpoint(_summed_cross_entropy, hidden[i:i + chunk_size], targets[i:i + chunk_size], lm_head,
                                use_reentrant=False)
                     for i in range(0, hidden.shape[0], chunk_size))
-    if num_items_in_batch is None:
-        return total / targets.numel()  # 0/0 = NaN with no supervised token, as the reference's mean
-    if torch.is_tensor(num_items_in_batch):
-        num_items_in_batch = num_items_in_batch.to(total.device)
-    return total / num_items_in_batch
+    return total / denominator
 
 
 def answer_log_probs(hidden_states: torch.Tensor, labels: torch.Tensor, lm_head: Callable, *,
@@ -118,3 +134,77 @@ def answer_log_probs(hidden_states: torch.Tensor, labels: torch.Tensor, lm_head:
 def _summed_cross_entropy(hidden: torch.Tensor, targets: torch.Tensor, lm_head: Callable) -> torch.Tensor:
     logits = lm_head(hidden).float()  # (n, V), upcast as transformers does
     return F.cross_entropy(logits, targets, reduction="sum")
+
+
+def _plain_linear(lm_head: Callable, dim: int) -> nn.Linear | None:
+    """The head as an `nn.Linear` whose weight can be used directly, or None: a subclass or wrapper (LoRA,
+    bitsandbytes) must run its own forward, and so must a weight ZeRO-3 has partitioned (an empty tensor outside
+    the module's forward) or a distributed tensor (FSDP2)."""
+    if type(lm_head) is not nn.Linear:
+        return None
+    weight = lm_head.weight
+    if type(weight.data) is not torch.Tensor or weight.dim() != 2 or weight.shape[1] != dim:
+        return None
+    return lm_head
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """sum_i cross_entropy(hidden_i @ weight.T + bias, target_i) / denominator, with the gradients computed chunk by
+    chunk in forward (as Liger-Kernel's fused linear cross-entropy does) so that no (N, V) tensor outlives its chunk.
+
+    Values as the unfused path's: logits in the compute dtype (autocast's when it is on, else the weight's), upcast
+    to float32 for the log-softmax; d(loss)/d(logits) = (softmax - one-hot) / denominator, in the order autograd
+    computes it (so a plain `loss.backward()` gives the same rounding); the hidden-state and bias gradients in
+    the compute dtype, the weight gradient summed over chunks in float32. Backward multiplies the stored
+    gradients by the incoming scalar in place when it is not 1, so it runs once (no retain_graph)."""
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
+                rows: int, denominator: torch.Tensor | int) -> torch.Tensor:
+        device = hidden.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
+        want_hidden, want_weight, want_bias = ctx.needs_input_grad[:3]
+        with torch.autocast(device, enabled=False):
+            w = weight.to(dtype)  # (V, D)
+            b = None if bias is None else bias.to(dtype)
+            grad_hidden = torch.empty(hidden.shape, dtype=dtype, device=hidden.device) if want_hidden else None
+            grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_weight else None
+            grad_bias = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if want_bias else None
+            total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+            scale = torch.ones((), dtype=torch.float32, device=hidden.device) / denominator  # d(loss)/d(total)
+            for i in range(0, hidden.shape[0], rows):
+                h, t = hidden[i:i + rows].to(dtype), targets[i:i + rows]  # (n, D), (n,)
+                log_probs = torch.log_softmax(F.linear(h, w, b).float(), dim=-1)  # (n, V)
+                total -= log_probs.gather(1, t[:, None]).sum()
+                if not (want_hidden or want_weight or want_bias):
+                    continue
+                grad = log_probs.exp_().mul_(scale)  # (n, V) softmax x scale, in place
+                grad[torch.arange(t.shape[0], device=t.device), t] -= scale
+                grad = grad.to(dtype)
+                if want_hidden:
+                    torch.mm(grad, w, out=grad_hidden[i:i + rows])
+                if want_weight:
+                    if dtype == torch.float32:
+                        grad_weight.addmm_(grad.T, h)
+                    else:
+                        grad_weight += (grad.T @ h).float()
+                if want_bias:
+                    grad_bias += grad.float().sum(0)
+        ctx.grads = (grad_hidden, grad_weight, grad_bias)
+        ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
+        return total / denominator
+
+    @staticmethod
+    def backward(ctx, grad_total: torch.Tensor):
+        if ctx.grads is None:
+            raise RuntimeError("the fused LM-head loss keeps its gradients for one backward; retain_graph is not "
+                               "supported (set model.loss_chunk_size and a non-Linear head to use the unfused path)")
+        grads, ctx.grads = ctx.grads, None
+        out = []
+        for grad, dtype in zip(grads, ctx.dtypes):
+            if grad is not None:
+                grad = grad.to(dtype)
+                if not bool(grad_total == 1):
+                    grad = grad.mul_(grad_total.to(grad.dtype))
+            out.append(grad)
+        return (*out, None, None, None)

@@ -48,7 +48,8 @@ class VLMMixin:
         self.vision_on_text_only = False
         # Training loss (labels given, train mode): head + cross-entropy at supervised positions only (vlm.llm.loss),
         # no (B, T, V) logits; False: the parent's full-logits loss (train.py: --supervised_only_loss). loss_chunk_size:
-        # rows of head + cross-entropy at a time, recomputed in backward (None: all at once; no flag yet).
+        # rows of head + cross-entropy at a time (None: vlm.llm.loss's default, chunked and fused for a plain Linear
+        # head, all rows at once for any other; no flag yet).
         self.supervised_only_loss = True
         self.loss_chunk_size: int | None = None
 

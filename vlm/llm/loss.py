@@ -41,6 +41,8 @@ from torch.utils.checkpoint import checkpoint
 IGNORE_INDEX = -100
 # Logits per chunk of the fused head + cross-entropy (32 MiB in float32): large enough for efficient matmuls.
 FUSED_CHUNK_LOGITS = 2**23
+# ... but in bf16/fp16 at least this many rows a chunk (see _fused_rows).
+LOW_PRECISION_MIN_ROWS = 1024
 
 
 def shift_labels_left(labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
@@ -77,7 +79,7 @@ def supervised_lm_loss(hidden_states: torch.Tensor, labels: torch.Tensor | None,
         denominator = denominator.to(hidden.device)
     linear = _plain_linear(lm_head, hidden.shape[-1])
     if linear is not None:
-        rows = chunk_size or max(1, FUSED_CHUNK_LOGITS // linear.weight.shape[0])
+        rows = chunk_size or _fused_rows(linear.weight, hidden.device.type)
         return _LinearCrossEntropy.apply(hidden, linear.weight, linear.bias, targets, rows, denominator)
     if chunk_size is None or hidden.shape[0] <= chunk_size:
         total = _summed_cross_entropy(hidden, targets, lm_head)
@@ -129,6 +131,18 @@ def answer_log_probs(hidden_states: torch.Tensor, labels: torch.Tensor, lm_head:
     logps = token_logps.new_zeros(count).index_add(0, owners, token_logps)  # (S,)
     num_tokens = torch.zeros(count, dtype=torch.long, device=keep.device).index_add(0, owners, torch.ones_like(owners))
     return logps, num_tokens
+
+
+def _fused_rows(weight: torch.Tensor, device: str) -> int:
+    """Rows per chunk of the fused head: about FUSED_CHUNK_LOGITS logits, and in a low-precision compute dtype at
+    least LOW_PRECISION_MIN_ROWS, because there each chunk also casts and adds a (V, D) float32 weight gradient:
+    with Qwen2.5's 151,936-token vocabulary 2**23 logits are 55 rows, and those per-chunk adds made a
+    Qwen2.5-0.5B-shaped bf16 step on an H100 2.4x slower (442 ms against 184 ms at 441 rows, 176 ms at 1766;
+    `python bench/step_profile.py --chunk-logits ...`, bench/RESULTS.md). In float32 the gradient is
+    accumulated in place (addmm_) and small chunks cost nothing extra."""
+    rows = max(1, FUSED_CHUNK_LOGITS // weight.shape[0])
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
+    return rows if dtype == torch.float32 else max(rows, LOW_PRECISION_MIN_ROWS)
 
 
 def _summed_cross_entropy(hidden: torch.Tensor, targets: torch.Tensor, lm_head: Callable) -> torch.Tensor:

@@ -24,6 +24,8 @@ Design choices:
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import re
 import weakref
 from dataclasses import dataclass
@@ -125,7 +127,7 @@ def encode_sample(
         keep = [g < kept for g in token_groups]
         input_ids = [i for i, k in zip(input_ids, keep) if k]
         labels = [label for label, k in zip(labels, keep) if k]
-    if all(label == IGNORE_INDEX for label in labels):
+    if labels.count(IGNORE_INDEX) == len(labels):
         raise SampleError("no_supervised_tokens", "no assistant reply tokens to learn from", sample_id=sample_id)
     num_images = sum(images_per_group[:kept])
     return EncodedSample(input_ids=input_ids, labels=labels, num_images=num_images, image_prepended=prepended)
@@ -270,16 +272,22 @@ def _tokenize_run(segments: list[tuple[str, bool, int, list[tuple[int, int]]]],
         escaped += [(position + a, position + b) for a, b in segment_escaped]
         position += len(segment)
     ids, offsets = _tokenize_with_offsets(text, tokenizer, escaped)
+    # The spans tile `text` in order, so the spans a token overlaps run from the one holding its first character
+    # to the one holding its last (found by bisection), and a count of supervised spans tells whether any is.
+    starts = [a for a, _, _, _ in spans]
+    supervised_before = list(itertools.accumulate((sup for _, _, sup, _ in spans), initial=0))
+    last = len(text) - 1
     labels, groups = [], []
     for token, (start, end) in zip(ids, offsets):
+        first = bisect.bisect_right(starts, start) - 1
         if start == end:  # zero-width (e.g. a prefix-space marker): placed by position
-            supervised = any(sup and a <= start < b for a, b, sup, _ in spans)
-            at = min(start, len(text) - 1)
+            supervised = start <= last and spans[first][2]
+            at = min(start, last)
         else:
-            supervised = any(sup and start < b and end > a for a, b, sup, _ in spans)
             at = end - 1
+            supervised = supervised_before[bisect.bisect_right(starts, at)] > supervised_before[first]
         labels.append(token if supervised else IGNORE_INDEX)
-        groups.append(next(g for a, b, _, g in spans if a <= at < b))
+        groups.append(spans[bisect.bisect_right(starts, at) - 1][3])
     return ids, labels, groups
 
 

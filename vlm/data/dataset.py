@@ -31,6 +31,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Sequence
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset
 
@@ -174,9 +175,9 @@ class SupervisedDataset(Dataset):
         except SampleError as e:
             where = "" if e is item else where  # a reader's error already names its file and record
             raise with_context(e, index=index, sample_id=sample_id, where=where) from None
-        return {
-            "input_ids": torch.tensor(encoded.input_ids, dtype=torch.long),
-            "labels": torch.tensor(encoded.labels, dtype=torch.long),
+        return {  # through numpy: torch.tensor reads a list of ints 4x slower (~50 us per 700 ids)
+            "input_ids": torch.from_numpy(np.array(encoded.input_ids, dtype=np.int64)),
+            "labels": torch.from_numpy(np.array(encoded.labels, dtype=np.int64)),
             "pixel_values": pixel_values,
         }
 

@@ -2,6 +2,7 @@
 
     python bench/generate_profile.py                      # 42m model, 8 prompts, batch 8, 32 new tokens, 3 rounds
     python bench/generate_profile.py --max_new_tokens 128 # a decode-heavy run
+    python bench/generate_profile.py --ops --no-record    # and torch.profiler's operator table of one call each
     python bench/generate_profile.py --size small --repeats 1 --no-record                    # a smoke test
 
 The workload is bench/generate.py's (same model, prompts and pixels: `--batch` prompts of one image + 20-60 text
@@ -71,6 +72,8 @@ def main() -> int:
     parser.add_argument("--max_new_tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--ops", action="store_true",
+                        help="also print torch.profiler's operator table (by input shape) of one call at each batch size")
     parser.add_argument("--no-record", action="store_true", help="print only; do not append to RESULTS.md")
     args = parser.parse_args()
 
@@ -103,6 +106,14 @@ def main() -> int:
         for name, run in sides.items():
             rounds[name].append(run())
             print(f"run {repeat + 1} {name:<9} {rounds[name][-1]['total']:.2f} s  load {load_average()}", flush=True)
+    if args.ops:
+        from torch.profiler import ProfilerActivity, profile
+
+        for rows in (range(1), range(args.batch)):
+            with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+                timed(rows)
+            print(f"operators of one call at batch {len(rows)} (prefill and {args.max_new_tokens - 1} steps)")
+            print(prof.key_averages(group_by_input_shape=True).table(sort_by="self_cpu_time_total", row_limit=15))
     med = {name: {key: statistics.median(r[key] for r in rs) for key in rs[0]} for name, rs in rounds.items()}
     one, many = med["batch 1"], med[f"batch {args.batch}"]
     n, b = args.max_new_tokens, args.batch

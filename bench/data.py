@@ -7,13 +7,23 @@ One DataLoader worker is one process on one thread, so both sides run here on 1 
 B ...), over the same files:
 - ours: a training sample as `SupervisedDataset.__getitem__` makes it: decode the JPEG, pad to square with the
   mean colour, resize to 336, normalise, render the conversation (LLaVA-1.5 `v1`), tokenise, expand `<image>`
-  to 576 ids and build the labels;
+  to 576 ids and build the labels (each sample's answer differs; the template's system prompt repeats);
 - reference: PIL decode + `LlavaImageProcessor` (pad to square, resize, centre crop, normalise; transformers'
   PIL backend, since torchvision's CPU wheel does not load with torch 2.13 here) + the tokenizer on the same
-  rendered text (no labels: the reference does less work than ours);
+  rendered text (no system prompt, no labels: the reference does less work than ours);
 - the image halves of both alone (`ours_image`, `reference_image`): decode + image processor, no text.
-Our pixels equal the reference's bit for bit (tests/test_processor.py); JPEG draft decoding
-(`ImageProcessor.load(..., draft=True)`) is opt-in and not used here (no scale fits 640x480 -> 336 anyway).
+Each run is timed in wall time and in this process's CPU time (`time.process_time`); on a shared machine the
+CPU time is the steadier of the two (other processes' work is not counted, though they still share caches).
+
+Before timing, every image's pixel_values from ours (the dataset's sample) are compared with the reference's:
+they must be equal bit for bit (`pixels equal: n/n`), as tests/test_processor.py requires. JPEG draft decoding
+(`ImageProcessor.load(..., draft=True)`) is opt-in and not used here: it moves pixels, and no libjpeg scale fits
+640x480 -> 336 anyway (1/2 gives 320 < 336).
+
+`--split` adds where our per-sample CPU time goes (min over the runs, interleaved with the rest): decoding
+(`load_image`), the geometry (`ImageProcessor._geometry`: pad + Pillow's two resampling passes), normalisation
+and batching (the rest of the processor call), and the text (tokenise, labels, checks: a sample minus its image
+half), beside the reference's decode and processor.
 """
 
 from __future__ import annotations
@@ -21,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 import tempfile
 import time
@@ -32,6 +43,11 @@ from common import append_result, load_average, summarise  # noqa: E402
 SIZE = 336
 QUESTION = "<image>\nWhat is shown in this picture? Describe the main objects and their colours."
 ANSWER = "A red circle on the left, a blue square in the middle and a green triangle at the bottom right."
+
+
+def answer(i: int) -> str:
+    """Sample i's answer: each sample's text differs, as in real data (only the template's prompt repeats)."""
+    return f"{ANSWER} There are {i + 3} objects in picture {i}."
 
 
 def write_images(folder: str, n: int) -> list[str]:
@@ -61,7 +77,7 @@ def ours(folder: str, names: list[str], tokenizer):
     data = os.path.join(folder, "data.json")
     with open(data, "w", encoding="utf-8") as f:
         json.dump([{"id": str(i), "image": name, "conversations": [{"from": "human", "value": QUESTION},
-                                                                   {"from": "gpt", "value": ANSWER}]}
+                                                                   {"from": "gpt", "value": answer(i)}]}
                    for i, name in enumerate(names)], f)
     vision = CLIPVisionConfig(image_size=SIZE, patch_size=14)
     processor = ImageProcessor.from_vision_config(vision, aspect_ratio="pad")
@@ -72,6 +88,7 @@ def ours(folder: str, names: list[str], tokenizer):
     def run() -> None:
         for i in range(len(dataset)):
             dataset[i]
+    run.dataset = dataset  # for check_pixels
     return run
 
 
@@ -92,11 +109,8 @@ def ours_image(folder: str, names: list[str], tokenizer):
 def reference_image(folder: str, names: list[str], tokenizer):
     """The image half of `reference` alone: PIL decode + LlavaImageProcessor."""
     from PIL import Image
-    from transformers import LlavaImageProcessor
 
-    processor = LlavaImageProcessor(size={"shortest_edge": SIZE}, crop_size={"height": SIZE, "width": SIZE},
-                                    do_pad=True, image_mean=[0.48145466, 0.4578275, 0.40821073],
-                                    image_std=[0.26862954, 0.26130258, 0.27577711])
+    processor = reference_processor()
 
     def run() -> None:
         for name in names:
@@ -107,25 +121,80 @@ def reference_image(folder: str, names: list[str], tokenizer):
 
 def reference(folder: str, names: list[str], tokenizer):
     from PIL import Image
-    from transformers import LlavaImageProcessor
 
-    processor = LlavaImageProcessor(size={"shortest_edge": SIZE}, crop_size={"height": SIZE, "width": SIZE},
-                                    do_pad=True, image_mean=[0.48145466, 0.4578275, 0.40821073],
-                                    image_std=[0.26862954, 0.26130258, 0.27577711])
-    text = f"USER: {QUESTION} ASSISTANT: {ANSWER}</s>"
+    processor = reference_processor()
+    texts = [f"USER: {QUESTION} ASSISTANT: {answer(i)}</s>" for i in range(len(names))]
 
     def run() -> None:
-        for name in names:
+        for name, text in zip(names, texts):
             with Image.open(os.path.join(folder, name)) as image:
                 processor(images=image.convert("RGB"), return_tensors="pt")
             tokenizer(text)
     return run
 
 
+def check_pixels(folder: str, names: list[str], tokenizer) -> tuple[int, int]:
+    """(images whose pixel_values from our dataset sample equal the reference processor's bit for bit, images)."""
+    import torch
+    from PIL import Image
+
+    run = ours(folder, names, tokenizer)
+    dataset = run.dataset
+    processor = reference_processor()
+    equal = 0
+    for index, name in enumerate(names):
+        with Image.open(os.path.join(folder, name)) as image:
+            expected = processor(images=image.convert("RGB"), return_tensors="pt")["pixel_values"]
+        equal += bool(torch.equal(dataset[index]["pixel_values"], expected))
+    return equal, len(names)
+
+
+def split_sides(folder: str, names: list[str], tokenizer) -> dict:
+    """Stage runs for `--split`: each decodes and processes every image, timing one stage alone."""
+    from PIL import Image
+    from transformers import CLIPVisionConfig
+
+    from vlm.visual.processor import ImageProcessor, load_image
+
+    processor = ImageProcessor.from_vision_config(CLIPVisionConfig(image_size=SIZE, patch_size=14), aspect_ratio="pad")
+    paths = [os.path.join(folder, name) for name in names]
+    decoded = [load_image(path) for path in paths]
+
+    def decode() -> None:
+        for path in paths:
+            load_image(path)
+
+    def geometry() -> None:
+        for image in decoded:
+            processor._geometry(image)
+
+    def process() -> None:  # geometry + normalisation + the batch tensor
+        for image in decoded:
+            processor(image, return_tensors="pt")
+
+    def reference_decode() -> None:
+        for path in paths:
+            with Image.open(path) as image:
+                image.convert("RGB")
+
+    return {"split_decode": decode, "split_geometry": geometry, "split_process": process,
+            "split_reference_decode": reference_decode}
+
+
+def reference_processor():
+    from transformers import LlavaImageProcessor
+
+    return LlavaImageProcessor(size={"shortest_edge": SIZE}, crop_size={"height": SIZE, "width": SIZE},
+                               do_pad=True, image_mean=[0.48145466, 0.4578275, 0.40821073],
+                               image_std=[0.26862954, 0.26130258, 0.27577711])
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--n", type=int, default=48, help="images per run")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--split", action="store_true", help="also time our stages (decode, geometry, normalise, text)")
+    parser.add_argument("--note", default="", help="a line added under the recorded table (e.g. which code ran)")
     parser.add_argument("--no-record", action="store_true", help="print only; do not append to RESULTS.md")
     args = parser.parse_args()
 
@@ -134,34 +203,61 @@ def main() -> int:
     from vlm.data.tokenizer import build_tokenizer
 
     torch.set_num_threads(1)
-    rates: dict[str, list[float]] = {"ours": [], "reference": [], "ours_image": [], "reference_image": []}
     with tempfile.TemporaryDirectory() as tmp:
         names = write_images(tmp, args.n)
-        tokenizer = build_tokenizer([QUESTION, ANSWER], vocab_size=400)
+        tokenizer = build_tokenizer([QUESTION, ANSWER, answer(0)], vocab_size=400)
+        equal, total = check_pixels(tmp, names, tokenizer)
+        print(f"pixels equal (ours vs LlavaImageProcessor, bit for bit): {equal}/{total}", flush=True)
         sides = {name: build(tmp, names, tokenizer) for name, build in (
             ("ours", ours), ("reference", reference), ("ours_image", ours_image), ("reference_image", reference_image))}
+        if args.split:
+            sides.update(split_sides(tmp, names, tokenizer))
+        wall: dict[str, list[float]] = {name: [] for name in sides}  # samples/s
+        cpu: dict[str, list[float]] = {name: [] for name in sides}  # CPU ms per sample
         for side in sides.values():  # warm-up: imports, first-call caches
             side()
         for repeat in range(args.repeats):
             for name, run in sides.items():
-                start = time.perf_counter()
+                start, start_cpu = time.perf_counter(), time.process_time()
                 run()
-                rates[name].append(args.n / (time.perf_counter() - start))
-                print(f"run {repeat + 1} {name:<15} {rates[name][-1]:7.1f} samples/s  load {load_average()}", flush=True)
-    table = ["| side | samples/s min | samples/s median |", "| --- | --- | --- |"]
+                cpu[name].append((time.process_time() - start_cpu) / args.n * 1e3)
+                wall[name].append(args.n / (time.perf_counter() - start))
+                print(f"run {repeat + 1} {name:<22} {wall[name][-1]:7.1f} samples/s  {cpu[name][-1]:6.2f} CPU ms/sample"
+                      f"  load {load_average()}", flush=True)
+    table = ["| side | samples/s min | samples/s median | CPU ms/sample min | CPU ms/sample median |",
+             "| --- | --- | --- | --- | --- |"]
     for name, label in (("ours", "ours (full sample)"), ("reference", "transformers LlavaImageProcessor + tokenizer"),
                         ("ours_image", "ours, image only (load_image + ImageProcessor)"),
                         ("reference_image", "transformers, image only (PIL decode + LlavaImageProcessor)")):
-        low, mid = summarise(rates[name])
-        table.append(f"| {label} | {low:.1f} | {mid:.1f} |")
+        low, mid = summarise(wall[name])
+        cpu_low, cpu_mid = summarise(cpu[name])
+        table.append(f"| {label} | {low:.1f} | {mid:.1f} | {cpu_low:.2f} | {cpu_mid:.2f} |")
     for ours_name, reference_name, what in (("ours", "reference", "full sample"), ("ours_image", "reference_image", "image only")):
-        ratio = summarise(rates[ours_name])[1] / summarise(rates[reference_name])[1]
-        table.append(f"| ratio ours/reference, {what} (median) | | {ratio:.2f}x |")
-    print("\n".join(table))
+        ratio = summarise(wall[ours_name])[1] / summarise(wall[reference_name])[1]
+        cpu_ratio = summarise(cpu[reference_name])[0] / summarise(cpu[ours_name])[0]
+        table.append(f"| ratio ours/reference, {what} (wall: median; CPU: min) | | {ratio:.2f}x | {cpu_ratio:.2f}x | |")
+    notes = [f"Pixels equal to LlavaImageProcessor's, bit for bit: {equal}/{total} images."]
+    if args.split:
+        best = {name: min(values) for name, values in cpu.items()}
+        stages = [("decode (load_image)", best["split_decode"]),
+                  ("geometry (pad, Pillow's resize passes)", best["split_geometry"]),
+                  ("normalise + batch tensor", best["split_process"] - best["split_geometry"]),
+                  ("text: tokenise, labels, checks, tensors", best["ours"] - best["ours_image"])]
+        reference_stages = [("decode (PIL open + convert)", best["split_reference_decode"]),
+                            ("LlavaImageProcessor (pad, resize, crop, rescale, normalise)",
+                             best["reference_image"] - best["split_reference_decode"]),
+                            ("tokenizer", best["reference"] - best["reference_image"])]
+        notes += ["", "Where the CPU time of one sample goes (ms, min over the runs; differences of separately timed runs):",
+                  "", "| stage | ours | | reference stage | transformers |", "| --- | --- | --- | --- | --- |"]
+        for (stage, ms), (reference_stage, reference_ms) in zip(stages, reference_stages + [("", None)]):
+            notes.append(f"| {stage} | {ms:.2f} | | {reference_stage} | "
+                         f"{'' if reference_ms is None else f'{reference_ms:.2f}'} |")
+    notes += [args.note] if args.note else []
+    print("\n".join(table + [""] + notes))
     if not args.no_record:
         append_result("Data worker throughput, 640x480 JPEG -> 336 px (issue 12)",
-                      "python bench/data.py " + " ".join(sys.argv[1:]), table)
-    return 0
+                      "python bench/data.py " + shlex.join(sys.argv[1:]), table, notes)
+    return 0 if equal == total else 1
 
 
 if __name__ == "__main__":

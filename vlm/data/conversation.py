@@ -254,7 +254,7 @@ def _encode_groups(groups: Groups, tokenizer: Any, template: Template, num_image
             labels += [IGNORE_INDEX] * num_image_tokens
             token_groups += [run] * num_image_tokens
         elif run:
-            ids, run_labels, run_groups = _tokenize_run(run, tokenizer)
+            ids, run_labels, run_groups = _tokenize_run_once(run, tokenizer)
             input_ids += ids
             labels += run_labels
             token_groups += run_groups
@@ -289,6 +289,33 @@ def _tokenize_run(segments: list[tuple[str, bool, int, list[tuple[int, int]]]],
         labels.append(token if supervised else IGNORE_INDEX)
         groups.append(spans[bisect.bisect_right(starts, at) - 1][3])
     return ids, labels, groups
+
+
+# Runs met again and again, such as a template's system prompt and first user header before a leading `<image>`,
+# are tokenised once per tokenizer: their (ids, labels, groups) are kept under the run's segments, the vocabulary
+# size and the added tokens (so adding a token, or making one special, gives new keys), at most _RUN_CACHE_SIZE
+# runs per tokenizer.
+_RUN_CACHE_SIZE = 256
+_run_caches: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _tokenize_run_once(segments: list[tuple[str, bool, int, list[tuple[int, int]]]],
+                       tokenizer: Any) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+    """`_tokenize_run(segments, tokenizer)`, from the cache when this run was tokenised before (as tuples)."""
+    added = tuple((i, str(token), getattr(token, "special", None))
+                  for i, token in (getattr(tokenizer, "added_tokens_decoder", None) or {}).items())
+    key = (len(tokenizer), added,
+           tuple((text, supervised, group, tuple(escaped)) for text, supervised, group, escaped in segments))
+    cache = _run_caches.get(tokenizer)
+    if cache is None:
+        cache = _run_caches.setdefault(tokenizer, {})
+    found = cache.get(key)
+    if found is None:
+        found = tuple(tuple(part) for part in _tokenize_run(segments, tokenizer))
+        if len(cache) >= _RUN_CACHE_SIZE:
+            cache.clear()  # the usual runs come back at once; one atomic step is safe beside other threads
+        cache[key] = found
+    return found  # type: ignore[return-value]
 
 
 def _tokenize_with_offsets(text: str, tokenizer: Any, escaped: list[tuple[int, int]] = (),

@@ -20,10 +20,10 @@ they must be equal bit for bit (`pixels equal: n/n`), as tests/test_processor.py
 (`ImageProcessor.load(..., draft=True)`) is opt-in and not used here: it moves pixels, and no libjpeg scale fits
 640x480 -> 336 anyway (1/2 gives 320 < 336).
 
-`--split` adds where our per-sample CPU time goes (min over the runs, interleaved with the rest): decoding
-(`load_image`), the geometry (`ImageProcessor._geometry`: pad + Pillow's two resampling passes), normalisation
-and batching (the rest of the processor call), and the text (tokenise, labels, checks: a sample minus its image
-half), beside the reference's decode and processor.
+`--split` adds where one sample's CPU time goes, each stage timed inside one loop over the files: ours decoding
+(`load_image`), the geometry (`ImageProcessor._geometry`: pad + Pillow's two resampling passes), the
+normalisation, the text (checks, tokenise, labels, tensors); the reference's decode, `LlavaImageProcessor` and
+tokenizer.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ import argparse
 import json
 import os
 import shlex
+import statistics
 import sys
 import tempfile
 import time
@@ -149,36 +150,69 @@ def check_pixels(folder: str, names: list[str], tokenizer) -> tuple[int, int]:
     return equal, len(names)
 
 
-def split_sides(folder: str, names: list[str], tokenizer) -> dict:
-    """Stage runs for `--split`: each decodes and processes every image, timing one stage alone."""
+class StageTimes:
+    """CPU time per named stage, summed over calls (`time.process_time`, this process only)."""
+
+    def __init__(self) -> None:
+        self.total: dict[str, float] = {}
+
+    def run(self, stage: str, work, *args):
+        start = time.process_time()
+        result = work(*args)
+        self.total[stage] = self.total.get(stage, 0.0) + time.process_time() - start
+        return result
+
+
+def split_sides(folder: str, names: list[str], tokenizer, stages: dict[str, list[float]]) -> dict:
+    """`--split`: our sample and the reference's, each stage timed inside the same loop over the files (so the
+    stages share its conditions); each run appends its CPU ms per sample by stage to `stages`."""
+    import numpy as np
+    import torch
     from PIL import Image
-    from transformers import CLIPVisionConfig
 
-    from vlm.visual.processor import ImageProcessor, load_image
+    from vlm.data.check import check_sample
+    from vlm.visual.processor import load_image
 
-    processor = ImageProcessor.from_vision_config(CLIPVisionConfig(image_size=SIZE, patch_size=14), aspect_ratio="pad")
-    paths = [os.path.join(folder, name) for name in names]
-    decoded = [load_image(path) for path in paths]
+    dataset = ours(folder, names, tokenizer).dataset
+    processor, reference = dataset.image_processor, reference_processor()
+    size = processor.config.image_size
+    items = [dataset.record(i) for i in range(len(dataset))]
+    texts = [f"USER: {QUESTION} ASSISTANT: {answer(i)}</s>" for i in range(len(names))]
 
-    def decode() -> None:
-        for path in paths:
-            load_image(path)
+    def encode(item, folder_):  # what the dataset does besides the image: checks, tokens, labels, tensors
+        encoded, _ = check_sample(item, folder_, dataset.tokenizer, dataset.template, image_check="none",
+                                  num_image_tokens=dataset.num_image_tokens, max_length=dataset.max_length)
+        return torch.from_numpy(np.array(encoded.input_ids)), torch.from_numpy(np.array(encoded.labels))
 
-    def geometry() -> None:
-        for image in decoded:
-            processor._geometry(image)
+    def normalise(image) -> None:
+        pixels = np.empty((1, 3, size, size), dtype=np.float32)
+        processor._normalise_into(image, pixels[0])
+        torch.from_numpy(pixels)
 
-    def process() -> None:  # geometry + normalisation + the batch tensor
-        for image in decoded:
-            processor(image, return_tensors="pt")
+    def split_ours() -> None:
+        times = StageTimes()
+        for (item, folder_, _), name in zip(items, names):
+            image = times.run("ours: decode (load_image)", load_image, os.path.join(folder, name))
+            shaped = times.run("ours: geometry (pad; Pillow's two resize passes)", processor._geometry, image)
+            times.run("ours: normalise (Image.point per channel) + tensor", normalise, shaped)
+            times.run("ours: text (checks, tokenise, labels, tensors)", encode, item, folder_)
+        for stage, seconds in times.total.items():
+            stages.setdefault(stage, []).append(seconds / len(names) * 1e3)
 
-    def reference_decode() -> None:
-        for path in paths:
-            with Image.open(path) as image:
-                image.convert("RGB")
+    def decode_reference(path):
+        with Image.open(path) as image:
+            return image.convert("RGB")
 
-    return {"split_decode": decode, "split_geometry": geometry, "split_process": process,
-            "split_reference_decode": reference_decode}
+    def split_reference() -> None:
+        times = StageTimes()
+        for name, text in zip(names, texts):
+            image = times.run("transformers: decode (PIL open + convert)", decode_reference, os.path.join(folder, name))
+            times.run("transformers: LlavaImageProcessor (pad, resize, crop, rescale, normalise)", reference, image)
+            times.run("transformers: tokenizer", tokenizer, text)
+        for stage, seconds in times.total.items():
+            stages.setdefault(stage, []).append(seconds / len(names) * 1e3)
+
+    return {"split_ours": split_ours, "split_reference": split_reference}
 
 
 def reference_processor():
@@ -210,8 +244,9 @@ def main() -> int:
         print(f"pixels equal (ours vs LlavaImageProcessor, bit for bit): {equal}/{total}", flush=True)
         sides = {name: build(tmp, names, tokenizer) for name, build in (
             ("ours", ours), ("reference", reference), ("ours_image", ours_image), ("reference_image", reference_image))}
+        stages: dict[str, list[float]] = {}  # --split: CPU ms per sample of each stage, one entry per run
         if args.split:
-            sides.update(split_sides(tmp, names, tokenizer))
+            sides.update(split_sides(tmp, names, tokenizer, stages))
         wall: dict[str, list[float]] = {name: [] for name in sides}  # samples/s
         cpu: dict[str, list[float]] = {name: [] for name in sides}  # CPU ms per sample
         for side in sides.values():  # warm-up: imports, first-call caches
@@ -238,20 +273,10 @@ def main() -> int:
         table.append(f"| ratio ours/reference, {what} (wall: median; CPU: min) | | {ratio:.2f}x | {cpu_ratio:.2f}x | |")
     notes = [f"Pixels equal to LlavaImageProcessor's, bit for bit: {equal}/{total} images."]
     if args.split:
-        best = {name: min(values) for name, values in cpu.items()}
-        stages = [("decode (load_image)", best["split_decode"]),
-                  ("geometry (pad, Pillow's resize passes)", best["split_geometry"]),
-                  ("normalise + batch tensor", best["split_process"] - best["split_geometry"]),
-                  ("text: tokenise, labels, checks, tensors", best["ours"] - best["ours_image"])]
-        reference_stages = [("decode (PIL open + convert)", best["split_reference_decode"]),
-                            ("LlavaImageProcessor (pad, resize, crop, rescale, normalise)",
-                             best["reference_image"] - best["split_reference_decode"]),
-                            ("tokenizer", best["reference"] - best["reference_image"])]
-        notes += ["", "Where the CPU time of one sample goes (ms, min over the runs; differences of separately timed runs):",
-                  "", "| stage | ours | | reference stage | transformers |", "| --- | --- | --- | --- | --- |"]
-        for (stage, ms), (reference_stage, reference_ms) in zip(stages, reference_stages + [("", None)]):
-            notes.append(f"| {stage} | {ms:.2f} | | {reference_stage} | "
-                         f"{'' if reference_ms is None else f'{reference_ms:.2f}'} |")
+        notes += ["", "Where one sample's CPU time goes (ms; each stage timed inside one loop over the files; median "
+                  "over the runs, the warm-up run left out):", "", "| stage | CPU ms/sample |", "| --- | --- |"]
+        for stage, values in stages.items():
+            notes.append(f"| {stage} | {statistics.median(values[1:] or values):.2f} |")
     notes += [args.note] if args.note else []
     print("\n".join(table + [""] + notes))
     if not args.no_record:

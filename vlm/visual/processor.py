@@ -539,11 +539,15 @@ class ImageProcessor:
         return self._lookups
 
     def _pixels_into(self, image: Image.Image, out: np.ndarray) -> None:
-        """One image -> its (3, H, W) float32 pixel values written into `out`: the geometry, then each channel
-        mapped through its row of `_normalise_table` by Pillow (`Image.point` to a 32-bit float image: one C
-        lookup per pixel, where numpy's `take` first widens every 8-bit index to 64 bits: ~10% less time)."""
+        """One image -> its (3, H, W) float32 pixel values written into `out`: the geometry, then the normalisation."""
+        self._normalise_into(self._geometry(image), out)
+
+    def _normalise_into(self, image: Image.Image, out: np.ndarray) -> None:
+        """An 8-bit RGB image (H, W) -> its normalised (3, H, W) float32 values in `out`: each channel mapped
+        through its row of `_normalise_table` by Pillow (`Image.point` to a 32-bit float image: one C lookup per
+        pixel, where numpy's `take` first widens every 8-bit index to 64 bits: ~10% less time)."""
         lookups = self._normalise_lookups()
-        for channel, band in enumerate(self._geometry(image).split()):
+        for channel, band in enumerate(image.split()):
             out[channel] = np.asarray(band.point(lookups[channel], "F"))  # (H, W) float32, the table's bits
 
     def _pixels(self, image: Image.Image) -> torch.Tensor:

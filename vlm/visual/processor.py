@@ -24,10 +24,11 @@ which `CLIPImageProcessor` falls back to when torchvision is absent): resize the
 PIL, crop, rescale in float64 then cast to float32, normalise in float32. The outputs are
 bit-identical to theirs (tests/test_processor.py). The torchvision backend resizes differently
 (antialiased tensor interpolation), so it is not the reference. Two shortcuts keep those bits: the
-normalisation is a lookup in a (3, 256) table computed with that arithmetic, and a wide image is padded
-after Pillow's horizontal pass instead of before it (`_pad_rows_and_resize`). JPEG draft decoding (libjpeg's
-1/2..1/8 scales) is faster for large photos but moves pixels, so it is opt-in: `ImageProcessor.load(...,
-draft=True)`.
+normalisation is a lookup in a (3, 256) table computed with that arithmetic (applied by Pillow's `point`), and
+a wide image is padded after Pillow's horizontal pass instead of before it (`_pad_rows_and_resize`). What is
+left of a 640x480 JPEG's time (bench/data.py --split) is libjpeg's decode and Pillow's two resampling passes,
+both needed as they are for those bits. JPEG draft decoding (libjpeg's 1/2..1/8 scales) is faster for large
+photos but moves pixels, so it is opt-in: `ImageProcessor.load(..., draft=True)`.
 
 `save_pretrained` writes a `preprocessor_config.json` that transformers' CLIPImageProcessor (crop, pad)
 or SiglipImageProcessor (resize) loads with the same geometry, plus our key `image_aspect_ratio`;

@@ -33,6 +33,9 @@ def main() -> int:
     parser.add_argument("--chunk-logits", type=int, nargs="+", default=[0],
                         help="experiment: vlm.llm.loss.FUSED_CHUNK_LOGITS for the run (0: the library's); several: one "
                              "run each")
+    parser.add_argument("--min-rows", type=int, nargs="+", default=[0],
+                        help="experiment: vlm.llm.loss.LOW_PRECISION_MIN_ROWS for the run (0: the library's); several: "
+                             "one run each")
     parser.add_argument("--no-kernels", action="store_true", help="skip the torch.profiler kernel table")
     args = parser.parse_args()
 
@@ -55,9 +58,10 @@ def main() -> int:
 
     import vlm.llm.loss
 
-    default_chunk = vlm.llm.loss.FUSED_CHUNK_LOGITS
-    for batch_size, chunk_logits in itertools.product(args.batch, args.chunk_logits):
+    default_chunk, default_min_rows = vlm.llm.loss.FUSED_CHUNK_LOGITS, vlm.llm.loss.LOW_PRECISION_MIN_ROWS
+    for batch_size, chunk_logits, min_rows in itertools.product(args.batch, args.chunk_logits, args.min_rows):
         vlm.llm.loss.FUSED_CHUNK_LOGITS = chunk_logits or default_chunk
+        vlm.llm.loss.LOW_PRECISION_MIN_ROWS = min_rows or default_min_rows
         data = length_mix(batch_size * (args.steps + 2), vocab=s["vocab"], image_token_id=image_token_id,
                           num_image_tokens=num_image_tokens)
         batches = [padded_batch(data[i:i + batch_size], s["image_size"]) for i in range(0, len(data), batch_size)]
@@ -88,7 +92,8 @@ def main() -> int:
         tflops = flops / step_ms / 1e9
         print(f"| {batch_size} | {shape} | {tokens:.0f} | {fwd:.1f} | {bwd:.1f} | {opt:.1f} | {step_ms:.1f} | "
               f"{tokens / step_ms * 1e3:.0f} | {tflops:.1f} | {tflops / args.peak_tflops:.1%} |", flush=True)
-        print(f"  loss chunk {vlm.llm.loss.FUSED_CHUNK_LOGITS} logits ({vlm.llm.loss.FUSED_CHUNK_LOGITS // s['vocab']} rows); "
+        rows = vlm.llm.loss._fused_rows(model.lm_head.weight, "cuda")
+        print(f"  loss chunk: FUSED_CHUNK_LOGITS {vlm.llm.loss.FUSED_CHUNK_LOGITS}, {rows} rows in bf16; "
               f"peak memory allocated {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB", flush=True)
         torch.cuda.reset_peak_memory_stats()
         if not args.no_kernels:

@@ -43,7 +43,9 @@ def worker(args: argparse.Namespace) -> None:
     torch.manual_seed(0)
     s = SIZES[args.size]
     dtype = getattr(torch, args.dtype)
-    model = load_models(args.folder, args.worker, args.attn).to(device=args.device, dtype=dtype).train()
+    # torch_varlen is ours (vlm.llm.varlen); the reference gets transformers' SDPA, its fastest without flash-attn
+    attn = "sdpa" if args.worker == "reference" and args.attn == "torch_varlen" else args.attn
+    model = load_models(args.folder, args.worker, attn).to(device=args.device, dtype=dtype).train()
     image_token_id, num_image_tokens = s["vocab"] - 1, (s["image_size"] // s["patch"]) ** 2
     data = length_mix(args.batch * (args.warmup + args.steps), vocab=s["vocab"], image_token_id=image_token_id,
                       num_image_tokens=num_image_tokens)
@@ -112,8 +114,8 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=5, help="runs per side, interleaved")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
-    parser.add_argument("--attn", default="sdpa", choices=("sdpa", "eager", "flash_attention_2"),
-                        help="attention backend of both sides")
+    parser.add_argument("--attn", default="sdpa", choices=("sdpa", "eager", "flash_attention_2", "torch_varlen"),
+                        help="attention backend of both sides (torch_varlen: ours only; the reference runs sdpa)")
     parser.add_argument("--peak-tflops", type=float, default=989.4,
                         help="the device's dense bf16 peak for MFU (H100 SXM: 989.4)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run (1: steady on a busy machine)")

@@ -87,7 +87,8 @@ def _packed_logits(model, batch: dict, rows: list[list[int]], samples) -> list[t
     return [out[i] for i in range(len(samples))]
 
 
-@pytest.mark.parametrize("llm,attn", [("qwen2", "sdpa"), ("qwen2", "eager"), ("llama", "sdpa")])
+@pytest.mark.parametrize("llm,attn", [("qwen2", "sdpa"), ("qwen2", "eager"), ("llama", "sdpa"),
+                                      ("qwen2", "torch_varlen"), ("llama", "torch_varlen")])
 def test_packed_batch_equals_the_samples_one_by_one(llm, attn):
     model = _model(llm, attn)
     assert model.config.use_cache and model.config._attn_implementation == attn
@@ -115,6 +116,38 @@ def test_packed_batch_equals_the_samples_one_by_one(llm, attn):
     # The mean (no num_items_in_batch) is over every supervised token of the packed batch, as the padded batch's.
     padded = model(**DataCollator(pad_token_id=0)(samples)).loss
     torch.testing.assert_close(model(**batch).loss, padded, **TOL)
+
+
+def test_torch_varlen_attends_from_sample_boundaries_without_a_mask():
+    """`torch_varlen` (vlm.llm.varlen): every decoder attention of a packed batch gets the samples' boundaries
+    (FlashAttentionKwargs) and no (T, T) mask; a padded batch gets SDPA's mask and no boundaries."""
+    model = _model("qwen2", "torch_varlen")
+    samples = _samples(model)
+    collator = PackingCollator(pad_token_id=0, max_length=model.vlm_config.num_image_tokens * 2 + 30)
+    seen = []
+    hooks = [layer.self_attn.register_forward_pre_hook(lambda m, a, kw: seen.append(kw), with_kwargs=True)
+             for layer in model.model.layers]
+    batch = collator(samples)
+    model(**batch)
+    rows, width = batch["input_ids"].shape
+    lengths = [s["input_ids"].numel() for s in samples]
+    ends = []
+    for r, row in enumerate(collator.rows(lengths)):
+        start = r * width
+        for i in row:
+            ends.append(start + lengths[i])
+            start += lengths[i]
+        if start < (r + 1) * width:  # the row's padding tail: a run of its own
+            ends.append((r + 1) * width)
+    assert len(seen) == len(model.model.layers)
+    for kw in seen:
+        assert kw["attention_mask"] is None
+        assert kw["cu_seq_lens_q"].tolist() == [0] + sorted(ends) and kw["max_length_q"] == max(lengths)
+    seen.clear()
+    model(**DataCollator(pad_token_id=0)(samples))
+    assert all("cu_seq_lens_q" not in kw and kw["attention_mask"] is not None for kw in seen)
+    for h in hooks:
+        h.remove()
 
 
 def test_no_token_attends_across_a_sample_boundary():

@@ -33,7 +33,7 @@ from vlm.errors import ConfigError, FolderError, MissingPathError
 CONFIG_NAME = "config.json"
 WRITER_VERSION_KEY = "transformers_version"  # in config.json, not a VLMConfig field
 SELECT_FEATURES = ("patch", "cls_patch")
-ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2", "torch_varlen")
 DTYPES = ("float32", "bfloat16", "float16")
 # an optional token-reducing k x k merge (`pixel_shuffle2_`, `avgpool2_`; vlm.projector.merge), then the projector
 _PROJECTOR_TYPE = re.compile(r"^(?:(?P<merge>pixel_shuffle|avgpool)(?P<factor>\d+)_)?"

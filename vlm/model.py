@@ -20,9 +20,10 @@ from typing import Any
 import torch
 from transformers import AutoConfig, PretrainedConfig
 
-from vlm.config import VLMConfig
+from vlm.config import ATTN_IMPLEMENTATIONS, VLMConfig
 from vlm.errors import ConfigError, MissingDependencyError
 from vlm.hub import pretrained_config
+from vlm.llm import varlen
 from vlm.llm.models import llm_class_for
 from vlm.projector import build_projector, projected_num_tokens
 from vlm.visual.tower import VisionTower
@@ -51,8 +52,10 @@ def check_attn_implementation(name: str) -> str:
             "attn_implementation='flash_attention_2' needs the flash-attn package, which is not installed; "
             "install the GPU extra with `pip install 'vlm-kit[gpu]'` (CUDA only) or use 'sdpa'"
         )
-    if name not in ("sdpa", "eager", "flash_attention_2"):
-        raise ConfigError(f"attn_implementation={name!r}; expected 'sdpa', 'eager' or 'flash_attention_2'")
+    if name not in ATTN_IMPLEMENTATIONS:
+        raise ConfigError(f"attn_implementation={name!r}; expected one of {', '.join(ATTN_IMPLEMENTATIONS)}")
+    if name == varlen.NAME:
+        varlen.register()
     return name
 
 

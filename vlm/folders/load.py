@@ -73,7 +73,7 @@ def load_pretrained_model(model_path: str | os.PathLike, model_base: str | None 
             False (default): such a folder is refused, naming the file (`vlm.hub.check_remote_code`).
         force_base: merge a LoRA run onto a base whose weights differ from the one it was trained on
             (`vlm.folders.lora.check_base_fingerprint`).
-        attn_implementation: overrides the folder's ("sdpa", "eager", "flash_attention_2").
+        attn_implementation: overrides the folder's ("sdpa", "eager", "flash_attention_2", "torch_varlen").
         kwargs: `vision_tower=` overrides LLaVA's `mm_vision_tower` (a local copy of the tower).
 
     Returns:

@@ -137,9 +137,10 @@ def _fused_rows(weight: torch.Tensor, device: str) -> int:
     """Rows per chunk of the fused head: about FUSED_CHUNK_LOGITS logits, and in a low-precision compute dtype at
     least LOW_PRECISION_MIN_ROWS, because there each chunk also casts and adds a (V, D) float32 weight gradient:
     with Qwen2.5's 151,936-token vocabulary 2**23 logits are 55 rows, and those per-chunk adds made a
-    Qwen2.5-0.5B-shaped bf16 step on an H100 2.4x slower (442 ms against 184 ms at 441 rows, 176 ms at 1766;
-    `python bench/step_profile.py --chunk-logits ...`, bench/RESULTS.md). In float32 the gradient is
-    accumulated in place (addmm_) and small chunks cost nothing extra."""
+    Qwen2.5-0.5B-shaped bf16 step on an H100 1.7-2.2x slower (6,382 tokens: 190-245 ms at 55 rows against 112 ms
+    at 1024; 26,118 tokens: 549-606 ms against 314 ms; `python bench/step_profile.py --attn torch_varlen
+    --min-rows 1 1024 1`, bench/RESULTS.md). In float32 the gradient is accumulated in place (addmm_) and small
+    chunks cost nothing extra."""
     rows = max(1, FUSED_CHUNK_LOGITS // weight.shape[0])
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
     return rows if dtype == torch.float32 else max(rows, LOW_PRECISION_MIN_ROWS)

@@ -22,6 +22,7 @@ from torch import nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.utils import ModelOutput
 
+from vlm.llm import varlen
 from vlm.llm.loss import answer_log_probs, supervised_lm_loss
 from vlm.llm.splice import image_token_mask, scatter_image_features
 
@@ -172,7 +173,10 @@ class VLMMixin:
             # Packed rows (vlm.data.collate.PackingCollator): transformers builds the block-diagonal mask from
             # position ids only when there is no cache, and the model would create an empty one (use_cache).
             use_cache = False
-            if inputs_embeds.shape[0] > 1 and "flash" in str(self.config._attn_implementation):
+            if self.config._attn_implementation == varlen.NAME:
+                # each sample's own causal attention from its boundaries, found once for all layers
+                kwargs.update(varlen.packed_sequence_kwargs(position_ids.expand(inputs_embeds.shape[0], -1)))
+            elif inputs_embeds.shape[0] > 1 and "flash" in str(self.config._attn_implementation):
                 # flash-attn's varlen path reads packed position ids in one row only; more rows would attend across
                 if answer_labels is not None:
                     return self._answer_log_probs_as_one_row(inputs_embeds, position_ids, answer_labels,

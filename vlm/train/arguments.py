@@ -70,7 +70,8 @@ class ModelArguments:
     freeze_backbone: bool = field(default=False, metadata={"help": "keep the LLM frozen in stage 2"})
     mm_use_im_start_end: bool = field(default=False, metadata={"help": "LLaVA flag; only False (LLaVA-1.5's) is supported"})
     mm_use_im_patch_token: bool = field(default=False, metadata={"help": "LLaVA flag; only False (LLaVA-1.5's) is supported"})
-    attn_implementation: str = field(default="sdpa", metadata={"help": "sdpa | eager | flash_attention_2"})
+    attn_implementation: str = field(default="sdpa", metadata={
+        "help": "sdpa | eager | flash_attention_2 | torch_varlen (packed rows with PyTorch's varlen flash kernel, CUDA)"})
     model_weights: str | None = field(default=None, metadata={
         "help": "Basic-VLM: a vlm model folder whose weights initialise the run"})
     trust_remote_code: bool = field(default=False, metadata={"help": "passed to transformers loaders"})

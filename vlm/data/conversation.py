@@ -293,15 +293,20 @@ def _tokenize_run(segments: list[tuple[str, bool, int, list[tuple[int, int]]]],
 
 # Runs met again and again, such as a template's system prompt and first user header before a leading `<image>`,
 # are tokenised once per tokenizer: their (ids, labels, groups) are kept under the run's segments, the vocabulary
-# size and the added tokens (so adding a token, or making one special, gives new keys), at most _RUN_CACHE_SIZE
-# runs per tokenizer.
-_RUN_CACHE_SIZE = 256
+# size and the added tokens (so adding a token, or making one special, gives new keys). Only short runs with no
+# reply in them are kept (a reply makes a run unique: it would only fill memory), at most _RUN_CACHE_SIZE per
+# tokenizer.
+_RUN_CACHE_SIZE = 64
+_RUN_CACHE_MAX_CHARS = 1024
 _run_caches: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _tokenize_run_once(segments: list[tuple[str, bool, int, list[tuple[int, int]]]],
                        tokenizer: Any) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
     """`_tokenize_run(segments, tokenizer)`, from the cache when this run was tokenised before (as tuples)."""
+    if any(supervised for _, supervised, _, _ in segments) or \
+            sum(len(text) for text, _, _, _ in segments) > _RUN_CACHE_MAX_CHARS:
+        return _tokenize_run(segments, tokenizer)  # type: ignore[return-value]
     added = tuple((i, str(token), getattr(token, "special", None))
                   for i, token in (getattr(tokenizer, "added_tokens_decoder", None) or {}).items())
     key = (len(tokenizer), added,

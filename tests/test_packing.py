@@ -150,6 +150,20 @@ def test_torch_varlen_attends_from_sample_boundaries_without_a_mask():
         h.remove()
 
 
+def test_torch_varlen_reads_packed_positions_given_without_boundaries():
+    """Packed position ids passed straight to the decoder (not through the mixin, so no boundaries): the attention
+    finds the samples from the positions, as transformers' flash-attn path does, and equals SDPA's block mask."""
+    torch.manual_seed(0)
+    ids = torch.randint(10, 200, (1, 23))
+    position_ids = torch.tensor([list(range(9)) + list(range(14))])
+    hidden = {}
+    for attn in ("sdpa", "torch_varlen"):
+        model = _model("llama", attn).eval()
+        with torch.no_grad():
+            hidden[attn] = model.model(input_ids=ids, position_ids=position_ids, use_cache=False).last_hidden_state
+    torch.testing.assert_close(hidden["torch_varlen"], hidden["sdpa"], **TOL)
+
+
 def test_no_token_attends_across_a_sample_boundary():
     model, _, _ = tiny_model()
     samples = _samples(model, lengths=((10, 1), (14, 0), (8, 1)))

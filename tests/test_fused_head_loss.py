@@ -95,3 +95,24 @@ def test_a_frozen_head_gets_no_gradient_and_a_second_backward_is_refused():
     assert head.weight.grad is None and hidden.grad is not None
     with pytest.raises(RuntimeError, match="retain_graph"):
         loss.backward()
+
+
+def test_an_evaluation_loss_computes_no_gradients(monkeypatch):
+    """Under no_grad (the Trainer's loss-only evaluation) the function must not build the head's gradient: the
+    weights still require grad there, so it is told by detaching them."""
+    from vlm.llm import loss as loss_module
+
+    wanted = []
+    forward = loss_module._LinearCrossEntropy.forward
+
+    def spy(ctx, *args):
+        wanted.append(any(ctx.needs_input_grad[:3]))
+        return forward(ctx, *args)
+
+    monkeypatch.setattr(loss_module._LinearCrossEntropy, "forward", staticmethod(spy))
+    head, hidden, labels = _case(seed=4)
+    with torch.no_grad():
+        evaluation = supervised_lm_loss(hidden, labels, head)
+    training = supervised_lm_loss(hidden.requires_grad_(True), labels, head)
+    assert wanted == [False, True]
+    torch.testing.assert_close(evaluation, training.detach(), rtol=0, atol=0)

@@ -80,7 +80,10 @@ def supervised_lm_loss(hidden_states: torch.Tensor, labels: torch.Tensor | None,
     linear = _plain_linear(lm_head, hidden.shape[-1])
     if linear is not None:
         rows = chunk_size or _fused_rows(linear.weight, hidden.device.type)
-        return _LinearCrossEntropy.apply(hidden, linear.weight, linear.bias, targets, rows, denominator)
+        weight, bias = linear.weight, linear.bias
+        if not torch.is_grad_enabled():  # an evaluation's loss: the function would still see weights wanting grads
+            weight, bias = weight.detach(), None if bias is None else bias.detach()
+        return _LinearCrossEntropy.apply(hidden, weight, bias, targets, rows, denominator)
     if chunk_size is None or hidden.shape[0] <= chunk_size:
         total = _summed_cross_entropy(hidden, targets, lm_head)
     else:

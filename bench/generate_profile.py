@@ -73,7 +73,7 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--ops", action="store_true",
-                        help="also print torch.profiler's operator table (by input shape) of one call at each batch size")
+                        help="also print torch.profiler's operator table (by shape) of one call at each batch size")
     parser.add_argument("--no-record", action="store_true", help="print only; do not append to RESULTS.md")
     args = parser.parse_args()
 
@@ -125,25 +125,26 @@ def main() -> int:
     fixed = one["vision"] + one["prefill"]
     one_cost = per_prompt(one, 1)
     table = ["| part | batch 1 | batch %d | batch %d / batch 1 |" % (b, b), "| --- | --- | --- | --- |"]
-    rows = [("vision tower, ms per image", "vision", 1), ("prefill (LLM over the prompt), ms per prompt", "prefill", 1),
-            ("decode step (one forward), ms", "step", 1), ("  of which the LM head, ms", "step_head", 1),
-            ("  of which the decoder layers, ms", "step_body", 1),
-            ("generate overhead per step (outside the forward), ms", "overhead", 1)]
+    parts = [("vision tower, ms per image", "vision"), ("prefill (LLM over the prompt), ms per prompt", "prefill"),
+             ("decode step (one forward), ms", "step"), ("  of which the LM head, ms", "step_head"),
+             ("  of which the decoder layers, ms", "step_body"),
+             ("generate overhead per step (outside the forward), ms", "overhead")]
     table += [f"| {label} | {one[key] * 1e3:.1f} | {many[key] * 1e3:.1f} | {many[key] / one[key]:.2f}x |"
-              for label, key, _ in rows]
+              for label, key in parts]
+    cheap_steps = fixed + steps * (one["step"] + one["overhead"]) / b  # per prompt, a batch-b step priced as batch 1
     table += [f"| whole calls, s for the {b} prompts | {one['total']:.2f} | {many['total']:.2f} | "
               f"{one['total'] / many['total']:.2f}x faster batched |",
               f"| ms per prompt from the split | {one_cost * 1e3:.0f} | {per_prompt(many, b) * 1e3:.0f} | "
               f"{one_cost / per_prompt(many, b):.2f}x |",
-              f"| ceiling: a batch-{b} step as cheap as a batch-1 step | | | {one_cost / (fixed + steps * (one['step'] + one['overhead']) / b):.2f}x |",
+              f"| ceiling: a batch-{b} step as cheap as a batch-1 step | | | {one_cost / cheap_steps:.2f}x |",
               f"| ceiling: batched steps free (vision + prefill only) | | | {one_cost / fixed:.2f}x |"]
     print("\n".join(table))
     if not args.no_record:
         append_result("Generation profile: batched vs one by one (issue 12)",
                       "python bench/generate_profile.py " + " ".join(sys.argv[1:]), table,
-                      [f"{b} prompts of {num_image_tokens(args.size)} image + 23-63 text tokens (bench/generate.py's first {b}), "
-                       f"{n} new tokens each ({steps} decode steps after the prefill), greedy, {args.threads} "
-                       f"thread(s), float32, medians of {args.repeats} interleaved rounds."])
+                      [f"{b} prompts of {num_image_tokens(args.size)} image + 23-63 text tokens (bench/generate.py's "
+                       f"first {b}), {n} new tokens each ({steps} decode steps after the prefill), greedy, "
+                       f"{args.threads} thread(s), float32, medians of {args.repeats} interleaved rounds."])
     return 0
 
 

@@ -215,8 +215,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_total: torch.Tensor):
         if ctx.grads is None:
-            raise RuntimeError("the fused LM-head loss keeps its gradients for one backward; retain_graph is not "
-                               "supported (set model.loss_chunk_size and a non-Linear head to use the unfused path)")
+            raise RuntimeError("the fused LM-head loss keeps its gradients for one backward: a second backward "
+                               "through it (retain_graph) is not supported")
         grads, ctx.grads = ctx.grads, None
         out = []
         for grad, dtype in zip(grads, ctx.dtypes):

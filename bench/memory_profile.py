@@ -4,7 +4,7 @@
     python bench/memory_profile.py --packing --top 8         # and the largest tensors kept for backward at each peak
     MALLOC_MMAP_THRESHOLD_=262144 python bench/memory_profile.py --packing   # RSS ~ live tensors (see below)
 
-Exactly bench/train.py's worker setup (same folder, weights, length mix, batches, packing, AdamW on every parameter),
+bench/train.py's worker on CPU in float32 (same folder, weights, length mix, batches, packing, AdamW on every parameter),
 one fresh process per side. For each step it prints the batch's shape, its supervised rows, and the process's
 resident memory growth over the loaded model (what bench/train.py's peak is taken from) at the phase edges:
 start, peak in forward, after forward, peak in backward, after backward, peak in the optimizer step and after

@@ -9,7 +9,11 @@ Design choices:
   stops at the template's end-of-turn token or eos. Images are encoded once, at prefill.
 - Batches are left-padded (the last prompt token of every row sits at the same position, so one
   `generate` call decodes all rows); rows are sorted by length to waste little padding and answers are
-  returned in input order. Greedy batched answers equal one-at-a-time answers (tests).
+  returned in input order. Greedy batched answers equal one-at-a-time answers in float32 (tests); in bfloat16 the
+  rounding depends on the batch's shape and they can part (7 of 16 equal on an H100, bench/RESULTS.md).
+- Batching amortises the decode steps only: the vision tower and the prefill cost the same per prompt in a batch
+  (compute-bound), which caps the speed-up (bench/generate_profile.py: at most 4.06x on the 42m model with 32 new
+  tokens on one CPU thread, 2.3x measured at batch 8).
 - `max_new_tokens` is capped so prompt + answer fit the context.
 - Streaming is per row: `generate_ids(..., streams=[RowText or None per row])` hands each row's new tokens to
   its own `RowText` (transformers' `TextStreamer` rule for when text is final), until the row's stop token, so

@@ -36,6 +36,8 @@ def main() -> int:
     parser.add_argument("--min-rows", type=int, nargs="+", default=[0],
                         help="experiment: vlm.llm.loss.LOW_PRECISION_MIN_ROWS for the run (0: the library's); several: "
                              "one run each")
+    parser.add_argument("--compile", action="store_true",
+                        help="experiment: torch.compile each decoder layer (dynamic shapes: packed widths change)")
     parser.add_argument("--no-kernels", action="store_true", help="skip the torch.profiler kernel table")
     args = parser.parse_args()
 
@@ -48,6 +50,9 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         save_reference_folder(tmp, args.size)
         model = load_models(tmp, "ours", args.attn).to("cuda", torch.bfloat16).train()
+    if args.compile:
+        for layer in model.model.layers:
+            layer.compile(dynamic=True)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=args.fused_adamw or None)
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, {args.attn}, "
           f"{sum(p.numel() for p in model.parameters()) / 1e6:.0f}M parameters", flush=True)
@@ -112,7 +117,25 @@ def main() -> int:
             print(f"  profiled 2 steps: wall {wall * 1e3:.0f} ms, GPU kernels {busy:.0f} ms "
                   f"(busy {busy / wall / 1e3:.0%}; the rest is the GPU waiting for the CPU)")
             print(averages.table(sort_by="self_cuda_time_total", row_limit=22, max_name_column_width=60))
+            print("  GPU kernel time by kind over the 2 steps:", kernel_kinds(averages))
     return 0
+
+
+def kernel_kinds(averages) -> str:
+    """Kernel time (ms) by kind, from the profiler's kernel-level entries (operator entries would count twice)."""
+    import re
+
+    kinds = {"matmul": r"nvjet|gemm|cutlass|xmma|cublas", "attention": r"flash|fmha|attention|sdpa",
+             "softmax/loss": r"softmax|nll|cross_entropy|log_softmax", "elementwise/copy": r"elementwise|copy|cat|index",
+             "reduce/norm": r"reduce|norm"}
+    totals = dict.fromkeys([*kinds, "other"], 0.0)
+    for e in averages:
+        name = e.key
+        if name.startswith(("aten::", "autograd::", "Optimizer.", "cuda", "Memcpy", "Memset")) or e.self_device_time_total <= 0:
+            continue
+        kind = next((k for k, pattern in kinds.items() if re.search(pattern, name, re.I)), "other")
+        totals[kind] += e.self_device_time_total / 1e3
+    return ", ".join(f"{k} {v:.0f}" for k, v in totals.items())
 
 
 if __name__ == "__main__":

@@ -157,7 +157,8 @@ def main() -> int:
     for side, r in (("ours", ours), ("transformers LLaVA", ref)):
         table.append(f"| {side} | {r['tokens_per_s'][0]:.1f} | {r['tokens_per_s'][1]:.1f} | "
                      f"{r['peak_growth_mib'][0]:.0f} | {r['peak_growth_mib'][1]:.0f} | {r['tflops'][1]:.2f} | "
-                     f"{r['tflops'][1] / args.peak_tflops:.1%} |")
+                     f"{r['tflops'][1] / args.peak_tflops:.1%} |" if args.device.startswith("cuda") else
+                     f"{r['peak_growth_mib'][0]:.0f} | {r['peak_growth_mib'][1]:.0f} | {r['tflops'][1]:.2f} | - |")
     table.append(f"| ratio ours/reference (median) | | {ours['tokens_per_s'][1] / ref['tokens_per_s'][1]:.2f}x | | "
                  f"{ours['peak_growth_mib'][1] / ref['peak_growth_mib'][1]:.2f}x | | |")
     ours_mode = (f"ours: {'packed rows of <= ' + str(args.pack_length) + ' tokens' if args.packing else 'padded'}, "

@@ -264,15 +264,18 @@ def _saved_tensors(folder) -> dict[str, torch.Tensor]:
             for key, value in load_file(f).items()}
 
 
-def test_packed_training_run_learns(workspace, tmp_path):
+@pytest.mark.parametrize("attn", ["sdpa", "torch_varlen"])
+def test_packed_training_run_learns(workspace, tmp_path, attn):
     import json
 
     out = tmp_path / "run"
     train_main(base_flags(workspace, out, "--max_steps", "12", "--learning_rate", "3e-3", "--padding_free",
-                          "--per_device_train_batch_size", "4", "--model_max_length", "256"))
+                          "--per_device_train_batch_size", "4", "--model_max_length", "256",
+                          "--attn_implementation", attn))
     losses = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()
               if "loss" in json.loads(line)]
     assert len(losses) == 12 and sum(losses[-3:]) < 0.9 * sum(losses[:3]), losses  # measured: 0.83
+    assert json.loads((out / "config.json").read_text())["attn_implementation"] == attn  # the flag reached the model
 
 
 def test_packed_under_torchrun_equals_the_padded_single_process(workspace, tmp_path):

@@ -278,9 +278,10 @@ def test_packed_training_run_learns(workspace, tmp_path, attn):
     assert json.loads((out / "config.json").read_text())["attn_implementation"] == attn  # the flag reached the model
 
 
-def test_packed_under_torchrun_equals_the_padded_single_process(workspace, tmp_path):
-    """DDP, 2 processes (gloo): each rank packs its 2 samples; the update equals one process's padded batch of 4.
-    Sequential order, so one rank's batch may hold no image while the other's does."""
+@pytest.mark.parametrize("attn", ["sdpa", "torch_varlen"])
+def test_packed_under_torchrun_equals_the_padded_single_process(workspace, tmp_path, attn):
+    """DDP, 2 processes (gloo): each rank packs its 2 samples; the update equals one process's padded batch of 4
+    (SDPA). Sequential order, so one rank's batch may hold no image while the other's does."""
     from tests.test_train import _run
 
     flags = ("--max_steps", "2", "--learning_rate", "1e-2", "--lr_scheduler_type", "constant", "--optim", "sgd",
@@ -289,7 +290,8 @@ def test_packed_under_torchrun_equals_the_padded_single_process(workspace, tmp_p
                                                            "--per_device_train_batch_size", "4")])
     assert single.returncode == 0, single.stderr[-3000:]
     ddp = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train.py",
-                *base_flags(workspace, tmp_path / "two", *flags, "--per_device_train_batch_size", "2", "--packing")])
+                *base_flags(workspace, tmp_path / "two", *flags, "--per_device_train_batch_size", "2", "--packing",
+                            "--attn_implementation", attn)])
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     a, b = _saved_tensors(tmp_path / "one"), _saved_tensors(tmp_path / "two")
     assert a.keys() == b.keys() and a

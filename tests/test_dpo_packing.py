@@ -169,3 +169,27 @@ def test_packing_dpo_run_trains_as_the_padded_run(workspace, tmp_path):
     start = load_file(Path(workspace["llm"]) / "model.safetensors")
     moved = [k for k in a if k.startswith("model.") and k in start and not torch.equal(a[k], start[k])]
     assert moved  # the runs trained (the comparison is not of two untouched models)
+
+
+def test_torch_varlen_packed_log_probs_equal_the_padded_sdpa_ones(parts):
+    """`--attn_implementation torch_varlen` (vlm.llm.varlen) on packed pair rows: the per-sequence log-probabilities
+    equal the padded batch's under SDPA."""
+    from vlm.llm import varlen
+
+    model, tokenizer, items = parts
+    padded, packed = _collate(tokenizer, items, False), _collate(tokenizer, items, True)
+    varlen.register()
+    seen = []
+    hook = model.model.layers[0].self_attn.register_forward_pre_hook(
+        lambda m, a, kw: seen.append((m.config._attn_implementation, "cu_seq_lens_q" in kw)), with_kwargs=True)
+    with torch.no_grad():
+        expected, expected_counts = pair_log_probs(model, padded)
+        model.config._attn_implementation = varlen.NAME
+        try:
+            logps, counts = pair_log_probs(model, packed)
+        finally:
+            model.config._attn_implementation = "sdpa"
+            hook.remove()
+    assert seen == [("sdpa", False), (varlen.NAME, True)]  # the packed rows really went through the varlen path
+    torch.testing.assert_close(logps, expected, **LOGP_TOL)
+    assert torch.equal(counts, expected_counts)

@@ -176,6 +176,20 @@ def padded_batch(examples: list[Example], image_size: int, pad_id: int = 0) -> d
     return batch
 
 
+def packed(batch: dict, pack_length: int, image_token_id: int, num_image_tokens: int) -> dict:
+    """The padded batch's samples packed into rows (`PackingCollator`), each sample with its own images."""
+    from vlm.data.collate import PackingCollator
+
+    features, first = [], 0
+    for ids, labels, mask in zip(batch["input_ids"], batch["labels"], batch["attention_mask"]):
+        n = int(mask.sum())
+        images = int((ids[:n] == image_token_id).sum()) // num_image_tokens
+        pixels = batch["pixel_values"][first:first + images] if images else None
+        features.append({"input_ids": ids[:n], "labels": labels[:n], "pixel_values": pixels})
+        first += images
+    return PackingCollator(pad_token_id=0, max_length=pack_length)(features)
+
+
 def summarise(values: list[float]) -> tuple[float, float]:
     return min(values), statistics.median(values)
 

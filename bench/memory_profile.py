@@ -28,7 +28,7 @@ import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import SIZES, PeakRss, emit, length_mix, load_models, padded_batch, parse_result, rss_mib  # noqa: E402
+from common import SIZES, PeakRss, emit, length_mix, load_models, packed, padded_batch, parse_result, rss_mib  # noqa: E402
 from common import save_reference_folder  # noqa: E402
 
 SIDES = ("ours", "reference")
@@ -38,7 +38,6 @@ PHASES = ("start", "fwd peak", "after fwd", "bwd peak", "after bwd", "opt peak",
 def worker(args: argparse.Namespace) -> None:
     import torch
 
-    from train import packed
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)

@@ -18,7 +18,8 @@ import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import SIZES, length_mix, load_models, padded_batch, save_reference_folder, training_flops  # noqa: E402
+from common import (SIZES, length_mix, load_models, packed, padded_batch, save_reference_folder,  # noqa: E402
+                    training_flops)
 
 
 def main() -> int:
@@ -43,7 +44,6 @@ def main() -> int:
 
     import torch
 
-    from train import packed  # bench/train.py's packing of a padded batch
 
     s = SIZES[args.size]
     image_token_id, num_image_tokens = s["vocab"] - 1, (s["image_size"] // s["patch"]) ** 2

@@ -31,7 +31,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from common import (SIZES, append_result, emit, length_mix, load_average, load_models, padded_batch,  # noqa: E402
-                    parse_result, PeakRss, rss_mib, save_reference_folder, summarise, training_flops)
+                    packed, parse_result, PeakRss, rss_mib, save_reference_folder, summarise, training_flops)
 
 SIDES = ("ours", "reference")
 
@@ -76,20 +76,6 @@ def worker(args: argparse.Namespace) -> None:
     timed = data[args.batch * args.warmup:]
     emit({"tokens_per_s": tokens / seconds, "peak_growth_mib": peak - base, "first_loss": losses[0],
           "padding": padding, "tflops": training_flops(args.size, timed) / seconds / 1e12})
-
-
-def packed(batch: dict, pack_length: int, image_token_id: int, num_image_tokens: int) -> dict:
-    """The padded batch's samples packed into rows (`PackingCollator`), each sample with its own images."""
-    from vlm.data.collate import PackingCollator
-
-    features, first = [], 0
-    for ids, labels, mask in zip(batch["input_ids"], batch["labels"], batch["attention_mask"]):
-        n = int(mask.sum())
-        images = int((ids[:n] == image_token_id).sum()) // num_image_tokens
-        pixels = batch["pixel_values"][first:first + images] if images else None
-        features.append({"input_ids": ids[:n], "labels": labels[:n], "pixel_values": pixels})
-        first += images
-    return PackingCollator(pad_token_id=0, max_length=pack_length)(features)
 
 
 def train_step(model, optimizer, batch: dict, args: argparse.Namespace) -> float:

@@ -14,7 +14,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import SIZES, length_mix, load_models, padded_batch, save_reference_folder  # noqa: E402
+from common import SIZES, length_mix, load_models, packed, padded_batch, save_reference_folder  # noqa: E402
 
 
 def main() -> int:
@@ -22,7 +22,6 @@ def main() -> int:
 
     import torch
 
-    from train import packed
     from vlm.llm import varlen
 
     assert torch.cuda.is_available(), "needs a CUDA GPU"

@@ -150,9 +150,15 @@ def test_torch_varlen_attends_from_sample_boundaries_without_a_mask():
         h.remove()
 
 
-def test_torch_varlen_reads_packed_positions_given_without_boundaries():
+def test_torch_varlen_reads_packed_positions_given_without_boundaries(monkeypatch):
     """Packed position ids passed straight to the decoder (not through the mixin, so no boundaries): the attention
-    finds the samples from the positions, as transformers' flash-attn path does, and equals SDPA's block mask."""
+    finds the samples from the positions, as transformers' flash-attn path does, and equals SDPA's block mask;
+    the positions are scanned once per forward, not once per layer."""
+    from vlm.llm import varlen
+
+    scans = []
+    scan = varlen._scan_for_restarts
+    monkeypatch.setattr(varlen, "_scan_for_restarts", lambda p: scans.append(1) or scan(p))
     torch.manual_seed(0)
     ids = torch.randint(10, 200, (1, 23))
     position_ids = torch.tensor([list(range(9)) + list(range(14))])
@@ -162,6 +168,7 @@ def test_torch_varlen_reads_packed_positions_given_without_boundaries():
         with torch.no_grad():
             hidden[attn] = model.model(input_ids=ids, position_ids=position_ids, use_cache=False).last_hidden_state
     torch.testing.assert_close(hidden["torch_varlen"], hidden["sdpa"], **TOL)
+    assert len(model.model.layers) > 1 and len(scans) == 1
 
 
 def test_no_token_attends_across_a_sample_boundary():

@@ -46,7 +46,8 @@ def dtype_name(dtype: str | torch.dtype) -> str:
 
 
 def check_attn_implementation(name: str) -> str:
-    """Validate the attention backend; flash-attn is an optional GPU extra."""
+    """Validate the attention backend (flash-attn is an optional GPU extra); `torch_varlen`, ours, is registered with
+    transformers here, before any model is built with it."""
     if name == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
         raise MissingDependencyError(
             "attn_implementation='flash_attention_2' needs the flash-attn package, which is not installed; "

@@ -145,8 +145,12 @@ def _fused_rows(weight: torch.Tensor, device: str) -> int:
     --min-rows 1 1024 1`, bench/RESULTS.md). In float32 the gradient is accumulated in place (addmm_) and small
     chunks cost nothing extra."""
     rows = max(1, FUSED_CHUNK_LOGITS // weight.shape[0])
-    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
-    return rows if dtype == torch.float32 else max(rows, LOW_PRECISION_MIN_ROWS)
+    return rows if _compute_dtype(weight, device) == torch.float32 else max(rows, LOW_PRECISION_MIN_ROWS)
+
+
+def _compute_dtype(weight: torch.Tensor, device: str) -> torch.dtype:
+    """The dtype the head's matmul runs in: autocast's when it is on, else the weight's."""
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
 
 
 def _summed_cross_entropy(hidden: torch.Tensor, targets: torch.Tensor, lm_head: Callable) -> torch.Tensor:
@@ -180,7 +184,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
                 rows: int, denominator: torch.Tensor | int) -> torch.Tensor:
         device = hidden.device.type
-        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
+        dtype = _compute_dtype(weight, device)
         want_hidden, want_weight, want_bias = ctx.needs_input_grad[:3]
         with torch.autocast(device, enabled=False):
             w = weight.to(dtype)  # (V, D)

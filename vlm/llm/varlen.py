@@ -22,6 +22,7 @@ and what the tests compare on this machine; the CUDA kernel is checked against S
 from __future__ import annotations
 
 import inspect
+import weakref
 
 import torch
 from torch.nn import functional as F
@@ -50,10 +51,9 @@ def varlen_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
     """
     position_ids = kwargs.get("position_ids")
     if (cu_seq_lens_q is None and attention_mask is None and position_ids is not None
-            and query.shape[2] == key.shape[2] > 1 and bool((position_ids[:, 1:] == 0).any())):
+            and query.shape[2] == key.shape[2] > 1):
         # packed rows that came without their boundaries (not through the mixin): read them from the positions
-        found = packed_sequence_kwargs(position_ids.expand(query.shape[0], -1))
-        cu_seq_lens_q, max_length_q = found["cu_seq_lens_q"], found["max_length_q"]
+        cu_seq_lens_q, max_length_q = _boundaries_in(position_ids, query.shape[0])
     if cu_seq_lens_q is None:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -70,6 +70,31 @@ def varlen_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
     else:
         out = _per_sample_sdpa(q, k, v, cu_seq_lens_q, scaling)
     return out.reshape(batch, length, heads, dim), None
+
+
+# (weak reference to a position-id tensor, its version, its boundaries): every decoder layer of one forward gets
+# the same tensor, so the scan (a host sync) runs once per forward instead of once per layer.
+_last_scan: tuple = (None, -1, (None, None))
+
+
+def _boundaries_in(position_ids: torch.Tensor, rows: int) -> tuple[torch.Tensor | None, int | None]:
+    """(cu_seq_lens, longest) of the samples packed in (B, T) `position_ids`, or (None, None) when every row is one
+    sample."""
+    global _last_scan
+    ref, version, found = _last_scan
+    if ref is not None and ref() is position_ids and version == position_ids._version:
+        return found
+    found = (None, None)
+    if _scan_for_restarts(position_ids):
+        kw = packed_sequence_kwargs(position_ids.expand(rows, -1))
+        found = (kw["cu_seq_lens_q"], kw["max_length_q"])
+    _last_scan = (weakref.ref(position_ids), position_ids._version, found)
+    return found
+
+
+def _scan_for_restarts(position_ids: torch.Tensor) -> bool:
+    """Whether a position restarts at 0 inside a row (packed samples)."""
+    return bool((position_ids[:, 1:] == 0).any())
 
 
 def _per_sample_sdpa(q, k, v, cu, scaling):
